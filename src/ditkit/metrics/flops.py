@@ -1,0 +1,70 @@
+"""Parameters and forward FLOPs of a model, counted with torch.utils.flop_counter.
+
+FlopCounterMode counts a multiply-add as 2 FLOPs. Papers in this field (DiT, U-DiT, DiffuSSM)
+report multiply-adds as "GFLOPs", so `model_cost` gives both. On CPU, FlopCounterMode has no
+formula for the fused attention kernel and would silently skip attention; we register one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils import flop_counter
+from torch.utils.flop_counter import FlopCounterMode
+
+_aten = torch.ops.aten
+
+
+def _cpu_sdpa_forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _cpu_sdpa_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# Fused attention kernels that torch's own registry does not count.
+EXTRA_FLOP_FORMULAS = {
+    _aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_forward,
+    _aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward,
+}
+
+
+def count_flops(fn, *args, **kwargs) -> int:
+    """FLOPs (a multiply-add = 2) of one call `fn(*args, **kwargs)`, attention included."""
+    with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
+        fn(*args, **kwargs)
+    return counter.get_total_flops()
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass
+class ModelCost:
+    params: int
+    flops: int  # a multiply-add counts 2
+    input_shape: tuple[int, ...]
+
+    @property
+    def macs(self) -> int:  # a multiply-add counts 1: the unit of the DiT paper's "GFLOPs"
+        return self.flops // 2
+
+
+@torch.no_grad()
+def model_cost(model: nn.Module, height: int, width: int) -> ModelCost:
+    """Parameters and forward FLOPs for one sample of size (in_channels, height, width)."""
+    cfg = model.config
+    x = torch.zeros(1, cfg.in_channels, height, width)
+    t = torch.zeros(1)
+    y = torch.zeros(1, dtype=torch.long) if cfg.num_classes > 0 else None
+    was_training = model.training
+    model.eval()
+    try:
+        flops = count_flops(model, x, t, y)
+    finally:
+        model.train(was_training)
+    return ModelCost(count_parameters(model), flops, tuple(x.shape))

@@ -1,0 +1,64 @@
+"""The token-mixer seam.
+
+Every backbone block mixes tokens through a `TokenMixer`. A mixer sees the token tensor
+``x`` of shape (B, G + H*W, D): G global tokens (text, registers) first, then the H x W
+image tokens in row-major order, plus ``grid = (H, W)`` and ``num_global = G``. It returns
+a tensor of the same shape. Mixers are chosen by name (see `registry`), so a trained model
+can be rebuilt with another mixer in one argument.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+Grid = tuple[int, int]
+
+
+class TokenMixer(nn.Module):
+    """Base class: mixes information across tokens. Subclasses implement `forward`."""
+
+    name: str = ""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.dim = dim
+        self.num_heads = num_heads
+
+    def forward(self, x: Tensor, grid: Grid, num_global: int = 0) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class AttentionMixer(TokenMixer):
+    """Softmax attention with DiT's projections (`qkv` with bias, `proj`).
+
+    All attention mixers share these parameter names, so weights move between them; a
+    subclass only decides which keys each query may see, in `attend`.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__(dim, num_heads)
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, grid: Grid, num_global: int = 0) -> Tensor:
+        B, N, D = x.shape
+        check_layout(N, grid, num_global)
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = self.attend(q, k, v, grid, num_global)  # (B, heads, N, head_dim)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, grid: Grid, num_global: int) -> Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}"
+
+
+def check_layout(num_tokens: int, grid: Grid, num_global: int) -> None:
+    if num_tokens != num_global + grid[0] * grid[1]:
+        raise ValueError(
+            f"token count {num_tokens} does not match {num_global} global + {grid[0]}x{grid[1]} image tokens"
+        )

@@ -1,0 +1,102 @@
+"""Building blocks shared by the backbones: embeddings, MLP and adaLN modulation (as in DiT)."""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: per-sample shift and scale of normalised tokens (B, N, D) by (B, D) vectors."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+@lru_cache(maxsize=64)
+def _sincos_2d(dim: int, height: int, width: int) -> np.ndarray:
+    if dim % 4:
+        raise ValueError(f"2D sin-cos position embedding needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+    ys, xs = np.meshgrid(np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64),
+                         indexing="ij")
+
+    def embed_1d(pos: np.ndarray) -> np.ndarray:
+        angles = pos.reshape(-1, 1) * omega[None]
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    # DiT's layout: first half of the channels encodes the column, second half the row.
+    return np.concatenate([embed_1d(xs), embed_1d(ys)], axis=1).astype(np.float32)
+
+
+def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> Tensor:
+    """Fixed 2D sin-cos position embedding for a (H, W) token grid, row-major: (H*W, dim).
+
+    Computed for any grid size, so a model runs at resolutions it was not trained at.
+    """
+    return torch.from_numpy(_sincos_2d(dim, grid[0], grid[1]))
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps: (B,) -> (B, dim), [cos | sin]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1) if dim % 2 else emb
+
+
+class TimestepEmbedder(nn.Module):
+    """Timesteps -> vectors: sinusoidal features followed by a two-layer MLP with SiLU."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t: Tensor) -> Tensor:
+        freq = timestep_embedding(t, self.frequency_size)
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> vectors. Index `num_classes` is the "null" label used for
+    classifier-free guidance; training replaces labels by it with `dropout_prob`."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+
+    @property
+    def null_label(self) -> int:
+        if self.dropout_prob <= 0:
+            raise ValueError("this model was trained without class dropout: it has no null label for guidance")
+        return self.num_classes
+
+    def drop_labels(self, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Replace labels by the null label with probability `dropout_prob` (training only)."""
+        if self.dropout_prob <= 0:
+            return labels
+        drop = torch.rand(labels.shape, generator=generator, device=labels.device) < self.dropout_prob
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(self, labels: Tensor) -> Tensor:
+        return self.embedding_table(labels)
+
+
+class Mlp(nn.Module):
+    """Two linear layers with tanh-approximated GELU, as in DiT (timm's Mlp)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
