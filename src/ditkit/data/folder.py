@@ -1,0 +1,78 @@
+"""Image-folder dataset: class subfolders give labels; a flat folder is unconditional."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ..errors import DitkitError
+from .images import center_crop, pil_to_tensor
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+def _readable(path: Path) -> bool:
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+        warnings.warn(f"skipping unreadable image {path}: {error}", stacklevel=3)
+        return False
+
+
+class ImageFolderDataset(Dataset):
+    """Images under `root`, resized and center-cropped to `resolution`, as RGB in [-1, 1].
+
+    `root/<class>/*.png` gives class labels (sorted folder names); images directly in `root`
+    make an unconditional dataset. Unreadable files are skipped with a warning naming them.
+    """
+
+    channels = 3
+
+    def __init__(self, root: str | Path, resolution: int):
+        self.root = Path(root)
+        self.resolution = resolution
+        if not self.root.is_dir():
+            raise DitkitError(f"data folder {self.root} does not exist or is not a folder")
+        subdirs = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        self.class_names = [p.name for p in subdirs]
+        sources = [(p, i) for i, p in enumerate(subdirs)] if subdirs else [(self.root, 0)]
+        candidates = [(f, label) for folder, label in sources for f in sorted(folder.rglob("*"))
+                      if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()]
+        self.samples = [(f, label) for f, label in candidates if _readable(f)]
+        if not self.samples:
+            found = f"{len(candidates)} image files, none readable" if candidates else "no image files"
+            raise DitkitError(f"data folder {self.root} has {found}: put {', '.join(IMAGE_EXTENSIONS)} images "
+                              "in it (or in one subfolder per class)")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def cache_key(self) -> str:
+        digest = hashlib.sha1()
+        for path, label in self.samples:
+            stat = path.stat()
+            digest.update(f"{path}|{label}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        return f"folder-{digest.hexdigest()[:16]}-{self.resolution}"
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        for offset in range(len(self.samples)):
+            path, label = self.samples[(index + offset) % len(self.samples)]
+            try:
+                with Image.open(path) as image:
+                    image = image.convert("RGB")
+                return pil_to_tensor(center_crop(image, self.resolution)), label
+            except OSError as error:  # truncated data that passed the header check
+                warnings.warn(f"skipping unreadable image {path}: {error}", stacklevel=2)
+        raise DitkitError(f"no image in {self.root} could be read")

@@ -1,0 +1,47 @@
+"""Image helpers: DiT's resize + center crop, and tensor <-> uint8 conversion and grids."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Resize the short side to `size` (box-filter halving first, then bicubic), then crop the center."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(max(size, round(s * scale)) for s in image.size), resample=Image.BICUBIC)
+    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def pil_to_tensor(image: Image.Image) -> Tensor:
+    """PIL image -> float tensor (C, H, W) in [-1, 1]."""
+    array = np.asarray(image, dtype=np.float32)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8."""
+    images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return images.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def image_grid(images: Tensor, ncols: int | None = None, pad: int = 2) -> Image.Image:
+    """Tile a batch (B, C, H, W) in [-1, 1] into one PIL image (grayscale if C == 1)."""
+    arrays = to_uint8(images)
+    B, H, W, C = arrays.shape
+    ncols = ncols or math.ceil(math.sqrt(B))
+    nrows = math.ceil(B / ncols)
+    grid = np.full((nrows * (H + pad) + pad, ncols * (W + pad) + pad, C), 255, dtype=np.uint8)
+    for i, array in enumerate(arrays):
+        r, c = divmod(i, ncols)
+        grid[pad + r * (H + pad): pad + r * (H + pad) + H, pad + c * (W + pad): pad + c * (W + pad) + W] = array
+    return Image.fromarray(grid[:, :, 0] if C == 1 else grid)
