@@ -1,0 +1,259 @@
+"""`ditkit train`: one training loop on HF Accelerate (devices, mixed precision, gradient
+accumulation, multi-process DDP via `accelerate launch`).
+
+Exact resume: every random draw of step s (data order, noise, timesteps, label dropout, flips)
+comes from generators seeded by (seed, s, ...), and checkpoints hold weights, EMA and optimizer
+state, so N steps straight and N/2 + resume + N/2 give the same weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from ..data import build_dataset, cached_latents
+from ..data.images import image_grid
+from ..data.latents import load_vae, vae_scale
+from ..diffusion import build_objective
+from ..diffusion.pipeline import generate, input_size
+from ..errors import DitkitError
+from ..models import build_model, config_to_dict, model_config
+from .checkpoint import find_checkpoint, load_state, read_weights, save_checkpoint
+from .config import TrainConfig
+
+
+def step_generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded by a tuple of integers (seed, step, micro-batch, rank)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=step_generator(seed, epoch, 0x5EED))
+
+
+class StepBatchSampler(Sampler):
+    """Micro-batches of a shuffled, endless stream of dataset indices, from micro-batch `start`.
+
+    Position j of the stream is epoch j // n, slot j % n; process `rank` of `world` takes its own
+    slice of each global micro-batch. A pure function of its arguments, so resume needs only `start`.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.start, self.stop, self.rank, self.world = start, stop, rank, world
+
+    def indices(self, micro: int) -> list[int]:
+        first = (micro * self.world + self.rank) * self.batch_size
+        return [int(_epoch_order(self.n, self.seed, j // self.n)[j % self.n]) for j in range(first, first + self.batch_size)]
+
+    def __iter__(self):
+        return (self.indices(m) for m in range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Constant learning rate after a linear warmup."""
+    warmup = cfg.train.warmup_steps
+    return cfg.train.lr * min(1.0, (step + 1) / warmup) if warmup > 0 else cfg.train.lr
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for ema_p, p in zip(ema.parameters(), model.parameters(), strict=True):
+        ema_p.lerp_(p.detach().float(), 1 - decay)
+
+
+class MetricsLog:
+    """Metrics as JSON lines (and TensorBoard when it is installed)."""
+
+    def __init__(self, out_dir: Path, enabled: bool):
+        self.path = out_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.tensorboard = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tensorboard = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:
+                pass
+
+    def write(self, step: int, **values: float) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tensorboard is not None:
+            for key, value in values.items():
+                self.tensorboard.add_scalar(f"train/{key}", value, step)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, progress: bool = True):
+        self.cfg, self.progress = cfg, progress
+        self.out_dir = Path(cfg.train.out_dir)
+        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
+                                       gradient_accumulation_steps=cfg.train.grad_accum)
+        self.dataset, self.vae_path, scale = self._prepare_data()
+        self.objective = build_objective(cfg.diffusion.objective, learn_sigma=cfg.diffusion.learn_sigma,
+                                         timestep_sampling=cfg.diffusion.timestep_sampling)
+        self.model_config = model_config(
+            cfg.model.name, **{**cfg.model.args, "mixer": cfg.model.mixer, "mixer_options": cfg.model.mixer_options,
+                               "in_channels": self.dataset.channels, "num_classes": self.dataset.num_classes,
+                               "learn_sigma": self.objective.learn_sigma, "vae_scale": scale})
+        torch.manual_seed(cfg.train.seed)  # the initial weights depend on the seed only
+        self.model = build_model(self.model_config)
+        input_size(self.model, cfg.data.resolution, cfg.data.resolution)  # fails early on a bad resolution
+        self.record = {
+            "model": config_to_dict(self.model_config),
+            "diffusion": dict(vars(cfg.diffusion)),
+            "data": {"source": cfg.data.source, "resolution": cfg.data.resolution, "vae": self.vae_path,
+                     "class_names": list(self.dataset.class_names)},
+        }
+
+    def _prepare_data(self):
+        d = self.cfg.data
+        dataset = build_dataset(d.source, d.resolution, photos_length=d.photos_length, seed=self.cfg.train.seed)
+        if d.vae is None:
+            return dataset, None, 1
+        vae_path = str(Path(d.vae).resolve())
+        cache_dir = d.cache_dir or str(Path.home() / ".cache" / "ditkit")
+        with self.accelerator.main_process_first():  # one process encodes, the others read the cache
+            latents = cached_latents(dataset, vae_path, cache_dir, hflip=d.hflip, device=self.accelerator.device)
+        return latents, vae_path, vae_scale(load_vae(vae_path))
+
+    def _resume_from(self, resume: str | bool) -> tuple[dict, Path]:
+        path = find_checkpoint(self.out_dir if resume is True else resume)
+        if path.is_file():
+            raise DitkitError(f"--resume needs a checkpoint folder (with optimizer state), not the file {path}")
+        tensors, record = read_weights(path / "model.safetensors")
+        if record["model"] != self.record["model"]:
+            diff = sorted(k for k in self.record["model"] if record["model"].get(k) != self.record["model"][k])
+            raise DitkitError(f"checkpoint {path} was trained with another model config (differs in "
+                              f"{', '.join(diff)}): resume with the config it was trained with")
+        load_state(self.model, tensors, path)
+        return json.loads((path / "training_state.json").read_text()), path
+
+    def train(self, resume: str | bool | None = None) -> Path:
+        cfg, acc = self.cfg, self.accelerator
+        model = self.model.to(acc.device)
+        ema = copy.deepcopy(model).float().requires_grad_(False).eval()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        start = 0
+        if resume:
+            state, path = self._resume_from(resume)
+            ema_tensors, _ = read_weights(path / "ema.safetensors")
+            load_state(ema, ema_tensors, path / "ema.safetensors")
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=acc.device, weights_only=True))
+            start = state["step"]
+            acc.print(f"resuming from {path} at step {start}")
+        if start >= cfg.train.steps:
+            acc.print(f"nothing to do: already at step {start} of {cfg.train.steps}")
+            return find_checkpoint(self.out_dir)
+        model, optimizer = acc.prepare(model, optimizer)
+        unwrapped = acc.unwrap_model(model)
+        accum = cfg.train.grad_accum
+        sampler = StepBatchSampler(len(self.dataset), cfg.train.batch_size, cfg.train.seed, start * accum,
+                                   cfg.train.steps * accum, acc.process_index, acc.num_processes)
+        batches = iter(DataLoader(self.dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers))
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if acc.is_main_process:
+            (self.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        log = MetricsLog(self.out_dir, acc.is_main_process)
+        bar = tqdm(total=cfg.train.steps, initial=start, desc="train", disable=not (self.progress and acc.is_main_process),
+                   dynamic_ncols=True)
+        last_ckpt, window_loss, window_start, window_steps = None, 0.0, time.perf_counter(), 0
+        model.train()
+        for step in range(start, cfg.train.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            step_loss = 0.0
+            for micro in range(accum):
+                x, y = next(batches)
+                generator = step_generator(cfg.train.seed, step, micro, acc.process_index)
+                x, y = self._augment(x.to(acc.device), y.to(acc.device), unwrapped, generator)
+                with acc.accumulate(model):
+                    loss = self.objective.loss(model, x, y, generator)
+                    acc.backward(loss)
+                    if acc.sync_gradients and cfg.train.grad_clip:
+                        acc.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step_loss += float(acc.reduce(loss.detach(), "mean")) / accum
+            if not math.isfinite(step_loss):
+                bar.close()
+                kept = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+                raise DitkitError(f"loss became {step_loss} at step {step + 1}; stopped, {kept}: "
+                                  "lower train.lr or use mixed_precision=no")
+            update_ema(ema, unwrapped, cfg.train.ema_decay)
+            done = step + 1
+            window_loss, window_steps = window_loss + step_loss, window_steps + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}")
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                elapsed = time.perf_counter() - window_start
+                log.write(done, loss=window_loss / window_steps, lr=lr_at(step, cfg),
+                          steps_per_sec=window_steps / elapsed,
+                          samples_per_sec=window_steps * accum * cfg.train.batch_size * acc.num_processes / elapsed)
+                window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+            if done % cfg.train.sample_every == 0 or done == cfg.train.steps:
+                self._save_samples(ema, done)
+            if done % cfg.train.ckpt_every == 0 or done == cfg.train.steps:
+                last_ckpt = self._save(unwrapped, ema, optimizer, done)
+        bar.close()
+        log.close()
+        return last_ckpt
+
+    def _augment(self, x, y, model, generator):
+        """Random flips (pixel data; cached latents hold their flips) and label dropout for CFG."""
+        if self.cfg.data.hflip and self.vae_path is None:
+            flip = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device)
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        if model.y_embedder is None:
+            return x, None
+        return x, model.y_embedder.drop_labels(y, generator)
+
+    def _save(self, model, ema, optimizer, step: int) -> Path:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        path = self.out_dir / "checkpoints" / f"step_{step:07d}"
+        if acc.is_main_process:
+            save_checkpoint(self.out_dir / "checkpoints", step, model=model, ema=ema, optimizer=optimizer,
+                            record=self.record, train_state={"seed": self.cfg.train.seed},
+                            keep=self.cfg.train.keep_checkpoints)
+        acc.wait_for_everyone()
+        return path
+
+    def _save_samples(self, ema, step: int) -> None:
+        if not self.accelerator.is_main_process or self.cfg.train.num_samples <= 0:
+            return
+        d = self.cfg.diffusion
+        R = self.cfg.data.resolution
+        images = generate(ema, self.record, num=self.cfg.train.num_samples, height=R, width=R, steps=d.sample_steps,
+                          cfg_scale=d.cfg_scale, seed=self.cfg.train.seed, sampler=d.sampler, progress=False)
+        folder = self.out_dir / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        image_grid(images).save(folder / f"step_{step:07d}.png")
+
+
+def train(cfg: TrainConfig, resume: str | bool | None = None, progress: bool = True) -> Path:
+    """Train as configured; returns the final checkpoint folder."""
+    return Trainer(cfg, progress=progress).train(resume)
