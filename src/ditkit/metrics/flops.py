@@ -58,9 +58,10 @@ class ModelCost:
 def model_cost(model: nn.Module, height: int, width: int) -> ModelCost:
     """Parameters and forward FLOPs for one sample of size (in_channels, height, width)."""
     cfg = model.config
-    x = torch.zeros(1, cfg.in_channels, height, width)
-    t = torch.zeros(1)
-    y = torch.zeros(1, dtype=torch.long) if cfg.num_classes > 0 else None
+    device = next(model.parameters()).device
+    x = torch.zeros(1, cfg.in_channels, height, width, device=device)
+    t = torch.zeros(1, device=device)
+    y = torch.zeros(1, dtype=torch.long, device=device) if cfg.num_classes > 0 else None
     was_training = model.training
     model.eval()
     try:
@@ -68,3 +69,12 @@ def model_cost(model: nn.Module, height: int, width: int) -> ModelCost:
     finally:
         model.train(was_training)
     return ModelCost(count_parameters(model), flops, tuple(x.shape))
+
+
+def config_cost(config, height: int, width: int) -> ModelCost:
+    """Cost of a model config without allocating it: built and run on the meta device."""
+    from ..models import build_model
+
+    with torch.device("meta"):
+        model = build_model(config)
+    return model_cost(model, height, width)
