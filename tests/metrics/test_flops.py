@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ditkit import build_model, build_mixer, model_config
+from ditkit import build_mixer, build_model, model_config
 from ditkit.metrics import config_cost, count_flops, model_cost
 
 # The DiT paper's Table (256x256, latent 32x32x4): params, GFLOPs (= multiply-adds).

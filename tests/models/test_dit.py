@@ -30,7 +30,8 @@ def test_output_shape_for_any_grid(size):
 
 
 def test_without_learned_sigma_output_matches_input_channels():
-    assert tiny(learn_sigma=False)(torch.randn(1, 3, 4, 4), torch.zeros(1), torch.zeros(1, dtype=torch.long)).shape[1] == 3
+    out = tiny(learn_sigma=False)(torch.randn(1, 3, 4, 4), torch.zeros(1), torch.zeros(1, dtype=torch.long))
+    assert out.shape[1] == 3
 
 
 def test_zero_init_output_is_zero_and_blocks_start_as_identity():

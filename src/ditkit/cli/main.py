@@ -66,7 +66,8 @@ def cmd_info(args) -> None:
             model = build_model(config)
         label, default_resolution = args.model, 256
     elif not Path(args.model).exists():
-        raise DitkitError(f"unknown model {args.model!r}: choose one of {', '.join(NAMED_MODELS)}, or a checkpoint path")
+        names = ", ".join(NAMED_MODELS)
+        raise DitkitError(f"unknown model {args.model!r}: choose one of {names}, or a checkpoint path")
     else:
         from ..train.checkpoint import load_checkpoint
 
@@ -78,9 +79,10 @@ def cmd_info(args) -> None:
     h, w = input_size(model, height, width)
     cfg = model.config
     cost = model_cost(model, h, w)
-    space = f"{cfg.in_channels}x{h}x{w} latent (VAE /{cfg.vae_scale})" if cfg.vae_scale > 1 else f"{cfg.in_channels}x{h}x{w} pixels"
+    space = f"{cfg.in_channels}x{h}x{w} " + (f"latent (VAE /{cfg.vae_scale})" if cfg.vae_scale > 1 else "pixels")
+    options = f" {cfg.mixer_options}" if cfg.mixer_options else ""
     tokens = (h // cfg.downsample) * (w // cfg.downsample)
-    print(f"model       {label} ({cfg.backbone}, mixer {cfg.mixer}{' ' + str(cfg.mixer_options) if cfg.mixer_options else ''})")
+    print(f"model       {label} ({cfg.backbone}, mixer {cfg.mixer}{options})")
     print(f"input       {height}x{width} px -> {space} -> {tokens} tokens")
     print(f"parameters  {cost.params / 1e6:.2f}M ({cost.params:,})")
     print(f"forward     {cost.macs / 1e9:.2f} GFLOPs, counting one multiply-add as 1 FLOP (the DiT paper's unit);")

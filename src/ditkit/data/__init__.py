@@ -21,7 +21,8 @@ def build_dataset(source: str, resolution: int, photos_length: int = 2000, seed:
     if source == "photos":
         return PhotosDataset(resolution, length=photos_length, seed=seed)
     if not Path(source).exists():
-        raise DitkitError(f"data {source!r} is neither a built-in dataset ({', '.join(BUILTIN)}) nor an existing folder")
+        raise DitkitError(f"data {source!r} is neither a built-in dataset ({', '.join(BUILTIN)}) "
+                          "nor an existing folder")
     return ImageFolderDataset(source, resolution)
 
 

@@ -2,8 +2,7 @@
 
 from . import dit  # noqa: F401  (registers DiT and its named configs)
 from .dit import DiT, DiTConfig
-from .registry import (BACKBONES, NAMED_MODELS, build_model, config_from_dict, config_to_dict,
-                       model_config)
+from .registry import BACKBONES, NAMED_MODELS, build_model, config_from_dict, config_to_dict, model_config
 
 __all__ = ["DiT", "DiTConfig", "BACKBONES", "NAMED_MODELS", "build_model", "config_from_dict",
            "config_to_dict", "model_config"]

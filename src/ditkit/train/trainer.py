@@ -56,7 +56,8 @@ class StepBatchSampler(Sampler):
 
     def indices(self, micro: int) -> list[int]:
         first = (micro * self.world + self.rank) * self.batch_size
-        return [int(_epoch_order(self.n, self.seed, j // self.n)[j % self.n]) for j in range(first, first + self.batch_size)]
+        positions = range(first, first + self.batch_size)
+        return [int(_epoch_order(self.n, self.seed, j // self.n)[j % self.n]) for j in positions]
 
     def __iter__(self):
         return (self.indices(m) for m in range(self.start, self.stop))
@@ -69,6 +70,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     """Constant learning rate after a linear warmup."""
     warmup = cfg.train.warmup_steps
     return cfg.train.lr * min(1.0, (step + 1) / warmup) if warmup > 0 else cfg.train.lr
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA decay with warmup, (1 + s) / (10 + s) capped at `decay`: short runs get a useful EMA
+    instead of one still dominated by the (zero-output) initial weights."""
+    return min(decay, (1 + step) / (10 + step))
 
 
 @torch.no_grad()
@@ -92,6 +99,12 @@ class MetricsLog:
             except ImportError:
                 pass
 
+    def drop_after(self, step: int) -> None:
+        """On resume: forget records past the checkpoint, which the run is about to redo."""
+        if self.enabled and self.path.is_file():
+            lines = self.path.read_text().splitlines(keepends=True)
+            self.path.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
+
     def write(self, step: int, **values: float) -> None:
         if not self.enabled:
             return
@@ -100,6 +113,24 @@ class MetricsLog:
         if self.tensorboard is not None:
             for key, value in values.items():
                 self.tensorboard.add_scalar(f"train/{key}", value, step)
+
+    def plot(self) -> None:
+        """Loss curve of the whole run (resumed parts included) as loss.png beside the metrics."""
+        if not self.enabled or not self.path.is_file():
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+        ax.plot([r["step"] for r in records], [r["loss"] for r in records])
+        ax.set(xlabel="step", ylabel="training loss", yscale="log", title=self.path.parent.name)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(self.path.with_name("loss.png"))
+        plt.close(fig)
 
     def close(self) -> None:
         if self.tensorboard is not None:
@@ -178,8 +209,9 @@ class Trainer:
         if acc.is_main_process:
             (self.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         log = MetricsLog(self.out_dir, acc.is_main_process)
-        bar = tqdm(total=cfg.train.steps, initial=start, desc="train", disable=not (self.progress and acc.is_main_process),
-                   dynamic_ncols=True)
+        log.drop_after(start)
+        bar = tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True,
+                   disable=not (self.progress and acc.is_main_process))
         last_ckpt, window_loss, window_start, window_steps = None, 0.0, time.perf_counter(), 0
         model.train()
         for step in range(start, cfg.train.steps):
@@ -203,7 +235,7 @@ class Trainer:
                 kept = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
                 raise DitkitError(f"loss became {step_loss} at step {step + 1}; stopped, {kept}: "
                                   "lower train.lr or use mixed_precision=no")
-            update_ema(ema, unwrapped, cfg.train.ema_decay)
+            update_ema(ema, unwrapped, ema_decay_at(step, cfg.train.ema_decay))
             done = step + 1
             window_loss, window_steps = window_loss + step_loss, window_steps + 1
             bar.update(1)
@@ -218,6 +250,7 @@ class Trainer:
                 self._save_samples(ema, done)
             if done % cfg.train.ckpt_every == 0 or done == cfg.train.steps:
                 last_ckpt = self._save(unwrapped, ema, optimizer, done)
+                log.plot()
         bar.close()
         log.close()
         return last_ckpt

@@ -1,0 +1,71 @@
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from ditkit import DitkitError
+from ditkit.cli.main import main, parse_size
+from helpers import tiny_run
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_info_reports_params_and_gflops_with_its_unit(capsys):
+    code, out, _ = run_cli(capsys, "info", "DiT-XL/2")
+    assert code == 0
+    assert "674.83M" in out and "118.62 GFLOPs, counting one multiply-add as 1 FLOP" in out
+    assert "237.24 GFLOPs counting it as 2" in out and "256 tokens" in out
+    code, out, _ = run_cli(capsys, "info", "DiT-S/2", "--resolution", "512")
+    assert "1024 tokens" in out
+
+
+def test_info_lists_models_and_mixers(capsys):
+    code, out, _ = run_cli(capsys, "info", "--list")
+    assert "DiT-XL/2" in out and "mixers: full" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["info", "DiT-Z/2"], "unknown model 'DiT-Z/2'"),
+    (["info", "DiT-S/2", "--resolution", "100"], "resolution 100x100 does not fit this model"),
+    (["info", "DiT-S/2", "--mixer", "nope"], "unknown mixer 'nope'"),
+    (["info", "DiT-S/2", "--resolution", "big"], "is not a size"),
+    (["train", "no-such-config"], "neither a file nor a built-in config (digits)"),
+    (["train", "digits", "train.stepz=3"], "config has no key train.stepz"),
+])
+def test_bad_input_is_one_line_on_stderr(capsys, argv, message):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_train_then_sample_with_a_swapped_mixer(tmp_path, capsys):
+    run = tmp_path / "run"
+    code, out, _ = run_cli(capsys, "train", "digits", *tiny_run(run), "--no-progress")
+    assert code == 0 and "done: checkpoint" in out
+    grid = tmp_path / "grid.png"
+    code, out, _ = run_cli(capsys, "sample", "--ckpt", str(run), "--resolution", "16x32", "--num", "3", "--steps", "2",
+                           "--cfg", "1.5", "--seed", "1", "--labels", "7,3", "--mixer", "full", "--out", str(grid))
+    assert code == 0 and "wrote" in out
+    assert Image.open(grid).size == (2 + 2 * 34, 2 + 2 * 18)  # 2x2 grid of 16x32 images, 2 px padding
+    code, _, err = run_cli(capsys, "sample", "--ckpt", str(run), "--labels", "eleven", "--out", str(grid))
+    assert code == 2 and "class 'eleven' is neither an index nor a class name" in err
+    code, out, _ = run_cli(capsys, "info", str(run))
+    assert code == 0 and "16x16 px -> 1x16x16 pixels -> 16 tokens" in out
+
+
+def test_parse_size():
+    assert parse_size("64") == (64, 64) and parse_size("64x128") == (64, 128)
+    with pytest.raises(DitkitError):
+        parse_size("0")
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "ditkit.cli.main", "sample", "--ckpt", str(tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("ditkit: error: no checkpoint at") and "Traceback" not in result.stderr
