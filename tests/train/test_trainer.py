@@ -125,3 +125,25 @@ def test_latent_space_training_and_decoding(tmp_path):
     assert (model.config.in_channels, model.config.vae_scale, model.config.num_classes) == (4, 2, 0)
     images = generate(model, record, num=2, height=16, width=24, steps=2, cfg_scale=1.0, seed=0, progress=False)
     assert images.shape == (2, 3, 16, 24)
+
+
+def test_two_process_ddp_with_torchrun(tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ditkit.cli.main",
+               "train", "digits", *tiny_run(run, "train.num_samples=0"), "--no-progress"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("done: checkpoint") == 1  # printed by the main process only
+    state = json.loads((run / "checkpoints" / "step_0000004" / "training_state.json").read_text())
+    assert state["num_processes"] == 2
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 4 and all(0 < x < 10 for x in losses)
+
+
+def test_bf16_mixed_precision_on_cpu(tmp_path):
+    final = train(load_config(None, tiny_run(tmp_path / "run", "train.mixed_precision=bf16", "train.steps=2")),
+                  progress=False)
+    assert load_file(final / "model.safetensors")["final_layer.linear.weight"].dtype == torch.float32

@@ -93,8 +93,11 @@ def cmd_train(args) -> None:
     from ..train import load_config, train
 
     cfg = load_config(resolve_config(args.config), args.overrides)
+    from accelerate import PartialState
+
     final = train(cfg, resume=(args.resume if args.resume else None), progress=not args.no_progress)
-    print(f"done: checkpoint {final}; samples in {Path(cfg.train.out_dir) / 'samples'}")
+    if PartialState().is_main_process:
+        print(f"done: checkpoint {final}; samples in {Path(cfg.train.out_dir) / 'samples'}")
 
 
 def cmd_sample(args) -> None:

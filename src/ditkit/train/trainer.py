@@ -33,6 +33,14 @@ from .checkpoint import find_checkpoint, load_state, read_weights, save_checkpoi
 from .config import TrainConfig
 
 
+def has_accelerator() -> bool:
+    """Whether torch sees a GPU-like device. Without one, Accelerate must be told `cpu=True`,
+    or processes started by torchrun / accelerate launch do not form a (gloo) process group."""
+    if hasattr(torch, "accelerator"):
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available()
+
+
 def step_generator(*keys: int) -> torch.Generator:
     """A CPU generator seeded by a tuple of integers (seed, step, micro-batch, rank)."""
     return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
@@ -141,7 +149,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, progress: bool = True):
         self.cfg, self.progress = cfg, progress
         self.out_dir = Path(cfg.train.out_dir)
-        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
+        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not has_accelerator(),
                                        gradient_accumulation_steps=cfg.train.grad_accum)
         self.dataset, self.vae_path, scale = self._prepare_data()
         self.objective = build_objective(cfg.diffusion.objective, learn_sigma=cfg.diffusion.learn_sigma,
@@ -270,7 +278,8 @@ class Trainer:
         path = self.out_dir / "checkpoints" / f"step_{step:07d}"
         if acc.is_main_process:
             save_checkpoint(self.out_dir / "checkpoints", step, model=model, ema=ema, optimizer=optimizer,
-                            record=self.record, train_state={"seed": self.cfg.train.seed},
+                            record=self.record,
+                            train_state={"seed": self.cfg.train.seed, "num_processes": acc.num_processes},
                             keep=self.cfg.train.keep_checkpoints)
         acc.wait_for_everyone()
         return path
