@@ -1,8 +1,35 @@
 import pytest
 import torch
+from torch import nn
+
+from ditkit.mixers import MIXERS, AttentionMixer, TokenMixer, register_mixer
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_threads():
+def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def scratch_mixers():
+    """Register mixers for one test and remove them afterwards."""
+    before = dict(MIXERS)
+
+    @register_mixer("test-scaled")
+    class ScaledAttention(AttentionMixer):  # same projections plus one extra parameter
+        def __init__(self, dim, num_heads, qkv_bias=True):
+            super().__init__(dim, num_heads, qkv_bias)
+            self.gain = nn.Parameter(torch.full((1,), 2.0))
+
+        def attend(self, q, k, v, grid, num_global):
+            return self.gain * torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    @register_mixer("test-identity")
+    class Identity(TokenMixer):  # no weights at all
+        def forward(self, x, grid, num_global=0):
+            return x
+
+    yield
+    MIXERS.clear()
+    MIXERS.update(before)

@@ -3,7 +3,6 @@ import torch
 from torch import nn
 
 from ditkit import DitkitError, build_mixer, swap_mixers
-from ditkit.mixers import MIXERS, AttentionMixer, TokenMixer, register_mixer
 
 
 def explicit_attention(mixer, x):
@@ -33,30 +32,6 @@ def test_unknown_mixer_and_option_give_clear_errors():
         build_mixer("nope", dim=16, num_heads=2)
     with pytest.raises(DitkitError, match="mixer 'full' has no option radius: it accepts qkv_bias"):
         build_mixer("full", dim=16, num_heads=2, radius=3)
-
-
-@pytest.fixture
-def scratch_mixers():
-    """Register mixers for one test and remove them afterwards."""
-    before = dict(MIXERS)
-
-    @register_mixer("test-scaled")
-    class ScaledAttention(AttentionMixer):  # same projections plus one extra parameter
-        def __init__(self, dim, num_heads, qkv_bias=True):
-            super().__init__(dim, num_heads, qkv_bias)
-            self.gain = nn.Parameter(torch.full((1,), 2.0))
-
-        def attend(self, q, k, v, grid, num_global):
-            return self.gain * torch.nn.functional.scaled_dot_product_attention(q, k, v)
-
-    @register_mixer("test-identity")
-    class Identity(TokenMixer):  # no weights at all
-        def forward(self, x, grid, num_global=0):
-            return x
-
-    yield
-    MIXERS.clear()
-    MIXERS.update(before)
 
 
 def test_swap_keeps_shared_weights_and_reports_new_ones(scratch_mixers):

@@ -147,3 +147,22 @@ def test_bf16_mixed_precision_on_cpu(tmp_path):
     final = train(load_config(None, tiny_run(tmp_path / "run", "train.mixed_precision=bf16", "train.steps=2")),
                   progress=False)
     assert load_file(final / "model.safetensors")["final_layer.linear.weight"].dtype == torch.float32
+
+
+def test_checkpoint_loads_with_a_swapped_mixer(tmp_path, scratch_mixers):
+    final = train(load_config(None, tiny_run(tmp_path / "run", "train.steps=2")), progress=False)
+    original, _ = load_checkpoint(final)
+    swapped, record = load_checkpoint(final, mixer="test-scaled")
+    assert swapped.config.mixer == record["model"]["mixer"] == "test-scaled"
+    assert type(swapped.blocks[0].mixer).__name__ == "ScaledAttention"
+    torch.testing.assert_close(swapped.blocks[0].mixer.qkv.weight, original.blocks[0].mixer.qkv.weight)
+
+
+def test_weights_that_do_not_fit_the_config_are_a_clear_error(tmp_path):
+    from ditkit.models import build_model, model_config
+    from ditkit.train.checkpoint import load_state
+
+    small = build_model(model_config("DiT-Nano/4", depth=1, hidden_size=32, num_heads=2))
+    wide = build_model(model_config("DiT-Nano/4", depth=1, hidden_size=64, num_heads=2))
+    with pytest.raises(DitkitError, match="does not fit this model config.*size mismatch"):
+        load_state(wide, small.state_dict(), tmp_path / "x.safetensors")

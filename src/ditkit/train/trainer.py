@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
@@ -149,6 +150,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, progress: bool = True):
         self.cfg, self.progress = cfg, progress
         self.out_dir = Path(cfg.train.out_dir)
+        # Accelerate keeps one global state per process; a second run in the same process (a notebook,
+        # distillation after sampling) may want other settings. The process group itself is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not has_accelerator(),
                                        gradient_accumulation_steps=cfg.train.grad_accum)
         self.dataset, self.vae_path, scale = self._prepare_data()
