@@ -57,8 +57,8 @@ def decode(vae, latents: Tensor) -> Tensor:
 class LatentDataset(Dataset):
     """Cached latents with their labels. With `hflip`, the flipped images are extra items."""
 
-    def __init__(self, latents: Tensor, labels: Tensor, source: Dataset):
-        self.latents, self.labels = latents, labels
+    def __init__(self, latents: Tensor, labels: Tensor, source: Dataset, vae_scale: int):
+        self.latents, self.labels, self.vae_scale = latents, labels, vae_scale
         self.channels = latents.shape[1]
         self.num_classes = source.num_classes
         self.class_names = source.class_names
@@ -79,7 +79,7 @@ def cached_latents(dataset: Dataset, vae_path: str | Path, cache_dir: str | Path
     if path.is_file():
         try:
             tensors = load_file(path)
-            return LatentDataset(tensors["latents"], tensors["labels"], dataset)
+            return LatentDataset(tensors["latents"], tensors["labels"], dataset, vae_scale(vae))
         except Exception:  # a damaged cache is rebuilt, not trusted
             path.unlink()
     latents, labels = [], []
@@ -90,10 +90,9 @@ def cached_latents(dataset: Dataset, vae_path: str | Path, cache_dir: str | Path
         if hflip:
             latents.append(encode(vae, images.flip(-1)).cpu())
         labels += [y for _, y in items] * (2 if hflip else 1)
-    # Keep originals and flips in dataset order: batch k holds [originals, flips].
     tensors = {"latents": torch.cat(latents).float().contiguous(), "labels": torch.tensor(labels).long()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     save_file(tensors, tmp)
     os.replace(tmp, path)
-    return LatentDataset(tensors["latents"], tensors["labels"], dataset)
+    return LatentDataset(tensors["latents"], tensors["labels"], dataset, vae_scale(vae))

@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 
 from ..data import build_dataset, cached_latents
 from ..data.images import image_grid
-from ..data.latents import load_vae, vae_scale
 from ..diffusion import build_objective
 from ..diffusion.pipeline import generate, input_size
 from ..errors import DitkitError
@@ -181,7 +180,7 @@ class Trainer:
         cache_dir = d.cache_dir or str(Path.home() / ".cache" / "ditkit")
         with self.accelerator.main_process_first():  # one process encodes, the others read the cache
             latents = cached_latents(dataset, vae_path, cache_dir, hflip=d.hflip, device=self.accelerator.device)
-        return latents, vae_path, vae_scale(load_vae(vae_path))
+        return latents, vae_path, latents.vae_scale
 
     def _resume_from(self, resume: str | bool) -> tuple[dict, Path]:
         path = find_checkpoint(self.out_dir if resume is True else resume)
@@ -200,13 +199,13 @@ class Trainer:
         model = self.model.to(acc.device)
         ema = copy.deepcopy(model).float().requires_grad_(False).eval()
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        start = 0
+        start, last_ckpt = 0, None
         if resume:
             state, path = self._resume_from(resume)
             ema_tensors, _ = read_weights(path / "ema.safetensors")
             load_state(ema, ema_tensors, path / "ema.safetensors")
             optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=acc.device, weights_only=True))
-            start = state["step"]
+            start, last_ckpt = state["step"], path
             acc.print(f"resuming from {path} at step {start}")
         if start >= cfg.train.steps:
             acc.print(f"nothing to do: already at step {start} of {cfg.train.steps}")
@@ -224,7 +223,7 @@ class Trainer:
         log.drop_after(start)
         bar = tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True,
                    disable=not (self.progress and acc.is_main_process))
-        last_ckpt, window_loss, window_start, window_steps = None, 0.0, time.perf_counter(), 0
+        window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
         model.train()
         for step in range(start, cfg.train.steps):
             for group in optimizer.param_groups:
