@@ -1,0 +1,126 @@
+"""`clear`: CLEAR's convolution-like local attention (arXiv 2412.16112).
+
+An image query at (qy, qx) sees the image keys with (qy-ky)^2 + (qx-kx)^2 < r^2: a disc of
+radius r tokens, cut at the image borders (no padding, wrap or shift). Global tokens (text,
+registers; first in the sequence) are seen by every query, and global queries see every token.
+With `down_factor` f > 0, keys and values are also pooled over f x f blocks with learnable
+weights (initialised 1/f^2) and the pooled tokens are seen by every image query, not by global
+ones.
+
+Backends, chosen by `backend` ("auto" picks by device and size):
+  reference  dense boolean mask + scaled_dot_product_attention (N x N: tests and tiny inputs)
+  tiled      2-D query tiles attend to their tile plus a halo of r-1 tokens: cost grows with N
+  flex       torch flex_attention with a block mask over tile-ordered tokens (CUDA)
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import DitkitError
+from .base import AttentionMixer, Grid
+from .registry import register_mixer
+
+BACKENDS = ("auto", "reference", "tiled", "flex")
+
+
+def disc_size(radius: float) -> int:
+    """Lattice points strictly inside the disc: keys per interior query (193 for r=8)."""
+    h = math.ceil(radius) - 1
+    return sum(1 for dy in range(-h, h + 1) for dx in range(-h, h + 1) if dy * dy + dx * dx < radius * radius)
+
+
+def halo(radius: float, grid: Grid) -> int:
+    """How far (in tokens) a query can see along one axis, capped by the grid."""
+    return max(0, min(math.ceil(radius) - 1, max(grid) - 1))
+
+
+@lru_cache(maxsize=16)
+def _reference_mask(grid: Grid, radius: float, num_global: int, num_extra: int, device: torch.device) -> Tensor:
+    H, W = grid
+    ys, xs = torch.meshgrid(torch.arange(H, device=device), torch.arange(W, device=device), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    local = (ys[:, None] - ys[None]) ** 2 + (xs[:, None] - xs[None]) ** 2 < radius * radius
+    G, N = num_global, H * W
+    mask = torch.ones(G + N, G + N + num_extra, dtype=torch.bool, device=device)
+    mask[G:, G:G + N] = local
+    mask[:G, G + N:] = False  # global queries do not see pooled tokens
+    return mask
+
+
+def reference_local_attention(q: Tensor, k: Tensor, v: Tensor, grid: Grid, radius: float, num_global: int = 0,
+                              extra_k: Tensor | None = None, extra_v: Tensor | None = None) -> Tensor:
+    """The definition, written densely: builds an N x N mask. For tests and tiny inputs."""
+    num_extra = 0 if extra_k is None else extra_k.shape[-2]
+    if num_extra:
+        k, v = torch.cat([k, extra_k], dim=-2), torch.cat([v, extra_v], dim=-2)
+    mask = _reference_mask(tuple(grid), float(radius), num_global, num_extra, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def local_attention(q: Tensor, k: Tensor, v: Tensor, grid: Grid, radius: float, num_global: int = 0,
+                    extra_k: Tensor | None = None, extra_v: Tensor | None = None, backend: str = "auto") -> Tensor:
+    """CLEAR local attention over (B, heads, G + H*W, d) tensors, by the chosen backend.
+
+    "auto": flex on CUDA, the dense reference for tiny inputs (<= 1024 tokens), tiled otherwise.
+    """
+    if backend == "auto":
+        if q.is_cuda:
+            backend = "flex"
+        else:
+            backend = "reference" if q.shape[-2] <= 1024 else "tiled"
+    if backend == "reference":
+        return reference_local_attention(q, k, v, grid, radius, num_global, extra_k, extra_v)
+    if backend == "tiled":
+        from .tiled import tiled_local_attention
+
+        return tiled_local_attention(q, k, v, grid, radius, num_global, extra_k, extra_v)
+    if backend == "flex":
+        from .flex import flex_local_attention
+
+        return flex_local_attention(q, k, v, grid, radius, num_global, extra_k, extra_v)
+    raise DitkitError(f"unknown clear backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+
+
+@register_mixer("clear")
+class ClearAttention(AttentionMixer):
+    """CLEAR local attention with DiT's projections: a drop-in replacement for `full`."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, radius: float = 8, down_factor: int = 0,
+                 backend: str = "auto"):
+        super().__init__(dim, num_heads, qkv_bias)
+        if radius < 1:
+            raise DitkitError(f"clear radius must be at least 1 token, got {radius}")
+        if backend not in BACKENDS:
+            raise DitkitError(f"unknown clear backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        if down_factor < 0 or down_factor == 1:
+            raise DitkitError(f"clear down_factor must be 0 (off) or >= 2, got {down_factor}")
+        self.radius, self.down_factor, self.backend = radius, down_factor, backend
+        if down_factor:
+            # One learnable weight per position in the f x f block, initialised to plain averaging.
+            self.pool_weight = nn.Parameter(torch.full((down_factor * down_factor,), 1.0 / down_factor**2))
+
+    def pool(self, x: Tensor, grid: Grid, num_global: int) -> Tensor:
+        """(B, heads, G + H*W, d) -> (B, heads, H/f * W/f, d): weighted f x f pooling of image tokens."""
+        f, (H, W) = self.down_factor, grid
+        if H % f or W % f:
+            raise DitkitError(f"clear down_factor {f} needs a token grid divisible by {f}, got {H}x{W}: "
+                              f"use a resolution whose token grid is a multiple of {f}, or down_factor=0")
+        B, nh, _, d = x.shape
+        blocks = x[:, :, num_global:].reshape(B, nh, H // f, f, W // f, f, d)
+        weights = self.pool_weight.view(1, 1, 1, f, 1, f, 1).to(x.dtype)
+        return (blocks * weights).sum(dim=(3, 5)).reshape(B, nh, (H // f) * (W // f), d)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, grid: Grid, num_global: int) -> Tensor:
+        extra_k = extra_v = None
+        if self.down_factor:
+            extra_k, extra_v = self.pool(k, grid, num_global), self.pool(v, grid, num_global)
+        return local_attention(q, k, v, grid, self.radius, num_global, extra_k, extra_v, self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, radius={self.radius}, down_factor={self.down_factor}, backend={self.backend}"
