@@ -1,0 +1,19 @@
+import torch
+
+from ditkit.metrics.memory import peak_memory
+
+
+def test_peak_counts_live_tensors_only():
+    def work():
+        a = torch.ones(1000, 1000)  # 4 MB
+        b = a * 2  # 8 MB live
+        del a
+        c = b + 1  # still 8 MB live: a was freed
+        return c.sum()
+
+    assert peak_memory(work) == 8_000_000 + 4  # plus the 4-byte sum
+
+
+def test_existing_inputs_are_not_counted():
+    x = torch.ones(1000, 1000)
+    assert peak_memory(lambda: x.view(-1)) == 0
