@@ -18,6 +18,7 @@ import math
 import platform
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -54,6 +55,10 @@ def methods(args, side: int, radius: float, device: torch.device):
                                                                      compile=compiled), backward)
 
 
+def backward_step(fn, q, k, v) -> None:
+    fn(q, k, v).sum().backward()
+
+
 def timed(fn, device: torch.device, repeats: int) -> float:
     def sync():
         if device.type == "cuda":
@@ -88,11 +93,11 @@ def measure(args, device: torch.device) -> list[dict]:
                     continue
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    forward = timed(lambda: fn(q, k, v), device, args.repeats)
+                    step = partial(fn, q, k, v)
+                    forward = timed(step, device, args.repeats)
                     both = None
-                    step = lambda: fn(q, k, v)  # noqa: E731
                     if has_backward and not args.no_backward:
-                        step = lambda: fn(qg, kg, vg).sum().backward()  # noqa: E731
+                        step = partial(backward_step, fn, qg, kg, vg)
                         both = timed(step, device, args.repeats)
                     # The CPU tracker (a dispatch mode) cannot look inside flex_attention's operator.
                     tracked = device.type == "cuda" or "flex" not in name

@@ -42,16 +42,111 @@ def _disc_mask(radius: float, tile: int, pad: int, shared: int, dtype: torch.dty
     return mask.view(1, 1, *mask.shape).to(device)
 
 
-def _padded_map(x: Tensor, H: int, W: int, top_left: int, Hp: int, Wp: int, extra: float) -> Tensor:
-    """(BH, H*W, d) tokens -> (BH, Hp, Wp, d+1) zero-padded map; channel d is 0 on the image
-    and `extra` on the padding."""
-    BH, _, d = x.shape
-    out = x.new_zeros(BH, Hp, Wp, d + 1)
+def _padded_map(x: Tensor, top: int, bottom: int, left: int, right: int, extra: float) -> Tensor:
+    """(BH, H, W, d) image map -> (BH, top+H+bottom, left+W+right, d+1), zero-padded; channel d
+    is 0 on the image and `extra` on the padding."""
+    BH, H, W, d = x.shape
+    out = x.new_zeros(BH, top + H + bottom, left + W + right, d + 1)
     if extra:
         out[..., d] = extra
-        out[:, top_left:top_left + H, top_left:top_left + W, d] = 0
-    out[:, top_left:top_left + H, top_left:top_left + W, :d] = x.reshape(BH, H, W, d)
+        out[:, top:top + H, left:left + W, d] = 0
+    out[:, top:top + H, left:left + W, :d] = x
     return out
+
+
+class _Geometry:
+    """Tiles, halo and row chunks of one call."""
+
+    def __init__(self, grid: Grid, radius: float, tile: int, B_heads: int, E: int, d: int, element_size: int):
+        self.H, self.W = grid
+        self.T = tile
+        self.p = max(0, min(math.ceil(radius) - 1, max(grid) - 1))
+        self.S = tile + 2 * self.p
+        self.nty, self.ntx = math.ceil(self.H / tile), math.ceil(self.W / tile)
+        row_bytes = 2 * B_heads * self.ntx * (self.S * self.S + E) * (d + 1) * element_size
+        rows = max(1, WINDOW_BUDGET // max(1, row_bytes))
+        self.chunks = [(r0, min(self.nty, r0 + rows)) for r0 in range(0, self.nty, rows)]
+
+    def pad(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries padded to whole tiles (channel d = 1), keys and values also by the halo."""
+        T, p, H, W = self.T, self.p, self.H, self.W
+        hidden = -torch.finfo(q.dtype).max / 4  # q channel d is 1, so padded keys score -huge: weight 0
+        qp = _padded_map(q, 0, self.nty * T - H, 0, self.ntx * T - W, 0.0)
+        qp[..., -1] = 1
+        kp = _padded_map(k, p, self.nty * T - H + p, p, self.ntx * T - W + p, hidden)
+        vp = _padded_map(v, p, self.nty * T - H + p, p, self.ntx * T - W + p, 0.0)
+        return qp, kp, vp
+
+    def bands(self, r0: int, r1: int) -> tuple[slice, slice]:
+        """Rows of the padded query map and of the padded key map that tile rows [r0, r1) use."""
+        return slice(r0 * self.T, r1 * self.T), slice(r0 * self.T, r1 * self.T + 2 * self.p)
+
+
+def _chunk_attention(qp: Tensor, kp: Tensor, vp: Tensor, shared_k: Tensor | None, shared_v: Tensor | None,
+                     geo: _Geometry, mask: Tensor) -> Tensor:
+    """Attention of whole rows of query tiles: qp (BH, rows*T, ntx*T, d+1) against the padded key
+    band kp, vp (BH, rows*T + 2p, ntx*T + 2p, d+1); returns (BH, rows*T, ntx*T, d)."""
+    BH, _, _, c = qp.shape
+    T, S, ntx = geo.T, geo.S, geo.ntx
+    n_rows = qp.shape[1] // T
+    n_tiles = n_rows * ntx
+    q_tiles = qp.reshape(BH, n_rows, T, ntx, T, c).transpose(2, 3).reshape(BH, n_tiles, T * T, c)
+    k_win, v_win = _windows(kp, T, S, n_tiles), _windows(vp, T, S, n_tiles)
+    if shared_k is not None:
+        E = shared_k.shape[-2]
+        k_win = torch.cat([k_win, shared_k.view(BH, 1, E, c).expand(-1, n_tiles, -1, -1)], dim=2)
+        v_win = torch.cat([v_win, shared_v.view(BH, 1, E, c).expand(-1, n_tiles, -1, -1)], dim=2)
+    out = F.scaled_dot_product_attention(q_tiles, k_win, v_win, attn_mask=mask, scale=1 / math.sqrt(c - 1))
+    return out[..., :-1].reshape(BH, n_rows, ntx, T, T, c - 1).transpose(2, 3).reshape(BH, n_rows * T, ntx * T, c - 1)
+
+
+def _windows(x: Tensor, T: int, S: int, n_tiles: int) -> Tensor:
+    """(BH, rows*T + 2p, cols*T + 2p, c) padded band -> (BH, tiles, S*S, c) overlapping S x S windows."""
+    BH, c = x.shape[0], x.shape[-1]
+    windows = x.unfold(1, S, T).unfold(2, S, T)  # (BH, rows, cols, c, S, S)
+    return windows.permute(0, 1, 2, 4, 5, 3).reshape(BH, n_tiles, S * S, c)
+
+
+class _TiledAttention(torch.autograd.Function):
+    """Runs the row chunks without keeping their windows; backward recomputes one chunk at a
+    time and adds its gradients into the bands it read. (Slicing inside autograd would allocate
+    a full-size gradient per chunk, O(N^1.5) work, and keep every window alive.)"""
+
+    @staticmethod
+    def forward(ctx, q, k, v, shared_k, shared_v, geo, mask):
+        qp, kp, vp = geo.pad(q, k, v)
+        outputs = []
+        for r0, r1 in geo.chunks:
+            qs, ks = geo.bands(r0, r1)
+            outputs.append(_chunk_attention(qp[:, qs], kp[:, ks], vp[:, ks], shared_k, shared_v, geo, mask))
+        ctx.save_for_backward(qp, kp, vp, shared_k, shared_v)
+        ctx.geo, ctx.mask = geo, mask
+        return torch.cat(outputs, dim=1)[:, :geo.H, :geo.W]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        qp, kp, vp, shared_k, shared_v = ctx.saved_tensors
+        geo = ctx.geo
+        grad_out = F.pad(grad_out, (0, 0, 0, geo.ntx * geo.T - geo.W, 0, geo.nty * geo.T - geo.H))
+        dqp, dkp, dvp = torch.zeros_like(qp), torch.zeros_like(kp), torch.zeros_like(vp)
+        shared = [t for t in (shared_k, shared_v) if t is not None]
+        d_shared = [torch.zeros_like(t) for t in shared]
+        for r0, r1 in geo.chunks:
+            qs, ks = geo.bands(r0, r1)
+            leaves = [t.detach().requires_grad_() for t in (qp[:, qs], kp[:, ks], vp[:, ks], *shared)]
+            with torch.enable_grad():
+                out = _chunk_attention(*leaves[:3], *(leaves[3:] or [None, None]), geo, ctx.mask)
+                grads = torch.autograd.grad(out, leaves, grad_out[:, qs])
+            dqp[:, qs] += grads[0]
+            dkp[:, ks] += grads[1]
+            dvp[:, ks] += grads[2]
+            for total, grad in zip(d_shared, grads[3:], strict=True):
+                total += grad
+        p, H, W = geo.p, geo.H, geo.W
+        dq, dk, dv = dqp[:, :H, :W, :-1], dkp[:, p:p + H, p:p + W, :-1], dvp[:, p:p + H, p:p + W, :-1]
+        dsk, dsv = d_shared if shared else (None, None)
+        return dq, dk, dv, dsk, dsv, None, None
 
 
 def tiled_local_attention(q: Tensor, k: Tensor, v: Tensor, grid: Grid, radius: float, num_global: int = 0,
@@ -60,51 +155,21 @@ def tiled_local_attention(q: Tensor, k: Tensor, v: Tensor, grid: Grid, radius: f
     """Same result as `reference_local_attention`; q, k, v: (B, heads, G + H*W, d)."""
     B, nh, N, d = q.shape
     G, (H, W) = num_global, grid
-    T = tile or default_tile(radius)
-    p = max(0, min(math.ceil(radius) - 1, max(H, W) - 1))
-    S = T + 2 * p
-    nty, ntx = math.ceil(H / T), math.ceil(W / T)
     BH = B * nh
-
     # Keys seen by every image query: global tokens, then pooled ones (channel d = 0: visible).
     candidates = ((k[:, :, :G], v[:, :, :G]), (extra_k, extra_v))
     shared = [(sk, sv) for sk, sv in candidates if sk is not None and sk.shape[-2]]
     E = sum(sk.shape[-2] for sk, _ in shared)
+    shared_k = shared_v = None
     if E:
-        shared_k = F.pad(torch.cat([sk for sk, _ in shared], dim=-2), (0, 1)).reshape(BH, 1, E, d + 1)
-        shared_v = F.pad(torch.cat([sv for _, sv in shared], dim=-2), (0, 1)).reshape(BH, 1, E, d + 1)
-
-    hidden = -torch.finfo(q.dtype).max / 4  # q channel d is 1, so padded keys score -huge: weight 0
-    qp = _padded_map(q[:, :, G:].reshape(BH, H * W, d), H, W, 0, nty * T, ntx * T, 0.0)
-    qp[..., d] = 1
-    kp = _padded_map(k[:, :, G:].reshape(BH, H * W, d), H, W, p, nty * T + 2 * p, ntx * T + 2 * p, hidden)
-    vp = _padded_map(v[:, :, G:].reshape(BH, H * W, d), H, W, p, nty * T + 2 * p, ntx * T + 2 * p, 0.0)
-    mask = _disc_mask(float(radius), T, p, E, q.dtype, q.device)
-    scale = 1 / math.sqrt(d)
-
-    rows_per_chunk = max(1, WINDOW_BUDGET // max(1, 2 * BH * ntx * (S * S + E) * (d + 1) * q.element_size()))
-    outputs = []
-    for r0 in range(0, nty, rows_per_chunk):
-        r1 = min(nty, r0 + rows_per_chunk)
-        n_tiles = (r1 - r0) * ntx
-        q_tiles = (qp[:, r0 * T:r1 * T].reshape(BH, r1 - r0, T, ntx, T, d + 1)
-                   .transpose(2, 3).reshape(BH, n_tiles, T * T, d + 1))
-        k_win = _windows(kp[:, r0 * T:r1 * T + 2 * p], T, S, n_tiles)
-        v_win = _windows(vp[:, r0 * T:r1 * T + 2 * p], T, S, n_tiles)
-        if E:
-            k_win = torch.cat([k_win, shared_k.expand(-1, n_tiles, -1, -1)], dim=2)
-            v_win = torch.cat([v_win, shared_v.expand(-1, n_tiles, -1, -1)], dim=2)
-        out = F.scaled_dot_product_attention(q_tiles, k_win, v_win, attn_mask=mask, scale=scale)[..., :d]
-        outputs.append(out.reshape(BH, r1 - r0, ntx, T, T, d).transpose(2, 3).reshape(BH, (r1 - r0) * T, ntx * T, d))
-    image_out = torch.cat(outputs, dim=1)[:, :H, :W].reshape(B, nh, H * W, d)
+        shared_k = F.pad(torch.cat([sk for sk, _ in shared], dim=-2), (0, 1)).reshape(BH, E, d + 1)
+        shared_v = F.pad(torch.cat([sv for _, sv in shared], dim=-2), (0, 1)).reshape(BH, E, d + 1)
+    T = tile or default_tile(radius)
+    geo = _Geometry(grid, radius, T, BH, E, d, q.element_size())
+    mask = _disc_mask(float(radius), T, geo.p, E, q.dtype, q.device)
+    maps = [x[:, :, G:].reshape(BH, H, W, d) for x in (q, k, v)]
+    image_out = _TiledAttention.apply(*maps, shared_k, shared_v, geo, mask).reshape(B, nh, H * W, d)
     if not G:
         return image_out
     global_out = F.scaled_dot_product_attention(q[:, :, :G], k, v)  # global queries see every token
     return torch.cat([global_out, image_out], dim=2)
-
-
-def _windows(x: Tensor, T: int, S: int, n_tiles: int) -> Tensor:
-    """(BH, rows*T + 2p, cols*T + 2p, c) padded map -> (BH, tiles, S*S, c) overlapping S x S windows."""
-    BH, c = x.shape[0], x.shape[-1]
-    windows = x.unfold(1, S, T).unfold(2, S, T)  # (BH, rows, cols, c, S, S)
-    return windows.permute(0, 1, 2, 4, 5, 3).reshape(BH, n_tiles, S * S, c)
