@@ -26,7 +26,7 @@ def test_info_reports_params_and_gflops_with_its_unit(capsys):
 
 def test_info_lists_models_and_mixers(capsys):
     code, out, _ = run_cli(capsys, "info", "--list")
-    assert "DiT-XL/2" in out and "mixers: full" in out
+    assert "DiT-XL/2" in out and "mixers: clear, full" in out
 
 
 @pytest.mark.parametrize("argv,message", [
