@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Grid
+from .clear import halo
 
 # Bytes of key/value windows built per attention call: inputs run in chunks of tile rows.
 WINDOW_BUDGET = 8 * 2**20  # measured: one tile row at a time stays in cache, ~1.7x faster than 256 MiB
@@ -60,7 +61,7 @@ class _Geometry:
     def __init__(self, grid: Grid, radius: float, tile: int, B_heads: int, E: int, d: int, element_size: int):
         self.H, self.W = grid
         self.T = tile
-        self.p = max(0, min(math.ceil(radius) - 1, max(grid) - 1))
+        self.p = halo(radius, grid)
         self.S = tile + 2 * self.p
         self.nty, self.ntx = math.ceil(self.H / tile), math.ceil(self.W / tile)
         row_bytes = 2 * B_heads * self.ntx * (self.S * self.S + E) * (d + 1) * element_size
