@@ -1,4 +1,5 @@
-"""Attention cost vs tokens: full SDPA against the CLEAR backends (and flex_attention).
+"""Attention cost vs tokens: full SDPA against the CLEAR backends (and flex_attention) and U-DiT's
+downsampled attention.
 
     python benchmarks/attention.py                      # CPU: grids 32^2..256^2, r in {8, 16}
     python benchmarks/attention.py --sides 64 128 256 512 --device cuda
@@ -26,8 +27,11 @@ import torch.nn.functional as F
 
 from ditkit.metrics.memory import peak_memory
 from ditkit.mixers.clear import disc_size, reference_local_attention
+from ditkit.mixers.downsampled import subgrid_attention
 from ditkit.mixers.flex import flex_local_attention
 from ditkit.mixers.tiled import tiled_local_attention
+
+RADIUS_FREE = ("full", "downsampled (U-DiT)")
 
 
 def visible_pairs(side: int, radius: float) -> int:
@@ -45,6 +49,8 @@ def methods(args, side: int, radius: float, device: torch.device):
     if dense_ok:
         yield "clear/reference", lambda q, k, v: reference_local_attention(q, k, v, grid, radius), True
     yield "clear/tiled", lambda q, k, v: tiled_local_attention(q, k, v, grid, radius), True
+    if side % 2 == 0:  # U-DiT: attention within the four 2x2 phase sub-grids (radius-independent)
+        yield "downsampled (U-DiT)", lambda q, k, v: subgrid_attention(q, k, v, grid, 2), True
     compiled = device.type == "cuda" or args.flex_compile
     if compiled or dense_ok:  # eager flex materialises all scores: small grids only
         backward = device.type == "cuda"  # flex has no backward on CPU
@@ -87,8 +93,8 @@ def measure(args, device: torch.device) -> list[dict]:
         qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
         for radius in args.radii:
             for name, fn, has_backward in methods(args, side, radius, device):
-                if name == "full" and radius != args.radii[0]:
-                    rows.append({**next(r for r in rows if r["side"] == side and r["method"] == "full"),
+                if name in RADIUS_FREE and radius != args.radii[0]:  # measured once per grid
+                    rows.append({**next(r for r in rows if r["side"] == side and r["method"] == name),
                                  "radius": radius})
                     continue
                 with warnings.catch_warnings():
@@ -102,7 +108,7 @@ def measure(args, device: torch.device) -> list[dict]:
                     # The CPU tracker (a dispatch mode) cannot look inside flex_attention's operator.
                     tracked = device.type == "cuda" or "flex" not in name
                     memory = peak_memory(step, device) / 2**20 if tracked else None
-                pairs = N * N if name == "full" else visible_pairs(side, radius)
+                pairs = {"full": N * N, "downsampled (U-DiT)": N * N // 4}.get(name) or visible_pairs(side, radius)
                 rows.append({"side": side, "tokens": N, "radius": radius, "method": name, "forward_ms": forward * 1e3,
                              "fwd_bwd_ms": None if both is None else both * 1e3, "peak_mb": memory,
                              "gflops": 4 * pairs * args.head_dim * args.heads * args.batch / 1e9})

@@ -26,7 +26,7 @@ def test_info_reports_params_and_gflops_with_its_unit(capsys):
 
 def test_info_lists_models_and_mixers(capsys):
     code, out, _ = run_cli(capsys, "info", "--list")
-    assert "DiT-XL/2" in out and "mixers: clear, full" in out
+    assert "DiT-XL/2" in out and "mixers: clear, downsampled, full" in out
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -69,3 +69,17 @@ def test_console_script_prints_no_traceback(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("ditkit: error: no checkpoint at") and "Traceback" not in result.stderr
+
+
+def test_udit_trains_and_samples_through_the_same_cli(tmp_path, capsys):
+    run = tmp_path / "run"
+    overrides = tiny_run(run)[4:] + ["model.name=U-DiT-Nano", "model.args.hidden_size=16", "data.resolution=16"]
+    code, out, err = run_cli(capsys, "train", "digits", *overrides, "--no-progress")
+    assert code == 0, err
+    grid = tmp_path / "u.png"
+    code, out, err = run_cli(capsys, "sample", "--ckpt", str(run), "--resolution", "24x16", "--num", "2",
+                             "--steps", "2", "--out", str(grid))
+    assert code == 0, err
+    assert Image.open(grid).size == (2 + 2 * 18, 2 + 26)
+    code, _, err = run_cli(capsys, "sample", "--ckpt", str(run), "--resolution", "20", "--out", str(grid))
+    assert code == 2 and "multiples of 8" in err

@@ -81,7 +81,7 @@ def cmd_info(args) -> None:
     cost = model_cost(model, h, w)
     space = f"{cfg.in_channels}x{h}x{w} " + (f"latent (VAE /{cfg.vae_scale})" if cfg.vae_scale > 1 else "pixels")
     options = f" {cfg.mixer_options}" if cfg.mixer_options else ""
-    tokens = (h // cfg.downsample) * (w // cfg.downsample)
+    tokens = cfg.tokens(h, w)
     print(f"model       {label} ({cfg.backbone}, mixer {cfg.mixer}{options})")
     print(f"input       {height}x{width} px -> {space} -> {tokens} tokens")
     print(f"parameters  {cost.params / 1e6:.2f}M ({cost.params:,})")

@@ -22,7 +22,8 @@ def input_size(model, height: int, width: int) -> tuple[int, int]:
     multiple = cfg.vae_scale * cfg.downsample
     if height % multiple or width % multiple or height <= 0 or width <= 0:
         raise DitkitError(f"resolution {height}x{width} does not fit this model: height and width must be "
-                          f"positive multiples of {multiple} (VAE scale {cfg.vae_scale} x patch {cfg.downsample})")
+                          f"positive multiples of {multiple} "
+                          f"(VAE scale {cfg.vae_scale} x model downsampling {cfg.downsample})")
     return height // cfg.vae_scale, width // cfg.vae_scale
 
 

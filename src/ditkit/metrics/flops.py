@@ -65,6 +65,7 @@ def model_cost(model: nn.Module, height: int, width: int) -> ModelCost:
     was_training = model.training
     model.eval()
     try:
+        model(x, t, y)  # warm-up: one-time work such as folding re-parameterised layers is not counted
         flops = count_flops(model, x, t, y)
     finally:
         model.train(was_training)

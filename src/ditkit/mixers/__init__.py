@@ -1,6 +1,6 @@
 """Token mixers: the one seam through which every backbone mixes tokens."""
 
-from . import clear, full  # noqa: F401  (register "clear" and "full")
+from . import clear, downsampled, full  # noqa: F401  (register the mixers)
 from .base import AttentionMixer, Grid, TokenMixer
 from .registry import MIXERS, build_mixer, mixer_options, register_mixer, swap_mixers
 

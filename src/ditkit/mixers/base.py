@@ -26,6 +26,11 @@ class TokenMixer(nn.Module):
         self.dim = dim
         self.num_heads = num_heads
 
+    @classmethod
+    def grid_multiple(cls, **options) -> int:
+        """The token grid's height and width must be multiples of this (for these options)."""
+        return 1
+
     def forward(self, x: Tensor, grid: Grid, num_global: int = 0) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 

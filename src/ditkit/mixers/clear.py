@@ -105,6 +105,10 @@ class ClearAttention(AttentionMixer):
             # One learnable weight per position in the f x f block, initialised to plain averaging.
             self.pool_weight = nn.Parameter(torch.full((down_factor * down_factor,), 1.0 / down_factor**2))
 
+    @classmethod
+    def grid_multiple(cls, down_factor: int = 0, **_) -> int:
+        return max(1, down_factor)
+
     def pool(self, x: Tensor, grid: Grid, num_global: int) -> Tensor:
         """(B, heads, G + H*W, d) -> (B, heads, H/f * W/f, d): weighted f x f pooling of image tokens."""
         f, (H, W) = self.down_factor, grid

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..errors import DitkitError
 from ..mixers import Grid, build_mixer
+from ..mixers.registry import mixer_class
 from .layers import LabelEmbedder, Mlp, TimestepEmbedder, modulate, sincos_pos_embed_2d
 from .registry import register_backbone, register_model
 
@@ -37,10 +38,14 @@ class DiTConfig:
     def out_channels(self) -> int:
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
 
+    def tokens(self, height: int, width: int) -> int:
+        """Image tokens for an input of height x width cells."""
+        return (height // self.patch_size) * (width // self.patch_size)
+
     @property
     def downsample(self) -> int:
-        """Input cells per token along each side; inputs must be a multiple of it."""
-        return self.patch_size
+        """Inputs must be a multiple of this along each side (patch x what the mixer needs)."""
+        return self.patch_size * mixer_class(self.mixer).grid_multiple(**self.mixer_options)
 
 
 class DiTBlock(nn.Module):

@@ -7,6 +7,7 @@ the plain record stored in every checkpoint, so a checkpoint rebuilds its own mo
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 from torch import nn
@@ -55,7 +56,8 @@ def build_model(config) -> nn.Module:
 
 
 def config_to_dict(config) -> dict[str, Any]:
-    return {"backbone": config.backbone, **dataclasses.asdict(config)}
+    """A JSON-ready record (tuples become lists, as they come back from a checkpoint)."""
+    return json.loads(json.dumps({"backbone": config.backbone, **dataclasses.asdict(config)}))
 
 
 def config_from_dict(record: dict[str, Any]):

@@ -25,8 +25,8 @@ from ..errors import DitkitError
 @dataclass
 class ModelSection:
     name: str = "DiT-Nano/4"  # a named config: `ditkit info --list` shows them
-    mixer: str = "full"
-    mixer_options: dict = field(default_factory=dict)
+    mixer: str | None = None  # default: the backbone's own (full for DiT, downsampled for U-DiT)
+    mixer_options: dict | None = None
     args: dict = field(default_factory=dict)  # overrides of the backbone's config fields
 
 

@@ -157,10 +157,12 @@ class Trainer:
         self.dataset, self.vae_path, scale = self._prepare_data()
         self.objective = build_objective(cfg.diffusion.objective, learn_sigma=cfg.diffusion.learn_sigma,
                                          timestep_sampling=cfg.diffusion.timestep_sampling)
+        mixer = {key: value for key, value in (("mixer", cfg.model.mixer), ("mixer_options", cfg.model.mixer_options))
+                 if value is not None}
         self.model_config = model_config(
-            cfg.model.name, **{**cfg.model.args, "mixer": cfg.model.mixer, "mixer_options": cfg.model.mixer_options,
-                               "in_channels": self.dataset.channels, "num_classes": self.dataset.num_classes,
-                               "learn_sigma": self.objective.learn_sigma, "vae_scale": scale})
+            cfg.model.name, **{**cfg.model.args, **mixer, "in_channels": self.dataset.channels,
+                               "num_classes": self.dataset.num_classes, "learn_sigma": self.objective.learn_sigma,
+                               "vae_scale": scale})
         torch.manual_seed(cfg.train.seed)  # the initial weights depend on the seed only
         self.model = build_model(self.model_config)
         input_size(self.model, cfg.data.resolution, cfg.data.resolution)  # fails early on a bad resolution
