@@ -67,8 +67,8 @@ def sample(model, objective, shape: tuple[int, ...], *, labels: Tensor | None = 
     if noise is None:
         noise = torch.randn(shape, generator=generator)
     x = noise.to(param.device, torch.float32) * getattr(scheduler, "init_noise_sigma", 1.0)
-    null_label = model.y_embedder.num_classes if getattr(model, "y_embedder", None) is not None \
-        and model.y_embedder.dropout_prob > 0 else None
+    embedder = getattr(model, "y_embedder", None)
+    null_label = embedder.null_label if embedder is not None else None
     if labels is not None:
         labels = labels.to(param.device)
     C = shape[1]

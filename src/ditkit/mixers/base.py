@@ -67,3 +67,13 @@ def check_layout(num_tokens: int, grid: Grid, num_global: int) -> None:
         raise ValueError(
             f"token count {num_tokens} does not match {num_global} global + {grid[0]}x{grid[1]} image tokens"
         )
+
+
+def tokens_to_map(x: Tensor, grid: Grid) -> Tensor:
+    """(B, H*W, D) row-major image tokens -> (B, D, H, W) feature map."""
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
+
+
+def map_to_tokens(x: Tensor) -> Tensor:
+    """(B, D, H, W) feature map -> (B, H*W, D) row-major image tokens."""
+    return x.flatten(2).transpose(1, 2)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DitkitError
-from .base import Grid, TokenMixer, check_layout
+from .base import Grid, TokenMixer, check_layout, map_to_tokens, tokens_to_map
 from .registry import register_mixer
 
 
@@ -79,8 +79,8 @@ class DownsampledAttention(TokenMixer):
         f, (H, W) = self.factor, grid
         if H % f or W % f:
             raise DitkitError(f"downsampled attention needs a token grid divisible by {f}, got {H}x{W}")
-        feature_map = x.transpose(1, 2).reshape(B, D, H, W)
-        x = (feature_map + self.dwconv(feature_map)).flatten(2).transpose(1, 2)
+        feature_map = tokens_to_map(x, grid)
+        x = map_to_tokens(feature_map + self.dwconv(feature_map))
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         # Rotary positions are each token's coordinates inside its sub-map.
         ys, xs = torch.meshgrid(torch.arange(H, device=x.device), torch.arange(W, device=x.device), indexing="ij")

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..errors import DitkitError
 from ..mixers import Grid, build_mixer
+from ..mixers.base import map_to_tokens
 from ..mixers.registry import mixer_class
 from .layers import LabelEmbedder, Mlp, TimestepEmbedder, modulate, sincos_pos_embed_2d
 from .registry import register_backbone, register_model
@@ -136,7 +137,7 @@ class DiT(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         grid = self.token_grid(x.shape[-2], x.shape[-1])
-        tokens = self.x_embedder(x).flatten(2).transpose(1, 2)
+        tokens = map_to_tokens(self.x_embedder(x))
         tokens = tokens + sincos_pos_embed_2d(self.config.hidden_size, grid).to(tokens)
         c = self.condition(t, y)
         for block in self.blocks:

@@ -73,10 +73,9 @@ class LabelEmbedder(nn.Module):
         self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
 
     @property
-    def null_label(self) -> int:
-        if self.dropout_prob <= 0:
-            raise ValueError("this model was trained without class dropout: it has no null label for guidance")
-        return self.num_classes
+    def null_label(self) -> int | None:
+        """The label used for the unconditional branch of guidance; None without class dropout."""
+        return self.num_classes if self.dropout_prob > 0 else None
 
     def drop_labels(self, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Replace labels by the null label with probability `dropout_prob` (training only)."""

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..errors import DitkitError
 from ..mixers import Grid, build_mixer
+from ..mixers.base import map_to_tokens, tokens_to_map
 from ..mixers.registry import mixer_class
 from .layers import LabelEmbedder, TimestepEmbedder, modulate
 from .registry import register_backbone, register_model
@@ -134,14 +135,6 @@ class UDiTPair(nn.Module):
         h = modulate(self.norm2(x), shift_mlp, scale_mlp)
         h = self.ffn(tokens_to_map(h, grid))
         return x + gate_mlp.unsqueeze(1) * map_to_tokens(h)
-
-
-def tokens_to_map(x: Tensor, grid: Grid) -> Tensor:
-    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
-
-
-def map_to_tokens(x: Tensor) -> Tensor:
-    return x.flatten(2).transpose(1, 2)
 
 
 class Condition(nn.Module):
