@@ -1,4 +1,4 @@
-"""The `ditkit` command line: info, train, sample."""
+"""The `ditkit` command line: info, train, sample, distill."""
 
 from __future__ import annotations
 
@@ -124,6 +124,45 @@ def cmd_sample(args) -> None:
     print(f"wrote {out} ({args.num} images, {height}x{width})")
 
 
+def load_teacher(path: str, device: str):
+    """A ditkit checkpoint, or a diffusers transformer folder (its config.json names a `_class_name`)."""
+    import json
+
+    config = Path(path) / "config.json"
+    if config.is_file() and "_class_name" in json.loads(config.read_text()):
+        from ..integrations.diffusers import DiffusersTeacher
+
+        return DiffusersTeacher(path, device=device)
+    from ..distill import DitkitTeacher
+
+    return DitkitTeacher(path, device=device)
+
+
+def cmd_distill(args) -> None:
+    import torch
+
+    from ..distill import DistillConfig, Distiller, LossWeights
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = load_teacher(args.teacher, device)
+    cfg = DistillConfig(
+        out_dir=args.out, radius=args.radius, down_factor=args.down_factor, backend=args.backend,
+        num_samples=args.num_samples, steps=args.steps, batch_size=args.batch_size, optimizer=args.optimizer,
+        lr=args.lr if args.lr is not None else (1.0 if args.optimizer == "prodigy" else 1e-4),
+        weights=LossWeights(task=args.task_weight, output=args.output_weight, attention=args.attention_weight),
+        attention_every=args.attention_every, seed=args.seed, ckpt_every=args.ckpt_every, eval_num=args.eval_num,
+        eval_steps=args.eval_steps)
+    agreement = Distiller(teacher, cfg, device=device, progress=not args.no_progress).run(resume=args.resume)
+    print(f"student agreement with the teacher on {cfg.eval_num} held-out samples (same noise and conditions):")
+    print(f"{'resolution':>10}  {'untuned PSNR':>12}  {'untuned SSIM':>12}  {'student PSNR':>12}  {'student SSIM':>12}")
+    for resolution, student in agreement["student"].items():
+        untuned = agreement["untuned"][resolution]
+        print(f"{resolution:>10}  {untuned['psnr']:>12.2f}  {untuned['ssim']:>12.4f}  "
+              f"{student['psnr']:>12.2f}  {student['ssim']:>12.4f}")
+    print(f"done: student checkpoint in {Path(cfg.out_dir) / 'checkpoints'}; "
+          f"report {Path(cfg.out_dir) / 'agreement.json'}, compare-*.png")
+
+
 def parse_labels(text: str | None, record: dict, num: int):
     import torch
 
@@ -177,6 +216,32 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     sample.add_argument("--out", default="samples.png", help="output PNG grid")
     sample.set_defaults(func=cmd_sample)
+
+    distill = sub.add_parser("distill", help="CLEAR linearization: distil a full-attention teacher into a "
+                                             "local-attention student")
+    distill.add_argument("--teacher", required=True, help="ditkit checkpoint, or a diffusers transformer folder")
+    distill.add_argument("--radius", type=float, required=True, help="local attention radius in tokens")
+    distill.add_argument("--down-factor", type=int, default=0, help="pooled global tokens over f x f blocks (0 = off)")
+    distill.add_argument("--backend", default="auto", help="clear backend: auto, reference, tiled, flex")
+    distill.add_argument("--num-samples", type=int, default=1024, help="teacher samples to generate and train on")
+    distill.add_argument("--steps", type=int, default=500, help="training steps")
+    distill.add_argument("--batch-size", type=int, default=32)
+    distill.add_argument("--optimizer", default="adamw", help="adamw or prodigy")
+    distill.add_argument("--lr", type=float, help="learning rate (default 1e-4; 1.0 for prodigy)")
+    distill.add_argument("--task-weight", type=float, default=1.0, help="weight of the teacher's objective")
+    distill.add_argument("--output-weight", type=float, default=0.5, help="weight of MSE(student, teacher output)")
+    distill.add_argument("--attention-weight", type=float, default=0.5, help="weight of attention-output matching")
+    distill.add_argument("--attention-every", type=int, default=1, help="match every k-th attention layer")
+    distill.add_argument("--eval-num", type=int, default=8, help="held-out samples for the agreement report")
+    distill.add_argument("--eval-steps", type=int, help="sampling steps for the report (default: the teacher's)")
+    distill.add_argument("--ckpt-every", type=int, default=250)
+    distill.add_argument("--seed", type=int, default=0)
+    distill.add_argument("--out", default="runs/distill", help="output folder")
+    distill.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
+                         help="continue from the latest checkpoint in --out, or from CKPT")
+    distill.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    distill.add_argument("--no-progress", action="store_true", help="no progress bars")
+    distill.set_defaults(func=cmd_distill)
     return parser
 
 

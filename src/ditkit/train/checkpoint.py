@@ -36,13 +36,16 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _state_for_saving(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+def _state_for_saving(module: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    state = module if isinstance(module, dict) else module.state_dict()
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
-def save_checkpoint(root: Path, step: int, *, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer,
-                    record: dict[str, Any], train_state: dict[str, Any], keep: int = 0) -> Path:
-    """Write checkpoint `step` under `root` atomically; keep the newest `keep` (0 = all)."""
+def save_checkpoint(root: Path, step: int, *, model: nn.Module | dict[str, torch.Tensor], ema: nn.Module | None,
+                    optimizer: torch.optim.Optimizer, record: dict[str, Any], train_state: dict[str, Any],
+                    keep: int = 0) -> Path:
+    """Write checkpoint `step` under `root` atomically; keep the newest `keep` (0 = all).
+    Without `ema` (distillation keeps none) loading falls back to model.safetensors."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp-step_{step:07d}-{os.getpid()}"
@@ -50,7 +53,8 @@ def save_checkpoint(root: Path, step: int, *, model: nn.Module, ema: nn.Module, 
     tmp.mkdir()
     metadata = {META_KEY: json.dumps(record)}
     save_file(_state_for_saving(model), tmp / "model.safetensors", metadata=metadata)
-    save_file(_state_for_saving(ema), tmp / "ema.safetensors", metadata=metadata)
+    if ema is not None:
+        save_file(_state_for_saving(ema), tmp / "ema.safetensors", metadata=metadata)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     (tmp / "training_state.json").write_text(json.dumps({"step": step, **train_state}, indent=2))
     if final.exists():  # the same step saved again: replace it

@@ -1,0 +1,75 @@
+"""CLEAR's distillation loss: the teacher's own objective on its samples, plus output matching
+and attention-output matching against the frozen teacher on the very same noisy input.
+
+    L = w_task * L_objective(student) + w_output * MSE(student out, teacher out)
+        + w_attention * mean_l MSE(student attention_l, teacher attention_l)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class AttentionTaps:
+    """Records the input of each tapped module (a layer's raw attention output) on every call."""
+
+    def __init__(self, modules: list[nn.Module]):
+        self.outputs: list[Tensor] = []
+        self._handles = [m.register_forward_pre_hook(self._record) for m in modules]
+
+    def _record(self, module: nn.Module, args: tuple) -> None:
+        self.outputs.append(args[0])
+
+    def clear(self) -> None:
+        self.outputs = []
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+class PairedDenoiser(nn.Module):
+    """Calls the student, and the frozen teacher on the same (x_t, t, cond); remembers both.
+
+    Handing this to an objective's `loss` gives the objective's own noising and target (so a
+    DDPM teacher is distilled with the DDPM loss, a flow teacher with flow matching) while the
+    teacher sees exactly the input the student saw.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module):
+        super().__init__()
+        self.student, self.teacher = student, teacher
+        self.student_out: Tensor | None = None
+        self.teacher_out: Tensor | None = None
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+        with torch.no_grad():
+            self.teacher_out = self.teacher(x, t, cond)
+        self.student_out = self.student(x, t, cond)
+        return self.student_out
+
+
+@dataclass
+class LossWeights:
+    task: float = 1.0  # the teacher's objective (flow matching for FLUX-like teachers)
+    output: float = 0.5  # MSE(student output, teacher output)
+    attention: float = 0.5  # mean over tapped layers of MSE(student attention, teacher attention)
+
+
+def distillation_loss(objective, paired: PairedDenoiser, student_taps: AttentionTaps, teacher_taps: AttentionTaps,
+                      x0: Tensor, cond: Tensor | None, generator: torch.Generator,
+                      weights: LossWeights) -> tuple[Tensor, dict[str, float]]:
+    student_taps.clear()
+    teacher_taps.clear()
+    task = objective.loss(paired, x0, cond, generator)
+    output = F.mse_loss(paired.student_out.float(), paired.teacher_out.float())
+    pairs = list(zip(student_taps.outputs, teacher_taps.outputs, strict=True))
+    attention = torch.stack([F.mse_loss(s.float(), t.float()) for s, t in pairs]).mean() if pairs else task * 0
+    loss = weights.task * task + weights.output * output + weights.attention * attention
+    parts = {name: float(value.detach()) for name, value in
+             (("loss", loss), ("task", task), ("output", output), ("attention", attention))}
+    return loss, parts

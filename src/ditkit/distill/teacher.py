@@ -1,0 +1,133 @@
+"""What distillation needs from a teacher, whatever library the teacher comes from.
+
+A `Teacher` wraps a frozen full-attention denoiser `model(x_t, t, cond)` (cond: a LongTensor of
+class labels or prompt indices, or None) with its training objective and sampling settings, and
+knows how to make a local-attention student from it, which of the student's parameters train,
+and where its attention outputs are. `DitkitTeacher` serves ditkit checkpoints; the diffusers
+teacher lives in `ditkit.integrations.diffusers`.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..diffusion.pipeline import input_size, objective_from_record
+from ..mixers import TokenMixer, swap_mixers
+
+
+class Teacher:
+    """Interface; see `DitkitTeacher` for the meaning of each member."""
+
+    model: nn.Module
+    objective: object
+    resolution: int
+    sampler: str | None
+    steps: int
+    cfg_scale: float
+    null_condition: int | None
+
+    def draw_conditions(self, num: int, generator: torch.Generator) -> Tensor | None:
+        raise NotImplementedError
+
+    def drop_conditions(self, cond: Tensor | None, generator: torch.Generator) -> Tensor | None:
+        return cond
+
+    def input_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    def decode(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def make_student(self, radius: float, down_factor: int, backend: str) -> nn.Module:
+        raise NotImplementedError
+
+    def trainable_parameters(self, student: nn.Module) -> dict[str, nn.Parameter]:
+        raise NotImplementedError
+
+    def attention_taps(self, model: nn.Module) -> list[nn.Module]:
+        """Modules whose *input* is a layer's raw attention output (before the output projection)."""
+        raise NotImplementedError
+
+    def student_record(self, student: nn.Module, distill: dict) -> dict:
+        raise NotImplementedError
+
+    def student_state(self, student: nn.Module) -> dict[str, Tensor]:
+        """What a student checkpoint stores (loaded back with strict=False over a fresh student)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        raise NotImplementedError
+
+
+class DitkitTeacher(Teacher):
+    """A ditkit checkpoint (DiT, or any backbone whose attention mixers hold `qkv`/`proj`)."""
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu", ema: bool = True):
+        from ..train.checkpoint import load_checkpoint
+
+        self.path = str(path)
+        self.model, self.record = load_checkpoint(path, ema=ema, device=device)
+        self.model.requires_grad_(False)
+        self.objective = objective_from_record(self.record)
+        d = self.record["diffusion"]
+        self.resolution = self.record["data"]["resolution"]
+        self.sampler, self.steps, self.cfg_scale = d.get("sampler"), d["sample_steps"], d["cfg_scale"]
+        embedder = getattr(self.model, "y_embedder", None)
+        self.num_classes = embedder.num_classes if embedder is not None else 0
+        self.null_condition = embedder.null_label if embedder is not None else None
+        self._vae = None
+
+    def draw_conditions(self, num: int, generator: torch.Generator) -> Tensor | None:
+        if not self.num_classes:
+            return None
+        return torch.randint(0, self.num_classes, (num,), generator=generator)
+
+    def drop_conditions(self, cond: Tensor | None, generator: torch.Generator) -> Tensor | None:
+        """Class dropout as in training, so the student also learns the unconditional branch of CFG."""
+        if cond is None:
+            return None
+        return self.model.y_embedder.drop_labels(cond, generator)
+
+    def input_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        return (self.model.config.in_channels, *input_size(self.model, height, width))
+
+    def decode(self, x: Tensor) -> Tensor:
+        vae_path = self.record["data"].get("vae")
+        if not vae_path:
+            return x.clamp(-1, 1)
+        from ..data.latents import decode, load_vae
+
+        self._vae = self._vae or load_vae(vae_path, x.device)
+        return decode(self._vae, x)
+
+    def make_student(self, radius: float, down_factor: int, backend: str) -> nn.Module:
+        student = copy.deepcopy(self.model)
+        options = {"radius": radius, "down_factor": down_factor, "backend": backend}
+        swap_mixers(student, "clear", **options)
+        student.config.mixer, student.config.mixer_options = "clear", options
+        return student
+
+    def trainable_parameters(self, student: nn.Module) -> dict[str, nn.Parameter]:
+        """The attention projections (qkv, proj) and pooling weights: every parameter of a mixer."""
+        return {f"{path}.{name}": p for path, module in student.named_modules() if isinstance(module, TokenMixer)
+                for name, p in module.named_parameters()}
+
+    def attention_taps(self, model: nn.Module) -> list[nn.Module]:
+        return [m.proj for m in model.modules() if isinstance(m, TokenMixer) and hasattr(m, "proj")]
+
+    def student_record(self, student: nn.Module, distill: dict) -> dict:
+        """The checkpoint record of the student: the teacher's, with the clear mixer and how it was made."""
+        from ..models import config_to_dict
+
+        return {**self.record, "model": config_to_dict(student.config), "distill": distill}
+
+    def student_state(self, student: nn.Module) -> dict[str, Tensor]:
+        """All weights: the student checkpoint is standalone (`ditkit sample --ckpt` runs it)."""
+        return student.state_dict()
+
+    def describe(self) -> dict:
+        return {"kind": "ditkit", "path": self.path}
