@@ -87,6 +87,19 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, grid: Grid, radius: float, 
     raise DitkitError(f"unknown clear backend {backend!r}: choose one of {', '.join(BACKENDS)}")
 
 
+def pool_tokens(x: Tensor, grid: Grid, num_global: int, weight: Tensor) -> Tensor:
+    """(B, heads, G + H*W, d) -> (B, heads, H/f * W/f, d): image tokens pooled over f x f blocks with
+    one learnable weight per block position (`weight` holds f*f values)."""
+    f, (H, W) = math.isqrt(weight.numel()), grid
+    if H % f or W % f:
+        raise DitkitError(f"clear down_factor {f} needs a token grid divisible by {f}, got {H}x{W}: "
+                          f"use a resolution whose token grid is a multiple of {f}, or down_factor=0")
+    B, nh, _, d = x.shape
+    blocks = x[:, :, num_global:].reshape(B, nh, H // f, f, W // f, f, d)
+    weights = weight.view(1, 1, 1, f, 1, f, 1).to(x.dtype)
+    return (blocks * weights).sum(dim=(3, 5)).reshape(B, nh, (H // f) * (W // f), d)
+
+
 @register_mixer("clear")
 class ClearAttention(AttentionMixer):
     """CLEAR local attention with DiT's projections: a drop-in replacement for `full`."""
@@ -110,15 +123,7 @@ class ClearAttention(AttentionMixer):
         return max(1, down_factor)
 
     def pool(self, x: Tensor, grid: Grid, num_global: int) -> Tensor:
-        """(B, heads, G + H*W, d) -> (B, heads, H/f * W/f, d): weighted f x f pooling of image tokens."""
-        f, (H, W) = self.down_factor, grid
-        if H % f or W % f:
-            raise DitkitError(f"clear down_factor {f} needs a token grid divisible by {f}, got {H}x{W}: "
-                              f"use a resolution whose token grid is a multiple of {f}, or down_factor=0")
-        B, nh, _, d = x.shape
-        blocks = x[:, :, num_global:].reshape(B, nh, H // f, f, W // f, f, d)
-        weights = self.pool_weight.view(1, 1, 1, f, 1, f, 1).to(x.dtype)
-        return (blocks * weights).sum(dim=(3, 5)).reshape(B, nh, (H // f) * (W // f), d)
+        return pool_tokens(x, grid, num_global, self.pool_weight)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, grid: Grid, num_global: int) -> Tensor:
         extra_k = extra_v = None
