@@ -137,3 +137,33 @@ def test_unsupported_models_and_masks_fail_clearly():
         apply_clear(torch.nn.Linear(2, 2), radius=4)
     with pytest.raises(DitkitError, match="radius must be at least 1"):
         apply_clear(tiny_flux()[0], radius=0)
+
+
+def test_distill_with_a_diffusers_flux_teacher_folder(tmp_path, capsys):
+    """`ditkit distill` takes a diffusers transformer folder as the teacher; the student trains only the
+    image-stream projections and its checkpoint holds only those."""
+    import json
+
+    from safetensors import safe_open
+
+    from ditkit.cli.main import main
+    from ditkit.train.checkpoint import find_checkpoint
+
+    torch.manual_seed(0)
+    model, _, _ = tiny_flux()
+    model.save_pretrained(tmp_path / "flux")
+    out = tmp_path / "student"
+    assert main(["distill", "--teacher", str(tmp_path / "flux"), "--radius", "2", "--resolution", "64",
+                 "--teacher-steps", "2", "--num-samples", "4", "--steps", "2", "--batch-size", "2", "--eval-num", "2",
+                 "--lr", "1e-3", "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "agreement.json").read_text())
+    assert set(report["student"]) == {"64", "128"} and report["untuned"]["64"]["psnr"] < 100
+    with safe_open(str(find_checkpoint(out / "checkpoints") / "model.safetensors"), "pt") as f:
+        saved = sorted(f.keys())
+    assert saved == sorted(f"transformer.{layer}.{proj}.{kind}"
+                           for layer in ("transformer_blocks.0.attn", "single_transformer_blocks.0.attn")
+                           for proj in ("to_q", "to_k", "to_v", "to_out.0") for kind in ("weight", "bias")
+                           if not (layer.startswith("single") and proj == "to_out.0"))
+    assert main(["distill", "--teacher", str(tmp_path / "flux"), "--radius", "2", "--resolution", "60",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "use multiples of 16" in capsys.readouterr().err

@@ -124,18 +124,24 @@ def cmd_sample(args) -> None:
     print(f"wrote {out} ({args.num} images, {height}x{width})")
 
 
-def load_teacher(path: str, device: str):
+def load_teacher(args, device: str):
     """A ditkit checkpoint, or a diffusers transformer folder (its config.json names a `_class_name`)."""
     import json
 
-    config = Path(path) / "config.json"
+    config = Path(args.teacher) / "config.json"
     if config.is_file() and "_class_name" in json.loads(config.read_text()):
         from ..integrations.diffusers import DiffusersTeacher
 
-        return DiffusersTeacher(path, device=device)
+        return DiffusersTeacher(args.teacher, device=device, resolution=args.resolution,
+                                steps=args.teacher_steps or 28, prompt_embeds=args.prompt_embeds, seed=args.seed)
     from ..distill import DitkitTeacher
 
-    return DitkitTeacher(path, device=device)
+    if args.prompt_embeds:
+        raise DitkitError("--prompt-embeds is for diffusers teachers; a ditkit teacher uses its class labels")
+    teacher = DitkitTeacher(args.teacher, device=device)
+    teacher.resolution = args.resolution or teacher.resolution
+    teacher.steps = args.teacher_steps or teacher.steps
+    return teacher
 
 
 def cmd_distill(args) -> None:
@@ -144,7 +150,7 @@ def cmd_distill(args) -> None:
     from ..distill import DistillConfig, Distiller, LossWeights
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    teacher = load_teacher(args.teacher, device)
+    teacher = load_teacher(args, device)
     cfg = DistillConfig(
         out_dir=args.out, radius=args.radius, down_factor=args.down_factor, backend=args.backend,
         num_samples=args.num_samples, steps=args.steps, batch_size=args.batch_size, optimizer=args.optimizer,
@@ -221,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
                                              "local-attention student")
     distill.add_argument("--teacher", required=True, help="ditkit checkpoint, or a diffusers transformer folder")
     distill.add_argument("--radius", type=float, required=True, help="local attention radius in tokens")
+    distill.add_argument("--resolution", type=int, help="training resolution in pixels (default: the teacher's; "
+                                                        "512 for diffusers teachers)")
+    distill.add_argument("--teacher-steps", type=int, help="sampling steps for the teacher's samples "
+                                                           "(default: the teacher's own; 28 for diffusers)")
+    distill.add_argument("--prompt-embeds", help="diffusers teachers: safetensors with prompt_embeds and "
+                                                 "pooled_prompt_embeds (default: random embeddings, for trials)")
     distill.add_argument("--down-factor", type=int, default=0, help="pooled global tokens over f x f blocks (0 = off)")
     distill.add_argument("--backend", default="auto", help="clear backend: auto, reference, tiled, flex")
     distill.add_argument("--num-samples", type=int, default=1024, help="teacher samples to generate and train on")

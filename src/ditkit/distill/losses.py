@@ -15,14 +15,19 @@ from torch import Tensor, nn
 
 
 class AttentionTaps:
-    """Records the input of each tapped module (a layer's raw attention output) on every call."""
+    """Records each tapped layer's raw attention output on every call. A tap is (module, "input")
+    for the input of an output projection, or (module, "output") for what an attention returns."""
 
-    def __init__(self, modules: list[nn.Module]):
+    def __init__(self, taps: list[tuple[nn.Module, str]]):
         self.outputs: list[Tensor] = []
-        self._handles = [m.register_forward_pre_hook(self._record) for m in modules]
+        self._handles = [module.register_forward_pre_hook(self._record_input) if mode == "input"
+                         else module.register_forward_hook(self._record_output) for module, mode in taps]
 
-    def _record(self, module: nn.Module, args: tuple) -> None:
+    def _record_input(self, module: nn.Module, args: tuple) -> None:
         self.outputs.append(args[0])
+
+    def _record_output(self, module: nn.Module, args: tuple, output) -> None:
+        self.outputs.append(output[0] if isinstance(output, tuple) else output)
 
     def clear(self) -> None:
         self.outputs = []

@@ -48,8 +48,9 @@ class Teacher:
     def trainable_parameters(self, student: nn.Module) -> dict[str, nn.Parameter]:
         raise NotImplementedError
 
-    def attention_taps(self, model: nn.Module) -> list[nn.Module]:
-        """Modules whose *input* is a layer's raw attention output (before the output projection)."""
+    def attention_taps(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
+        """Where each attention layer's raw output (before the output projection) can be read:
+        (module, "input") or (module, "output"); see `losses.AttentionTaps`."""
         raise NotImplementedError
 
     def student_record(self, student: nn.Module, distill: dict) -> dict:
@@ -116,8 +117,8 @@ class DitkitTeacher(Teacher):
         return {f"{path}.{name}": p for path, module in student.named_modules() if isinstance(module, TokenMixer)
                 for name, p in module.named_parameters()}
 
-    def attention_taps(self, model: nn.Module) -> list[nn.Module]:
-        return [m.proj for m in model.modules() if isinstance(m, TokenMixer) and hasattr(m, "proj")]
+    def attention_taps(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
+        return [(m.proj, "input") for m in model.modules() if isinstance(m, TokenMixer) and hasattr(m, "proj")]
 
     def student_record(self, student: nn.Module, distill: dict) -> dict:
         """The checkpoint record of the student: the teacher's, with the clear mixer and how it was made."""
