@@ -15,6 +15,7 @@ from ditkit.distill import (
     teacher_samples,
 )
 from ditkit.errors import DitkitError
+from ditkit.mixers.clear import local_pairs
 from ditkit.train.checkpoint import find_checkpoint, load_checkpoint, read_weights, save_checkpoint
 from helpers import tiny_run
 
@@ -112,7 +113,10 @@ def test_distill_cli_writes_student_report_and_sampleable_checkpoint(teacher_ckp
                  "--batch-size", "4", "--eval-num", "2", "--eval-steps", "2", "--lr", "1e-3", "--out", str(out),
                  "--no-progress"]) == 0
     report = json.loads((out / "agreement.json").read_text())
-    assert set(report) == {"untuned", "student"} and set(report["student"]) == {"16", "32"}
+    assert set(report) == {"untuned", "student", "attention_work"} and set(report["student"]) == {"16", "32"}
+    # DiT-Nano/4 at 16 px sees a 4x4 token grid
+    assert report["attention_work"]["16"] == pytest.approx(local_pairs((4, 4), 2) / 256)
+    assert report["attention_work"]["64"] < 0.05
     assert 0 < report["untuned"]["16"]["ssim"] < 1
     assert (out / "compare-16.png").is_file() and (out / "compare-32.png").is_file()
     assert "student PSNR" in capsys.readouterr().out

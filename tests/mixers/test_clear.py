@@ -157,3 +157,11 @@ def test_pooled_variant_parameters_and_errors():
     assert swap_mixers(full, "clear", radius=2, down_factor=4) == ["0.pool_weight"]
     with pytest.raises(DitkitError, match="radius must be at least 1"):
         build_mixer("clear", dim=16, num_heads=2, radius=0)
+
+
+def test_local_pairs_counts_the_reference_mask():
+    from ditkit.mixers.clear import _reference_mask, local_pairs
+
+    for grid, radius in (((7, 5), 2.5), ((6, 6), 8), ((12, 9), 3)):
+        mask = _reference_mask(grid, float(radius), 0, 0, torch.device("cpu"))
+        assert local_pairs(grid, radius) == int(mask.sum())

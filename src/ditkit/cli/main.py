@@ -165,6 +165,8 @@ def cmd_distill(args) -> None:
         untuned = agreement["untuned"][resolution]
         print(f"{resolution:>10}  {untuned['psnr']:>12.2f}  {untuned['ssim']:>12.4f}  "
               f"{student['psnr']:>12.2f}  {student['ssim']:>12.4f}")
+    work = ", ".join(f"{res} px {100 * (1 - w):.1f}%" for res, w in agreement["attention_work"].items())
+    print(f"image-attention FLOPs saved vs full attention at radius {cfg.radius:g}: {work}")
     print(f"done: student checkpoint in {Path(cfg.out_dir) / 'checkpoints'}; "
           f"report {Path(cfg.out_dir) / 'agreement.json'}, compare-*.png")
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ..data.images import image_grid
 from ..diffusion.sampling import sample
 from ..errors import DitkitError
+from ..mixers.clear import local_pairs
 from ..train.checkpoint import find_checkpoint, list_checkpoints, read_weights, save_checkpoint
 from ..train.trainer import MetricsLog, StepBatchSampler, step_generator
 from .losses import AttentionTaps, LossWeights, PairedDenoiser, distillation_loss
@@ -124,6 +125,15 @@ class Distiller:
             results[str(resolution)] = images_agreement(reference, self._eval_images(self.student, name, resolution))
         return results
 
+    def attention_work(self) -> dict[str, float]:
+        """Image-attention work of the student relative to the teacher's full attention, at 1x, 2x, 4x."""
+        work = {}
+        for scale in (1, 2, 4):
+            resolution = scale * self.teacher.resolution
+            grid = self.teacher.token_grid(resolution, resolution)
+            work[str(resolution)] = local_pairs(grid, self.cfg.radius) / (grid[0] * grid[1]) ** 2
+        return work
+
     def _write_report(self, agreement: dict) -> None:
         (self.out_dir / "agreement.json").write_text(json.dumps(agreement, indent=2))
         for resolution in (self.teacher.resolution, 2 * self.teacher.resolution):
@@ -162,6 +172,7 @@ class Distiller:
         start = self._resume(optimizer, resume)
         self._train(optimizer, start, x_all, cond_all)
         agreement["student"] = self.evaluate("student")
+        agreement["attention_work"] = self.attention_work()
         self._write_report(agreement)
         return agreement
 

@@ -42,6 +42,10 @@ class Teacher:
     def decode(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        """The image-token grid the attention layers see at height x width pixels."""
+        raise NotImplementedError
+
     def make_student(self, radius: float, down_factor: int, backend: str) -> nn.Module:
         raise NotImplementedError
 
@@ -95,6 +99,9 @@ class DitkitTeacher(Teacher):
 
     def input_shape(self, height: int, width: int) -> tuple[int, int, int]:
         return (self.model.config.in_channels, *input_size(self.model, height, width))
+
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        return self.model.token_grid(*input_size(self.model, height, width))
 
     def decode(self, x: Tensor) -> Tensor:
         vae_path = self.record["data"].get("vae")

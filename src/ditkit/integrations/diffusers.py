@@ -335,6 +335,11 @@ class DiffusersTeacher(Teacher):
                               f"of {multiple}")
         return self.model.latent_channels, height // self.vae_scale, width // self.vae_scale
 
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        _, h, w = self.input_shape(height, width)
+        patch = 2 if self.model.is_flux else self.model.transformer.config.patch_size
+        return h // patch, w // patch
+
     @torch.no_grad()
     def decode(self, x: Tensor) -> Tensor:
         if self.vae is None:

@@ -35,6 +35,15 @@ def disc_size(radius: float) -> int:
     return sum(1 for dy in range(-h, h + 1) for dx in range(-h, h + 1) if dy * dy + dx * dx < radius * radius)
 
 
+def local_pairs(grid: Grid, radius: float) -> int:
+    """(query, key) image-token pairs inside the disc over a whole grid, borders cut: attention work
+    of `clear` relative to the H*W * H*W pairs of full attention."""
+    H, W = grid
+    h = math.ceil(radius) - 1
+    return sum(max(0, H - abs(dy)) * max(0, W - abs(dx)) for dy in range(-h, h + 1) for dx in range(-h, h + 1)
+               if dy * dy + dx * dx < radius * radius)
+
+
 def halo(radius: float, grid: Grid) -> int:
     """How far (in tokens) a query can see along one axis, capped by the grid."""
     return max(0, min(math.ceil(radius) - 1, max(grid) - 1))
