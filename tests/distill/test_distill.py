@@ -135,3 +135,15 @@ def test_bad_distill_settings_fail_with_one_line(teacher_ckpt, tmp_path, capsys)
                  "--out", str(tmp_path / "p"), "--no-progress"]) == 0
     state = torch.load(find_checkpoint(tmp_path / "p" / "checkpoints") / "optimizer.pt", weights_only=True)
     assert "d" in state["param_groups"][0]  # Prodigy's adaptive step size was used and saved
+
+
+def test_a_ddpm_teacher_with_learned_sigma_is_distilled_with_its_own_objective(tmp_path):
+    assert main(["train", "digits", *tiny_run(tmp_path / "ddpm", "diffusion.objective=ddpm", "diffusion.cfg_scale=1.0"),
+                 "--no-progress"]) == 0
+    teacher = DitkitTeacher(tmp_path / "ddpm")
+    assert teacher.objective.name == "ddpm" and teacher.objective.learn_sigma
+    distiller = Distiller(teacher, small_config(tmp_path / "out", steps=2), progress=False)
+    report = distiller.run()
+    assert set(report["student"]) == {"16", "32"}
+    losses = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["task"] > 0 for r in losses)  # epsilon MSE + the variational bound of the learned variance

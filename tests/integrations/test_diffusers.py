@@ -139,7 +139,8 @@ def test_unsupported_models_and_masks_fail_clearly():
         apply_clear(tiny_flux()[0], radius=0)
 
 
-def test_distill_with_a_diffusers_flux_teacher_folder(tmp_path, capsys):
+@pytest.mark.parametrize("make", [tiny_flux, tiny_sd3], ids=["flux", "sd3"])
+def test_distill_with_a_diffusers_teacher_folder(make, tmp_path, capsys):
     """`ditkit distill` takes a diffusers transformer folder as the teacher; the student trains only the
     image-stream projections and its checkpoint holds only those."""
     import json
@@ -150,7 +151,7 @@ def test_distill_with_a_diffusers_flux_teacher_folder(tmp_path, capsys):
     from ditkit.train.checkpoint import find_checkpoint
 
     torch.manual_seed(0)
-    model, _, _ = tiny_flux()
+    model, _, _ = make()
     model.save_pretrained(tmp_path / "flux")
     out = tmp_path / "student"
     assert main(["distill", "--teacher", str(tmp_path / "flux"), "--radius", "2", "--resolution", "64",
@@ -160,6 +161,10 @@ def test_distill_with_a_diffusers_flux_teacher_folder(tmp_path, capsys):
     assert set(report["student"]) == {"64", "128"} and report["untuned"]["64"]["psnr"] < 100
     with safe_open(str(find_checkpoint(out / "checkpoints") / "model.safetensors"), "pt") as f:
         saved = sorted(f.keys())
+    if make is tiny_sd3:
+        assert saved == sorted(f"transformer.transformer_blocks.{i}.attn.{proj}.{kind}" for i in range(2)
+                               for proj in ("to_q", "to_k", "to_v", "to_out.0") for kind in ("weight", "bias"))
+        return
     assert saved == sorted(f"transformer.{layer}.{proj}.{kind}"
                            for layer in ("transformer_blocks.0.attn", "single_transformer_blocks.0.attn")
                            for proj in ("to_q", "to_k", "to_v", "to_out.0") for kind in ("weight", "bias")
