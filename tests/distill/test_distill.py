@@ -88,8 +88,14 @@ def test_resume_gives_the_same_student(teacher_ckpt, tmp_path):
     resumed.run(resume=True)
     a, b = straight.student.state_dict(), resumed.student.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
+    per_step = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in per_step] == [1, 2, 3, 4]
+    windowed = Distiller(DitkitTeacher(teacher_ckpt), small_config(tmp_path / "c", log_every=2), progress=False)
+    windowed.run()
+    logged = [json.loads(line) for line in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [2, 4]  # each record is the mean of its window
+    for record, pair in zip(logged, (per_step[:2], per_step[2:]), strict=True):
+        assert record["loss"] == pytest.approx((pair[0]["loss"] + pair[1]["loss"]) / 2)
 
 
 def test_teacher_samples_are_cached_and_settings_checked(teacher_ckpt, tmp_path):

@@ -189,7 +189,8 @@ class Distiller:
         bar = tqdm(total=cfg.steps, initial=start, desc="distill", dynamic_ncols=True, disable=not self.progress)
         params = list(self.trainable.values())
         self.student.train()
-        window: dict[str, float] = {}
+        window_sums: dict[str, float] = {}
+        window_steps = 0
         for step, indices in zip(range(start, cfg.steps), batches, strict=True):
             generator = step_generator(cfg.seed, step)
             x0 = x_all[indices].to(self.device)
@@ -204,14 +205,13 @@ class Distiller:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             done = step + 1
-            window = {k: window.get(k, 0.0) + v for k, v in parts.items()}
-            window["n"] = window.get("n", 0) + 1
+            window_sums = {k: window_sums.get(k, 0.0) + v for k, v in parts.items()}
+            window_steps += 1
             bar.update(1)
             bar.set_postfix(loss=f"{parts['loss']:.4f}")
             if done % cfg.log_every == 0 or done == cfg.steps:
-                n = window.pop("n")
-                log.write(done, **{k: v / n for k, v in window.items()})
-                window = {}
+                log.write(done, **{k: v / window_steps for k, v in window_sums.items()})
+                window_sums, window_steps = {}, 0
             if done % cfg.ckpt_every == 0 or done == cfg.steps:
                 save_checkpoint(self.out_dir / "checkpoints", done, model=teacher.student_state(self.student),
                                 ema=None, optimizer=optimizer, record=self.record,
