@@ -1,4 +1,4 @@
-"""The `ditkit` command line: info, train, sample."""
+"""The `ditkit` command line: info, train, sample, eval, bench."""
 
 from __future__ import annotations
 
@@ -124,6 +124,61 @@ def cmd_sample(args) -> None:
     print(f"wrote {out} ({args.num} images, {height}x{width})")
 
 
+def cmd_eval(args) -> None:
+    import json
+
+    import torch
+
+    from ..metrics.quality import evaluate, load_reference, load_samples, sample_checkpoint
+
+    if bool(args.ckpt) == bool(args.samples):
+        raise DitkitError("give either --ckpt (a model to sample) or --samples (a folder of generated images)")
+    size = parse_size(args.resolution) if args.resolution else None
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.ckpt:
+        images, _ = sample_checkpoint(args.ckpt, args.num, resolution=size, steps=args.steps, cfg_scale=args.cfg,
+                                      sampler=args.sampler, seed=args.seed, batch_size=args.batch_size,
+                                      ema=not args.no_ema, mixer=args.mixer,
+                                      mixer_options=parse_options(args.mixer_opt) or None, device=device,
+                                      progress=not args.no_progress)
+    else:
+        images = load_samples(args.samples, args.num, size[0] if size else None)
+    if args.save_samples:
+        save_images(images, Path(args.save_samples))
+    reference = load_reference(args.ref, args.num_ref, resolution=images.shape[-2], seed=args.seed)
+    result = evaluate(images, reference, args.features, inception_weights=args.inception_weights,
+                      features_path=args.features_path, batch_size=args.batch_size, device=device, seed=args.seed,
+                      progress=not args.no_progress)
+    result.update(source=str(args.ckpt or args.samples), reference=args.ref)
+    print(format_scores(result))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def format_scores(result: dict) -> str:
+    note = ("comparable with published numbers at equal sample counts" if result["comparable_to_papers"]
+            else "a ditkit-only scale: compare runs with each other, not with papers")
+    return "\n".join([
+        f"{result['num_generated']} samples from {result.get('source', '?')} vs {result['num_reference']} "
+        f"reference images from {result.get('reference', '?')}",
+        f"features    {result['features']} ({note})",
+        f"FID         {result['fid']:.3f}",
+        f"KID         {result['kid_mean']:.5f} +- {result['kid_std']:.5f} (subsets of {result['kid_subset_size']})",
+        f"IS          {result['is_mean']:.3f} +- {result['is_std']:.3f}"])
+
+
+def save_images(images, folder: Path) -> None:
+    from PIL import Image
+
+    from ..data.images import to_uint8
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, array in enumerate(to_uint8(images)):
+        Image.fromarray(array[:, :, 0] if array.shape[-1] == 1 else array).save(folder / f"{i:06d}.png")
+
+
 def parse_labels(text: str | None, record: dict, num: int):
     import torch
 
@@ -177,7 +232,42 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     sample.add_argument("--out", default="samples.png", help="output PNG grid")
     sample.set_defaults(func=cmd_sample)
+    add_eval_parser(sub)
     return parser
+
+
+def add_eval_parser(sub) -> None:
+    from ..metrics.features import FEATURES
+
+    evaluate = sub.add_parser("eval", help="FID, KID and Inception Score of samples against reference images")
+    evaluate.add_argument("--ckpt", help="a checkpoint to sample (run folder, checkpoint folder or .safetensors)")
+    evaluate.add_argument("--samples", help="instead of --ckpt: a folder of already generated images")
+    evaluate.add_argument("--ref", required=True,
+                          help="reference images: a built-in dataset (digits, photos) or an image folder")
+    evaluate.add_argument("--num", type=int, default=256, help="images to sample (or to read from --samples)")
+    evaluate.add_argument("--num-ref", type=int, default=1000, help="reference images (a random subset)")
+    evaluate.add_argument("--features", default="ditkit-digits", choices=FEATURES,
+                          help="feature extractor: inception (the standard FID network; needs its weights file) "
+                               "or ditkit-digits (offline, trained by ditkit on the built-in digits; not comparable "
+                               "with published numbers)")
+    evaluate.add_argument("--inception-weights", metavar="PATH", help="the InceptionV3 FID weights file "
+                          "(default: look in the torch hub checkpoints folder and ditkit's cache)")
+    evaluate.add_argument("--features-path", metavar="PATH", help="where the ditkit-digits extractor is cached "
+                          "(default: ~/.cache/ditkit/features/ditkit-digits-v1.pt; trained there on first use)")
+    evaluate.add_argument("--resolution", help="sampling size in pixels (default: the training resolution)")
+    evaluate.add_argument("--steps", type=int, help="sampling steps (default: the run's diffusion.sample_steps)")
+    evaluate.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off)")
+    evaluate.add_argument("--sampler", help="ddpm or ddim (DDPM models), euler (flow models)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seeds the samples, the reference subset and KID")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--mixer", help="swap the token mixer at load time (e.g. clear)")
+    evaluate.add_argument("--mixer-opt", action="append", metavar="KEY=VALUE", help="mixer option (repeatable)")
+    evaluate.add_argument("--no-ema", action="store_true", help="use the raw training weights, not the EMA")
+    evaluate.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    evaluate.add_argument("--save-samples", metavar="DIR", help="also write the evaluated images as PNGs here")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
+    evaluate.add_argument("--out", default="eval.json", help="JSON file for the scores")
+    evaluate.set_defaults(func=cmd_eval)
 
 
 def main(argv: list[str] | None = None) -> int:
