@@ -157,6 +157,25 @@ def cmd_eval(args) -> None:
     print(f"wrote {out}")
 
 
+def cmd_bench(args) -> None:
+    import torch
+
+    from ..metrics.bench import device_name, run_bench, write_report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    title = (f"ditkit bench: {device_name(device)}, float32, batch 1, one forward per sampling step "
+             f"(no CFG), median of {args.repeats} after warm-up")
+    print(title)
+    rows = run_bench(args.models, args.mixers, args.resolutions, mixer_opts=parse_options(args.mixer_opt),
+                     max_seconds=args.max_seconds, max_memory_mib=args.max_memory_mib, repeats=args.repeats,
+                     device=device, memory=not args.no_memory, progress=False)
+    paths = write_report(rows, args.out, stem=args.stem, title=title)
+    print("\n" + paths[0].read_text())
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+
+
 def format_scores(result: dict) -> str:
     note = ("comparable with published numbers at equal sample counts" if result["comparable_to_papers"]
             else "a ditkit-only scale: compare runs with each other, not with papers")
@@ -268,6 +287,24 @@ def add_eval_parser(sub) -> None:
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
     evaluate.add_argument("--out", default="eval.json", help="JSON file for the scores")
     evaluate.set_defaults(func=cmd_eval)
+
+    bench = sub.add_parser("bench", help="parameters, GFLOPs, time per sampling step and peak memory vs resolution")
+    bench.add_argument("--models", nargs="+", default=["DiT-S/2", "U-DiT-S"], help="named models (ditkit info --list)")
+    bench.add_argument("--mixers", nargs="+", default=["full", "clear", "downsampled"], help="token mixers")
+    bench.add_argument("--mixer-opt", action="append", metavar="KEY=VALUE",
+                       help="mixer option, given to the mixers that accept it (e.g. radius=8; repeatable)")
+    bench.add_argument("--resolutions", nargs="+", type=int, default=[256, 512, 1024, 2048],
+                       help="square image sizes in pixels (tokens follow from the VAE scale and patch size)")
+    bench.add_argument("--max-seconds", type=float, default=10.0,
+                       help="a series stops after a step slower than this ('skipped (budget)')")
+    bench.add_argument("--max-memory-mib", type=float, help="a series stops after a step with a higher peak")
+    bench.add_argument("--repeats", type=int, default=3, help="timed runs per point, after one warm-up")
+    bench.add_argument("--threads", type=int, help="CPU threads (default: torch's; 1 is steadier on a busy machine)")
+    bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass (one forward less)")
+    bench.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    bench.add_argument("--out", default="bench", help="folder for the .md, .csv and .png")
+    bench.add_argument("--stem", default="bench", help="file name stem of the outputs")
+    bench.set_defaults(func=cmd_bench)
 
 
 def main(argv: list[str] | None = None) -> int:
