@@ -27,10 +27,11 @@ def test_eval_a_checkpoint_then_its_saved_samples(tmp_path, capsys, digits_featu
     assert scores["num_generated"] == 8 and scores["num_reference"] == 16 and scores["features"] == "ditkit-digits"
     assert len(list((tmp_path / "s").glob("*.png"))) == 8
     code, out, err = run_cli(capsys, "eval", "--samples", str(tmp_path / "s"), "--ref", "digits", "--num-ref", "16",
-                             "--out", str(tmp_path / "b.json"), *features)
+                             "--pair-with", str(tmp_path / "s"), "--out", str(tmp_path / "b.json"), *features)
     assert code == 0, err
     again = json.loads((tmp_path / "b.json").read_text())
     assert again["fid"] == pytest.approx(scores["fid"], rel=0.05)  # the same images, read back from PNG
+    assert again["agreement"]["ssim"] == pytest.approx(1.0) and "paired      PSNR" in out
 
 
 @pytest.mark.parametrize("argv,message", [

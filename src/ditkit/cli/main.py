@@ -150,6 +150,8 @@ def cmd_eval(args) -> None:
                       features_path=args.features_path, batch_size=args.batch_size, device=device, seed=args.seed,
                       progress=not args.no_progress)
     result.update(source=str(args.ckpt or args.samples), reference=args.ref)
+    if args.pair_with:
+        result["agreement"] = paired_agreement(images, args.pair_with)
     print(format_scores(result))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -176,6 +178,20 @@ def cmd_bench(args) -> None:
     print(f"wrote {', '.join(str(p) for p in paths)}")
 
 
+def paired_agreement(images, folder: str) -> dict:
+    """PSNR/SSIM of each evaluated image against the same-index image of `folder` (sorted by name)."""
+    from ..metrics.agreement import agreement
+    from ..metrics.quality import load_samples
+
+    others = load_samples(folder, len(images), resolution=images.shape[-2])
+    if len(others) < len(images):
+        raise DitkitError(f"--pair-with {folder} has {len(others)} images for {len(images)} samples: "
+                          "pair folders of equal size (e.g. two --save-samples runs with the same --seed)")
+    if others.shape[1] != images.shape[1]:  # folders load as RGB; grayscale samples compare as gray
+        others = others.mean(dim=1, keepdim=True) if images.shape[1] == 1 else others
+    return agreement(images, others)
+
+
 def format_scores(result: dict) -> str:
     note = ("comparable with published numbers at equal sample counts" if result["comparable_to_papers"]
             else "a ditkit-only scale: compare runs with each other, not with papers")
@@ -185,7 +201,9 @@ def format_scores(result: dict) -> str:
         f"features    {result['features']} ({note})",
         f"FID         {result['fid']:.3f}",
         f"KID         {result['kid_mean']:.5f} +- {result['kid_std']:.5f} (subsets of {result['kid_subset_size']})",
-        f"IS          {result['is_mean']:.3f} +- {result['is_std']:.3f}"])
+        f"IS          {result['is_mean']:.3f} +- {result['is_std']:.3f}"]
+        + ([f"paired      PSNR {result['agreement']['psnr']:.2f} dB, SSIM {result['agreement']['ssim']:.4f}"]
+           if "agreement" in result else []))
 
 
 def save_images(images, folder: Path) -> None:
@@ -284,6 +302,8 @@ def add_eval_parser(sub) -> None:
     evaluate.add_argument("--no-ema", action="store_true", help="use the raw training weights, not the EMA")
     evaluate.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     evaluate.add_argument("--save-samples", metavar="DIR", help="also write the evaluated images as PNGs here")
+    evaluate.add_argument("--pair-with", metavar="DIR", help="also PSNR/SSIM against the same-index images of DIR "
+                          "(e.g. a teacher's samples for the same seed)")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
     evaluate.add_argument("--out", default="eval.json", help="JSON file for the scores")
     evaluate.set_defaults(func=cmd_eval)
