@@ -97,8 +97,7 @@ def describe_mixer(mixer: str, options: dict) -> str:
 
 def measure_point(model, config, height: int, width: int, device: torch.device, repeats: int,
                   memory: bool) -> dict:
-    """Cost of one forward at (height, width) input cells."""
-    cost = config_cost(config, height, width)
+    """Time and peak memory of one forward at (height, width) input cells."""
     x = torch.randn(1, config.in_channels, height, width, device=device)
     t = torch.full((1,), 500.0, device=device)
     y = torch.zeros(1, dtype=torch.long, device=device) if config.num_classes > 0 else None
@@ -106,16 +105,16 @@ def measure_point(model, config, height: int, width: int, device: torch.device, 
         times = timed_runs(lambda: model(x, t, y), device, repeats)
         step = statistics.median(times[1:]) if len(times) > 1 else times[0]
         peak = peak_memory(lambda: model(x, t, y), device) / 2**20 if memory else None
-    return {"params_m": count_parameters(model) / 1e6, "gmacs": cost.macs / 1e9, "gflops": cost.flops / 1e9,
-            "step_ms": step * 1e3, "peak_mib": peak}
+    return {"step_ms": step * 1e3, "peak_mib": peak}
 
 
 def run_bench(models: list[str], mixers: list[str], resolutions: list[int], *, mixer_opts: dict | None = None,
               max_seconds: float = 10.0, max_memory_mib: float | None = None, repeats: int = 3,
               device: str = "cpu", memory: bool = True, progress: bool = True, log=print) -> list[dict]:
     """One row per (model, mixer, resolution in pixels). A series stops ("skipped (budget)") after a
-    step slower than `max_seconds` or a peak above `max_memory_mib`; a combination the model or
-    the size does not allow is a row with status "skipped (<why>)"."""
+    step slower than `max_seconds` or a peak above `max_memory_mib`, or before a step whose time,
+    projected from the last one at the same ms per GFLOP, exceeds `max_seconds`. A combination the
+    model or the size does not allow is a row with status "skipped (<why>)"."""
     from tqdm.auto import tqdm
 
     from ..mixers.registry import mixer_class
@@ -146,7 +145,7 @@ def _run_series(model_name, mixer, options, resolutions, device, max_seconds, ma
     except (DitkitError, TypeError, ValueError) as error:
         log(f"  {base['model']} + {base['mixer']}: skipped ({error})")
         return [{**base, "resolution": r, "tokens": None, "status": f"skipped ({error})"} for r in resolutions]
-    rows, over_budget = [], None
+    rows, over_budget, ms_per_gflop = [], False, None
     for pixels in resolutions:
         row = {**base, "resolution": pixels}
         multiple = config.vae_scale * config.downsample
@@ -156,10 +155,17 @@ def _run_series(model_name, mixer, options, resolutions, device, max_seconds, ma
             row["status"] = "skipped (budget)"
         else:
             side = pixels // config.vae_scale
-            row["tokens"] = config.tokens(side, side)
-            row.update(measure_point(model, config, side, side, device, repeats, memory), status="ok")
-            over_budget = (row["step_ms"] > max_seconds * 1e3
-                           or (max_memory_mib is not None and (row["peak_mib"] or 0) > max_memory_mib))
+            cost = config_cost(config, side, side)  # on the meta device: free, so it also predicts the time
+            row.update(tokens=config.tokens(side, side), params_m=count_parameters(model) / 1e6,
+                       gmacs=cost.macs / 1e9, gflops=cost.flops / 1e9)
+            projected = None if ms_per_gflop is None else ms_per_gflop * row["gflops"]
+            if projected is not None and projected > max_seconds * 1e3:
+                row["status"], over_budget = f"skipped (budget: ~{projected / 1e3:.0f} s projected)", True
+            else:
+                row.update(measure_point(model, config, side, side, device, repeats, memory), status="ok")
+                ms_per_gflop = row["step_ms"] / row["gflops"]
+                over_budget = (row["step_ms"] > max_seconds * 1e3
+                               or (max_memory_mib is not None and (row["peak_mib"] or 0) > max_memory_mib))
         rows.append({c: row.get(c) for c in COLUMNS})
         log(format_row(rows[-1]))
     del model
@@ -199,6 +205,9 @@ def markdown_report(rows: list[dict], title: str = "") -> str:
             lines.append(f"| {r['model']} | {r['mixer']} | {r['resolution']} | {r['tokens']:,} | "
                          f"{r['params_m']:.1f} | {r['gmacs']:,.1f} | {r['gflops']:,.1f} | {r['step_ms']:,.1f} | "
                          f"{_number(r['peak_mib'])} | |")
+        elif r["gmacs"] is not None:  # skipped for budget: its size and FLOPs are still known
+            lines.append(f"| {r['model']} | {r['mixer']} | {r['resolution']} | {r['tokens']:,} | "
+                         f"{r['params_m']:.1f} | {r['gmacs']:,.1f} | {r['gflops']:,.1f} | | | {r['status']} |")
         else:
             lines.append(f"| {r['model']} | {r['mixer']} | {r['resolution']} | | | | | | | {r['status']} |")
     lines += ["", "Fitted log-log slope against tokens (1 = linear, 2 = quadratic):", "",
