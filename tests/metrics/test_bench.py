@@ -53,7 +53,8 @@ def test_report_files(rows, tmp_path):
     assert "| U-DiT-Nano | clear radius=2 | 64 | 64 |" in text and "time slope" in text
     assert len(list(csv.DictReader(table.open()))) == len(rows) and png.stat().st_size > 1000
     slopes = fitted_slopes(rows)
-    assert slopes["U-DiT-Nano + full"]["points"] == 2 and slopes["U-DiT-Nano + full"]["flops"] > 0.9
+    udit = slopes["U-DiT-Nano + full"]
+    assert udit["points"] == 2 and udit["flops_points"] == 2 and udit["flops"] > 0.9
     assert "skipped" in markdown_report(rows)
 
 

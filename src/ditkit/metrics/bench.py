@@ -151,15 +151,15 @@ def _run_series(model_name, mixer, options, resolutions, device, max_seconds, ma
         multiple = config.vae_scale * config.downsample
         if pixels % multiple:
             row["status"] = f"skipped (size must be a multiple of {multiple} px)"
-        elif over_budget:
-            row["status"] = "skipped (budget)"
         else:
             side = pixels // config.vae_scale
-            cost = config_cost(config, side, side)  # on the meta device: free, so it also predicts the time
+            cost = config_cost(config, side, side)  # on the meta device: free, so known even when skipped
             row.update(tokens=config.tokens(side, side), params_m=count_parameters(model) / 1e6,
                        gmacs=cost.macs / 1e9, gflops=cost.flops / 1e9)
             projected = None if ms_per_gflop is None else ms_per_gflop * row["gflops"]
-            if projected is not None and projected > max_seconds * 1e3:
+            if over_budget:
+                row["status"] = "skipped (budget)"
+            elif projected is not None and projected > max_seconds * 1e3:
                 row["status"], over_budget = f"skipped (budget: ~{projected / 1e3:.0f} s projected)", True
             else:
                 row.update(measure_point(model, config, side, side, device, repeats, memory), status="ok")
@@ -189,10 +189,11 @@ def fitted_slopes(rows: list[dict]) -> dict[str, dict]:
     """Per series: log-log slope of step time and of FLOPs against tokens, and the points fitted."""
     slopes = {}
     for label in dict.fromkeys(series_label(r) for r in rows):
-        ok = [r for r in rows if series_label(r) == label and r["status"] == "ok"]
-        tokens = [r["tokens"] for r in ok]
-        slopes[label] = {"time": loglog_slope(tokens, [r["step_ms"] for r in ok]),
-                         "flops": loglog_slope(tokens, [r["gflops"] for r in ok]), "points": len(ok)}
+        timed = [r for r in rows if series_label(r) == label and r["status"] == "ok"]
+        counted = [r for r in rows if series_label(r) == label and r["gflops"] is not None]
+        slopes[label] = {"time": loglog_slope([r["tokens"] for r in timed], [r["step_ms"] for r in timed]),
+                         "flops": loglog_slope([r["tokens"] for r in counted], [r["gflops"] for r in counted]),
+                         "points": len(timed), "flops_points": len(counted)}
     return slopes
 
 
@@ -210,10 +211,12 @@ def markdown_report(rows: list[dict], title: str = "") -> str:
                          f"{r['params_m']:.1f} | {r['gmacs']:,.1f} | {r['gflops']:,.1f} | | | {r['status']} |")
         else:
             lines.append(f"| {r['model']} | {r['mixer']} | {r['resolution']} | | | | | | | {r['status']} |")
-    lines += ["", "Fitted log-log slope against tokens (1 = linear, 2 = quadratic):", "",
-              "| model + mixer | time slope | FLOPs slope | points |", "|---|---|---|---|"]
+    lines += ["", "Fitted log-log slope against tokens (1 = linear, 2 = quadratic; FLOPs are counted at "
+              "every size, time only where it was measured):", "",
+              "| model + mixer | time slope | timed points | FLOPs slope | FLOP points |", "|---|---|---|---|---|"]
     for label, s in fitted_slopes(rows).items():
-        lines.append(f"| {label} | {_number(s['time'], 2)} | {_number(s['flops'], 2)} | {s['points']} |")
+        lines.append(f"| {label} | {_number(s['time'], 2)} | {s['points']} | {_number(s['flops'], 2)} | "
+                     f"{s['flops_points']} |")
     return "\n".join(lines)
 
 
@@ -225,14 +228,13 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     slopes = fitted_slopes(rows)
-    for label, s in slopes.items():
-        ok = [r for r in rows if series_label(r) == label and r["status"] == "ok"]
-        if not ok:
-            continue
-        tokens = [r["tokens"] for r in ok]
+    for color, (label, s) in enumerate(slopes.items()):
+        series = [r for r in rows if series_label(r) == label]
         for ax, key, fit in ((axes[0], "step_ms", s["time"]), (axes[1], "gflops", s["flops"])):
-            ax.loglog(tokens, [r[key] for r in ok], marker="o",
-                      label=label + ("" if fit is None else f" (slope {fit:.2f})"))
+            points = [(r["tokens"], r[key]) for r in series if r[key] is not None]
+            if points:  # FLOPs are known past the time budget too
+                ax.loglog(*zip(*points, strict=True), marker="o", color=f"C{color}",
+                          label=label + ("" if fit is None else f" (slope {fit:.2f})"))
     for ax, ylabel in zip(axes, ("time per sampling step (ms)", "forward GFLOPs (multiply-add = 2)"), strict=True):
         ax.set(xlabel="tokens", ylabel=ylabel)
         ax.grid(alpha=0.3, which="both")
