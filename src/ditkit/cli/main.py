@@ -1,4 +1,4 @@
-"""The `ditkit` command line: info, train, sample, eval, bench."""
+"""The `ditkit` command line: info, train, sample."""
 
 from __future__ import annotations
 
@@ -124,6 +124,24 @@ def cmd_sample(args) -> None:
     print(f"wrote {out} ({args.num} images, {height}x{width})")
 
 
+def parse_labels(text: str | None, record: dict, num: int):
+    import torch
+
+    if text is None:
+        return None
+    names = record["data"].get("class_names") or []
+    labels = []
+    for item in text.split(","):
+        item = item.strip()
+        if item in names:
+            labels.append(names.index(item))
+        elif item.lstrip("-").isdigit():
+            labels.append(int(item))
+        else:
+            raise DitkitError(f"class {item!r} is neither an index nor a class name ({', '.join(names) or 'none'})")
+    return torch.tensor([labels[i % len(labels)] for i in range(num)])
+
+
 def cmd_eval(args) -> None:
     import json
 
@@ -216,64 +234,8 @@ def save_images(images, folder: Path) -> None:
         Image.fromarray(array[:, :, 0] if array.shape[-1] == 1 else array).save(folder / f"{i:06d}.png")
 
 
-def parse_labels(text: str | None, record: dict, num: int):
-    import torch
-
-    if text is None:
-        return None
-    names = record["data"].get("class_names") or []
-    labels = []
-    for item in text.split(","):
-        item = item.strip()
-        if item in names:
-            labels.append(names.index(item))
-        elif item.lstrip("-").isdigit():
-            labels.append(int(item))
-        else:
-            raise DitkitError(f"class {item!r} is neither an index nor a class name ({', '.join(names) or 'none'})")
-    return torch.tensor([labels[i % len(labels)] for i in range(num)])
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ditkit", description="Efficient diffusion backbones for high resolution.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    info = sub.add_parser("info", help="parameters and forward GFLOPs of a named model or a checkpoint")
-    info.add_argument("model", nargs="?", help="a named model (e.g. DiT-XL/2) or a checkpoint path")
-    info.add_argument("--resolution", help="pixels, e.g. 256 or 256x512 (default: 256, or the checkpoint's)")
-    info.add_argument("--mixer", help="token mixer to use instead of the model's")
-    info.add_argument("--mixer-opt", action="append", metavar="KEY=VALUE", help="mixer option (repeatable)")
-    info.add_argument("--list", action="store_true", help="list the named models and mixers")
-    info.set_defaults(func=cmd_info)
-
-    train = sub.add_parser("train", help="train a model from a YAML config")
-    train.add_argument("config", help="a YAML file, or a built-in config name (e.g. digits)")
-    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=100")
-    train.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
-                       help="continue from the latest checkpoint of train.out_dir, or from CKPT")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    train.set_defaults(func=cmd_train)
-
-    sample = sub.add_parser("sample", help="sample an image grid from a checkpoint")
-    sample.add_argument("--ckpt", required=True, help="run folder, checkpoint folder or .safetensors file")
-    sample.add_argument("--resolution", help="pixels, e.g. 64 or 64x128 (default: the training resolution)")
-    sample.add_argument("--num", type=int, default=16, help="number of images")
-    sample.add_argument("--steps", type=int, help="sampling steps (default: the run's diffusion.sample_steps)")
-    sample.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off)")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--sampler", help="ddpm or ddim (DDPM models), euler (flow models)")
-    sample.add_argument("--labels", help="comma-separated class indices or names, cycled over the grid")
-    sample.add_argument("--mixer", help="swap the token mixer at load time (e.g. clear)")
-    sample.add_argument("--mixer-opt", action="append", metavar="KEY=VALUE", help="mixer option (repeatable)")
-    sample.add_argument("--no-ema", action="store_true", help="use the raw training weights, not the EMA")
-    sample.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
-    sample.add_argument("--out", default="samples.png", help="output PNG grid")
-    sample.set_defaults(func=cmd_sample)
-    add_eval_parser(sub)
-    return parser
-
-
-def add_eval_parser(sub) -> None:
+def add_measure_parsers(sub) -> None:
+    """`ditkit eval` and `ditkit bench`."""
     from ..metrics.features import FEATURES
 
     evaluate = sub.add_parser("eval", help="FID, KID and Inception Score of samples against reference images")
@@ -325,6 +287,45 @@ def add_eval_parser(sub) -> None:
     bench.add_argument("--out", default="bench", help="folder for the .md, .csv and .png")
     bench.add_argument("--stem", default="bench", help="file name stem of the outputs")
     bench.set_defaults(func=cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ditkit", description="Efficient diffusion backbones for high resolution.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="parameters and forward GFLOPs of a named model or a checkpoint")
+    info.add_argument("model", nargs="?", help="a named model (e.g. DiT-XL/2) or a checkpoint path")
+    info.add_argument("--resolution", help="pixels, e.g. 256 or 256x512 (default: 256, or the checkpoint's)")
+    info.add_argument("--mixer", help="token mixer to use instead of the model's")
+    info.add_argument("--mixer-opt", action="append", metavar="KEY=VALUE", help="mixer option (repeatable)")
+    info.add_argument("--list", action="store_true", help="list the named models and mixers")
+    info.set_defaults(func=cmd_info)
+    add_measure_parsers(sub)
+
+    train = sub.add_parser("train", help="train a model from a YAML config")
+    train.add_argument("config", help="a YAML file, or a built-in config name (e.g. digits)")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=100")
+    train.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
+                       help="continue from the latest checkpoint of train.out_dir, or from CKPT")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train)
+
+    sample = sub.add_parser("sample", help="sample an image grid from a checkpoint")
+    sample.add_argument("--ckpt", required=True, help="run folder, checkpoint folder or .safetensors file")
+    sample.add_argument("--resolution", help="pixels, e.g. 64 or 64x128 (default: the training resolution)")
+    sample.add_argument("--num", type=int, default=16, help="number of images")
+    sample.add_argument("--steps", type=int, help="sampling steps (default: the run's diffusion.sample_steps)")
+    sample.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--sampler", help="ddpm or ddim (DDPM models), euler (flow models)")
+    sample.add_argument("--labels", help="comma-separated class indices or names, cycled over the grid")
+    sample.add_argument("--mixer", help="swap the token mixer at load time (e.g. clear)")
+    sample.add_argument("--mixer-opt", action="append", metavar="KEY=VALUE", help="mixer option (repeatable)")
+    sample.add_argument("--no-ema", action="store_true", help="use the raw training weights, not the EMA")
+    sample.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    sample.add_argument("--out", default="samples.png", help="output PNG grid")
+    sample.set_defaults(func=cmd_sample)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
