@@ -31,7 +31,8 @@ def test_eval_a_checkpoint_then_its_saved_samples(tmp_path, capsys, digits_featu
     assert code == 0, err
     again = json.loads((tmp_path / "b.json").read_text())
     assert again["fid"] == pytest.approx(scores["fid"], rel=0.05)  # the same images, read back from PNG
-    assert again["agreement"]["ssim"] == pytest.approx(1.0) and "paired      PSNR" in out
+    assert again["agreement"]["ssim"] == pytest.approx(1.0) and "paired      PSNR inf dB" in out
+    assert again["agreement"]["psnr"] is None  # identical images: inf, written as null
 
 
 @pytest.mark.parametrize("argv,message", [

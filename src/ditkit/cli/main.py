@@ -173,7 +173,7 @@ def cmd_eval(args) -> None:
     print(format_scores(result))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.write_text(json.dumps(strict_json(result), indent=2, allow_nan=False) + "\n")
     print(f"wrote {out}")
 
 
@@ -208,6 +208,17 @@ def paired_agreement(images, folder: str) -> dict:
     if others.shape[1] != images.shape[1]:  # folders load as RGB; grayscale samples compare as gray
         others = others.mean(dim=1, keepdim=True) if images.shape[1] == 1 else others
     return agreement(images, others)
+
+
+def strict_json(value):
+    """Non-finite floats (PSNR of identical images is inf) -> null: strict JSON has no Infinity."""
+    import math
+
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [strict_json(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def format_scores(result: dict) -> str:
