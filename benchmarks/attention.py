@@ -14,9 +14,7 @@ FLOP ratio (the physical limit), and the log-log slope of time vs tokens. It wri
 from __future__ import annotations
 
 import argparse
-import csv
 import math
-import platform
 import time
 import warnings
 from functools import partial
@@ -25,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ditkit.metrics.bench import device_name, write_csv
 from ditkit.metrics.memory import peak_memory
 from ditkit.mixers.clear import disc_size, reference_local_attention
 from ditkit.mixers.downsampled import subgrid_attention
@@ -157,12 +156,6 @@ def report(rows: list[dict], args, device: torch.device) -> str:
     return "\n".join(lines)
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-
-
 def plot(rows: list[dict], args, path: Path) -> None:
     import matplotlib
 
@@ -205,10 +198,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"attention-{device.type}"
     (args.out / f"{stem}.md").write_text(text + "\n")
-    with (args.out / f"{stem}.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, args.out / f"{stem}.csv")
     plot(rows, args, args.out / f"{stem}.png")
     print(f"\nwrote {args.out / stem}.md, .csv, .png")
 

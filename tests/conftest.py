@@ -33,3 +33,28 @@ def scratch_mixers():
     yield
     MIXERS.clear()
     MIXERS.update(before)
+
+
+@pytest.fixture(scope="session")
+def digits_features_path(tmp_path_factory):
+    """A ditkit-digits feature extractor trained briefly (2 epochs) once per test session."""
+    from ditkit.metrics.features import digits_features
+
+    path = tmp_path_factory.mktemp("features") / "ditkit-digits.pt"
+    digits_features(path, progress=False, epochs=2)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """Nothing a test does lands in the user's ~/.cache/ditkit."""
+    monkeypatch.setenv("DITKIT_CACHE", str(tmp_path / "ditkit-cache"))
+
+
+@pytest.fixture
+def one_thread():
+    """Small-tensor tests: on a busy shared CPU, intra-op threads make them 10x slower, not faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

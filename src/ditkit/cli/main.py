@@ -189,6 +189,164 @@ def parse_labels(text: str | None, record: dict, num: int):
     return torch.tensor([labels[i % len(labels)] for i in range(num)])
 
 
+def cmd_eval(args) -> None:
+    import json
+
+    import torch
+
+    from ..metrics.quality import evaluate, load_reference, load_samples, sample_checkpoint
+
+    if bool(args.ckpt) == bool(args.samples):
+        raise DitkitError("give either --ckpt (a model to sample) or --samples (a folder of generated images)")
+    size = parse_size(args.resolution) if args.resolution else None
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.ckpt:
+        images, _ = sample_checkpoint(args.ckpt, args.num, resolution=size, steps=args.steps, cfg_scale=args.cfg,
+                                      sampler=args.sampler, seed=args.seed, batch_size=args.batch_size,
+                                      ema=not args.no_ema, mixer=args.mixer,
+                                      mixer_options=parse_options(args.mixer_opt) or None, device=device,
+                                      progress=not args.no_progress)
+    else:
+        images = load_samples(args.samples, args.num, size[0] if size else None)
+    if args.save_samples:
+        save_images(images, Path(args.save_samples))
+    reference = load_reference(args.ref, args.num_ref, resolution=images.shape[-2], seed=args.seed)
+    result = evaluate(images, reference, args.features, inception_weights=args.inception_weights,
+                      features_path=args.features_path, batch_size=args.batch_size, device=device, seed=args.seed,
+                      progress=not args.no_progress)
+    result.update(source=str(args.ckpt or args.samples), reference=args.ref)
+    if args.pair_with:
+        result["agreement"] = paired_agreement(images, args.pair_with)
+    print(format_scores(result))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(strict_json(result), indent=2, allow_nan=False) + "\n")
+    print(f"wrote {out}")
+
+
+def cmd_bench(args) -> None:
+    import torch
+
+    from ..metrics.bench import device_name, run_bench, write_report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    title = (f"ditkit bench: {device_name(device)}, float32, batch 1, one forward per sampling step "
+             f"(no CFG), median of {args.repeats} after warm-up")
+    print(title)
+    rows = run_bench(args.models, args.mixers, args.resolutions, mixer_opts=parse_options(args.mixer_opt),
+                     max_seconds=args.max_seconds, max_memory_mib=args.max_memory_mib, repeats=args.repeats,
+                     device=device, memory=not args.no_memory, progress=False)
+    paths = write_report(rows, args.out, stem=args.stem, title=title)
+    print("\n" + paths[0].read_text())
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+
+
+def paired_agreement(images, folder: str) -> dict:
+    """PSNR/SSIM of each evaluated image against the same-index image of `folder` (sorted by name)."""
+    from ..metrics.agreement import agreement
+    from ..metrics.quality import load_samples
+
+    others = load_samples(folder, len(images), resolution=images.shape[-2])
+    if len(others) < len(images):
+        raise DitkitError(f"--pair-with {folder} has {len(others)} images for {len(images)} samples: "
+                          "pair folders of equal size (e.g. two --save-samples runs with the same --seed)")
+    if others.shape[1] != images.shape[1]:  # folders load as RGB; grayscale samples compare as gray
+        others = others.mean(dim=1, keepdim=True) if images.shape[1] == 1 else others
+    return agreement(images, others)
+
+
+def strict_json(value):
+    """Non-finite floats (PSNR of identical images is inf) -> null: strict JSON has no Infinity."""
+    import math
+
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [strict_json(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def format_scores(result: dict) -> str:
+    note = ("comparable with published numbers at equal sample counts" if result["comparable_to_papers"]
+            else "a ditkit-only scale: compare runs with each other, not with papers")
+    return "\n".join([
+        f"{result['num_generated']} samples from {result.get('source', '?')} vs {result['num_reference']} "
+        f"reference images from {result.get('reference', '?')}",
+        f"features    {result['features']} ({note})",
+        f"FID         {result['fid']:.3f}",
+        f"KID         {result['kid_mean']:.5f} +- {result['kid_std']:.5f} (subsets of {result['kid_subset_size']})",
+        f"IS          {result['is_mean']:.3f} +- {result['is_std']:.3f}"]
+        + ([f"paired      PSNR {result['agreement']['psnr']:.2f} dB, SSIM {result['agreement']['ssim']:.4f}"]
+           if "agreement" in result else []))
+
+
+def save_images(images, folder: Path) -> None:
+    from PIL import Image
+
+    from ..data.images import to_uint8
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, array in enumerate(to_uint8(images)):
+        Image.fromarray(array[:, :, 0] if array.shape[-1] == 1 else array).save(folder / f"{i:06d}.png")
+
+
+def add_measure_parsers(sub) -> None:
+    """`ditkit eval` and `ditkit bench`."""
+    from ..metrics.features import FEATURES
+
+    evaluate = sub.add_parser("eval", help="FID, KID and Inception Score of samples against reference images")
+    evaluate.add_argument("--ckpt", help="a checkpoint to sample (run folder, checkpoint folder or .safetensors)")
+    evaluate.add_argument("--samples", help="instead of --ckpt: a folder of already generated images")
+    evaluate.add_argument("--ref", required=True,
+                          help="reference images: a built-in dataset (digits, photos) or an image folder")
+    evaluate.add_argument("--num", type=int, default=256, help="images to sample (or to read from --samples)")
+    evaluate.add_argument("--num-ref", type=int, default=1000, help="reference images (a random subset)")
+    evaluate.add_argument("--features", default="ditkit-digits", choices=FEATURES,
+                          help="feature extractor: inception (the standard FID network; needs its weights file) "
+                               "or ditkit-digits (offline, trained by ditkit on the built-in digits; not comparable "
+                               "with published numbers)")
+    evaluate.add_argument("--inception-weights", metavar="PATH", help="the InceptionV3 FID weights file "
+                          "(default: look in the torch hub checkpoints folder and ditkit's cache)")
+    evaluate.add_argument("--features-path", metavar="PATH", help="where the ditkit-digits extractor is cached "
+                          "(default: ~/.cache/ditkit/features/ditkit-digits-v1.pt; trained there on first use)")
+    evaluate.add_argument("--resolution", help="sampling size in pixels (default: the training resolution)")
+    evaluate.add_argument("--steps", type=int, help="sampling steps (default: the run's diffusion.sample_steps)")
+    evaluate.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off)")
+    evaluate.add_argument("--sampler", help="ddpm or ddim (DDPM models), euler (flow models)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seeds the samples, the reference subset and KID")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--mixer", help="swap the token mixer at load time (e.g. clear)")
+    evaluate.add_argument("--mixer-opt", action="append", metavar="KEY=VALUE", help="mixer option (repeatable)")
+    evaluate.add_argument("--no-ema", action="store_true", help="use the raw training weights, not the EMA")
+    evaluate.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    evaluate.add_argument("--save-samples", metavar="DIR", help="also write the evaluated images as PNGs here")
+    evaluate.add_argument("--pair-with", metavar="DIR", help="also PSNR/SSIM against the same-index images of DIR "
+                          "(e.g. a teacher's samples for the same seed)")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
+    evaluate.add_argument("--out", default="eval.json", help="JSON file for the scores")
+    evaluate.set_defaults(func=cmd_eval)
+
+    bench = sub.add_parser("bench", help="parameters, GFLOPs, time per sampling step and peak memory vs resolution")
+    bench.add_argument("--models", nargs="+", default=["DiT-S/2", "U-DiT-S"], help="named models (ditkit info --list)")
+    bench.add_argument("--mixers", nargs="+", default=["full", "clear", "downsampled"], help="token mixers")
+    bench.add_argument("--mixer-opt", action="append", metavar="KEY=VALUE",
+                       help="mixer option, given to the mixers that accept it (e.g. radius=8; repeatable)")
+    bench.add_argument("--resolutions", nargs="+", type=int, default=[256, 512, 1024, 2048],
+                       help="square image sizes in pixels (tokens follow from the VAE scale and patch size)")
+    bench.add_argument("--max-seconds", type=float, default=10.0,
+                       help="a series stops after a step slower than this ('skipped (budget)')")
+    bench.add_argument("--max-memory-mib", type=float, help="a series stops after a step with a higher peak")
+    bench.add_argument("--repeats", type=int, default=3, help="timed runs per point, after one warm-up")
+    bench.add_argument("--threads", type=int, help="CPU threads (default: torch's; 1 is steadier on a busy machine)")
+    bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass (one forward less)")
+    bench.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    bench.add_argument("--out", default="bench", help="folder for the .md, .csv and .png")
+    bench.add_argument("--stem", default="bench", help="file name stem of the outputs")
+    bench.set_defaults(func=cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ditkit", description="Efficient diffusion backbones for high resolution.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -200,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--mixer-opt", action="append", metavar="KEY=VALUE", help="mixer option (repeatable)")
     info.add_argument("--list", action="store_true", help="list the named models and mixers")
     info.set_defaults(func=cmd_info)
+    add_measure_parsers(sub)
 
     train = sub.add_parser("train", help="train a model from a YAML config")
     train.add_argument("config", help="a YAML file, or a built-in config name (e.g. digits)")

@@ -1,0 +1,161 @@
+"""Sample quality against reference images: FID, KID and Inception Score, computed by torchmetrics
+on the features of a chosen extractor (see `features.py`; `ditkit-digits` works offline,
+`inception` gives numbers comparable with papers).
+
+Images everywhere are (B, C, H, W), float in [-1, 1] (ditkit's convention) or uint8.
+The features of each image set are extracted once; torchmetrics' FID, KID and IS then read them
+through an identity "feature extractor".
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import DitkitError
+from .features import build_features
+
+
+class _Precomputed(nn.Module):
+    """Lets torchmetrics' metrics take features we already extracted."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features
+
+
+@torch.no_grad()
+def extract(extractor: nn.Module, images: Tensor, batch_size: int = 64, progress: bool = False,
+            desc: str = "features") -> tuple[Tensor, Tensor]:
+    """(features, logits) of all images, in batches."""
+    from tqdm.auto import tqdm
+
+    device = next(extractor.parameters(), torch.empty(0)).device
+    outputs = [extractor(batch.to(device)) for batch in tqdm(images.split(batch_size), desc=desc, disable=not progress)]
+    return torch.cat([f for f, _ in outputs]).cpu(), torch.cat([logits for _, logits in outputs]).cpu()
+
+
+def scores_from_features(real: tuple[Tensor, Tensor], fake: tuple[Tensor, Tensor], kid_subset_size: int = 1000,
+                         is_splits: int = 10, seed: int = 0) -> dict:
+    """FID and KID between the real and fake features; Inception Score of the fake logits."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.inception import InceptionScore
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    (real_features, _), (fake_features, fake_logits) = real, fake
+    if min(len(real_features), len(fake_features)) < 2:
+        raise DitkitError("FID needs at least 2 generated and 2 reference images: raise --num")
+    identity = _Precomputed(real_features.shape[1])
+    fid = FrechetInceptionDistance(feature=identity)
+    subset = min(kid_subset_size, len(real_features), len(fake_features))
+    with warnings.catch_warnings():  # "features are kept in memory": they are, and they are small
+        warnings.simplefilter("ignore", UserWarning)
+        kid = KernelInceptionDistance(feature=identity, subset_size=subset)
+        inception_score = InceptionScore(feature=_Precomputed(fake_logits.shape[1]),
+                                         splits=min(is_splits, len(fake_logits)))
+    for metric in (fid, kid):
+        metric.update(real_features.double(), real=True)
+        metric.update(fake_features.double(), real=False)
+    inception_score.update(fake_logits.double())
+    with torch.random.fork_rng():  # KID subsets and IS splits are random: fix them for repeatable numbers
+        torch.manual_seed(seed)
+        kid_mean, kid_std = kid.compute()
+        is_mean, is_std = inception_score.compute()
+    return {"fid": fid.compute().item(), "kid_mean": kid_mean.item(), "kid_std": kid_std.item(),
+            "is_mean": is_mean.item(), "is_std": is_std.item(), "kid_subset_size": subset}
+
+
+def evaluate(generated: Tensor, reference: Tensor, features: str | nn.Module = "ditkit-digits", *,
+             inception_weights: str | Path | None = None, features_path: str | Path | None = None,
+             batch_size: int = 64, kid_subset_size: int = 1000, is_splits: int = 10, device: str = "cpu",
+             seed: int = 0, progress: bool = True) -> dict:
+    """FID, KID (mean, std) and IS (mean, std) of `generated` against `reference` images.
+
+    `features` is a name (ditkit-digits, inception) or an extractor module mapping images to
+    (features, logits). Returns the scores plus the extractor's name, whether the numbers are
+    comparable with published ones, and the image counts."""
+    extractor = features if isinstance(features, nn.Module) else build_features(
+        features, inception_weights=inception_weights, features_path=features_path, progress=progress)
+    extractor = extractor.to(device)
+    real = extract(extractor, reference, batch_size, progress, "reference features")
+    fake = extract(extractor, generated, batch_size, progress, "sample features")
+    scores = scores_from_features(real, fake, kid_subset_size, is_splits, seed)
+    return {**scores, "features": getattr(extractor, "name", type(extractor).__name__),
+            "comparable_to_papers": bool(getattr(extractor, "comparable", False)),
+            "num_generated": len(generated), "num_reference": len(reference)}
+
+
+# ---------------------------------------------------------------- where the images come from
+
+def load_reference(source: str, num: int, resolution: int | None = None, seed: int = 0) -> Tensor:
+    """`num` images (at most all there are) of a built-in dataset (digits, photos) or an image folder,
+    in [-1, 1], as a random subset fixed by `seed`."""
+    from ..data import build_dataset
+
+    if resolution is None:
+        resolution = first_image_size(source) if Path(source).is_dir() else 32
+    dataset = build_dataset(source, resolution, photos_length=max(num, 1), seed=seed)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num]
+    return torch.stack([dataset[int(i)][0] for i in order])
+
+
+def first_image_size(folder: str | Path) -> int:
+    """Short side of the first image in a folder (reference images are center-cropped to it)."""
+    from PIL import Image
+
+    from ..data.folder import IMAGE_EXTENSIONS
+
+    if not Path(folder).is_dir():
+        raise DitkitError(f"image folder {folder} does not exist or is not a folder")
+    for path in sorted(Path(folder).rglob("*")):
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            with Image.open(path) as image:
+                return min(image.size)
+    raise DitkitError(f"no images in {folder}: put {', '.join(IMAGE_EXTENSIONS)} files in it")
+
+
+def load_samples(folder: str | Path, num: int | None = None, resolution: int | None = None) -> Tensor:
+    """Already generated images from a folder (sorted by name), center-cropped to `resolution`
+    (default: the first image's short side)."""
+    from ..data.folder import ImageFolderDataset
+
+    dataset = ImageFolderDataset(folder, resolution or first_image_size(folder))
+    count = len(dataset) if num is None else min(num, len(dataset))
+    return torch.stack([dataset[i][0] for i in range(count)])
+
+
+def sample_checkpoint(ckpt: str | Path, num: int, *, resolution: tuple[int, int] | None = None,
+                      steps: int | None = None, cfg_scale: float | None = None, sampler: str | None = None,
+                      seed: int = 0, batch_size: int = 64, ema: bool = True, mixer: str | None = None,
+                      mixer_options: dict | None = None, device: str = "cpu", progress: bool = True):
+    """`num` samples of a checkpoint (classes cycle 0, 1, 2, ...), in batches; returns (images, record)."""
+    from tqdm.auto import tqdm
+
+    from ..diffusion.pipeline import default_labels, generate
+    from ..train.checkpoint import load_checkpoint
+
+    model, record = load_checkpoint(ckpt, ema=ema, mixer=mixer, mixer_options=mixer_options, device=device)
+    default = record["data"]["resolution"]
+    height, width = resolution or (default, default)
+    diffusion = record["diffusion"]
+    labels = default_labels(model, num)
+    vae, batches = None, []
+    for start in tqdm(range(0, num, batch_size), desc="sampling", disable=not progress):
+        count = min(batch_size, num - start)
+        if record["data"].get("vae") and vae is None:
+            from ..data.latents import load_vae
+
+            vae = load_vae(record["data"]["vae"], device)
+        batches.append(generate(model, record, num=count, height=height, width=width,
+                                steps=steps or diffusion["sample_steps"],
+                                cfg_scale=diffusion["cfg_scale"] if cfg_scale is None else cfg_scale,
+                                seed=seed + start, sampler=sampler or diffusion.get("sampler"),
+                                labels=None if labels is None else labels[start:start + count], vae=vae,
+                                progress=False).cpu())
+    return torch.cat(batches), record
