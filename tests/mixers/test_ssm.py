@@ -6,7 +6,7 @@ import torch
 from ditkit import DitkitError, build_mixer, build_model, model_config
 from ditkit.metrics import count_flops
 from ditkit.metrics.memory import peak_memory
-from ditkit.mixers.ssm import BidirectionalS4D, two_sided_kernels
+from ditkit.mixers.ssm import BidirectionalS4D, two_sided_kernels, vandermonde_kernel
 
 
 def s4d(channels=3, state_size=8):
@@ -41,6 +41,15 @@ def test_fft_convolution_equals_the_explicit_recurrence():
     u = torch.randn(2, 37, 6)
     with torch.no_grad():
         torch.testing.assert_close(layer(u).double(), recurrence(layer, u), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("length", [1, 2, 50, 1000])
+def test_blocked_vandermonde_kernel_equals_the_direct_sum(length):
+    dtA = torch.complex(-torch.rand(4, 6) * 0.02, torch.rand(4, 6) * 3)
+    coefficients = torch.randn(4, 6, dtype=torch.complex64)
+    steps = torch.arange(length, dtype=torch.float64)
+    direct = 2 * (coefficients.cdouble().unsqueeze(-1) * torch.exp(dtA.cdouble().unsqueeze(-1) * steps)).sum(1).real
+    torch.testing.assert_close(vandermonde_kernel(coefficients, dtA, length).double(), direct, atol=1e-4, rtol=1e-4)
 
 
 def test_forward_channels_are_causal_backward_channels_see_the_future():
