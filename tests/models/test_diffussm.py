@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ditkit import DitkitError, build_model, model_config
+from ditkit import DitkitError, build_model, model_config, swap_mixers
 from ditkit.metrics import model_cost
 from ditkit.models import config_from_dict, config_to_dict
 
@@ -69,3 +69,10 @@ def test_hourglass_runs_the_ssm_at_full_length_and_other_mixers_fit():
     assert lengths == [24]
     attention = tiny(mixer="full")  # the backbone takes any mixer on its H x W/M token grid
     assert attention(torch.randn(1, 3, 4, 6), torch.zeros(1), torch.zeros(1, dtype=torch.long)).shape == (1, 6, 4, 6)
+
+
+def test_swapping_to_an_ssm_of_another_shape_is_a_clear_error():
+    model = tiny()
+    with pytest.raises(DitkitError, match="shapes differ.*give the options it was trained with"):
+        swap_mixers(model, "ssm", state_size=8)  # hourglass defaults to 1: W_up has another shape
+    assert swap_mixers(model, "ssm", state_size=8, hourglass=2) == []
