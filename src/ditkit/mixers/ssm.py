@@ -68,7 +68,8 @@ def vandermonde_kernel(coefficients: Tensor, dtA: Tensor, length: int) -> Tensor
     return 2 * torch.bmm(left, right).flatten(1)[:, :length]
 
 
-def _kernel_rows(log_dt: Tensor, log_A_real: Tensor, A_imag: Tensor, C: Tensor, length: int) -> Tensor:
+def zoh_kernels(log_dt: Tensor, log_A_real: Tensor, A_imag: Tensor, C: Tensor, length: int) -> Tensor:
+    """S4D kernels (channels, length): the state space model discretised by zero-order hold."""
     A = torch.complex(-torch.exp(log_A_real), A_imag)
     dtA = A * torch.exp(log_dt).unsqueeze(-1)
     zoh_input = (torch.exp(dtA) - 1) / A  # B_bar with B = 1 (B is folded into C)
@@ -95,7 +96,7 @@ class S4DKernel(nn.Module):
 
     def forward(self, length: int) -> Tensor:
         """(channels, length) fp32 kernels."""
-        return _kernel_rows(*(p.float() for p in (self.log_dt, self.log_A_real, self.A_imag, self.C)), length)
+        return zoh_kernels(*(p.float() for p in (self.log_dt, self.log_A_real, self.A_imag, self.C)), length)
 
     def extra_repr(self) -> str:
         return f"channels={self.log_dt.shape[0]}, state_size={2 * self.A_imag.shape[1]}"

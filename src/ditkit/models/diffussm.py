@@ -5,8 +5,9 @@ choices where the paper is ambiguous). The residual stream holds one token per M
 adjacent latent cells (M = `hourglass`, a 1 x M stem), so the dense layers run at length L/M;
 inside each block the `ssm` mixer expands every token back into its M cells and scans the
 full-length raster sequence (L = H*W latent cells, 1024 at 256 px) in both directions. Blocks
-are pre-LayerNorm with adaLN-Zero conditioning on timestep + class, and a residual skip; a
-linear decoder maps each token to its M cells' noise and variance. No positional embedding: the
+are pre-LayerNorm with adaLN-Zero conditioning on timestep + class (plus the condition added at
+every position before the norm), and a residual skip; a linear decoder maps each token to its M
+cells' noise and variance. No positional embedding: the
 scans are order-aware, and the S4D kernels are computed for any length, so any size runs.
 """
 
