@@ -6,7 +6,7 @@ import torch
 from ditkit import DitkitError, build_mixer, build_model, model_config
 from ditkit.metrics import count_flops
 from ditkit.metrics.memory import peak_memory
-from ditkit.mixers.ssm import BidirectionalS4D, two_sided_kernels, vandermonde_kernel
+from ditkit.mixers.ssm import BidirectionalS4D, fft_conv, two_sided_kernels, vandermonde_kernel
 
 
 def s4d(channels=3, state_size=8):
@@ -61,6 +61,13 @@ def test_forward_channels_are_causal_backward_channels_see_the_future():
         changed = (layer(v) - layer(u)).abs() > 1e-6
     assert not changed[0, :12, :3].any() and changed[0, 12:, :3].all()  # forward: only from 12 on
     assert changed[0, :13, 3:].all() and not changed[0, 13:, 3:].any()  # backward: only up to 12
+
+
+@pytest.mark.parametrize("n", [14, 15])
+def test_fft_conv_gradients(n):
+    u = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    kernel = torch.randn(3, n, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fft_conv, (u, kernel))
 
 
 def test_two_sided_kernels_place_the_backward_kernel_before_zero():

@@ -114,11 +114,36 @@ def two_sided_kernels(forward: Tensor, backward: Tensor) -> Tensor:
     return torch.cat([causal, anti_causal])
 
 
+class FFTConv(torch.autograd.Function):
+    """Circular convolution by real FFTs with a lean backward: it keeps the input and the kernel's
+    spectrum, and its gradients are two real-FFT correlations (autograd's own backward goes
+    through full-length complex transforms and needs about twice the memory)."""
+
+    @staticmethod
+    def forward(ctx, u: Tensor, kernel: Tensor) -> Tensor:
+        n, L = kernel.shape[-1], u.shape[-1]
+        kernel_spectrum = torch.fft.rfft(kernel, n=n)
+        ctx.save_for_backward(u, kernel_spectrum)
+        ctx.n = n
+        return torch.fft.irfft(torch.fft.rfft(u, n=n) * kernel_spectrum, n=n)[..., :L]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        u, kernel_spectrum = ctx.saved_tensors
+        n, L = ctx.n, u.shape[-1]
+        grad_spectrum = torch.fft.rfft(grad, n=n)  # zero beyond L: outputs past L were cropped
+        grad_u = grad_kernel = None
+        if ctx.needs_input_grad[0]:
+            grad_u = torch.fft.irfft(grad_spectrum * kernel_spectrum.conj(), n=n)[..., :L]
+        if ctx.needs_input_grad[1]:
+            cross = grad_spectrum * torch.fft.rfft(u, n=n).conj()
+            grad_kernel = torch.fft.irfft(cross.reshape(-1, *cross.shape[-2:]).sum(0), n=n)
+        return grad_u, grad_kernel
+
+
 def fft_conv(u: Tensor, kernel: Tensor) -> Tensor:
     """y[..., l] = sum_j kernel[..., (l - j) mod n] u[..., j] for u (..., C, L), kernel (C, n), n >= 2L."""
-    n, L = kernel.shape[-1], u.shape[-1]
-    spectrum = torch.fft.rfft(u, n=n) * torch.fft.rfft(kernel, n=n)
-    return torch.fft.irfft(spectrum, n=n)[..., :L]
+    return FFTConv.apply(u, kernel)
 
 
 class BidirectionalS4D(nn.Module):
