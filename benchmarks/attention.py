@@ -1,13 +1,17 @@
-"""Attention cost vs tokens: full SDPA against the CLEAR backends (and flex_attention) and U-DiT's
-downsampled attention.
+"""Attention cost vs tokens: full SDPA against the CLEAR backends (and flex_attention), U-DiT's
+downsampled attention and DiffuSSM's bidirectional S4D (the attention-free `ssm` mixer's core).
 
     python benchmarks/attention.py                      # CPU: grids 32^2..256^2, r in {8, 16}
     python benchmarks/attention.py --sides 64 128 256 512 --device cuda
+    python benchmarks/attention.py --radii 8 --methods full ssm --threads 1 --name attention-cpu-with-ssm
 
 For each grid and radius it measures forward and forward+backward time, peak memory and FLOPs
 (4 * N_q * N_kv * d per head: the CLEAR paper's convention, N_kv = keys a query may see) and
 prints a markdown table, the speedups of the clear backends over full attention next to their
-FLOP ratio (the physical limit), and the log-log slope of time vs tokens. It writes the table
+FLOP ratio (the physical limit), and the log-log slope of time vs tokens. The SSM row runs the
+S4D core as DiffuSSM does for width heads x head_dim = D: kernels computed in the call, then FFT
+convolutions over 2D channels (D forward, D backward; q and k's values as input); its FLOPs are
+counted (FFTs as 2.5 n log2 n per real transform, the kernel's matmul). It writes the table
 (.md, .csv) and a log-log plot (.png) to --out. A script, not a test: numbers depend on the machine.
 """
 
@@ -23,21 +27,35 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ditkit.metrics import count_flops
 from ditkit.metrics.bench import device_name, write_csv
 from ditkit.metrics.memory import peak_memory
-from ditkit.mixers.clear import disc_size, reference_local_attention
+from ditkit.mixers.clear import disc_size, local_pairs, reference_local_attention
 from ditkit.mixers.downsampled import subgrid_attention
 from ditkit.mixers.flex import flex_local_attention
+from ditkit.mixers.ssm import BidirectionalS4D
 from ditkit.mixers.tiled import tiled_local_attention
 
-RADIUS_FREE = ("full", "downsampled (U-DiT)")
+SSM = "ssm (S4D, DiffuSSM)"
+RADIUS_FREE = ("full", "downsampled (U-DiT)", SSM)
 
 
-def visible_pairs(side: int, radius: float) -> int:
-    """(query, key) pairs inside the disc on a side x side grid, borders cut: sum over offsets."""
-    h = math.ceil(radius) - 1
-    return sum(max(0, side - abs(dy)) * max(0, side - abs(dx))
-               for dy in range(-h, h + 1) for dx in range(-h, h + 1) if dy * dy + dx * dx < radius * radius)
+def ssm_core(width: int, device: torch.device, state_size: int = 64):
+    """fn(q, k, v): bidirectional S4D over 2 x width channels, q and k's values as (B, N, 2 x width) input."""
+    layer = BidirectionalS4D(width, state_size).to(device)
+
+    def run(q, k, v):
+        B, _, N, _ = q.shape
+        return layer(torch.cat([q, k], dim=1).permute(0, 2, 1, 3).reshape(B, N, 2 * width))
+
+    return run
+
+
+def ssm_flops(args, N: int) -> int:
+    """Counted on the meta device: FFTs and the kernel matmul of one forward."""
+    with torch.device("meta"):
+        q = torch.empty(args.batch, args.heads, N, args.head_dim)
+        return count_flops(ssm_core(args.heads * args.head_dim, torch.device("meta")), q, q, q)
 
 
 def methods(args, side: int, radius: float, device: torch.device):
@@ -45,6 +63,7 @@ def methods(args, side: int, radius: float, device: torch.device):
     grid = (side, side)
     dense_ok = side <= args.max_dense_side
     yield "full", lambda q, k, v: F.scaled_dot_product_attention(q, k, v), True
+    yield SSM, ssm_core(args.heads * args.head_dim, device), True
     if dense_ok:
         yield "clear/reference", lambda q, k, v: reference_local_attention(q, k, v, grid, radius), True
     yield "clear/tiled", lambda q, k, v: tiled_local_attention(q, k, v, grid, radius), True
@@ -69,8 +88,12 @@ def timed(fn, device: torch.device, repeats: int) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    start = time.perf_counter()
     fn()  # warm-up (and compilation)
     sync()
+    warm_up = time.perf_counter() - start
+    if warm_up > 20 and device.type == "cpu":  # slow eager CPU cases: the warm-up is a fair timing
+        return warm_up
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
@@ -92,6 +115,8 @@ def measure(args, device: torch.device) -> list[dict]:
         qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
         for radius in args.radii:
             for name, fn, has_backward in methods(args, side, radius, device):
+                if args.methods and not any(name.startswith(m) for m in args.methods):
+                    continue
                 if name in RADIUS_FREE and radius != args.radii[0]:  # measured once per grid
                     rows.append({**next(r for r in rows if r["side"] == side and r["method"] == name),
                                  "radius": radius})
@@ -107,10 +132,12 @@ def measure(args, device: torch.device) -> list[dict]:
                     # The CPU tracker (a dispatch mode) cannot look inside flex_attention's operator.
                     tracked = device.type == "cuda" or "flex" not in name
                     memory = peak_memory(step, device) / 2**20 if tracked else None
-                pairs = {"full": N * N, "downsampled (U-DiT)": N * N // 4}.get(name) or visible_pairs(side, radius)
+                dense = {"full": N * N, "downsampled (U-DiT)": N * N // 4}
+                pairs = dense.get(name) or local_pairs((side, side), radius)
+                flops = ssm_flops(args, N) if name == SSM else 4 * pairs * args.head_dim * args.heads * args.batch
                 rows.append({"side": side, "tokens": N, "radius": radius, "method": name, "forward_ms": forward * 1e3,
                              "fwd_bwd_ms": None if both is None else both * 1e3, "peak_mb": memory,
-                             "gflops": 4 * pairs * args.head_dim * args.heads * args.batch / 1e9})
+                             "gflops": flops / 1e9})
                 print(f"  {side}^2 r={radius:g} {name:28s} fwd {forward * 1e3:9.1f} ms"
                       + (f"  fwd+bwd {both * 1e3:9.1f} ms" if both else "")
                       + (f"  peak {memory:8.1f} MiB" if memory is not None else ""),
@@ -188,15 +215,20 @@ def main() -> None:
     parser.add_argument("--max-dense-side", type=int, default=64, help="largest grid for N x N methods")
     parser.add_argument("--flex-compile", action="store_true", help="also compile flex on CPU (slow)")
     parser.add_argument("--no-backward", action="store_true")
+    parser.add_argument("--threads", type=int, help="CPU threads (1 is steadier on a shared machine)")
+    parser.add_argument("--methods", nargs="+", help="only methods whose name starts with one of these")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--name", default=None, help="output file stem (default: attention-<device>)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = measure(args, device)
     text = report(rows, args, device)
     print("\n" + text)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"attention-{device.type}"
+    stem = args.name or f"attention-{device.type}"
     (args.out / f"{stem}.md").write_text(text + "\n")
     write_csv(rows, args.out / f"{stem}.csv")
     plot(rows, args, args.out / f"{stem}.png")

@@ -26,7 +26,7 @@ def test_info_reports_params_and_gflops_with_its_unit(capsys):
 
 def test_info_lists_models_and_mixers(capsys):
     code, out, _ = run_cli(capsys, "info", "--list")
-    assert "DiT-XL/2" in out and "mixers: clear, downsampled, full" in out
+    assert "DiT-XL/2" in out and "mixers: clear, downsampled, full, ssm" in out and "DiffuSSM-XL" in out
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -83,3 +83,20 @@ def test_udit_trains_and_samples_through_the_same_cli(tmp_path, capsys):
     assert Image.open(grid).size == (2 + 2 * 18, 2 + 26)
     code, _, err = run_cli(capsys, "sample", "--ckpt", str(run), "--resolution", "20", "--out", str(grid))
     assert code == 2 and "multiples of 8" in err
+
+
+def test_diffussm_trains_and_samples_through_the_same_cli(tmp_path, capsys):
+    run = tmp_path / "run"
+    overrides = tiny_run(run)[4:] + ["model.name=DiffuSSM-Nano", "model.args.depth=1", "model.args.hidden_size=16",
+                                     "model.args.state_size=8"]
+    code, out, err = run_cli(capsys, "train", "digits", *overrides, "--no-progress")
+    assert code == 0, err
+    grid = tmp_path / "s.png"  # trained at 16x16, sampled at 12x20 (another length L)
+    code, out, err = run_cli(capsys, "sample", "--ckpt", str(run), "--resolution", "12x20", "--num", "2",
+                             "--steps", "2", "--out", str(grid))
+    assert code == 0, err
+    assert Image.open(grid).size == (2 + 2 * 22, 2 + 14)
+    code, _, err = run_cli(capsys, "sample", "--ckpt", str(run), "--resolution", "15", "--out", str(grid))
+    assert code == 2 and "must be positive multiples of 2" in err and err.count("\n") == 1
+    code, out, _ = run_cli(capsys, "info", str(run))
+    assert code == 0 and "mixer ssm" in out and "256 tokens" in out

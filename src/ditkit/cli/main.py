@@ -86,7 +86,7 @@ def cmd_info(args) -> None:
     print(f"input       {height}x{width} px -> {space} -> {tokens} tokens")
     print(f"parameters  {cost.params / 1e6:.2f}M ({cost.params:,})")
     print(f"forward     {cost.macs / 1e9:.2f} GFLOPs, counting one multiply-add as 1 FLOP (the DiT paper's unit);")
-    print(f"            {cost.flops / 1e9:.2f} GFLOPs counting it as 2 (one sample, attention included)")
+    print(f"            {cost.flops / 1e9:.2f} GFLOPs counting it as 2 (one sample, attention and FFTs included)")
 
 
 def cmd_train(args) -> None:

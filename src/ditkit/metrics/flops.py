@@ -3,10 +3,17 @@
 FlopCounterMode counts a multiply-add as 2 FLOPs. Papers in this field (DiT, U-DiT, DiffuSSM)
 report multiply-adds as "GFLOPs", so `model_cost` gives both. On CPU, FlopCounterMode has no
 formula for the fused attention kernel and would silently skip attention; we register one.
+
+FlopCounterMode does not count FFTs either (DiffuSSM's SSM convolutions). We count the usual
+radix-2 estimate of real operations: 5 n log2(n) for a complex transform of length n and half of
+that, 2.5 n log2(n), for a real-input or real-output one; like every count here they are FLOPs,
+so they enter the multiply-add figure halved. Element-wise work (the spectral product, the complex
+exponentials of the S4D kernel, activations) is not counted anywhere, as in the DiT convention.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,15 +32,39 @@ def _cpu_sdpa_backward(grad_out, query, key, value, *args, out_shape=None, **kwa
     return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
 
 
-# Fused attention kernels that torch's own registry does not count.
+def fft_flops(shape, dim, complex_transform: bool) -> int:
+    """Real operations of FFTs along `dim` of a tensor of `shape`: 5 n log2 n per complex
+    transform of length n, 2.5 n log2 n per real one."""
+    n = math.prod(shape[d] for d in dim)
+    transforms = math.prod(shape) // n if n else 0
+    per_transform = 5 * n * math.log2(n) if n > 1 else 0
+    return round(transforms * per_transform / (1 if complex_transform else 2))
+
+
+def _fft_r2c(x_shape, dim, *args, out_shape=None, **kwargs) -> int:
+    return fft_flops(x_shape, dim, complex_transform=False)
+
+
+def _fft_c2r(x_shape, dim, *args, out_shape=None, **kwargs) -> int:
+    return fft_flops(out_shape, dim, complex_transform=False)  # n is the real output's length
+
+
+def _fft_c2c(x_shape, dim, *args, out_shape=None, **kwargs) -> int:
+    return fft_flops(x_shape, dim, complex_transform=True)
+
+
+# Fused attention kernels and FFTs that torch's own registry does not count.
 EXTRA_FLOP_FORMULAS = {
     _aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_forward,
     _aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward,
+    _aten._fft_r2c: _fft_r2c,
+    _aten._fft_c2r: _fft_c2r,
+    _aten._fft_c2c: _fft_c2c,
 }
 
 
 def count_flops(fn, *args, **kwargs) -> int:
-    """FLOPs (a multiply-add = 2) of one call `fn(*args, **kwargs)`, attention included."""
+    """FLOPs (a multiply-add = 2) of one call `fn(*args, **kwargs)`, attention and FFTs included."""
     with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
         fn(*args, **kwargs)
     return counter.get_total_flops()

@@ -60,7 +60,12 @@ def swap_mixers(model: nn.Module, name: str, **options) -> list[str]:
         ref = next(old.parameters(), None)
         if ref is not None:
             new.to(device=ref.device, dtype=ref.dtype)
-        result = new.load_state_dict(old.state_dict(), strict=False)
+        try:
+            result = new.load_state_dict(old.state_dict(), strict=False)
+        except RuntimeError as error:  # same names, other shapes
+            raise DitkitError(f"mixer {name!r} with options {options or 'default'} cannot take over the weights "
+                              f"of mixer {old.name!r} (their shapes differ): give the options it was trained with"
+                              ) from error
         if result.unexpected_keys:
             raise DitkitError(
                 f"mixer {name!r} cannot take over the weights of mixer {old.name!r} "

@@ -1,6 +1,6 @@
-"""Backbones (DiT, ...) and their named configs."""
+"""Backbones (DiT, U-DiT, DiffuSSM) and their named configs."""
 
-from . import dit, udit  # noqa: F401  (register the backbones and their named configs)
+from . import diffussm, dit, udit  # noqa: F401  (register the backbones and their named configs)
 from .dit import DiT, DiTConfig
 from .registry import BACKBONES, NAMED_MODELS, build_model, config_from_dict, config_to_dict, model_config
 

@@ -1,0 +1,163 @@
+"""DiffuSSM: "Diffusion Models Without Attention" (Yan, Gu, Rush; arXiv 2311.18257, CVPR 2024).
+
+No official code exists; this follows the paper's equations (see README, "DiffuSSM", for the
+choices where the paper is ambiguous). The residual stream holds one token per M horizontally
+adjacent latent cells (M = `hourglass`, a 1 x M stem), so the dense layers run at length L/M;
+inside each block the `ssm` mixer expands every token back into its M cells and scans the
+full-length raster sequence (L = H*W latent cells, 1024 at 256 px) in both directions. Blocks
+are pre-LayerNorm with adaLN-Zero conditioning on timestep + class (plus the condition added at
+every position before the norm), and a residual skip; a linear decoder maps each token to its M
+cells' noise and variance. No positional embedding: the
+scans are order-aware, and the S4D kernels are computed for any length, so any size runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+from ..errors import DitkitError
+from ..mixers import Grid, build_mixer
+from ..mixers.base import map_to_tokens
+from ..mixers.registry import mixer_class, mixer_options
+from .layers import LabelEmbedder, TimestepEmbedder, modulate
+from .registry import register_backbone, register_model
+
+
+@dataclass
+class DiffuSSMConfig:
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 29
+    num_heads: int = 16  # only for mixers that use heads; the ssm mixer does not
+    hourglass: int = 2  # M: dense layers run at length L/M, the SSM at L
+    state_size: int = 64  # S4D state dimension N (N/2 complex modes per channel)
+    num_classes: int = 1000  # 0: unconditional
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = True
+    mixer: str = "ssm"
+    mixer_options: dict = field(default_factory=dict)
+    vae_scale: int = 8
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    def tokens(self, height: int, width: int) -> int:
+        """Length of the SSM scan: one position per input cell (the paper's L)."""
+        return height * width
+
+    @property
+    def downsample(self) -> int:
+        """Sides must be multiples of M (the stem merges M cells along a row; the check is per side)."""
+        return self.hourglass * mixer_class(self.mixer).grid_multiple(**self.block_mixer_options())
+
+    def block_mixer_options(self) -> dict:
+        """The mixer's options: the backbone's hourglass and state size where the mixer takes them."""
+        shared = {"hourglass": self.hourglass, "state_size": self.state_size}
+        accepted = mixer_options(self.mixer)
+        return {**{k: v for k, v in shared.items() if k in accepted}, **self.mixer_options}
+
+
+class DiffuSSMBlock(nn.Module):
+    """x + gate * mixer(modulate(LN(x + bias))), with (bias, shift, scale, gate) from the condition."""
+
+    def __init__(self, cfg: DiffuSSMConfig):
+        super().__init__()
+        D = cfg.hidden_size
+        self.norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.mixer = build_mixer(cfg.mixer, D, cfg.num_heads, **cfg.block_mixer_options())
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 4 * D))
+
+    def forward(self, x: Tensor, c: Tensor, grid: Grid) -> Tensor:
+        bias, shift, scale, gate = self.adaLN_modulation(c).unsqueeze(1).chunk(4, dim=-1)
+        h = self.norm(x + bias)  # the condition added at every position, as the paper words it
+        return x + gate * self.mixer(h * (1 + scale) + shift, grid)
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale), then a linear map from each token to its M cells' outputs."""
+
+    def __init__(self, hidden_size: int, cells: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, cells * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+@register_backbone("diffussm", DiffuSSMConfig)
+class DiffuSSM(nn.Module):
+    """Attention-free diffusion backbone: (x, t, y) -> (B, out_channels, H, W) for W a multiple of M."""
+
+    def __init__(self, config: DiffuSSMConfig):
+        super().__init__()
+        self.config = cfg = config
+        M, D = cfg.hourglass, cfg.hidden_size
+        self.x_embedder = nn.Conv2d(cfg.in_channels, D, (1, M), stride=(1, M))  # merges M cells of a row
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout_prob) if cfg.num_classes else None
+        self.blocks = nn.ModuleList(DiffuSSMBlock(cfg) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(D, M, cfg.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT's init for the dense layers (the S4D parameters keep their own); zero adaLN and
+        output, so every block starts as the identity."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Conv2d):
+                nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        zero = [block.adaLN_modulation[-1] for block in self.blocks]
+        for layer in zero + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def token_grid(self, height: int, width: int) -> Grid:
+        M = self.config.hourglass
+        if width % M:
+            wider = width + M - width % M
+            raise DitkitError(f"DiffuSSM input {height}x{width}: the width must be a multiple of the hourglass "
+                              f"factor {M} (each token holds {M} cells of a row); use e.g. width {wider}")
+        return height, width // M
+
+    def condition(self, t: Tensor, y: Tensor | None) -> Tensor:
+        c = self.t_embedder(t)
+        if self.y_embedder is not None:
+            if y is None:
+                raise DitkitError("this model is class-conditional: pass class labels")
+            c = c + self.y_embedder(y)
+        return c
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        grid = self.token_grid(x.shape[-2], x.shape[-1])
+        tokens = map_to_tokens(self.x_embedder(x))
+        c = self.condition(t, y)
+        for block in self.blocks:
+            tokens = block(tokens, c, grid)
+        return self.unpatchify(self.final_layer(tokens, c), grid)
+
+    def unpatchify(self, x: Tensor, grid: Grid) -> Tensor:
+        """(B, H*W/M, M*C) -> (B, C, H, W): token j's outputs go to its M cells, left to right."""
+        M, C = self.config.hourglass, self.config.out_channels
+        x = x.reshape(x.shape[0], grid[0], grid[1], M, C)
+        return x.permute(0, 4, 1, 2, 3).reshape(x.shape[0], C, grid[0], grid[1] * M)
+
+
+_DIFFUSSM_SIZES = {  # depth, width
+    "DiffuSSM-XL": (29, 1152),  # the paper's model
+    # Small configs for CPU work (not in the paper): DiT-S and DiT-Nano widths, one layer more.
+    "DiffuSSM-S": (13, 384),
+    "DiffuSSM-Nano": (5, 128),
+}
+for _name, (_depth, _width) in _DIFFUSSM_SIZES.items():
+    register_model(_name, "diffussm", depth=_depth, hidden_size=_width)
