@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..distill.teacher import Teacher
 from ..errors import DitkitError
 from ..mixers.base import Grid
-from ..mixers.clear import BACKENDS, local_attention, pool_tokens
+from ..mixers.clear import check_clear_options, initial_pool_weight, local_attention, pool_tokens
 
 SUPPORTED = ("FluxTransformer2DModel", "SD3Transformer2DModel", "PixArtTransformer2DModel")
 
@@ -53,16 +53,11 @@ class ClearAttnProcessor(nn.Module):
 
     def __init__(self, layout: TokenLayout, kind: str, radius: float, down_factor: int = 0, backend: str = "auto"):
         super().__init__()
-        if radius < 1:
-            raise DitkitError(f"clear radius must be at least 1 token, got {radius}")
-        if backend not in BACKENDS:
-            raise DitkitError(f"unknown clear backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-        if down_factor < 0 or down_factor == 1:
-            raise DitkitError(f"clear down_factor must be 0 (off) or >= 2, got {down_factor}")
+        check_clear_options(radius, down_factor, backend)
         self.layout, self.kind = layout, kind
         self.radius, self.down_factor, self.backend = radius, down_factor, backend
         if down_factor:
-            self.pool_weight = nn.Parameter(torch.full((down_factor * down_factor,), 1.0 / down_factor**2))
+            self.pool_weight = initial_pool_weight(down_factor)
 
     def local(self, q: Tensor, k: Tensor, v: Tensor, num_global: int) -> Tensor:
         """(B, heads, G + H*W, d) with the G global (text) tokens first -> same shape."""

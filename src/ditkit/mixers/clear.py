@@ -109,6 +109,20 @@ def pool_tokens(x: Tensor, grid: Grid, num_global: int, weight: Tensor) -> Tenso
     return (blocks * weights).sum(dim=(3, 5)).reshape(B, nh, (H // f) * (W // f), d)
 
 
+def check_clear_options(radius: float, down_factor: int, backend: str) -> None:
+    if radius < 1:
+        raise DitkitError(f"clear radius must be at least 1 token, got {radius}")
+    if backend not in BACKENDS:
+        raise DitkitError(f"unknown clear backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if down_factor < 0 or down_factor == 1:
+        raise DitkitError(f"clear down_factor must be 0 (off) or >= 2, got {down_factor}")
+
+
+def initial_pool_weight(down_factor: int) -> nn.Parameter:
+    """One learnable weight per position in the f x f block, initialised to plain averaging."""
+    return nn.Parameter(torch.full((down_factor * down_factor,), 1.0 / down_factor**2))
+
+
 @register_mixer("clear")
 class ClearAttention(AttentionMixer):
     """CLEAR local attention with DiT's projections: a drop-in replacement for `full`."""
@@ -116,16 +130,10 @@ class ClearAttention(AttentionMixer):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, radius: float = 8, down_factor: int = 0,
                  backend: str = "auto"):
         super().__init__(dim, num_heads, qkv_bias)
-        if radius < 1:
-            raise DitkitError(f"clear radius must be at least 1 token, got {radius}")
-        if backend not in BACKENDS:
-            raise DitkitError(f"unknown clear backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-        if down_factor < 0 or down_factor == 1:
-            raise DitkitError(f"clear down_factor must be 0 (off) or >= 2, got {down_factor}")
+        check_clear_options(radius, down_factor, backend)
         self.radius, self.down_factor, self.backend = radius, down_factor, backend
         if down_factor:
-            # One learnable weight per position in the f x f block, initialised to plain averaging.
-            self.pool_weight = nn.Parameter(torch.full((down_factor * down_factor,), 1.0 / down_factor**2))
+            self.pool_weight = initial_pool_weight(down_factor)
 
     @classmethod
     def grid_multiple(cls, down_factor: int = 0, **_) -> int:

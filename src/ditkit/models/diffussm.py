@@ -21,7 +21,7 @@ from ..errors import DitkitError
 from ..mixers import Grid, build_mixer
 from ..mixers.base import map_to_tokens
 from ..mixers.registry import mixer_class, mixer_options
-from .layers import LabelEmbedder, TimestepEmbedder, modulate
+from .layers import FinalLayer, LabelEmbedder, TimestepEmbedder
 from .registry import register_backbone, register_model
 
 
@@ -76,20 +76,6 @@ class DiffuSSMBlock(nn.Module):
         return x + gate * self.mixer(h * (1 + scale) + shift, grid)
 
 
-class FinalLayer(nn.Module):
-    """adaLN (shift, scale), then a linear map from each token to its M cells' outputs."""
-
-    def __init__(self, hidden_size: int, cells: int, out_channels: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, cells * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
-
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
-
-
 @register_backbone("diffussm", DiffuSSMConfig)
 class DiffuSSM(nn.Module):
     """Attention-free diffusion backbone: (x, t, y) -> (B, out_channels, H, W) for W a multiple of M."""
@@ -102,7 +88,7 @@ class DiffuSSM(nn.Module):
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout_prob) if cfg.num_classes else None
         self.blocks = nn.ModuleList(DiffuSSMBlock(cfg) for _ in range(cfg.depth))
-        self.final_layer = FinalLayer(D, M, cfg.out_channels)
+        self.final_layer = FinalLayer(D, M * cfg.out_channels)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:

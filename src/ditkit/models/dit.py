@@ -16,7 +16,7 @@ from ..errors import DitkitError
 from ..mixers import Grid, build_mixer
 from ..mixers.base import map_to_tokens
 from ..mixers.registry import mixer_class
-from .layers import LabelEmbedder, Mlp, TimestepEmbedder, modulate, sincos_pos_embed_2d
+from .layers import FinalLayer, LabelEmbedder, Mlp, TimestepEmbedder, modulate, sincos_pos_embed_2d
 from .registry import register_backbone, register_model
 
 
@@ -67,20 +67,6 @@ class DiTBlock(nn.Module):
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
-class FinalLayer(nn.Module):
-    """adaLN (shift, scale) then a linear map from tokens to patches."""
-
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
-
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
-
-
 @register_backbone("dit", DiTConfig)
 class DiT(nn.Module):
     """Diffusion transformer: (x, t, y) -> (B, out_channels, H, W) for any H, W divisible by the patch."""
@@ -94,7 +80,7 @@ class DiT(nn.Module):
         self.y_embedder = (LabelEmbedder(cfg.num_classes, cfg.hidden_size, cfg.class_dropout_prob)
                            if cfg.num_classes > 0 else None)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
-        self.final_layer = FinalLayer(cfg.hidden_size, cfg.patch_size, cfg.out_channels)
+        self.final_layer = FinalLayer(cfg.hidden_size, cfg.patch_size**2 * cfg.out_channels)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
