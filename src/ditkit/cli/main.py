@@ -104,7 +104,6 @@ def cmd_sample(args) -> None:
     import torch
 
     from ..data.images import image_grid
-    from ..diffusion.pipeline import generate
     from ..train.checkpoint import load_checkpoint
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -113,15 +112,39 @@ def cmd_sample(args) -> None:
     default = record["data"]["resolution"]
     height, width = parse_size(args.resolution) if args.resolution else (default, default)
     labels = parse_labels(args.labels, record, args.num)
-    diffusion = record["diffusion"]
-    images = generate(model, record, num=args.num, height=height, width=width,
-                      steps=args.steps or diffusion["sample_steps"],
-                      cfg_scale=diffusion["cfg_scale"] if args.cfg is None else args.cfg, seed=args.seed,
-                      sampler=args.sampler or diffusion.get("sampler"), labels=labels)
+    images = sample_images(args, model, record, height, width, labels, device)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images).save(out)
-    print(f"wrote {out} ({args.num} images, {height}x{width})")
+    chain = f", upscaled from {args.upscale_from} at strength {args.strength}" if args.upscale_from else ""
+    print(f"wrote {out} ({args.num} images, {height}x{width}{chain})")
+
+
+def sample_images(args, model, record: dict, height: int, width: int, labels, device: str):
+    """Plain sampling, or the upscale chain when --upscale-from is given."""
+    from ..diffusion.pipeline import generate, generate_upscaled
+    from ..train.checkpoint import load_checkpoint
+
+    diffusion = record["diffusion"]
+    common = dict(num=args.num, height=height, width=width, steps=args.steps or diffusion["sample_steps"],
+                  cfg_scale=diffusion["cfg_scale"] if args.cfg is None else args.cfg, seed=args.seed,
+                  sampler=args.sampler or diffusion.get("sampler"), labels=labels,
+                  attention_scale=args.attention_scale, positions=args.position_scaling)
+    if not args.upscale_from:
+        if args.base_ckpt:
+            raise DitkitError("--base-ckpt needs --upscale-from (the size the base checkpoint samples at)")
+        return generate(model, record, **common)
+    base_model, base_record = model, record
+    if args.base_ckpt:
+        base_model, base_record = load_checkpoint(args.base_ckpt, ema=not args.no_ema, device=device)
+    base_height, base_width = parse_size(args.upscale_from)
+    base_diffusion = base_record["diffusion"]
+    return generate_upscaled(model, record, base_height=base_height, base_width=base_width, strength=args.strength,
+                             base_steps=args.base_steps or base_diffusion["sample_steps"],
+                             base_cfg_scale=base_diffusion["cfg_scale"] if args.cfg is None else args.cfg,
+                             base_model=base_model, base_record=base_record,
+                             base_sampler=common["sampler"] if base_record is record else base_diffusion.get("sampler"),
+                             **common)
 
 
 def load_teacher(args, device: str):
@@ -382,6 +405,17 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--no-ema", action="store_true", help="use the raw training weights, not the EMA")
     sample.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     sample.add_argument("--out", default="samples.png", help="output PNG grid")
+    sample.add_argument("--upscale-from", metavar="SIZE", help="high-resolution chain (SDEdit): sample at SIZE "
+                        "pixels first, upsample to --resolution, noise to --strength and denoise there")
+    sample.add_argument("--strength", type=float, default=0.7, help="upscale chain: noise level of the upsampled "
+                        "image (0 = returned as is, 1 = plain sampling; runs strength x --steps steps)")
+    sample.add_argument("--base-ckpt", help="upscale chain: checkpoint for the base size (default: --ckpt), "
+                        "e.g. the full-attention teacher, with the CLEAR student as --ckpt")
+    sample.add_argument("--base-steps", type=int, help="upscale chain: sampling steps at the base size")
+    sample.add_argument("--attention-scale", action="store_true", help="proportional attention scale "
+                        "sqrt(log N / log N_train) beyond the training size (off by default)")
+    sample.add_argument("--position-scaling", default="none", choices=["none", "ntk", "interpolate"],
+                        help="rescale position frequencies beyond the training size (off by default)")
     sample.set_defaults(func=cmd_sample)
 
     distill = sub.add_parser("distill", help="CLEAR linearization: distil a full-attention teacher into a "

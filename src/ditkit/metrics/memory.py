@@ -15,7 +15,7 @@ class _LiveBytes(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.live: dict[int, list[int]] = {}  # storage pointer -> [bytes, tensors alive]
-        self.current = self.peak = 0
+        self.current = self.peak = self.largest = 0
 
     def _release(self, key: int) -> None:
         entry = self.live.get(key)
@@ -35,6 +35,7 @@ class _LiveBytes(TorchDispatchMode):
             self.live[key] = [storage.nbytes(), 0]
             self.current += storage.nbytes()
             self.peak = max(self.peak, self.current)
+            self.largest = max(self.largest, storage.nbytes())
         self.live[key][1] += 1
         weakref.finalize(tensor, self._release, key)
 
@@ -46,6 +47,14 @@ class _LiveBytes(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 self._track(t, inputs)
         return out
+
+
+def largest_tensor(fn: Callable[[], object]) -> int:
+    """Bytes of the largest tensor storage `fn()` creates (on any device): shows whether a call
+    ever materialises an N x N score matrix or mask."""
+    with _LiveBytes() as tracker:
+        fn()
+    return tracker.largest
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") -> int:

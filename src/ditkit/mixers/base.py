@@ -9,15 +9,41 @@ can be rebuilt with another mixer in one argument.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 from torch import Tensor, nn
 
 Grid = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Extrapolation:
+    """Sampling beyond the training size (set on a model by `models.extrapolation`).
+
+    stretch: the current grid over the training grid, per axis (rows, columns).
+    attention_scale: proportional attention scale, softmax(q k^T sqrt(log_{N_train} N) / sqrt(d)).
+    positions: "none", "ntk" or "interpolate" scaling of position frequencies (sin-cos or rotary).
+    """
+
+    stretch: tuple[float, float] = (1.0, 1.0)
+    attention_scale: bool = False
+    positions: str = "none"
+
+    def query_scale(self, grid: Grid) -> float:
+        """Factor on the queries for proportional attention scale: sqrt(log N / log N_train)."""
+        tokens = grid[0] * grid[1]
+        train_tokens = tokens / (self.stretch[0] * self.stretch[1])
+        if not self.attention_scale or tokens <= 1 or train_tokens <= 1:
+            return 1.0
+        return math.sqrt(math.log(tokens) / math.log(train_tokens))
 
 
 class TokenMixer(nn.Module):
     """Base class: mixes information across tokens. Subclasses implement `forward`."""
 
     name: str = ""
+    extrapolation: Extrapolation | None = None  # set for sampling beyond the training size
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -52,6 +78,8 @@ class AttentionMixer(TokenMixer):
         B, N, D = x.shape
         check_layout(N, grid, num_global)
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.extrapolation is not None:
+            q = q * self.extrapolation.query_scale(grid)
         out = self.attend(q, k, v, grid, num_global)  # (B, heads, N, head_dim)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 

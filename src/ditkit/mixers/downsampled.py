@@ -17,17 +17,29 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DitkitError
-from .base import Grid, TokenMixer, check_layout, map_to_tokens, tokens_to_map
+from .base import Extrapolation, Grid, TokenMixer, check_layout, map_to_tokens, tokens_to_map
 from .registry import register_mixer
 
 
-def rope_2d_angles(head_dim: int, ys: Tensor, xs: Tensor, theta: float = 10000.0) -> Tensor:
+def rope_2d_angles(head_dim: int, ys: Tensor, xs: Tensor, theta: float = 10000.0,
+                   extrapolation: Extrapolation | None = None) -> Tensor:
     """(N, head_dim/2) rotation angles for tokens at (ys, xs): complex pair 2m turns with the
-    column, 2m+1 with the row, both at frequency theta^(-4m/head_dim)."""
+    column, 2m+1 with the row, both at frequency theta^(-4m/head_dim). Beyond the training grid,
+    `extrapolation.positions` rescales per axis as `sincos_pos_embed_2d` does (ntk: theta times
+    s^(k/(k-1)) for k frequencies; interpolate: positions divided by s)."""
     if head_dim % 4:
         raise DitkitError(f"2D rotary embedding needs a head dimension divisible by 4, got {head_dim}")
-    freqs = theta ** (-torch.arange(0, head_dim, 4, device=ys.device)[: head_dim // 4].float() / head_dim)
-    angles = torch.stack([xs.float()[:, None] * freqs, ys.float()[:, None] * freqs], dim=-1)
+    k = head_dim // 4
+    exponents = torch.arange(0, head_dim, 4, device=ys.device)[:k].float() / head_dim
+    ys, xs = ys.float(), xs.float()
+    thetas = [theta, theta]
+    if extrapolation is not None and extrapolation.positions != "none":
+        s_y, s_x = (max(1.0, s) for s in extrapolation.stretch)
+        if extrapolation.positions == "interpolate":
+            ys, xs = ys / s_y, xs / s_x
+        elif k > 1:
+            thetas = [theta * s_y ** (k / (k - 1)), theta * s_x ** (k / (k - 1))]
+    angles = torch.stack([xs[:, None] * thetas[1] ** -exponents, ys[:, None] * thetas[0] ** -exponents], dim=-1)
     return angles.reshape(len(ys), head_dim // 2)
 
 
@@ -84,8 +96,11 @@ class DownsampledAttention(TokenMixer):
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         # Rotary positions are each token's coordinates inside its sub-map.
         ys, xs = torch.meshgrid(torch.arange(H, device=x.device), torch.arange(W, device=x.device), indexing="ij")
-        angles = rope_2d_angles(self.head_dim, ys.flatten() // f, xs.flatten() // f)
+        angles = rope_2d_angles(self.head_dim, ys.flatten() // f, xs.flatten() // f,
+                                extrapolation=self.extrapolation)
         q, k = apply_rope(q, angles), apply_rope(k, angles)
+        if self.extrapolation is not None:  # each query attends within its (H/f) x (W/f) sub-map
+            q = q * self.extrapolation.query_scale((H // f, W // f))
         # Cosine attention with a per-head temperature, folded into q so the fused kernel applies.
         temperature = torch.clamp(self.logit_scale, max=math.log(100.0)).exp().to(q.dtype)
         q, k = F.normalize(q, dim=-1) * temperature, F.normalize(k, dim=-1)

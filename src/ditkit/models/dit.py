@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..errors import DitkitError
 from ..mixers import Grid, build_mixer
-from ..mixers.base import map_to_tokens
+from ..mixers.base import Extrapolation, map_to_tokens
 from ..mixers.registry import mixer_class
 from .layers import FinalLayer, LabelEmbedder, Mlp, TimestepEmbedder, modulate, sincos_pos_embed_2d
 from .registry import register_backbone, register_model
@@ -71,6 +71,8 @@ class DiTBlock(nn.Module):
 class DiT(nn.Module):
     """Diffusion transformer: (x, t, y) -> (B, out_channels, H, W) for any H, W divisible by the patch."""
 
+    extrapolation: Extrapolation | None = None  # sampling beyond the training size (models.extrapolation)
+
     def __init__(self, config: DiTConfig):
         super().__init__()
         self.config = config
@@ -124,7 +126,7 @@ class DiT(nn.Module):
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         grid = self.token_grid(x.shape[-2], x.shape[-1])
         tokens = map_to_tokens(self.x_embedder(x))
-        tokens = tokens + sincos_pos_embed_2d(self.config.hidden_size, grid).to(tokens)
+        tokens = tokens + sincos_pos_embed_2d(self.config.hidden_size, grid, self.extrapolation).to(tokens)
         c = self.condition(t, y)
         for block in self.blocks:
             tokens = block(tokens, c, grid)

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..mixers.base import Extrapolation
+
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN: per-sample shift and scale of normalised tokens (B, N, D) by (B, D) vectors."""
@@ -16,27 +18,40 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 @lru_cache(maxsize=64)
-def _sincos_2d(dim: int, height: int, width: int) -> np.ndarray:
+def _sincos_2d(dim: int, height: int, width: int, base: tuple[float, float],
+               stretch: tuple[float, float]) -> np.ndarray:
     if dim % 4:
         raise ValueError(f"2D sin-cos position embedding needs a width divisible by 4, got {dim}")
-    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
     ys, xs = np.meshgrid(np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64),
                          indexing="ij")
 
-    def embed_1d(pos: np.ndarray) -> np.ndarray:
+    def embed_1d(pos: np.ndarray, base: float) -> np.ndarray:
+        omega = 1.0 / base ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
         angles = pos.reshape(-1, 1) * omega[None]
         return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
 
     # DiT's layout: first half of the channels encodes the column, second half the row.
-    return np.concatenate([embed_1d(xs), embed_1d(ys)], axis=1).astype(np.float32)
+    return np.concatenate([embed_1d(xs / stretch[1], base[1]), embed_1d(ys / stretch[0], base[0])],
+                          axis=1).astype(np.float32)
 
 
-def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> Tensor:
+def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], extrapolation: Extrapolation | None = None) -> Tensor:
     """Fixed 2D sin-cos position embedding for a (H, W) token grid, row-major: (H*W, dim).
 
-    Computed for any grid size, so a model runs at resolutions it was not trained at.
+    Computed for any grid size, so a model runs at resolutions it was not trained at. Beyond the
+    training grid, `extrapolation.positions` maps the new positions into the range the model saw,
+    per axis with s = grid / training grid (only where s > 1):
+      "interpolate"  positions divided by s (position interpolation): every frequency slowed down;
+      "ntk"          base 10000 * s^(k/(k-1)) for k frequencies (NTK-aware): the fastest frequency is
+                     unchanged (local detail as trained), the slowest divided by s (global layout).
     """
-    return torch.from_numpy(_sincos_2d(dim, grid[0], grid[1]))
+    base, stretch, k = [10000.0, 10000.0], [1.0, 1.0], dim // 4
+    if extrapolation is not None and extrapolation.positions != "none":
+        stretch = [max(1.0, s) for s in extrapolation.stretch]
+        if extrapolation.positions == "ntk":
+            base = [10000.0 * s ** (k / (k - 1)) if k > 1 else 10000.0 for s in stretch]
+            stretch = [1.0, 1.0]
+    return torch.from_numpy(_sincos_2d(dim, grid[0], grid[1], tuple(base), tuple(stretch)))
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
