@@ -55,7 +55,7 @@ def guided_output(model, x: Tensor, t: Tensor, labels: Tensor | None, cfg_scale:
 
 def start_index(steps: int, strength: float) -> int:
     """Where sampling starts in a `steps`-step schedule for SDEdit at `strength`: the last
-    round(steps * strength) steps run (diffusers' img2img convention; 1 = all, 0 = none)."""
+    floor(steps * strength) steps run (diffusers' img2img convention; 1 = all, 0 = none)."""
     if not 0.0 <= strength <= 1.0:
         raise DitkitError(f"strength must be between 0 and 1, got {strength}")
     return steps - min(int(steps * strength), steps)
@@ -79,7 +79,7 @@ def sample(model, objective, shape: tuple[int, ...], *, labels: Tensor | None = 
     """Draw samples of `shape` (B, C, H, W) in the model's input space. Same seed, same result.
 
     With `init` (SDEdit / img2img): `init` is noised to `strength` (1 = pure noise: plain sampling;
-    0 = returned unchanged) and denoised by the last round(steps * strength) steps of the schedule.
+    0 = returned unchanged) and denoised by the last floor(steps * strength) steps of the schedule.
     """
     if steps < 1:
         raise DitkitError(f"steps must be at least 1, got {steps}")
