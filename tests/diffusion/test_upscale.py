@@ -70,6 +70,23 @@ def test_partial_strength_starts_from_the_noised_input_and_runs_the_last_steps()
     first_x, first_t = model.inputs[0]
     torch.testing.assert_close(first_x, sigma * noise + (1 - sigma) * init)
     torch.testing.assert_close(first_t, scheduler.timesteps[5].expand(2))
+    second_x = first_x + (scheduler.sigmas[6] - sigma) * torch.tanh(first_x)  # Euler from step 5, not step 0
+    torch.testing.assert_close(model.inputs[1][0], second_x)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_partial_strength_for_ddpm_models_noises_with_alpha_bar(sampler):
+    objective, init, model = DDPMObjective(learn_sigma=False), torch.rand(2, 1, 4, 4), Recorder()
+    sample(model, objective, (2, 1, 4, 4), init=init, strength=0.3, steps=10, seed=3, sampler=sampler,
+           progress=False)
+    scheduler = make_scheduler(objective, sampler)
+    scheduler.set_timesteps(10)
+    t = scheduler.timesteps[7]
+    alpha_bar = scheduler.alphas_cumprod[t]
+    noise = torch.randn((2, 1, 4, 4), generator=torch.Generator().manual_seed(3))
+    assert len(model.inputs) == 3
+    torch.testing.assert_close(model.inputs[0][0], alpha_bar.sqrt() * init + (1 - alpha_bar).sqrt() * noise)
+    torch.testing.assert_close(model.inputs[0][1], t.float().expand(2))
 
 
 def test_strength_outside_zero_one_is_refused():
