@@ -184,3 +184,10 @@ def test_clear_sampling_step_builds_no_n_by_n_tensor():
         dense = largest_tensor(lambda: tiny_model("clear", radius=4, backend="reference")(x, t, y))
     assert dense >= tokens * tokens  # the tracker sees the reference backend's mask...
     assert largest <= tokens * 128 * 4 < tokens * tokens / 4  # ...and nothing quadratic on the default path
+
+
+@pytest.mark.parametrize("name", ["U-DiT-Nano", "DiffuSSM-Nano"])
+def test_chain_works_with_every_backbone(name):
+    model = build_model(model_config(name, in_channels=1, vae_scale=1, num_classes=10, learn_sigma=False)).eval()
+    out = generate_upscaled(model, RECORD, strength=0.5, **{**CHAIN, "steps": 2, "base_steps": 1})
+    assert out.shape == (2, 1, 32, 32) and torch.isfinite(out).all()
