@@ -101,18 +101,20 @@ def cmd_train(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    import torch
-
     from ..data.images import image_grid
+    from ..parallel import sampling_session
     from ..train.checkpoint import load_checkpoint
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, record = load_checkpoint(args.ckpt, ema=not args.no_ema, mixer=args.mixer,
-                                    mixer_options=parse_options(args.mixer_opt) or None, device=device)
-    default = record["data"]["resolution"]
-    height, width = parse_size(args.resolution) if args.resolution else (default, default)
-    labels = parse_labels(args.labels, record, args.num)
-    images = sample_images(args, model, record, height, width, labels, device)
+    with sampling_session(args.parallel, args.device) as session:  # --parallel patch: one strip per process
+        model, record = load_checkpoint(args.ckpt, ema=not args.no_ema, mixer=args.mixer,
+                                        mixer_options=parse_options(args.mixer_opt) or None, device=session.device)
+        model = session.wrap(model)
+        default = record["data"]["resolution"]
+        height, width = parse_size(args.resolution) if args.resolution else (default, default)
+        labels = parse_labels(args.labels, record, args.num)
+        images = sample_images(args, model, record, height, width, labels, session.device, progress=session.is_main)
+        if not session.is_main:  # every process holds the same images; one writes them
+            return
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images).save(out)
@@ -120,7 +122,7 @@ def cmd_sample(args) -> None:
     print(f"wrote {out} ({args.num} images, {height}x{width}{chain})")
 
 
-def sample_images(args, model, record: dict, height: int, width: int, labels, device: str):
+def sample_images(args, model, record: dict, height: int, width: int, labels, device: str, progress: bool = True):
     """Plain sampling, or the upscale chain when --upscale-from is given."""
     from ..diffusion.pipeline import generate, generate_upscaled
     from ..train.checkpoint import load_checkpoint
@@ -129,7 +131,7 @@ def sample_images(args, model, record: dict, height: int, width: int, labels, de
     common = dict(num=args.num, height=height, width=width, steps=args.steps or diffusion["sample_steps"],
                   cfg_scale=diffusion["cfg_scale"] if args.cfg is None else args.cfg, seed=args.seed,
                   sampler=args.sampler or diffusion.get("sampler"), labels=labels,
-                  attention_scale=args.attention_scale, positions=args.position_scaling)
+                  attention_scale=args.attention_scale, positions=args.position_scaling, progress=progress)
     if not args.upscale_from:
         if args.base_ckpt:
             raise DitkitError("--base-ckpt needs --upscale-from (the size the base checkpoint samples at)")
@@ -394,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample = sub.add_parser("sample", help="sample an image grid from a checkpoint")
     sample.add_argument("--ckpt", required=True, help="run folder, checkpoint folder or .safetensors file")
     sample.add_argument("--resolution", help="pixels, e.g. 64 or 64x128 (default: the training resolution)")
-    sample.add_argument("--num", type=int, default=16, help="number of images")
+    sample.add_argument("-n", "--num", type=int, default=16,
+                        help="number of images (under torchrun write -n: torchrun takes --num for its --numa-binding)")
     sample.add_argument("--steps", type=int, help="sampling steps (default: the run's diffusion.sample_steps)")
     sample.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off)")
     sample.add_argument("--seed", type=int, default=0)
@@ -405,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--no-ema", action="store_true", help="use the raw training weights, not the EMA")
     sample.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     sample.add_argument("--out", default="samples.png", help="output PNG grid")
+    sample.add_argument("--parallel", choices=("none", "patch"), default="none",
+                        help="patch: under torchrun, each process computes one horizontal strip of the image "
+                             "tokens (DiT; exact: same images as one process)")
     sample.add_argument("--upscale-from", metavar="SIZE", help="high-resolution chain (SDEdit): sample at SIZE "
                         "pixels first, upsample to --resolution, noise to --strength and denoise there")
     sample.add_argument("--strength", type=float, default=0.7, help="upscale chain: noise level of the upsampled "
