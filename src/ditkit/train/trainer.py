@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
@@ -39,6 +40,16 @@ def has_accelerator() -> bool:
     if hasattr(torch, "accelerator"):
         return torch.accelerator.is_available()
     return torch.cuda.is_available()
+
+
+def refuse_sharding(accelerator: Accelerator) -> None:
+    """The EMA copy and the checkpoints are written from whole weights on each process: sharded
+    training (FSDP, DeepSpeed ZeRO) would break both, so it stops here instead of hanging later."""
+    kind = accelerator.distributed_type
+    if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise DitkitError(f"ditkit train does not support {kind.value} yet (its EMA and checkpoints need whole "
+                          "weights on every process): use DDP, i.e. torchrun or accelerate launch --multi_gpu "
+                          "without an FSDP/DeepSpeed config")
 
 
 def step_generator(*keys: int) -> torch.Generator:
@@ -154,6 +165,7 @@ class Trainer:
         AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not has_accelerator(),
                                        gradient_accumulation_steps=cfg.train.grad_accum)
+        refuse_sharding(self.accelerator)
         self.dataset, self.vae_path, scale = self._prepare_data()
         self.objective = build_objective(cfg.diffusion.objective, learn_sigma=cfg.diffusion.learn_sigma,
                                          timestep_sampling=cfg.diffusion.timestep_sampling)
