@@ -116,7 +116,8 @@ def random_checkpoint(tmp_path, *overrides) -> Path:
 def test_cli_patch_parallel_sampling_equals_one_process(tmp_path, capsys):
     ckpt = random_checkpoint(tmp_path)
     common = ["sample", "--ckpt", str(ckpt), "--resolution", "28x16", "-n", "3", "--steps", "3", "--cfg", "2",
-              "--seed", "5", "--mixer", "clear", "--mixer-opt", "radius=2", "--device", "cpu"]
+              "--seed", "5", "--mixer", "clear", "--mixer-opt", "radius=2", "--device", "cpu",
+              "--attention-scale", "--position-scaling", "ntk"]  # trained at 16 px: the size options apply
     assert main([*common, "--out", str(tmp_path / "one.png")]) == 0
     result = torchrun("-m", "ditkit.cli.main", *common, "--parallel", "patch", "--out", str(tmp_path / "two.png"))
     assert result.stdout.count("wrote") == 1  # rank 0 only
