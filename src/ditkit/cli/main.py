@@ -443,7 +443,8 @@ def add_quickstart_parser(sub) -> None:
     quick.add_argument("--distill-steps", type=int, help="distillation steps (default 300)")
     quick.add_argument("--features-path", metavar="PATH", help="where the ditkit-digits FID extractor is cached "
                        "(default: ~/.cache/ditkit/features/ditkit-digits-v1.pt; trained there on first use)")
-    quick.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    quick.add_argument("--device", help="cpu, cuda, ... for all but training, which (as `ditkit train`) runs on "
+                                        "the GPU when there is one (default: cuda when available)")
     quick.add_argument("--no-progress", action="store_true", help="no progress bars")
     quick.set_defaults(func=cmd_quickstart)
 

@@ -193,6 +193,9 @@ class Quickstart:
     def run(self) -> Path:
         """Every stage, skipping the ones already done; returns the report's path."""
         self.check_settings()
+        s = self.settings
+        self.log(f"ditkit quickstart in {self.out} (scale {s.scale}: teacher {s.teacher_steps} steps, student "
+                 f"{s.distill_steps} steps on {s.distill_samples} teacher samples, device {self.device})")
         start, reran = time.perf_counter(), set()
         for number, stage in enumerate(STAGES, 1):
             header = f"[{number}/{len(STAGES)}] {stage.title} (at {format_seconds(time.perf_counter() - start)})"
