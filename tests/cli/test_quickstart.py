@@ -98,6 +98,17 @@ def test_an_interrupted_sample_stage_makes_only_the_missing_samples(run_copy, di
     assert "samples/student-4x.safetensors" in after
 
 
+def test_a_remade_stage_remakes_what_reads_it_afresh(run_copy, digits_features_path, capsys):
+    (run_copy / ".stages" / "student.json").unlink()
+    before = file_times(run_copy)
+    assert main(quickstart(run_copy, digits_features_path)) == 0
+    ran = stage_lines(capsys.readouterr().out)
+    assert [name for name, how in ran.items() if how == "ran"] == ["student", "samples", "quality", "report"]
+    after = file_times(run_copy)
+    assert after["samples/teacher-1x.safetensors"] != before["samples/teacher-1x.safetensors"]  # not reused
+    assert after["bench/bench.csv"] == before["bench/bench.csv"]  # the bench reads the teacher only
+
+
 def test_other_settings_in_the_same_folder_are_refused(run_copy, digits_features_path, capsys):
     assert main(quickstart(run_copy, digits_features_path, "--teacher-steps", "6")) == 2
     err = capsys.readouterr().err

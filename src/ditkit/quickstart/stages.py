@@ -199,13 +199,13 @@ class Quickstart:
         start, reran = time.perf_counter(), set()
         for number, stage in enumerate(STAGES, 1):
             header = f"[{number}/{len(STAGES)}] {stage.title} (at {format_seconds(time.perf_counter() - start)})"
-            marker = self.marker(stage)
-            if marker.is_file() and not reran.intersection(stage.needs):
+            marker, stale = self.marker(stage), bool(reran.intersection(stage.needs))
+            if marker.is_file() and not stale:
                 seconds = json.loads(marker.read_text())["seconds"]
                 self.log(f"{header}: done earlier ({format_seconds(seconds)}), skipped")
                 continue
             self.log(f"{header} ...")
-            if marker.is_file():  # done, but from inputs that have changed since
+            if stale:  # its inputs were remade: nothing it made before may be reused
                 self.remove_outputs(stage)
             began = time.perf_counter()
             stage.run(self)
@@ -218,10 +218,13 @@ class Quickstart:
         return self.out / "report.md"
 
     def remove_outputs(self, stage: Stage) -> None:
-        self.marker(stage).unlink()
+        self.marker(stage).unlink(missing_ok=True)
         for name in stage.outputs:
             path = self.out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
         self._models.clear()
 
     # -- 1 teacher -----------------------------------------------------------------------------
@@ -257,7 +260,11 @@ class Quickstart:
         from ..distill import Distiller, DitkitTeacher
         from ..train.checkpoint import find_checkpoint
 
-        teacher = DitkitTeacher(find_checkpoint(self.teacher_dir), device=self.device)
+        checkpoint = find_checkpoint(self.teacher_dir)
+        teacher = DitkitTeacher(checkpoint, device=self.device)
+        # Named relative to the out folder: distillation refuses to resume with "another" teacher, and
+        # the same teacher must stay the same when the folder moves (or the run goes on from another cwd).
+        teacher.path = str(checkpoint.relative_to(self.out))
         Distiller(teacher, self.distill_config(), device=self.device, progress=self.progress).run(resume=True)
         self._models.pop("student", None)
 
