@@ -438,7 +438,8 @@ def add_quickstart_parser(sub) -> None:
                                               "benchmark both, and write a report folder (resumable)")
     quick.add_argument("--out", default="runs/quickstart", help="the report folder (run it again to resume)")
     quick.add_argument("--scale", default="default", choices=list(SCALES),
-                       help="default (about 13 min on 2 CPU cores) or tiny (seconds: a 1-layer model, for trials)")
+                       help="default (about 7.5 min on 2 CPU cores) or tiny (a 1-layer model: about a minute, "
+                            "for trials)")
     quick.add_argument("--teacher-steps", type=int, help="teacher training steps (default 1500)")
     quick.add_argument("--distill-steps", type=int, help="distillation steps (default 300)")
     quick.add_argument("--features-path", metavar="PATH", help="where the ditkit-digits FID extractor is cached "
