@@ -62,3 +62,12 @@ def test_a_step_projected_over_budget_is_skipped_before_it_runs():
     rows = run_bench(["DiT-Nano/4"], ["full"], [32, 512], max_seconds=0.05, repeats=1, memory=False,
                      progress=False, log=lambda _: None)
     assert rows[1]["status"].startswith("skipped (budget: ~") and rows[1]["gmacs"] > rows[0]["gmacs"]
+
+
+def test_model_args_override_every_model_config():
+    """A pixel-space model (vae_scale 1): 32 px are 32x32 cells, 8x8 patches of 4."""
+    rows = run_bench(["DiT-Nano/4"], ["full"], [32], model_args={"in_channels": 1, "vae_scale": 1}, repeats=1,
+                     memory=False, progress=False, log=lambda _: None)
+    assert rows[0]["tokens"] == 64 and rows[0]["status"] == "ok"
+    with pytest.raises(DitkitError, match="no field"):
+        run_bench(["DiT-Nano/4"], ["full"], [32], model_args={"colour": 1}, progress=False, log=lambda _: None)

@@ -1,4 +1,4 @@
-"""The `ditkit` command line: info, train, sample, distill."""
+"""The `ditkit` command line: info, train, sample, distill, eval, bench, quickstart."""
 
 from __future__ import annotations
 
@@ -194,6 +194,18 @@ def cmd_distill(args) -> None:
     print(f"image-attention FLOPs saved vs full attention at radius {cfg.radius:g}: {work}")
     print(f"done: student checkpoint in {Path(cfg.out_dir) / 'checkpoints'}; "
           f"report {Path(cfg.out_dir) / 'agreement.json'}, compare-*.png")
+
+
+def cmd_quickstart(args) -> None:
+    import torch
+
+    from ..quickstart import quickstart, quickstart_settings
+
+    settings = quickstart_settings(args.scale, teacher_steps=args.teacher_steps, distill_steps=args.distill_steps)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    report = quickstart(args.out, settings, device=device, features_path=args.features_path,
+                        progress=not args.no_progress)
+    print(f"done: open {report}")
 
 
 def parse_labels(text: str | None, record: dict, num: int):
@@ -455,7 +467,27 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     distill.add_argument("--no-progress", action="store_true", help="no progress bars")
     distill.set_defaults(func=cmd_distill)
+    add_quickstart_parser(sub)
     return parser
+
+
+def add_quickstart_parser(sub) -> None:
+    from ..quickstart import SCALES
+
+    quick = sub.add_parser("quickstart", help="train a digits teacher, distil a CLEAR student, sample, score and "
+                                              "benchmark both, and write a report folder (resumable)")
+    quick.add_argument("--out", default="runs/quickstart", help="the report folder (run it again to resume)")
+    quick.add_argument("--scale", default="default", choices=list(SCALES),
+                       help="default (about 7.5 min on 2 CPU cores) or tiny (a 1-layer model: about a minute, "
+                            "for trials)")
+    quick.add_argument("--teacher-steps", type=int, help="teacher training steps (default 1500)")
+    quick.add_argument("--distill-steps", type=int, help="distillation steps (default 300)")
+    quick.add_argument("--features-path", metavar="PATH", help="where the ditkit-digits FID extractor is cached "
+                       "(default: ~/.cache/ditkit/features/ditkit-digits-v1.pt; trained there on first use)")
+    quick.add_argument("--device", help="cpu, cuda, ... for all but training, which (as `ditkit train`) runs on "
+                                        "the GPU when there is one (default: cuda when available)")
+    quick.add_argument("--no-progress", action="store_true", help="no progress bars")
+    quick.set_defaults(func=cmd_quickstart)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -110,18 +110,20 @@ def measure_point(model, config, height: int, width: int, device: torch.device, 
 
 def run_bench(models: list[str], mixers: list[str], resolutions: list[int], *, mixer_opts: dict | None = None,
               max_seconds: float = 10.0, max_memory_mib: float | None = None, repeats: int = 3,
-              device: str = "cpu", memory: bool = True, progress: bool = True, log=print) -> list[dict]:
+              device: str = "cpu", memory: bool = True, progress: bool = True, log=print,
+              model_args: dict | None = None) -> list[dict]:
     """One row per (model, mixer, resolution in pixels). A series stops ("skipped (budget)") after a
     step slower than `max_seconds` or a peak above `max_memory_mib`, or before a step whose time,
     projected from the last one at the same ms per GFLOP, exceeds `max_seconds`. A combination the
-    model or the size does not allow is a row with status "skipped (<why>)"."""
+    model or the size does not allow is a row with status "skipped (<why>)". `model_args` overrides
+    config fields of every model (e.g. in_channels=1, vae_scale=1 for a pixel-space model)."""
     from tqdm.auto import tqdm
 
     from ..mixers.registry import mixer_class
     from ..models import model_config
 
     for name in models:  # a typo fails at once, not after an hour of measuring
-        model_config(name)
+        model_config(name, **(model_args or {}))
     for name in mixers:
         mixer_class(name)
     device = torch.device(device)
@@ -129,17 +131,18 @@ def run_bench(models: list[str], mixers: list[str], resolutions: list[int], *, m
     combos = [(m, x) for m in models for x in mixers]
     for model_name, mixer in tqdm(combos, desc="bench", disable=not progress):
         rows += _run_series(model_name, mixer, mixer_opts or {}, sorted(resolutions), device, max_seconds,
-                            max_memory_mib, repeats, memory, log)
+                            max_memory_mib, repeats, memory, log, model_args or {})
     return rows
 
 
-def _run_series(model_name, mixer, options, resolutions, device, max_seconds, max_memory_mib, repeats, memory, log):
+def _run_series(model_name, mixer, options, resolutions, device, max_seconds, max_memory_mib, repeats, memory, log,
+                model_args):
     from ..models import build_model, model_config
 
     overrides = mixer_overrides(mixer, options)
     base = {"model": model_name, "mixer": describe_mixer(mixer, overrides["mixer_options"])}
     try:  # a model may not take every mixer (e.g. a backbone without attention)
-        config = model_config(model_name, **overrides)
+        config = model_config(model_name, **{**model_args, **overrides})
         torch.manual_seed(0)
         model = build_model(config).to(device).eval()
     except (DitkitError, TypeError, ValueError) as error:

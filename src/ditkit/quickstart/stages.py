@@ -1,0 +1,393 @@
+"""The quickstart's stages and how they run, skip and resume.
+
+  1 teacher   a small full-attention DiT trained on the digits (`ditkit train digits`)
+  2 student   CLEAR local attention distilled from it (`ditkit distill`, output-heavy loss weights)
+  3 samples   teacher and student at 1x and 4x the training size, from the same seeds and labels
+  4 quality   FID/KID against real digits (ditkit-digits features), student-vs-teacher PSNR/SSIM
+  5 bench     whole-model time per step, GFLOPs and peak memory, full vs clear, over sizes
+  6 report    report.md with the settings, tables, grids and plots, all in the out folder
+
+A stage writes its outputs, then its marker `.stages/NAME.json` (atomically, with its time). A rerun
+skips a stage that has a marker, unless a stage it reads from ran again: then its old outputs are
+removed and it starts afresh. A stage without a marker (interrupted) resumes from what it left:
+training and distillation from their checkpoints, sampling file by file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import DitkitError
+
+DIGITS_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
+SEED = 0
+# Output matching dominates: at this scale CLEAR's default weights (task 1, output 0.5, attention
+# 0.5) did not bring the student closer to the teacher; these did (+7.6 dB, README "Measured").
+DISTILL_WEIGHTS = {"task": 0.1, "output": 1.0, "attention": 0.5}
+DISTILL_LR = 5e-4
+BENCH_SECONDS = 10.0  # a bench series stops after a step slower than this (or projected to be)
+
+
+# ---------------------------------------------------------------- settings
+
+@dataclass
+class QuickstartSettings:
+    teacher_steps: int = 1500
+    distill_steps: int = 300
+    distill_samples: int = 512  # teacher samples the student trains on
+    distill_batch: int = 32
+    radius: float = 4  # CLEAR radius in tokens
+    grid_num: int = 10  # images per grid row: the classes 0..9
+    fid_num: int = 256  # samples per model for FID/KID
+    fid_ref: int = 1000  # real digits as the FID reference
+    bench_resolutions: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    scale: str = "default"
+
+    def __post_init__(self):
+        if self.scale not in SCALES:
+            raise DitkitError(f"unknown scale {self.scale!r}: choose one of {', '.join(SCALES)}")
+        for name in ("teacher_steps", "distill_steps", "distill_samples", "distill_batch", "grid_num", "fid_ref"):
+            if getattr(self, name) < 1:
+                flag = "--" + name.replace("_", "-")
+                raise DitkitError(f"{flag} must be at least 1, got {getattr(self, name)}")
+        if self.fid_num < 2:
+            raise DitkitError(f"FID needs at least 2 samples per model, got fid_num={self.fid_num}")
+
+
+# "tiny": a one-layer model at 16 px and a handful of steps, the whole chain in seconds (tests, trials).
+SCALES = {
+    "default": {},
+    "tiny": dict(teacher_steps=4, distill_steps=2, distill_samples=8, distill_batch=4, radius=2, grid_num=4,
+                 fid_num=8, fid_ref=16, bench_resolutions=[16, 32]),
+}
+TINY_TEACHER = ["model.args.depth=1", "model.args.hidden_size=32", "model.args.num_heads=2", "data.resolution=16",
+                "train.batch_size=8", "train.log_every=1", "train.num_samples=4", "diffusion.sample_steps=2"]
+
+
+def quickstart_settings(scale: str = "default", **overrides) -> QuickstartSettings:
+    """The settings of a scale, with the given fields replaced (None leaves a field as it is)."""
+    if scale not in SCALES:
+        raise DitkitError(f"unknown scale {scale!r}: choose one of {', '.join(SCALES)}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return QuickstartSettings(**{**SCALES[scale], **given, "scale": scale})
+
+
+# ---------------------------------------------------------------- small file helpers
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file, then rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_images(path: Path, images: torch.Tensor, seconds: float) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({"images": images.contiguous()}, tmp, metadata={"seconds": f"{seconds:.4f}"})
+    os.replace(tmp, path)
+
+
+def load_images(path: Path) -> tuple[torch.Tensor, float]:
+    """(images, seconds it took to make them)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor("images"), float((f.metadata() or {}).get("seconds", "nan"))
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s" if minutes else f"{seconds:.1f} s"
+
+
+# ---------------------------------------------------------------- the sample sets
+
+@dataclass(frozen=True)
+class SampleSet:
+    """One row of a sample grid: `model`'s samples at `scale` x the training resolution.
+    (An upscaled row, e.g. the student at 4x refined from the teacher's 1x, is one more set here
+    and one more branch in `Quickstart.draw`.)"""
+
+    model: str  # "teacher" or "student"
+    scale: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}-{self.scale}x"
+
+
+SAMPLE_SETS = (SampleSet("teacher", 1), SampleSet("student", 1), SampleSet("teacher", 4), SampleSet("student", 4))
+
+
+# ---------------------------------------------------------------- the stages
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    title: str
+    run: Callable[[Quickstart], None]
+    needs: tuple[str, ...] = ()  # stages whose outputs this one reads: when one reruns, so does this
+    outputs: tuple[str, ...] = ()  # its work under the out folder, removed when it reruns afresh
+
+
+class Quickstart:
+    def __init__(self, out_dir: str | Path, settings: QuickstartSettings, device: str = "cpu",
+                 features_path: str | Path | None = None, progress: bool = True, log=print):
+        self.out = Path(out_dir)
+        if self.out.exists() and not self.out.is_dir():
+            raise DitkitError(f"--out {self.out} is a file: give a folder (new, or a quickstart's to resume)")
+        self.settings, self.device, self.features_path = settings, device, features_path
+        self.progress, self.log = progress, log
+        self._models: dict[str, tuple] = {}
+
+    # -- paths and loaded models ---------------------------------------------------------------
+    @property
+    def teacher_dir(self) -> Path:
+        return self.out / "teacher"
+
+    @property
+    def student_dir(self) -> Path:
+        return self.out / "student"
+
+    def marker(self, stage: Stage) -> Path:
+        return self.out / ".stages" / f"{stage.name}.json"
+
+    def model(self, name: str):
+        """(model, record) of the teacher or the student checkpoint, loaded once."""
+        from ..train.checkpoint import load_checkpoint
+
+        if name not in self._models:
+            folder = self.teacher_dir if name == "teacher" else self.student_dir / "checkpoints"
+            self._models[name] = load_checkpoint(folder, device=self.device)
+        return self._models[name]
+
+    @property
+    def resolution(self) -> int:
+        return self.model("teacher")[1]["data"]["resolution"]
+
+    # -- the run -------------------------------------------------------------------------------
+    def check_settings(self) -> None:
+        """The out folder's settings must be these: a resumed stage must not mix two configurations."""
+        path = self.out / "quickstart.json"
+        current = asdict(self.settings)
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved != current:
+                diff = ", ".join(sorted(k for k in current if saved.get(k) != current[k]))
+                raise DitkitError(f"{self.out} holds a quickstart made with other settings ({diff}): "
+                                  "use another --out, or delete that folder")
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(current, indent=2) + "\n")
+
+    def run(self) -> Path:
+        """Every stage, skipping the ones already done; returns the report's path."""
+        self.check_settings()
+        s = self.settings
+        self.log(f"ditkit quickstart in {self.out} (scale {s.scale}: teacher {s.teacher_steps} steps, student "
+                 f"{s.distill_steps} steps on {s.distill_samples} teacher samples, device {self.device})")
+        start, reran = time.perf_counter(), set()
+        for number, stage in enumerate(STAGES, 1):
+            header = f"[{number}/{len(STAGES)}] {stage.title} (at {format_seconds(time.perf_counter() - start)})"
+            marker, stale = self.marker(stage), bool(reran.intersection(stage.needs))
+            if marker.is_file() and not stale:
+                seconds = json.loads(marker.read_text())["seconds"]
+                self.log(f"{header}: done earlier ({format_seconds(seconds)}), skipped")
+                continue
+            self.log(f"{header} ...")
+            if stale:  # its inputs were remade: nothing it made before may be reused
+                self.remove_outputs(stage)
+            began = time.perf_counter()
+            stage.run(self)
+            seconds = time.perf_counter() - began
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(marker, json.dumps({"seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}))
+            reran.add(stage.name)
+            self.log(f"      {stage.name} done in {format_seconds(seconds)}")
+        self.log(f"quickstart finished in {format_seconds(time.perf_counter() - start)}: {self.out / 'report.md'}")
+        return self.out / "report.md"
+
+    def remove_outputs(self, stage: Stage) -> None:
+        self.marker(stage).unlink(missing_ok=True)
+        for name in stage.outputs:
+            path = self.out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        self._models.clear()
+
+    # -- 1 teacher -----------------------------------------------------------------------------
+    def teacher_config(self):
+        from ..train import load_config
+
+        tiny = self.settings.scale == "tiny"
+        cfg = load_config(DIGITS_CONFIG, TINY_TEACHER if tiny else [])
+        steps = self.settings.teacher_steps
+        cfg.train.out_dir, cfg.train.steps = str(self.teacher_dir), steps
+        cfg.train.ckpt_every = min(cfg.train.ckpt_every, steps) if not tiny else 2
+        cfg.train.sample_every = steps  # one sample grid, at the end
+        return cfg
+
+    def train_teacher(self) -> None:
+        from ..train import train
+        from ..train.checkpoint import list_checkpoints
+
+        resume = True if list_checkpoints(self.teacher_dir / "checkpoints") else None
+        train(self.teacher_config(), resume=resume, progress=self.progress)
+
+    # -- 2 student -----------------------------------------------------------------------------
+    def distill_config(self):
+        from ..distill import DistillConfig
+
+        s = self.settings
+        return DistillConfig(out_dir=str(self.student_dir), radius=s.radius, num_samples=s.distill_samples,
+                             steps=s.distill_steps, batch_size=s.distill_batch, lr=DISTILL_LR,
+                             weights=dict(DISTILL_WEIGHTS), seed=SEED, ckpt_every=max(1, s.distill_steps // 3),
+                             log_every=min(10, s.distill_steps), eval_num=8 if s.scale != "tiny" else 2)
+
+    def distill_student(self) -> None:
+        from ..distill import Distiller, DitkitTeacher
+        from ..train.checkpoint import find_checkpoint
+
+        checkpoint = find_checkpoint(self.teacher_dir)
+        teacher = DitkitTeacher(checkpoint, device=self.device)
+        # Named relative to the out folder: distillation refuses to resume with "another" teacher, and
+        # the same teacher must stay the same when the folder moves (or the run goes on from another cwd).
+        teacher.path = str(checkpoint.relative_to(self.out))
+        Distiller(teacher, self.distill_config(), device=self.device, progress=self.progress).run(resume=True)
+        self._models.pop("student", None)
+
+    # -- 3 samples -----------------------------------------------------------------------------
+    def sample_path(self, sample_set: SampleSet) -> Path:
+        return self.out / "samples" / f"{sample_set.name}.safetensors"
+
+    def draw(self, sample_set: SampleSet) -> torch.Tensor:
+        """The grid row of one sample set: classes 0, 1, 2, ..., the same noise for every set."""
+        from ..diffusion.pipeline import generate
+
+        model, record = self.model(sample_set.model)
+        size = sample_set.scale * self.resolution
+        diffusion = record["diffusion"]
+        return generate(model, record, num=self.settings.grid_num, height=size, width=size,
+                        steps=diffusion["sample_steps"], cfg_scale=diffusion["cfg_scale"], seed=SEED,
+                        sampler=diffusion.get("sampler"), progress=self.progress).cpu()
+
+    def make_samples(self) -> None:
+        from ..data.images import image_grid
+
+        (self.out / "samples").mkdir(parents=True, exist_ok=True)
+        for sample_set in SAMPLE_SETS:
+            path = self.sample_path(sample_set)
+            if not path.is_file():  # an interrupted stage keeps the sets it finished
+                self.log(f"      sampling {sample_set.name} ({sample_set.scale * self.resolution} px)")
+                began = time.perf_counter()
+                images = self.draw(sample_set)
+                save_images(path, images, time.perf_counter() - began)
+        for scale in sorted({s.scale for s in SAMPLE_SETS}):
+            rows = [load_images(self.sample_path(s))[0] for s in SAMPLE_SETS if s.scale == scale]
+            grid = image_grid(torch.cat(rows), ncols=self.settings.grid_num)
+            grid.save(self.out / f"samples-{scale * self.resolution}.png")
+
+    # -- 4 quality -----------------------------------------------------------------------------
+    def fid_samples(self, name: str) -> torch.Tensor:
+        """`fid_num` samples of the teacher or the student (same seeds and labels for both), cached."""
+        from ..metrics.quality import sample_checkpoint
+
+        path = self.out / "quality" / f"{name}-fid.safetensors"
+        if path.is_file():
+            return load_images(path)[0]
+        folder = self.teacher_dir if name == "teacher" else self.student_dir / "checkpoints"
+        began = time.perf_counter()
+        images, _ = sample_checkpoint(folder, self.settings.fid_num, seed=SEED + 1, device=self.device,
+                                      progress=self.progress)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_images(path, images, time.perf_counter() - began)
+        return images
+
+    def measure_quality(self) -> None:
+        from ..metrics.agreement import agreement
+        from ..metrics.features import build_features
+        from ..metrics.quality import evaluate, load_reference
+
+        s = self.settings
+        real = load_reference("digits", s.fid_ref + s.fid_num, resolution=self.resolution, seed=SEED)
+        reference, held_out = real[:s.fid_ref], real[s.fid_ref:]
+        extractor = build_features("ditkit-digits", features_path=self.features_path, progress=self.progress)
+
+        def score(images: torch.Tensor) -> dict:
+            return evaluate(images, reference, extractor, device=self.device, progress=False, seed=SEED)
+
+        samples = {name: self.fid_samples(name) for name in ("teacher", "student")}
+        scores = {name: score(images) for name, images in samples.items()}
+        if len(held_out) >= 2:  # the floor: real digits the reference does not hold, as many as the samples
+            scores["real digits"] = score(held_out)
+        result = {"fid": scores, "agreement": {str(self.resolution): mean_agreement(
+            agreement(samples["teacher"], samples["student"]), len(samples["teacher"]))}}
+        for scale in sorted({x.scale for x in SAMPLE_SETS} - {1}):
+            pair = [load_images(self.sample_path(SampleSet(m, scale)))[0] for m in ("teacher", "student")]
+            result["agreement"][str(scale * self.resolution)] = mean_agreement(agreement(*pair), len(pair[0]))
+        write_atomic(self.out / "quality.json", json.dumps(result, indent=2) + "\n")
+
+    # -- 5 bench -------------------------------------------------------------------------------
+    def benchmark(self) -> None:
+        """The teacher's architecture (random weights: time does not depend on them) with full and
+        clear attention; the student is exactly that model with clear."""
+        from ..metrics.bench import device_name, run_bench, write_report
+
+        record = self.model("teacher")[1]
+        fields = {k: v for k, v in record["model"].items() if k not in ("backbone", "mixer", "mixer_options")}
+        name = self.teacher_config().model.name
+        rows = run_bench([name], ["full", "clear"], self.settings.bench_resolutions,
+                         mixer_opts={"radius": self.settings.radius}, model_args=fields, max_seconds=BENCH_SECONDS,
+                         device=self.device, progress=self.progress, log=lambda _: None)
+        title = f"{name} (the quickstart's model), {device_name(self.device)}, float32, batch 1"
+        write_report(rows, self.out / "bench", title=title)
+
+    # -- 6 report ------------------------------------------------------------------------------
+    def write_report_md(self) -> None:
+        from .report import quickstart_report
+
+        copies = {"teacher/loss.png": "teacher-loss.png", "student/loss.png": "distill-loss.png",
+                  f"student/compare-{self.resolution}.png": "distill-compare.png", "bench/bench.png": "bench.png"}
+        for source, target in copies.items():
+            if (self.out / source).is_file():
+                shutil.copyfile(self.out / source, self.out / target)
+        write_atomic(self.out / "report.md", quickstart_report(self))
+
+
+def mean_agreement(result: dict, count: int) -> dict:
+    return {"psnr": result["psnr"], "ssim": result["ssim"], "num": count}
+
+
+STAGES = (
+    Stage("teacher", "training a full-attention teacher", Quickstart.train_teacher, outputs=("teacher",)),
+    Stage("student", "distilling a CLEAR student", Quickstart.distill_student, needs=("teacher",),
+          outputs=("student",)),
+    Stage("samples", "sampling both at 1x and 4x the training size", Quickstart.make_samples,
+          needs=("teacher", "student"), outputs=("samples",)),
+    Stage("quality", "measuring FID/KID and student-teacher agreement", Quickstart.measure_quality,
+          needs=("teacher", "student", "samples"), outputs=("quality", "quality.json")),
+    Stage("bench", "benchmarking full vs clear attention", Quickstart.benchmark, needs=("teacher",),
+          outputs=("bench",)),
+    Stage("report", "writing the report", Quickstart.write_report_md,
+          needs=("teacher", "student", "samples", "quality", "bench"), outputs=("report.md",)),
+)
+
+
+def quickstart(out_dir: str | Path = "runs/quickstart", settings: QuickstartSettings | None = None, *,
+               device: str = "cpu", features_path: str | Path | None = None, progress: bool = True,
+               log=print) -> Path:
+    """Run (or resume) the quickstart in `out_dir`; returns the path of report.md."""
+    return Quickstart(out_dir, settings or QuickstartSettings(), device=device, features_path=features_path,
+                      progress=progress, log=log).run()
