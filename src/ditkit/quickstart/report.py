@@ -101,11 +101,11 @@ def samples_section(qs: Quickstart) -> list[str]:
              "| row | size | time per image |", "|---|---|---|"]
     for sample_set in SAMPLE_SETS:
         images, seconds = load_images(qs.sample_path(sample_set))
-        lines.append(f"| {sample_set.model} | {images.shape[-1]} px ({sample_set.scale}x) | "
+        lines.append(f"| {sample_set.label} | {images.shape[-1]} px ({sample_set.scale}x) | "
                      f"{1000 * seconds / len(images):,.0f} ms |")
     lines.append("")
     for scale in sorted({s.scale for s in SAMPLE_SETS}):
-        rows = ", ".join(s.model for s in SAMPLE_SETS if s.scale == scale)
+        rows = "; ".join(s.label for s in SAMPLE_SETS if s.scale == scale)
         size = scale * qs.resolution
         lines += [f"{size} px ({scale}x the training size); rows: {rows}", "",
                   f"![samples at {size} px](samples-{size}.png)", ""]

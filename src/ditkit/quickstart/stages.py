@@ -114,19 +114,29 @@ def format_seconds(seconds: float) -> str:
 
 @dataclass(frozen=True)
 class SampleSet:
-    """One row of a sample grid: `model`'s samples at `scale` x the training resolution.
-    (An upscaled row, e.g. the student at 4x refined from the teacher's 1x, is one more set here
-    and one more branch in `Quickstart.draw`.)"""
+    """One row of a sample grid: `model`'s samples at `scale` x the training resolution, from
+    noise, or (`upscaled`) by the high-resolution chain from the teacher's 1x samples."""
 
     model: str  # "teacher" or "student"
     scale: int
+    upscaled: bool = False
 
     @property
     def name(self) -> str:
-        return f"{self.model}-{self.scale}x"
+        return f"{self.model}-{self.scale}x" + ("-upscaled" if self.upscaled else "")
+
+    @property
+    def label(self) -> str:
+        if self.upscaled:
+            return (f"{self.model}, upscaled from the teacher's 1x (strength {UPSCALE_STRENGTH}, "
+                    "interpolated positions)")
+        return self.model
 
 
-SAMPLE_SETS = (SampleSet("teacher", 1), SampleSet("student", 1), SampleSet("teacher", 4), SampleSet("student", 4))
+# The chain's settings: at 4x the digits models need interpolated positions (README, upscale chain).
+UPSCALE_STRENGTH = 0.5
+SAMPLE_SETS = (SampleSet("teacher", 1), SampleSet("student", 1), SampleSet("teacher", 4), SampleSet("student", 4),
+               SampleSet("student", 4, upscaled=True))
 
 
 # ---------------------------------------------------------------- the stages
@@ -274,14 +284,21 @@ class Quickstart:
 
     def draw(self, sample_set: SampleSet) -> torch.Tensor:
         """The grid row of one sample set: classes 0, 1, 2, ..., the same noise for every set."""
-        from ..diffusion.pipeline import generate
+        from ..diffusion.pipeline import generate, generate_upscaled
 
         model, record = self.model(sample_set.model)
         size = sample_set.scale * self.resolution
         diffusion = record["diffusion"]
-        return generate(model, record, num=self.settings.grid_num, height=size, width=size,
-                        steps=diffusion["sample_steps"], cfg_scale=diffusion["cfg_scale"], seed=SEED,
-                        sampler=diffusion.get("sampler"), progress=self.progress).cpu()
+        common = dict(num=self.settings.grid_num, height=size, width=size, steps=diffusion["sample_steps"],
+                      cfg_scale=diffusion["cfg_scale"], seed=SEED, sampler=diffusion.get("sampler"),
+                      progress=self.progress)
+        if not sample_set.upscaled:
+            return generate(model, record, **common).cpu()
+        teacher, teacher_record = self.model("teacher")
+        return generate_upscaled(model, record, base_model=teacher, base_record=teacher_record,
+                                 base_height=self.resolution, base_width=self.resolution,
+                                 base_steps=teacher_record["diffusion"]["sample_steps"], strength=UPSCALE_STRENGTH,
+                                 positions="interpolate", **common).cpu()
 
     def make_samples(self) -> None:
         from ..data.images import image_grid
