@@ -1,3 +1,4 @@
+import json
 import re
 import shutil
 
@@ -64,6 +65,18 @@ def test_the_report_and_every_file_it_links_exist(finished):
     for heading in ("## Reading", "## Settings", "## Time per stage", "| 16 px | 8 |", "| 64 px | 4 |"):
         assert heading in report
     assert all((finished / ".stages" / f"{stage.name}.json").is_file() for stage in STAGES)
+
+
+def test_legibility_is_measured_for_every_grid_row_and_the_fid_samples(finished):
+    from ditkit.quickstart.stages import SAMPLE_SETS
+
+    legibility = json.loads((finished / "quality.json").read_text())["legibility"]
+    assert {s.name for s in SAMPLE_SETS} | {"teacher-fid", "student-fid"} <= set(legibility)
+    for name, row in legibility.items():
+        assert 0 <= row["accuracy"] <= 1, name
+    assert legibility["student-4x-upscaled"]["size"] == 64 and legibility["teacher-fid"]["num"] == 8
+    report = (finished / "report.md").read_text()
+    assert "Legibility" in report and "| student, upscaled from the teacher's 1x" in report
 
 
 def test_a_second_run_skips_every_stage_and_rewrites_nothing(run_copy, digits_features_path, capsys):

@@ -4,7 +4,7 @@ from torch import nn
 
 from ditkit import DitkitError
 from ditkit.metrics.features import InceptionFeatures, digits_features, find_inception_weights
-from ditkit.metrics.quality import evaluate, load_reference
+from ditkit.metrics.quality import evaluate, label_accuracy, load_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,6 +22,20 @@ def test_digits_score_near_zero_against_themselves_and_far_from_noise(digits, di
     noise = evaluate(torch.rand(100, 1, 16, 16) * 2 - 1, digits, features, progress=False)
     assert other["fid"] < noise["fid"] / 10 and other["kid_mean"] < noise["kid_mean"]
     assert other["is_mean"] > 2 * noise["is_mean"]  # clear digits of 10 classes vs one blurry guess
+
+
+def test_label_accuracy_reads_real_digits_at_any_size_and_not_wrong_labels(digits_features_path):
+    from ditkit.data import DigitsDataset
+
+    data = DigitsDataset(32)
+    images, labels = data.images[:200], data.labels[:200]
+    classifier = digits_features(digits_features_path)
+    assert label_accuracy(classifier, images, labels) > 0.8  # the test net trains 2 epochs (12: 99%)
+    large = nn.functional.interpolate(images, scale_factor=4, mode="bilinear")  # 128 px: resized inside
+    assert label_accuracy(classifier, large, labels) > 0.8
+    assert label_accuracy(classifier, images, (labels + 1) % 10) < 0.1
+    with pytest.raises(DitkitError, match="one label per image"):
+        label_accuracy(classifier, images, labels[:5])
 
 
 def test_any_module_mapping_images_to_features_and_logits_works():

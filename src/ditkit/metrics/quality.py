@@ -41,6 +41,16 @@ def extract(extractor: nn.Module, images: Tensor, batch_size: int = 64, progress
     return torch.cat([f for f, _ in outputs]).cpu(), torch.cat([logits for _, logits in outputs]).cpu()
 
 
+def label_accuracy(classifier: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 64) -> float:
+    """The share of images that `classifier` (an extractor returning (features, logits)) reads as
+    the class they were sampled for: a class-conditional model's legibility at any resolution."""
+    if len(images) != len(labels) or len(images) == 0:
+        raise DitkitError(f"label accuracy needs one label per image, got {len(images)} images and "
+                          f"{len(labels)} labels")
+    _, logits = extract(classifier, images, batch_size)
+    return (logits.argmax(dim=1) == labels.cpu()).float().mean().item()
+
+
 def scores_from_features(real: tuple[Tensor, Tensor], fake: tuple[Tensor, Tensor], kid_subset_size: int = 1000,
                          is_splits: int = 10, seed: int = 0) -> dict:
     """FID and KID between the real and fake features; Inception Score of the fake logits."""

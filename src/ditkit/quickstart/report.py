@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from .stages import SAMPLE_SETS, STAGES, Quickstart, format_seconds, load_images
+from .stages import SAMPLE_SETS, STAGES, UPSCALE_STRENGTH, Quickstart, SampleSet, format_seconds, load_images
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -128,6 +128,20 @@ def quality_section(qs: Quickstart) -> list[str]:
               "| size | images | PSNR | SSIM |", "|---|---|---|---|"]
     for size, a in quality["agreement"].items():
         lines.append(f"| {size} px | {a['num']} | {number(a['psnr'])} dB | {number(a['ssim'], 3)} |")
+    return lines + [""] + legibility_table(quality.get("legibility", {}))
+
+
+def legibility_table(rows: dict) -> list[str]:
+    if not rows:
+        return []
+    lines = ["Legibility: the share of images that the ditkit-digits classifier reads as the class they were "
+             "sampled for (it reads any size, resized to 16 px). Unlike FID it applies at 4x too; grid rows hold "
+             "few images, so read them as counts.", "",
+             "| images | size | images read as their class |", "|---|---|---|"]
+    for row in rows.values():
+        size = f"{row['size']} px" if row["size"] else "-"
+        count = f" ({round(row['accuracy'] * row['num'])} of {row['num']})" if row["num"] else ""
+        lines.append(f"| {row['label']} | {size} | {100 * row['accuracy']:.1f}%{count} |")
     return lines + [""]
 
 
@@ -189,13 +203,38 @@ def reading_section(qs: Quickstart) -> list[str]:
              quality_reading(quality["fid"], size)]
     for other, a in quality["agreement"].items():
         if other != size:
-            lines.append(f"- **At {other} px** ({int(other) // qs.resolution}x the training size) both models are "
-                         f"far outside what they were trained on: a pixel-space model sampled at {other} px tends "
-                         "to draw strokes at its training scale, so expect broken digits rather than larger ones. The "
-                         f"student still follows the teacher ({number(a['psnr'])} dB / SSIM {number(a['ssim'], 3)} "
-                         f"over {a['num']} images).")
+            lines.append(large_reading(qs, other, a, quality.get("legibility", {})))
     lines.append(bench_reading(qs))
     return lines + [""]
+
+
+def large_reading(qs: Quickstart, size: str, paired: dict, legibility: dict) -> str:
+    scale = int(size) // qs.resolution
+    line = (f"- **At {size} px** ({scale}x the training size) from noise, both models are far outside what they "
+            f"were trained on: a pixel-space model sampled at {size} px tends to draw strokes at its training "
+            f"scale, so expect broken digits rather than larger ones. The student still follows the teacher "
+            f"({number(paired['psnr'])} dB / SSIM {number(paired['ssim'], 3)} over {paired['num']} images).")
+    read = {name: legibility.get(f"{name}-{scale}x") for name in ("teacher", "student")}
+    chain = next((s for s in SAMPLE_SETS if s.upscaled and s.scale == scale), None)
+    if all(read.values()):
+        line += (f" The digits classifier reads {count(read['teacher'])} of the teacher's and "
+                 f"{count(read['student'])} of the student's as their class.")
+    if chain is not None and legibility.get(chain.name):
+        line += (f" The upscale chain (the teacher's {qs.resolution} px images, upsampled, noised to strength "
+                 f"{UPSCALE_STRENGTH} and denoised by the student at {size} px with interpolated positions) "
+                 f"gives {count(legibility[chain.name])} legible digits, in "
+                 f"{chain_speedup(qs, chain)} the time of the student's samples from noise.")
+    return line
+
+
+def count(row: dict) -> str:
+    return f"{round(row['accuracy'] * row['num'])}/{row['num']}"
+
+
+def chain_speedup(qs: Quickstart, chain) -> str:
+    chain_seconds = load_images(qs.sample_path(chain))[1]
+    noise_seconds = load_images(qs.sample_path(SampleSet(chain.model, chain.scale)))[1]
+    return f"{chain_seconds / noise_seconds:.2f}x"
 
 
 def quality_reading(fid: dict, size: str) -> str:

@@ -354,7 +354,34 @@ class Quickstart:
         for scale in sorted({x.scale for x in SAMPLE_SETS} - {1}):
             pair = [load_images(self.sample_path(SampleSet(m, scale)))[0] for m in ("teacher", "student")]
             result["agreement"][str(scale * self.resolution)] = mean_agreement(agreement(*pair), len(pair[0]))
+        result["legibility"] = self.legibility(extractor, samples)
         write_atomic(self.out / "quality.json", json.dumps(result, indent=2) + "\n")
+
+    def legibility(self, classifier, fid_samples: dict[str, torch.Tensor]) -> dict:
+        """How often the ditkit-digits classifier reads the class each image was sampled for: for
+        the FID samples, for every grid row (at 4x too, where FID's features do not apply), and for
+        held-out real digits (the classifier's own accuracy, the ceiling)."""
+        from ..diffusion.pipeline import default_labels
+
+        if default_labels(self.model("teacher")[0], 1) is None:
+            return {}
+        rows = {f"{name}-fid": self._legible(classifier, images, f"{name}, FID samples")
+                for name, images in fid_samples.items()}
+        for sample_set in SAMPLE_SETS:
+            images = load_images(self.sample_path(sample_set))[0]
+            rows[sample_set.name] = self._legible(classifier, images, f"{sample_set.label}, grid row")
+        if getattr(classifier, "accuracy", None) is not None:  # measured when the classifier was trained
+            rows["real"] = {"label": "real digits held out from the classifier's training",
+                            "accuracy": classifier.accuracy, "num": None, "size": None}
+        return rows
+
+    def _legible(self, classifier, images: torch.Tensor, label: str) -> dict:
+        from ..diffusion.pipeline import default_labels
+        from ..metrics.quality import label_accuracy
+
+        labels = default_labels(self.model("teacher")[0], len(images))
+        return {"label": label, "accuracy": label_accuracy(classifier, images, labels), "num": len(images),
+                "size": images.shape[-1]}
 
     # -- 5 bench -------------------------------------------------------------------------------
     def benchmark(self) -> None:
