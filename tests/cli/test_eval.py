@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from ditkit.cli.main import main
 from helpers import tiny_run
@@ -26,6 +27,13 @@ def test_eval_a_checkpoint_then_its_saved_samples(tmp_path, capsys, digits_featu
     scores = json.loads((tmp_path / "a.json").read_text())
     assert scores["num_generated"] == 8 and scores["num_reference"] == 16 and scores["features"] == "ditkit-digits"
     assert len(list((tmp_path / "s").glob("*.png"))) == 8
+    # legibility: the saved samples (classes 0..7 in order) read by the same classifier
+    from ditkit.metrics.features import digits_features
+    from ditkit.metrics.quality import label_accuracy, load_samples
+
+    saved = load_samples(tmp_path / "s", 8, 16)
+    expected = label_accuracy(digits_features(digits_features_path), saved, torch.arange(8))
+    assert scores["label_accuracy"] == pytest.approx(expected, abs=1 / 8 + 1e-6) and "legibility" in out
     code, out, err = run_cli(capsys, "eval", "--samples", str(tmp_path / "s"), "--ref", "digits", "--num-ref", "16",
                              "--pair-with", str(tmp_path / "s"), "--out", str(tmp_path / "b.json"), *features)
     assert code == 0, err
@@ -33,6 +41,7 @@ def test_eval_a_checkpoint_then_its_saved_samples(tmp_path, capsys, digits_featu
     assert again["fid"] == pytest.approx(scores["fid"], rel=0.05)  # the same images, read back from PNG
     assert again["agreement"]["ssim"] == pytest.approx(1.0) and "paired      PSNR inf dB" in out
     assert again["agreement"]["psnr"] is None  # identical images: inf, written as null
+    assert "label_accuracy" not in again  # image folders carry no labels
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -237,8 +237,9 @@ def cmd_eval(args) -> None:
         raise DitkitError("give either --ckpt (a model to sample) or --samples (a folder of generated images)")
     size = parse_size(args.resolution) if args.resolution else None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    record = None
     if args.ckpt:
-        images, _ = sample_checkpoint(args.ckpt, args.num, resolution=size, steps=args.steps, cfg_scale=args.cfg,
+        images, record = sample_checkpoint(args.ckpt, args.num, resolution=size, steps=args.steps, cfg_scale=args.cfg,
                                       sampler=args.sampler, seed=args.seed, batch_size=args.batch_size,
                                       ema=not args.no_ema, mixer=args.mixer,
                                       mixer_options=parse_options(args.mixer_opt) or None, device=device,
@@ -252,6 +253,14 @@ def cmd_eval(args) -> None:
                       features_path=args.features_path, batch_size=args.batch_size, device=device, seed=args.seed,
                       progress=not args.no_progress)
     result.update(source=str(args.ckpt or args.samples), reference=args.ref)
+    if record is not None and reads_its_classes(record, args.features):
+        # The digits classifier behind the features tells whether each sample shows the class it was asked for.
+        from ..metrics.features import build_features
+        from ..metrics.quality import label_accuracy
+
+        classifier = build_features(args.features, features_path=args.features_path, progress=False).to(device)
+        labels = torch.arange(len(images)) % record["model"]["num_classes"]  # sample_checkpoint's cycle
+        result["label_accuracy"] = label_accuracy(classifier, images, labels, args.batch_size)
     if args.pair_with:
         result["agreement"] = paired_agreement(images, args.pair_with)
     print(format_scores(result))
@@ -305,6 +314,12 @@ def strict_json(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
+def reads_its_classes(record: dict, features: str) -> bool:
+    """A class-conditional model of the built-in digits, scored with the digits classifier's features."""
+    return (features == "ditkit-digits" and record["data"].get("source") == "digits"
+            and record["model"].get("num_classes") == 10)
+
+
 def format_scores(result: dict) -> str:
     note = ("comparable with published numbers at equal sample counts" if result["comparable_to_papers"]
             else "a ditkit-only scale: compare runs with each other, not with papers")
@@ -316,7 +331,9 @@ def format_scores(result: dict) -> str:
         f"KID         {result['kid_mean']:.5f} +- {result['kid_std']:.5f} (subsets of {result['kid_subset_size']})",
         f"IS          {result['is_mean']:.3f} +- {result['is_std']:.3f}"]
         + ([f"paired      PSNR {result['agreement']['psnr']:.2f} dB, SSIM {result['agreement']['ssim']:.4f}"]
-           if "agreement" in result else []))
+           if "agreement" in result else [])
+        + ([f"legibility  {100 * result['label_accuracy']:.1f}% read by the digits classifier as the class asked for"]
+           if "label_accuracy" in result else []))
 
 
 def save_images(images, folder: Path) -> None:
