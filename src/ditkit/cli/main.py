@@ -239,11 +239,11 @@ def cmd_eval(args) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     record = None
     if args.ckpt:
-        images, record = sample_checkpoint(args.ckpt, args.num, resolution=size, steps=args.steps, cfg_scale=args.cfg,
-                                      sampler=args.sampler, seed=args.seed, batch_size=args.batch_size,
-                                      ema=not args.no_ema, mixer=args.mixer,
-                                      mixer_options=parse_options(args.mixer_opt) or None, device=device,
-                                      progress=not args.no_progress)
+        images, record = sample_checkpoint(args.ckpt, args.num, resolution=size, steps=args.steps,
+                                           cfg_scale=args.cfg, sampler=args.sampler, seed=args.seed,
+                                           batch_size=args.batch_size, ema=not args.no_ema, mixer=args.mixer,
+                                           mixer_options=parse_options(args.mixer_opt) or None, device=device,
+                                           progress=not args.no_progress)
     else:
         images = load_samples(args.samples, args.num, size[0] if size else None)
     if args.save_samples:

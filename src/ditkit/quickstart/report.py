@@ -223,7 +223,7 @@ def large_reading(qs: Quickstart, size: str, paired: dict, legibility: dict) -> 
         line += (f" The upscale chain (the teacher's {qs.resolution} px images, upsampled, noised to strength "
                  f"{UPSCALE_STRENGTH} and denoised by the student at {size} px with interpolated positions) "
                  f"gives {count(legibility[chain.name])} legible digits, in "
-                 f"{chain_speedup(qs, chain)} the time of the student's samples from noise.")
+                 f"{chain_time_ratio(qs, chain)} the time of the student's samples from noise.")
     return line
 
 
@@ -231,7 +231,7 @@ def count(row: dict) -> str:
     return f"{round(row['accuracy'] * row['num'])}/{row['num']}"
 
 
-def chain_speedup(qs: Quickstart, chain) -> str:
+def chain_time_ratio(qs: Quickstart, chain) -> str:
     chain_seconds = load_images(qs.sample_path(chain))[1]
     noise_seconds = load_images(qs.sample_path(SampleSet(chain.model, chain.scale)))[1]
     return f"{chain_seconds / noise_seconds:.2f}x"
