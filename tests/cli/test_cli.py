@@ -71,6 +71,14 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert result.stderr.strip().startswith("ditkit: error: no checkpoint at") and "Traceback" not in result.stderr
 
 
+def test_version_is_the_package_version(capsys):
+    import ditkit
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"ditkit {ditkit.__version__}"
+
+
 def test_udit_trains_and_samples_through_the_same_cli(tmp_path, capsys):
     run = tmp_path / "run"
     overrides = tiny_run(run)[4:] + ["model.name=U-DiT-Nano", "model.args.hidden_size=16", "data.resolution=16"]

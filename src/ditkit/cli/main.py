@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from .. import __version__
 from ..errors import DitkitError
 
 BUILTIN_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -403,6 +404,7 @@ def add_measure_parsers(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ditkit", description="Efficient diffusion backbones for high resolution.")
+    parser.add_argument("--version", action="version", version=f"ditkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="parameters and forward GFLOPs of a named model or a checkpoint")
