@@ -9,7 +9,7 @@ import ditkit.train.checkpoint as checkpoint_module
 from ditkit import DitkitError
 from ditkit.diffusion.pipeline import generate
 from ditkit.train import load_checkpoint, load_config, train
-from ditkit.train.trainer import StepBatchSampler, Trainer
+from ditkit.train.trainer import StepBatchSampler, Trainer, lr_at, parameter_groups
 from helpers import tiny_run
 
 
@@ -17,8 +17,13 @@ def weights(run, step, name):
     return load_file(run / "checkpoints" / f"step_{step:07d}" / f"{name}.safetensors")
 
 
-def test_resume_continues_exactly(tmp_path):
-    extra = ["diffusion.objective=ddpm", "train.grad_accum=2", "data.hflip=true", "train.warmup_steps=3"]
+SSM_MODEL = ["model.name=DiffuSSM-Nano", "model.args.depth=1", "model.args.hidden_size=16",
+             "model.args.state_size=4"]
+
+
+@pytest.mark.parametrize("model", [[], SSM_MODEL], ids=["dit", "diffussm-two-param-groups"])
+def test_resume_continues_exactly(tmp_path, model):
+    extra = ["diffusion.objective=ddpm", "train.grad_accum=2", "data.hflip=true", "train.warmup_steps=3", *model]
     train(load_config(None, tiny_run(tmp_path / "straight", *extra)), progress=False)
     train(load_config(None, tiny_run(tmp_path / "halves", *extra, "train.steps=2")), progress=False)
     train(load_config(None, tiny_run(tmp_path / "halves", *extra)), resume=True, progress=False)
@@ -185,3 +190,29 @@ def test_weights_that_do_not_fit_the_config_are_a_clear_error(tmp_path):
     wide = build_model(model_config("DiT-Nano/4", depth=1, hidden_size=64, num_heads=2))
     with pytest.raises(DitkitError, match="does not fit this model config.*size mismatch"):
         load_state(wide, small.state_dict(), tmp_path / "x.safetensors")
+
+
+def test_ssm_dynamics_get_their_own_lr_and_no_weight_decay():
+    cfg = load_config(None, ["model.name=DiffuSSM-Nano", "train.lr=1e-4", "train.weight_decay=0.01"])
+    model = Trainer(cfg, progress=False).model
+    rest, dynamics = parameter_groups(model, cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    special = sorted(names[id(p)].rsplit(".", 1)[-1] for p in dynamics["params"])
+    assert set(special) == {"log_dt", "log_A_real", "A_imag"} and len(special) == 3 * 5  # one kernel per block
+    assert (dynamics["lr"], dynamics["weight_decay"]) == (1e-3, 0.0)
+    assert (rest["lr"], rest["weight_decay"]) == (1e-4, 0.01)
+    assert len(rest["params"]) + len(dynamics["params"]) == len(list(model.parameters()))
+    cfg.train.warmup_steps = 4  # the warmup scales every group alike
+    assert lr_at(0, cfg, dynamics["base_lr"]) == pytest.approx(2.5e-4) and lr_at(0, cfg) == pytest.approx(2.5e-5)
+    cfg.train.ssm_lr = None
+    (only,) = parameter_groups(model, cfg)
+    assert only["weight_decay"] == 0.01 and len(only["params"]) == len(list(model.parameters()))
+    dit = load_config(None, ["model.name=DiT-Nano/4"])
+    assert len(parameter_groups(Trainer(dit, progress=False).model, dit)) == 1  # no SSM, one group
+
+
+def test_resuming_with_another_ssm_lr_setting_names_the_fix(tmp_path):
+    run = tmp_path / "run"
+    train(load_config(None, tiny_run(run, *SSM_MODEL, "train.steps=2")), progress=False)
+    with pytest.raises(DitkitError, match="resume with the train.ssm_lr it was trained with"):
+        train(load_config(None, tiny_run(run, *SSM_MODEL, "train.ssm_lr=null")), resume=True, progress=False)

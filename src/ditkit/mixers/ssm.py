@@ -83,6 +83,10 @@ class S4DKernel(nn.Module):
     taking 2 Re). Init as S4D-Lin: A = -1/2 + i*pi*n, dt log-uniform in [dt_min, dt_max], C ~ CN(0, 1).
     """
 
+    # The state dynamics (A, dt): S4-family models train them at lr 1e-3 with no weight decay (the
+    # trainer's `ssm_lr` group); weight decay would pull A toward 0, i.e. toward infinite memory.
+    dynamics = ("log_dt", "log_A_real", "A_imag")
+
     def __init__(self, channels: int, state_size: int = 64, dt_min: float = 1e-3, dt_max: float = 1e-1):
         super().__init__()
         if state_size < 2 or state_size % 2:

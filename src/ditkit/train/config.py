@@ -59,6 +59,7 @@ class TrainSection:
     grad_accum: int = 1
     lr: float = 1e-4
     weight_decay: float = 0.0
+    ssm_lr: float | None = 1e-3  # SSM state dynamics (A, dt), no weight decay; null: lr and weight_decay as the rest
     warmup_steps: int = 0
     grad_clip: float | None = 1.0
     ema_decay: float = 0.9999

@@ -85,10 +85,24 @@ class StepBatchSampler(Sampler):
         return self.stop - self.start
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Constant learning rate after a linear warmup."""
+def lr_at(step: int, cfg: TrainConfig, base: float | None = None) -> float:
+    """Constant learning rate (`base`, default train.lr) after a linear warmup."""
+    base = cfg.train.lr if base is None else base
     warmup = cfg.train.warmup_steps
-    return cfg.train.lr * min(1.0, (step + 1) / warmup) if warmup > 0 else cfg.train.lr
+    return base * min(1.0, (step + 1) / warmup) if warmup > 0 else base
+
+
+def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """One AdamW group for every parameter, and, when train.ssm_lr is set, a second one for the SSM
+    state dynamics (the parameters that modules list in `dynamics`) at that lr with no weight decay."""
+    dynamics = {id(getattr(module, name)) for module in model.modules() for name in getattr(module, "dynamics", ())}
+    if cfg.train.ssm_lr is None or not dynamics:
+        return [{"params": list(model.parameters()), "lr": cfg.train.lr, "base_lr": cfg.train.lr,
+                 "weight_decay": cfg.train.weight_decay}]
+    rest = [p for p in model.parameters() if id(p) not in dynamics]
+    special = [p for p in model.parameters() if id(p) in dynamics]
+    return [{"params": rest, "lr": cfg.train.lr, "base_lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay},
+            {"params": special, "lr": cfg.train.ssm_lr, "base_lr": cfg.train.ssm_lr, "weight_decay": 0.0}]
 
 
 def ema_decay_at(step: int, decay: float) -> float:
@@ -98,6 +112,17 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 
 @torch.no_grad()
+def load_optimizer(optimizer, path: Path, groups: list[dict], device) -> None:
+    """The saved moments and step counts; lr and weight decay stay those of the current config."""
+    saved = torch.load(path, map_location=device, weights_only=True)
+    if len(saved["param_groups"]) != len(groups):
+        raise DitkitError(f"{path} has {len(saved['param_groups'])} optimizer parameter group(s), this config makes "
+                          f"{len(groups)}: resume with the train.ssm_lr it was trained with (a number, or null)")
+    optimizer.load_state_dict(saved)
+    for group, fresh in zip(optimizer.param_groups, groups, strict=True):
+        group["base_lr"], group["weight_decay"] = fresh["base_lr"], fresh["weight_decay"]
+
+
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     for ema_p, p in zip(ema.parameters(), model.parameters(), strict=True):
         ema_p.lerp_(p.detach().float(), 1 - decay)
@@ -212,13 +237,14 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         model = self.model.to(acc.device)
         ema = copy.deepcopy(model).float().requires_grad_(False).eval()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        groups = parameter_groups(model, cfg)
+        optimizer = torch.optim.AdamW(groups)
         start, last_ckpt = 0, None
         if resume:
             state, path = self._resume_from(resume)
             ema_tensors, _ = read_weights(path / "ema.safetensors")
             load_state(ema, ema_tensors, path / "ema.safetensors")
-            optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=acc.device, weights_only=True))
+            load_optimizer(optimizer, path / "optimizer.pt", groups, acc.device)
             start, last_ckpt = state["step"], path
             acc.print(f"resuming from {path} at step {start}")
         if start >= cfg.train.steps:
@@ -241,7 +267,7 @@ class Trainer:
         model.train()
         for step in range(start, cfg.train.steps):
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg)
+                group["lr"] = lr_at(step, cfg, group["base_lr"])
             step_loss = 0.0
             for micro in range(accum):
                 x, y = next(batches)
