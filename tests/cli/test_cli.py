@@ -6,13 +6,7 @@ from PIL import Image
 
 from ditkit import DitkitError
 from ditkit.cli.main import main, parse_size
-from helpers import tiny_run
-
-
-def run_cli(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+from helpers import run_cli, tiny_run
 
 
 def test_info_reports_params_and_gflops_with_its_unit(capsys):

@@ -3,16 +3,9 @@ import json
 import pytest
 import torch
 
-from ditkit.cli.main import main
-from helpers import tiny_run
+from helpers import run_cli, tiny_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def run_cli(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_eval_a_checkpoint_then_its_saved_samples(tmp_path, capsys, digits_features_path):

@@ -3,14 +3,7 @@
 import numpy as np
 from PIL import Image
 
-from ditkit.cli.main import main
-from helpers import tiny_run
-
-
-def run_cli(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+from helpers import run_cli, tiny_run
 
 
 def test_upscale_chain_from_a_teacher_into_a_clear_student(tmp_path, capsys, one_thread):
