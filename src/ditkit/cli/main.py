@@ -256,11 +256,12 @@ def cmd_eval(args) -> None:
     result.update(source=str(args.ckpt or args.samples), reference=args.ref)
     if record is not None and reads_its_classes(record, args.features):
         # The digits classifier behind the features tells whether each sample shows the class it was asked for.
+        from ..diffusion.pipeline import cycled_labels
         from ..metrics.features import build_features
         from ..metrics.quality import label_accuracy
 
         classifier = build_features(args.features, features_path=args.features_path, progress=False).to(device)
-        labels = torch.arange(len(images)) % record["model"]["num_classes"]  # sample_checkpoint's cycle
+        labels = cycled_labels(len(images), record["model"]["num_classes"])  # as sample_checkpoint drew them
         result["label_accuracy"] = label_accuracy(classifier, images, labels, args.batch_size)
     if args.pair_with:
         result["agreement"] = paired_agreement(images, args.pair_with)

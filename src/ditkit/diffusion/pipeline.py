@@ -29,9 +29,14 @@ def input_size(model, height: int, width: int) -> tuple[int, int]:
     return height // cfg.vae_scale, width // cfg.vae_scale
 
 
+def cycled_labels(num: int, num_classes: int) -> Tensor:
+    """The labels ditkit samples with when none are given: 0, 1, ..., num_classes - 1, 0, 1, ..."""
+    return torch.arange(num) % num_classes
+
+
 def default_labels(model, num: int) -> Tensor | None:
     embedder = getattr(model, "y_embedder", None)
-    return None if embedder is None else torch.arange(num) % embedder.num_classes
+    return None if embedder is None else cycled_labels(num, embedder.num_classes)
 
 
 def train_input_size(model, record: dict) -> tuple[int, int]:
