@@ -17,3 +17,29 @@ def run_cli(capsys, *argv):
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+TINY_BACKBONES = {  # backbone -> (named model, field overrides): the smallest model of each that runs every path
+    "dit": ("DiT-Nano/2", dict(depth=2, hidden_size=32, num_heads=2)),
+    "udit": ("U-DiT-Nano", dict(hidden_size=16, num_heads=2)),
+    "diffussm": ("DiffuSSM-Nano", dict(depth=2, hidden_size=32, state_size=8)),
+}
+
+
+def tiny_backbone(backbone="dit", *, randomize=0.0, **overrides):
+    """A tiny model of `backbone` (dit, udit, diffussm): 3 pixel channels, 5 classes, random init.
+
+    randomize > 0 adds noise of that size to every weight, breaking the zero init (adaLN-Zero makes
+    every block start as the identity) so that every path contributes to the output."""
+    import torch
+
+    from ditkit.models import build_model, model_config
+
+    name, fields = TINY_BACKBONES[backbone]
+    model = build_model(model_config(name, **{"in_channels": 3, "num_classes": 5, "vae_scale": 1, **fields,
+                                              **overrides}))
+    if randomize:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * randomize)
+    return model
