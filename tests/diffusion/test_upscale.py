@@ -11,9 +11,10 @@ from ditkit.diffusion.pipeline import generate, generate_upscaled, upsample
 from ditkit.diffusion.sampling import make_scheduler, start_index
 from ditkit.metrics.memory import largest_tensor
 from ditkit.mixers.base import Extrapolation
-from ditkit.models import build_model, model_config
+from ditkit.models import build_model, config_to_dict, model_config
 from ditkit.models.extrapolation import set_extrapolation
 from ditkit.models.layers import sincos_pos_embed_2d
+from ditkit.record import RunRecord
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,8 +31,9 @@ def tiny_model(mixer="full", **options):
     return model
 
 
-RECORD = {"data": {"resolution": 16, "vae": None},
-          "diffusion": {"objective": "flow", "learn_sigma": False, "sample_steps": 4, "cfg_scale": 2.0}}
+RECORD = RunRecord.from_dict({"model": config_to_dict(tiny_model().config), "data": {"resolution": 16, "vae": None},
+                              "diffusion": {"objective": "flow", "learn_sigma": False, "sample_steps": 4,
+                                            "cfg_scale": 2.0}})
 CHAIN = dict(num=2, height=32, width=32, base_height=16, base_width=16, steps=4, base_steps=3, cfg_scale=2.0,
              seed=5, progress=False)
 

@@ -127,7 +127,7 @@ def test_distill_cli_writes_student_report_and_sampleable_checkpoint(teacher_ckp
     assert (out / "compare-16.png").is_file() and (out / "compare-32.png").is_file()
     assert "student PSNR" in capsys.readouterr().out
     _, record = read_weights(find_checkpoint(out / "checkpoints") / "model.safetensors")
-    assert record["model"]["mixer"] == "clear" and record["model"]["mixer_options"]["radius"] == 2
+    assert record.model.mixer == "clear" and record.model.mixer_options["radius"] == 2
     assert main(["sample", "--ckpt", str(out / "checkpoints"), "--num", "2", "--steps", "2",
                  "--out", str(tmp_path / "s.png")]) == 0
 

@@ -109,7 +109,7 @@ def random_checkpoint(tmp_path, *overrides) -> Path:
         for param in trainer.model.parameters():
             param.normal_(0, 0.1)
     path = tmp_path / "random.safetensors"
-    save_file(trainer.model.state_dict(), path, metadata={"ditkit": json.dumps(trainer.record)})
+    save_file(trainer.model.state_dict(), path, metadata={"ditkit": trainer.record.to_json()})
     return path
 
 

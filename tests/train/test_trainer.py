@@ -49,7 +49,7 @@ def test_run_writes_metrics_samples_and_self_describing_checkpoints(tmp_path):
     assert [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step")] == ["step_0000004"]
     model, record = load_checkpoint(final / "ema.safetensors")  # the file alone rebuilds the model
     assert model.config.hidden_size == 32 and model.config.num_classes == 10 and model.config.in_channels == 1
-    assert record["data"]["class_names"][3] == "3" and record["diffusion"]["objective"] == "flow"
+    assert record.data.class_names[3] == "3" and record.diffusion.objective == "flow"
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -177,7 +177,7 @@ def test_checkpoint_loads_with_a_swapped_mixer(tmp_path, scratch_mixers):
     final = train(load_config(None, tiny_run(tmp_path / "run", "train.steps=2")), progress=False)
     original, _ = load_checkpoint(final)
     swapped, record = load_checkpoint(final, mixer="test-scaled")
-    assert swapped.config.mixer == record["model"]["mixer"] == "test-scaled"
+    assert swapped.config.mixer == record.model.mixer == "test-scaled"
     assert type(swapped.blocks[0].mixer).__name__ == "ScaledAttention"
     torch.testing.assert_close(swapped.blocks[0].mixer.qkv.weight, original.blocks[0].mixer.qkv.weight)
 

@@ -1,8 +1,9 @@
-"""Image helpers: DiT's resize + center crop, and tensor <-> uint8 conversion and grids."""
+"""Image helpers: DiT's resize + center crop, tensor <-> uint8 conversion, grids and image folders."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,3 +46,20 @@ def image_grid(images: Tensor, ncols: int | None = None, pad: int = 2) -> Image.
         r, c = divmod(i, ncols)
         grid[pad + r * (H + pad): pad + r * (H + pad) + H, pad + c * (W + pad): pad + c * (W + pad) + W] = array
     return Image.fromarray(grid[:, :, 0] if C == 1 else grid)
+
+
+def save_image_folder(images: Tensor, folder: str | Path) -> Path:
+    """One PNG per image, named 000000.png, 000001.png, ... (grayscale if C == 1)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, array in enumerate(to_uint8(images)):
+        Image.fromarray(array[:, :, 0] if array.shape[-1] == 1 else array).save(folder / f"{i:06d}.png")
+    return folder
+
+
+def save_grid(images: Tensor, out: str | Path) -> Path:
+    """The images tiled into one grid image at `out` (its folder is created)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images).save(out)
+    return out

@@ -1,6 +1,15 @@
-"""From a trained model and its checkpoint record to images: sample, then decode latents."""
+"""From a trained model and its run record to images: sample, then decode latents.
+
+    generate(model, record, num=4, steps=20)            # unset settings come from the record
+    generate_upscaled(model, record, Sampling(num=4, height=512, width=512),
+                      UpscaleChain(base_height=256, base_width=256, strength=0.7))
+"""
 
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -8,14 +17,8 @@ from torch import Tensor
 
 from ..errors import DitkitError
 from ..models.extrapolation import set_extrapolation
-from .objectives import build_objective
+from ..record import RunRecord, Sampling
 from .sampling import sample
-
-
-def objective_from_record(record: dict) -> object:
-    d = record["diffusion"]
-    return build_objective(d["objective"], learn_sigma=d.get("learn_sigma", True),
-                           timestep_sampling=d.get("timestep_sampling", "uniform"))
 
 
 def input_size(model, height: int, width: int) -> tuple[int, int]:
@@ -39,10 +42,9 @@ def default_labels(model, num: int) -> Tensor | None:
     return None if embedder is None else cycled_labels(num, embedder.num_classes)
 
 
-def train_input_size(model, record: dict) -> tuple[int, int]:
+def train_input_size(model, record: RunRecord) -> tuple[int, int]:
     """The model input size (cells) at the run's training resolution."""
-    resolution = record["data"]["resolution"]
-    return input_size(model, resolution, resolution)
+    return input_size(model, record.resolution, record.resolution)
 
 
 def check_labels(model, labels: Tensor | None, num: int) -> Tensor | None:
@@ -55,40 +57,73 @@ def check_labels(model, labels: Tensor | None, num: int) -> Tensor | None:
     return labels
 
 
-def sample_inputs(model, record: dict, *, num: int, height: int, width: int, steps: int, cfg_scale: float,
-                  seed: int, sampler: str | None = None, labels: Tensor | None = None, init: Tensor | None = None,
-                  strength: float = 1.0, attention_scale: bool = False, positions: str = "none",
+def sample_inputs(model, record: RunRecord, sampling: Sampling, init: Tensor | None = None, strength: float = 1.0,
                   progress: bool = True) -> Tensor:
-    """Samples in the model's input space (latents for VAE runs), with the size options applied."""
-    h, w = input_size(model, height, width)
-    set_extrapolation(model, (h, w), train_input_size(model, record), attention_scale=attention_scale,
-                      positions=positions)
+    """Samples in the model's input space (latents for VAE runs), with the size options applied;
+    `sampling` must be complete (`record.sampling(...)`)."""
+    s = sampling
+    h, w = input_size(model, s.height, s.width)
+    set_extrapolation(model, (h, w), train_input_size(model, record), attention_scale=s.attention_scale,
+                      positions=s.positions)
     try:
-        return sample(model, objective_from_record(record), (num, model.config.in_channels, h, w),
-                      labels=check_labels(model, labels, num), steps=steps, cfg_scale=cfg_scale, seed=seed,
-                      sampler=sampler, progress=progress, init=init, strength=strength)
+        return sample(model, record.objective(), (s.num, model.config.in_channels, h, w),
+                      labels=check_labels(model, s.labels, s.num), steps=s.steps, cfg_scale=s.cfg_scale, seed=s.seed,
+                      sampler=s.sampler, progress=progress, init=init, strength=strength)
     finally:
         set_extrapolation(model, (h, w), (h, w))  # back to the trained behaviour
 
 
-def to_images(x: Tensor, record: dict, vae=None) -> Tensor:
+def to_images(x: Tensor, record: RunRecord, vae=None) -> Tensor:
     """Model inputs -> images in [-1, 1]: decoded by the run's VAE, or clamped pixels."""
-    if record["data"].get("vae"):
+    if record.vae:
         from ..data.latents import decode, load_vae
 
-        vae = vae or load_vae(record["data"]["vae"], x.device)
+        vae = vae or load_vae(record.vae, x.device)
         return decode(vae, x)
     return x.clamp(-1, 1)
 
 
-def generate(model, record: dict, *, num: int, height: int, width: int, steps: int, cfg_scale: float, seed: int,
-             sampler: str | None = None, labels: Tensor | None = None, vae=None, progress: bool = True,
-             attention_scale: bool = False, positions: str = "none") -> Tensor:
-    """`num` images (num, C, height, width) in [-1, 1]; labels default to classes 0, 1, 2, ..."""
-    x = sample_inputs(model, record, num=num, height=height, width=width, steps=steps, cfg_scale=cfg_scale,
-                      seed=seed, sampler=sampler, labels=labels, attention_scale=attention_scale,
-                      positions=positions, progress=progress)
-    return to_images(x, record, vae)
+def generate(model, record: RunRecord, sampling: Sampling | None = None, *, vae=None, progress: bool = True,
+             **changes) -> Tensor:
+    """Images (num, C, height, width) in [-1, 1]. `sampling` and `changes` (its fields by name, e.g.
+    num=4, steps=20) say how; whatever they leave unset comes from the run record."""
+    sampling = record.sampling(sampling, **changes)
+    return to_images(sample_inputs(model, record, sampling, progress=progress), record, vae)
+
+
+@dataclass(frozen=True)
+class UpscaleChain:
+    """CLEAR's high-resolution chain: where the base image comes from and how much of it to keep.
+
+    base_height, base_width: the size (pixels) the base image is sampled at.
+    strength: noise level of the upsampled base (0 = kept as is, 1 = plain sampling at the full size).
+    base_model, base_record: the checkpoint for the base size (default: the full-size model itself).
+    base_steps, base_cfg_scale, base_sampler: default to the base run's own settings; guidance and the
+    sampler follow an explicitly given full-size value, and the sampler that of the same run.
+    """
+
+    base_height: int
+    base_width: int
+    strength: float = 0.7
+    base_model: Any = None
+    base_record: RunRecord | None = None
+    base_steps: int | None = None
+    base_cfg_scale: float | None = None
+    base_sampler: str | None = None
+
+    def __post_init__(self):
+        if not 0.0 <= self.strength <= 1.0:
+            raise DitkitError(f"strength must be between 0 and 1, got {self.strength}")
+
+    def base_sampling(self, sampling: Sampling, record: RunRecord) -> Sampling:
+        """The base pass's complete settings, from the caller's own (unfilled) `sampling`."""
+        base_record = self.base_record or record
+        same_run = base_record is record
+        return base_record.sampling(
+            sampling, height=self.base_height, width=self.base_width, steps=self.base_steps,
+            cfg_scale=sampling.cfg_scale if self.base_cfg_scale is None else self.base_cfg_scale,
+            sampler=self.base_sampler or (sampling.sampler if same_run else None),
+            attention_scale=False, positions="none")
 
 
 def upsample(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -96,7 +131,7 @@ def upsample(x: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(x, size=size, mode="bicubic", align_corners=False)
 
 
-def check_upscale(model, record: dict, base_model, base_record: dict, size: tuple[int, int],
+def check_upscale(model, record: RunRecord, base_model, base_record: RunRecord, size: tuple[int, int],
                   base_size: tuple[int, int]) -> None:
     if base_size[0] > size[0] or base_size[1] > size[1]:
         raise DitkitError(f"--upscale-from {base_size[0]}x{base_size[1]} is larger than the target "
@@ -104,32 +139,34 @@ def check_upscale(model, record: dict, base_model, base_record: dict, size: tupl
     if base_size[0] * size[1] != base_size[1] * size[0]:
         raise DitkitError(f"--upscale-from {base_size[0]}x{base_size[1]} and the target {size[0]}x{size[1]} have "
                           "different aspect ratios: scale both sides by the same factor")
-    if (base_model.config.in_channels != model.config.in_channels
-            or base_record["data"].get("vae") != record["data"].get("vae")):
+    if base_model.config.in_channels != model.config.in_channels or base_record.vae != record.vae:
         raise DitkitError("the base checkpoint and the upscaling checkpoint work in different input spaces "
                           "(channels or VAE differ): use checkpoints trained on the same data space")
 
 
-def generate_upscaled(model, record: dict, *, num: int, height: int, width: int, base_height: int, base_width: int,
-                      strength: float, steps: int, base_steps: int, cfg_scale: float, seed: int,
-                      base_model=None, base_record: dict | None = None, base_cfg_scale: float | None = None,
-                      sampler: str | None = None, base_sampler: str | None = None, labels: Tensor | None = None,
-                      vae=None, progress: bool = True, attention_scale: bool = False,
-                      positions: str = "none") -> Tensor:
-    """CLEAR's high-resolution chain (SDEdit): sample at the base size with `base_model` (default:
-    `model`), upsample bicubically in input space, noise to `strength` and denoise at the full size
-    with `model`. Nothing is tiled: the full-size pass sees the whole image."""
-    base_model, base_record = base_model or model, base_record or record
-    check_upscale(model, record, base_model, base_record, (height, width), (base_height, base_width))
-    labels = check_labels(model, labels, num)
+def generate_upscaled(model, record: RunRecord, sampling: Sampling | None = None, chain: UpscaleChain | None = None,
+                      *, vae=None, progress: bool = True, **changes) -> Tensor:
+    """CLEAR's high-resolution chain (SDEdit): sample at the base size with the chain's base model
+    (default: `model`), upsample bicubically in input space, noise to `strength` and denoise at the
+    full size with `model`. Nothing is tiled: the full-size pass sees the whole image.
+
+    `changes` may name fields of `Sampling` (the full-size pass) and of `UpscaleChain`."""
+    chain_fields = {f.name for f in dataclasses.fields(UpscaleChain)}
+    chain = dataclasses.replace(chain, **{k: v for k, v in changes.items() if k in chain_fields}) if chain else \
+        UpscaleChain(**{k: v for k, v in changes.items() if k in chain_fields})
+    asked = dataclasses.replace(sampling or Sampling(), **{k: v for k, v in changes.items() if k not in chain_fields})
+    full = record.sampling(asked)
+    base_model, base_record = chain.base_model or model, chain.base_record or record
+    check_upscale(model, record, base_model, base_record, (full.height, full.width),
+                  (chain.base_height, chain.base_width))
+    labels = check_labels(model, full.labels, full.num)
+    full = dataclasses.replace(full, labels=labels)
     base_labels = labels if getattr(base_model, "y_embedder", None) is not None else None
-    base = sample_inputs(base_model, base_record, num=num, height=base_height, width=base_width, steps=base_steps,
-                         cfg_scale=cfg_scale if base_cfg_scale is None else base_cfg_scale, seed=seed,
-                         sampler=base_sampler, labels=base_labels, progress=progress)
-    if not base_record["data"].get("vae"):
+    base = sample_inputs(base_model, base_record,
+                         dataclasses.replace(chain.base_sampling(asked, record), labels=base_labels),
+                         progress=progress)
+    if not base_record.vae:
         base = base.clamp(-1, 1)  # a pixel-space base is the image one would have saved
-    init = upsample(base, input_size(model, height, width))
-    x = sample_inputs(model, record, num=num, height=height, width=width, steps=steps, cfg_scale=cfg_scale,
-                      seed=seed, sampler=sampler, labels=labels, init=init, strength=strength,
-                      attention_scale=attention_scale, positions=positions, progress=progress)
+    init = upsample(base, input_size(model, full.height, full.width))
+    x = sample_inputs(model, record, full, init=init, strength=chain.strength, progress=progress)
     return to_images(x, record, vae)

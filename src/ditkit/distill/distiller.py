@@ -37,6 +37,13 @@ OPTIMIZERS = ("adamw", "prodigy")
 
 @dataclass
 class DistillConfig:
+    """A distillation: the teacher, the student's CLEAR settings, training and the report. Loaded
+    like training configs (`ditkit distill CONFIG.yaml key=value ...`); unset values have defaults."""
+
+    teacher: str | None = None  # a ditkit checkpoint, or a diffusers transformer folder
+    resolution: int | None = None  # training resolution in pixels (default: the teacher's; 512 for diffusers)
+    teacher_steps: int | None = None  # sampling steps of the teacher's samples (default: its own; 28 for diffusers)
+    prompt_embeds: str | None = None  # diffusers teachers: safetensors of prompt embeddings (default: random)
     out_dir: str = "runs/distill"
     radius: float = 8
     down_factor: int = 0
@@ -44,8 +51,8 @@ class DistillConfig:
     num_samples: int = 1024  # teacher samples to train on (CLEAR: 10K)
     steps: int = 500
     batch_size: int = 32
-    optimizer: str = "adamw"  # or "prodigy" (CLEAR's choice; then lr 1.0)
-    lr: float = 1e-4
+    optimizer: str = "adamw"  # or "prodigy" (CLEAR's choice)
+    lr: float | None = None  # default: 1e-4 for adamw, 1.0 for prodigy (it adapts the step size itself)
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
     weights: LossWeights = field(default_factory=LossWeights)
@@ -62,6 +69,8 @@ class DistillConfig:
             self.weights = LossWeights(**self.weights)
         if self.optimizer not in OPTIMIZERS:
             raise DitkitError(f"unknown optimizer {self.optimizer!r}: use {' or '.join(OPTIMIZERS)}")
+        if self.lr is None:
+            self.lr = 1.0 if self.optimizer == "prodigy" else 1e-4
         for name in ("steps", "batch_size", "attention_every", "log_every", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise DitkitError(f"distill {name} must be at least 1, got {getattr(self, name)}")
@@ -148,7 +157,8 @@ class Distiller:
             return 0
         path = find_checkpoint(root if resume is True else resume)
         tensors, record = read_weights(path / "model.safetensors")
-        if record.get("distill") != self.record["distill"] or record["model"] != self.record["model"]:
+        mine = self.record.to_dict()
+        if record.to_dict()["distill"] != mine["distill"] or record.model_dict() != mine["model"]:
             raise DitkitError(f"checkpoint {path} comes from another distillation (teacher, radius or model "
                               "differ): resume with the settings it was made with")
         self.student.load_state_dict({k: v.to(self.device) for k, v in tensors.items()}, strict=False)
@@ -220,3 +230,17 @@ class Distiller:
         bar.close()
         student_taps.remove()
         teacher_taps.remove()
+
+
+def format_agreement(agreement: dict, cfg: DistillConfig) -> str:
+    """The report of `Distiller.run` as a table: PSNR/SSIM of the untuned and distilled students, and
+    the attention work saved."""
+    lines = [f"student agreement with the teacher on {cfg.eval_num} held-out samples (same noise and conditions):",
+             f"{'resolution':>10}  {'untuned PSNR':>12}  {'untuned SSIM':>12}  {'student PSNR':>12}  {'student SSIM':>12}"]
+    for resolution, student in agreement["student"].items():
+        untuned = agreement["untuned"][resolution]
+        lines.append(f"{resolution:>10}  {untuned['psnr']:>12.2f}  {untuned['ssim']:>12.4f}  "
+                     f"{student['psnr']:>12.2f}  {student['ssim']:>12.4f}")
+    work = ", ".join(f"{res} px {100 * (1 - w):.1f}%" for res, w in agreement["attention_work"].items())
+    lines.append(f"image-attention FLOPs saved vs full attention at radius {cfg.radius:g}: {work}")
+    return "\n".join(lines)

@@ -10,13 +10,15 @@ teacher lives in `ditkit.integrations.diffusers`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from ..diffusion.pipeline import input_size, objective_from_record
+from ..diffusion.pipeline import input_size
 from ..mixers import TokenMixer, swap_mixers
+from ..record import RunRecord
 
 
 class Teacher:
@@ -57,7 +59,7 @@ class Teacher:
         (module, "input") or (module, "output"); see `losses.AttentionTaps`."""
         raise NotImplementedError
 
-    def student_record(self, student: nn.Module, distill: dict) -> dict:
+    def student_record(self, student: nn.Module, distill: dict) -> RunRecord:
         raise NotImplementedError
 
     def student_state(self, student: nn.Module) -> dict[str, Tensor]:
@@ -77,10 +79,10 @@ class DitkitTeacher(Teacher):
         self.path = str(path)
         self.model, self.record = load_checkpoint(path, ema=ema, device=device)
         self.model.requires_grad_(False)
-        self.objective = objective_from_record(self.record)
-        d = self.record["diffusion"]
-        self.resolution = self.record["data"]["resolution"]
-        self.sampler, self.steps, self.cfg_scale = d.get("sampler"), d["sample_steps"], d["cfg_scale"]
+        self.objective = self.record.objective()
+        d = self.record.diffusion
+        self.resolution = self.record.resolution
+        self.sampler, self.steps, self.cfg_scale = d.sampler, d.sample_steps, d.cfg_scale
         embedder = getattr(self.model, "y_embedder", None)
         self.num_classes = embedder.num_classes if embedder is not None else 0
         self.null_condition = embedder.null_label if embedder is not None else None
@@ -104,7 +106,7 @@ class DitkitTeacher(Teacher):
         return self.model.token_grid(*input_size(self.model, height, width))
 
     def decode(self, x: Tensor) -> Tensor:
-        vae_path = self.record["data"].get("vae")
+        vae_path = self.record.vae
         if not vae_path:
             return x.clamp(-1, 1)
         from ..data.latents import decode, load_vae
@@ -127,11 +129,9 @@ class DitkitTeacher(Teacher):
     def attention_taps(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
         return [(m.proj, "input") for m in model.modules() if isinstance(m, TokenMixer) and hasattr(m, "proj")]
 
-    def student_record(self, student: nn.Module, distill: dict) -> dict:
+    def student_record(self, student: nn.Module, distill: dict) -> RunRecord:
         """The checkpoint record of the student: the teacher's, with the clear mixer and how it was made."""
-        from ..models import config_to_dict
-
-        return {**self.record, "model": config_to_dict(student.config), "distill": distill}
+        return dataclasses.replace(self.record, model=student.config, distill=distill)
 
     def student_state(self, student: nn.Module) -> dict[str, Tensor]:
         """All weights: the student checkpoint is standalone (`ditkit sample --ckpt` runs it)."""
@@ -139,3 +139,32 @@ class DitkitTeacher(Teacher):
 
     def describe(self) -> dict:
         return {"kind": "ditkit", "path": self.path}
+
+
+def is_diffusers_folder(path: str | Path) -> bool:
+    """A diffusers model folder: its config.json names a `_class_name`."""
+    import json
+
+    config = Path(path) / "config.json"
+    return config.is_file() and "_class_name" in json.loads(config.read_text())
+
+
+def load_teacher(cfg, device: str | torch.device = "cpu") -> Teacher:
+    """The teacher a `DistillConfig` names: a ditkit checkpoint or a diffusers transformer folder,
+    with the config's resolution and sampling steps where it sets them."""
+    from ..errors import DitkitError
+
+    if not cfg.teacher:
+        raise DitkitError("no teacher: give --teacher PATH (a ditkit checkpoint or a diffusers transformer folder) "
+                          "or teacher: in the config")
+    if is_diffusers_folder(cfg.teacher):
+        from ..integrations.diffusers import DiffusersTeacher
+
+        return DiffusersTeacher(cfg.teacher, device=device, resolution=cfg.resolution,
+                                steps=cfg.teacher_steps or 28, prompt_embeds=cfg.prompt_embeds, seed=cfg.seed)
+    if cfg.prompt_embeds:
+        raise DitkitError("prompt_embeds is for diffusers teachers; a ditkit teacher uses its class labels")
+    teacher = DitkitTeacher(cfg.teacher, device=device)
+    teacher.resolution = cfg.resolution or teacher.resolution
+    teacher.steps = cfg.teacher_steps or teacher.steps
+    return teacher

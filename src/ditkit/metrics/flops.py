@@ -110,3 +110,31 @@ def config_cost(config, height: int, width: int) -> ModelCost:
     with torch.device("meta"):
         model = build_model(config)
     return model_cost(model, height, width)
+
+
+def shapes_only_model(name: str, mixer: str | None = None, mixer_options: dict | None = None) -> nn.Module:
+    """A named model on the meta device (counting needs shapes only: no memory, no init time)."""
+    from ..models import build_model, model_config
+
+    overrides = {"mixer": mixer} if mixer else {}
+    if mixer_options:
+        overrides["mixer_options"] = mixer_options
+    with torch.device("meta"):
+        return build_model(model_config(name, **overrides))
+
+
+def describe_cost(model: nn.Module, label: str, height: int, width: int) -> str:
+    """`ditkit info`'s lines: the model, its input at height x width pixels, parameters and forward FLOPs."""
+    from ..diffusion.pipeline import input_size
+
+    cfg = model.config
+    h, w = input_size(model, height, width)
+    cost = model_cost(model, h, w)
+    space = f"{cfg.in_channels}x{h}x{w} " + (f"latent (VAE /{cfg.vae_scale})" if cfg.vae_scale > 1 else "pixels")
+    options = f" {cfg.mixer_options}" if cfg.mixer_options else ""
+    return "\n".join([
+        f"model       {label} ({cfg.backbone}, mixer {cfg.mixer}{options})",
+        f"input       {height}x{width} px -> {space} -> {cfg.tokens(h, w)} tokens",
+        f"parameters  {cost.params / 1e6:.2f}M ({cost.params:,})",
+        f"forward     {cost.macs / 1e9:.2f} GFLOPs, counting one multiply-add as 1 FLOP (the DiT paper's unit);",
+        f"            {cost.flops / 1e9:.2f} GFLOPs counting it as 2 (one sample, attention and FFTs included)"])

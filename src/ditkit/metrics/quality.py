@@ -9,6 +9,9 @@ through an identity "feature extractor".
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import warnings
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import DitkitError
+from ..record import RunRecord, Sampling
 from .features import build_features
 
 
@@ -140,32 +144,94 @@ def load_samples(folder: str | Path, num: int | None = None, resolution: int | N
     return torch.stack([dataset[i][0] for i in range(count)])
 
 
-def sample_checkpoint(ckpt: str | Path, num: int, *, resolution: tuple[int, int] | None = None,
-                      steps: int | None = None, cfg_scale: float | None = None, sampler: str | None = None,
-                      seed: int = 0, batch_size: int = 64, ema: bool = True, mixer: str | None = None,
-                      mixer_options: dict | None = None, device: str = "cpu", progress: bool = True):
-    """`num` samples of a checkpoint (classes cycle 0, 1, 2, ...), in batches; returns (images, record)."""
+def sample_checkpoint(ckpt: str | Path, sampling: Sampling | None = None, *, batch_size: int = 64, ema: bool = True,
+                      mixer: str | None = None, mixer_options: dict | None = None, device: str = "cpu",
+                      progress: bool = True, **changes):
+    """`sampling.num` samples of a checkpoint (classes cycle 0, 1, 2, ... unless `sampling.labels`
+    says otherwise), in batches of `batch_size`; returns (images, record). Settings left unset come
+    from the checkpoint's record."""
     from tqdm.auto import tqdm
 
-    from ..diffusion.pipeline import default_labels, generate
+    from ..diffusion.pipeline import check_labels, generate
     from ..train.checkpoint import load_checkpoint
 
     model, record = load_checkpoint(ckpt, ema=ema, mixer=mixer, mixer_options=mixer_options, device=device)
-    default = record["data"]["resolution"]
-    height, width = resolution or (default, default)
-    diffusion = record["diffusion"]
-    labels = default_labels(model, num)
-    vae, batches = None, []
-    for start in tqdm(range(0, num, batch_size), desc="sampling", disable=not progress):
-        count = min(batch_size, num - start)
-        if record["data"].get("vae") and vae is None:
-            from ..data.latents import load_vae
+    sampling = record.sampling(sampling, **changes)
+    labels = check_labels(model, sampling.labels, sampling.num)
+    vae = None
+    if record.vae:
+        from ..data.latents import load_vae
 
-            vae = load_vae(record["data"]["vae"], device)
-        batches.append(generate(model, record, num=count, height=height, width=width,
-                                steps=steps or diffusion["sample_steps"],
-                                cfg_scale=diffusion["cfg_scale"] if cfg_scale is None else cfg_scale,
-                                seed=seed + start, sampler=sampler or diffusion.get("sampler"),
-                                labels=None if labels is None else labels[start:start + count], vae=vae,
-                                progress=False).cpu())
+        vae = load_vae(record.vae, device)
+    batches = []
+    for start in tqdm(range(0, sampling.num, batch_size), desc="sampling", disable=not progress):
+        count = min(batch_size, sampling.num - start)
+        batch = dataclasses.replace(sampling, num=count, seed=sampling.seed + start,
+                                    labels=None if labels is None else labels[start:start + count])
+        batches.append(generate(model, record, batch, vae=vae, progress=False).cpu())
     return torch.cat(batches), record
+
+
+def reads_its_classes(record: RunRecord, features: str) -> bool:
+    """A class-conditional model of the built-in digits, scored with the digits classifier's features."""
+    return features == "ditkit-digits" and record.data.source == "digits" and record.num_classes == 10
+
+
+def legibility(images: Tensor, record: RunRecord, features: str, *, features_path: str | None = None,
+               batch_size: int = 64, device: str = "cpu") -> float | None:
+    """Share of samples the digits classifier behind the features reads as the class they were asked
+    for (classes cycled as `sample_checkpoint` draws them); None where that question has no answer."""
+    if not reads_its_classes(record, features):
+        return None
+    from ..diffusion.pipeline import cycled_labels
+
+    classifier = build_features(features, features_path=features_path, progress=False).to(device)
+    return label_accuracy(classifier, images, cycled_labels(len(images), record.num_classes), batch_size)
+
+
+def folder_agreement(images: Tensor, folder: str | Path) -> dict:
+    """PSNR/SSIM of each image against the same-index image of `folder` (sorted by name)."""
+    from .agreement import agreement
+
+    others = load_samples(folder, len(images), resolution=images.shape[-2])
+    if len(others) < len(images):
+        raise DitkitError(f"--pair-with {folder} has {len(others)} images for {len(images)} samples: "
+                          "pair folders of equal size (e.g. two --save-samples runs with the same --seed)")
+    if others.shape[1] != images.shape[1]:  # folders load as RGB; grayscale samples compare as gray
+        others = others.mean(dim=1, keepdim=True) if images.shape[1] == 1 else others
+    return agreement(images, others)
+
+
+def strict_json(value):
+    """Non-finite floats (PSNR of identical images is inf) -> null: strict JSON has no Infinity."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [strict_json(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def write_scores(result: dict, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(strict_json(result), indent=2, allow_nan=False) + "\n")
+    return out
+
+
+def format_scores(result: dict) -> str:
+    """The scores of `evaluate` (plus agreement and legibility where present) as aligned lines."""
+    note = ("comparable with published numbers at equal sample counts" if result["comparable_to_papers"]
+            else "a ditkit-only scale: compare runs with each other, not with papers")
+    lines = [
+        f"{result['num_generated']} samples from {result.get('source', '?')} vs {result['num_reference']} "
+        f"reference images from {result.get('reference', '?')}",
+        f"features    {result['features']} ({note})",
+        f"FID         {result['fid']:.3f}",
+        f"KID         {result['kid_mean']:.5f} +- {result['kid_std']:.5f} (subsets of {result['kid_subset_size']})",
+        f"IS          {result['is_mean']:.3f} +- {result['is_std']:.3f}"]
+    if "agreement" in result:
+        lines.append(f"paired      PSNR {result['agreement']['psnr']:.2f} dB, SSIM {result['agreement']['ssim']:.4f}")
+    if "label_accuracy" in result:
+        lines.append(f"legibility  {100 * result['label_accuracy']:.1f}% read by the digits classifier as the class "
+                     "asked for")
+    return "\n".join(lines)

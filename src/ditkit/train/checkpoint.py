@@ -10,6 +10,7 @@ leaves a half-written checkpoint; `checkpoints/latest` names the newest one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -24,7 +25,8 @@ from torch import nn
 
 from ..errors import DitkitError
 from ..mixers import swap_mixers
-from ..models import build_model, config_from_dict
+from ..models import build_model
+from ..record import RunRecord
 
 META_KEY = "ditkit"
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -42,7 +44,7 @@ def _state_for_saving(module: nn.Module | dict[str, torch.Tensor]) -> dict[str, 
 
 
 def save_checkpoint(root: Path, step: int, *, model: nn.Module | dict[str, torch.Tensor], ema: nn.Module | None,
-                    optimizer: torch.optim.Optimizer, record: dict[str, Any], train_state: dict[str, Any],
+                    optimizer: torch.optim.Optimizer, record: RunRecord, train_state: dict[str, Any],
                     keep: int = 0) -> Path:
     """Write checkpoint `step` under `root` atomically; keep the newest `keep` (0 = all).
     Without `ema` (distillation keeps none) loading falls back to model.safetensors."""
@@ -51,7 +53,7 @@ def save_checkpoint(root: Path, step: int, *, model: nn.Module | dict[str, torch
     tmp = root / f".tmp-step_{step:07d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    metadata = {META_KEY: json.dumps(record)}
+    metadata = {META_KEY: record.to_json()}
     save_file(_state_for_saving(model), tmp / "model.safetensors", metadata=metadata)
     if ema is not None:
         save_file(_state_for_saving(ema), tmp / "ema.safetensors", metadata=metadata)
@@ -91,7 +93,7 @@ def find_checkpoint(path: str | Path) -> Path:
     raise DitkitError(f"no checkpoint at {path}: pass a run folder, a checkpoint folder or a .safetensors file")
 
 
-def read_weights(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_weights(file: Path) -> tuple[dict[str, torch.Tensor], RunRecord]:
     """Tensors and the ditkit record of one safetensors file, with clear errors for bad files."""
     try:
         with safe_open(str(file), framework="pt") as f:
@@ -104,7 +106,7 @@ def read_weights(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
                           "use another checkpoint of the run") from error
     if META_KEY not in metadata:
         raise DitkitError(f"{file} is not a ditkit checkpoint (no model config in its metadata)")
-    return tensors, json.loads(metadata[META_KEY])
+    return tensors, RunRecord.from_json(metadata[META_KEY], source=str(file))
 
 
 def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
@@ -128,12 +130,15 @@ def load_checkpoint(path: str | Path, *, ema: bool = True, mixer: str | None = N
     if found.is_dir():
         file = found / ("ema.safetensors" if ema and (found / "ema.safetensors").is_file() else "model.safetensors")
     tensors, record = read_weights(file)
-    model = build_model(config_from_dict(record["model"]))
+    if not hasattr(record.model, "backbone"):
+        raise DitkitError(f"{file} holds a diffusers student ({record.model.diffusers}): load it into its "
+                          "pipeline with ditkit.integrations.diffusers, not as a ditkit model")
+    model = build_model(record.model)
     load_state(model, tensors, file)
     if mixer is not None or mixer_options:
         name = mixer or model.config.mixer
         options = dict(mixer_options or {})
         swap_mixers(model, name, **options)
-        model.config.mixer, model.config.mixer_options = name, options
-        record = {**record, "model": {**record["model"], "mixer": name, "mixer_options": options}}
+        model.config = dataclasses.replace(model.config, mixer=name, mixer_options=options)
+        record = record.with_model(model.config)
     return model.to(device).eval(), record

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from ..errors import DitkitError
+from ..record import DiffusionSettings
 
 
 @dataclass
@@ -41,14 +42,7 @@ class DataSection:
     num_workers: int = 0
 
 
-@dataclass
-class DiffusionSection:
-    objective: str = "flow"  # flow (rectified flow, FLUX/SD3) or ddpm (DiT)
-    learn_sigma: bool = True  # ddpm only: learn the variance (IDDPM hybrid loss), as DiT
-    timestep_sampling: str = "uniform"  # flow only: uniform or logit_normal
-    sampler: str | None = None  # default: ddpm for ddpm, euler for flow
-    sample_steps: int = 50
-    cfg_scale: float = 1.5
+DiffusionSection = DiffusionSettings  # stored as is in every checkpoint's run record
 
 
 @dataclass
@@ -126,8 +120,20 @@ def _build(cls, values: dict[str, Any], prefix: str):
     return cls(**kwargs)
 
 
-def config_from_dict(values: dict[str, Any]) -> TrainConfig:
-    return _build(TrainConfig, values or {}, "")
+def config_from_dict(values: dict[str, Any], kind: type | None = None):
+    """A typed config (`kind`, default TrainConfig; any dataclass of typed fields) from nested values."""
+    return _build(kind or TrainConfig, values or {}, "")
+
+
+def set_value(values: dict[str, Any], key: str, value: Any) -> None:
+    """Set the dotted `key` (e.g. train.steps) of a nested dict, making sections as needed."""
+    node = values
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise DitkitError(f"config key {key}: {part} is not a section")
+    node[leaf] = value
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -136,17 +142,14 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise DitkitError(f"override {item!r} is not key=value (e.g. train.steps=100)")
-        node = values
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise DitkitError(f"override {item!r}: {part} is not a section")
-        node[leaf] = yaml.safe_load(raw) if raw else ""
+        set_value(values, key, yaml.safe_load(raw) if raw else "")
     return values
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+def load_config(path: str | Path | None, overrides: list[str] = (), kind: type | None = None,
+                settings: dict[str, Any] | None = None):
+    """A YAML file (or nothing), then `settings` ({dotted key: value}, e.g. from command-line flags), then
+    `key=value` overrides -> a typed config of `kind` (default TrainConfig)."""
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -156,4 +159,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:
             raise DitkitError(f"config file {path} is not valid YAML: {error}".replace("\n", " ")) from error
-    return config_from_dict(apply_overrides(values, list(overrides)))
+    for key, value in (settings or {}).items():
+        set_value(values, key, value)
+    return config_from_dict(apply_overrides(values, list(overrides)), kind)

@@ -26,10 +26,10 @@ from tqdm.auto import tqdm
 
 from ..data import build_dataset, cached_latents
 from ..data.images import image_grid
-from ..diffusion import build_objective
 from ..diffusion.pipeline import generate, input_size
 from ..errors import DitkitError
-from ..models import build_model, config_to_dict, model_config
+from ..models import build_model, model_config
+from ..record import DataSettings, RunRecord
 from .checkpoint import find_checkpoint, load_state, read_weights, save_checkpoint
 from .config import TrainConfig
 
@@ -192,8 +192,7 @@ class Trainer:
                                        gradient_accumulation_steps=cfg.train.grad_accum)
         refuse_sharding(self.accelerator)
         self.dataset, self.vae_path, scale = self._prepare_data()
-        self.objective = build_objective(cfg.diffusion.objective, learn_sigma=cfg.diffusion.learn_sigma,
-                                         timestep_sampling=cfg.diffusion.timestep_sampling)
+        self.objective = cfg.diffusion.objective_module()
         mixer = {key: value for key, value in (("mixer", cfg.model.mixer), ("mixer_options", cfg.model.mixer_options))
                  if value is not None}
         self.model_config = model_config(
@@ -203,12 +202,10 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # the initial weights depend on the seed only
         self.model = build_model(self.model_config)
         input_size(self.model, cfg.data.resolution, cfg.data.resolution)  # fails early on a bad resolution
-        self.record = {
-            "model": config_to_dict(self.model_config),
-            "diffusion": dict(vars(cfg.diffusion)),
-            "data": {"source": cfg.data.source, "resolution": cfg.data.resolution, "vae": self.vae_path,
-                     "class_names": list(self.dataset.class_names)},
-        }
+        self.record = RunRecord(
+            model=self.model_config, diffusion=copy.deepcopy(cfg.diffusion),
+            data=DataSettings(source=cfg.data.source, resolution=cfg.data.resolution, vae=self.vae_path,
+                              class_names=list(self.dataset.class_names)))
 
     def _prepare_data(self):
         d = self.cfg.data
@@ -226,8 +223,9 @@ class Trainer:
         if path.is_file():
             raise DitkitError(f"--resume needs a checkpoint folder (with optimizer state), not the file {path}")
         tensors, record = read_weights(path / "model.safetensors")
-        if record["model"] != self.record["model"]:
-            diff = sorted(k for k in self.record["model"] if record["model"].get(k) != self.record["model"][k])
+        saved, mine = record.model_dict(), self.record.model_dict()
+        if saved != mine:
+            diff = sorted(k for k in mine if saved.get(k) != mine[k])
             raise DitkitError(f"checkpoint {path} was trained with another model config (differs in "
                               f"{', '.join(diff)}): resume with the config it was trained with")
         load_state(self.model, tensors, path)
@@ -330,10 +328,7 @@ class Trainer:
     def _save_samples(self, ema, step: int) -> None:
         if not self.accelerator.is_main_process or self.cfg.train.num_samples <= 0:
             return
-        d = self.cfg.diffusion
-        R = self.cfg.data.resolution
-        images = generate(ema, self.record, num=self.cfg.train.num_samples, height=R, width=R, steps=d.sample_steps,
-                          cfg_scale=d.cfg_scale, seed=self.cfg.train.seed, sampler=d.sampler, progress=False)
+        images = generate(ema, self.record, num=self.cfg.train.num_samples, seed=self.cfg.train.seed, progress=False)
         folder = self.out_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         image_grid(images).save(folder / f"step_{step:07d}.png")
