@@ -10,11 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from ..files import read_jsonl
 from .stages import SAMPLE_SETS, STAGES, UPSCALE_STRENGTH, Quickstart, SampleSet, format_seconds, load_images
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def bench_rows(path: Path) -> list[dict]:

@@ -16,7 +16,6 @@ training and distillation from their checkpoints, sampling file by file.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DitkitError
+from ..files import atomic_path, atomic_write_text
 
 DIGITS_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
 SEED = 0
@@ -82,19 +82,11 @@ def quickstart_settings(scale: str = "default", **overrides) -> QuickstartSettin
 
 # ---------------------------------------------------------------- small file helpers
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file, then rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_images(path: Path, images: torch.Tensor, seconds: float) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({"images": images.contiguous()}, tmp, metadata={"seconds": f"{seconds:.4f}"})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({"images": images.contiguous()}, tmp, metadata={"seconds": f"{seconds:.4f}"})
 
 
 def load_images(path: Path) -> tuple[torch.Tensor, float]:
@@ -198,7 +190,7 @@ class Quickstart:
                                   "use another --out, or delete that folder")
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps(current, indent=2) + "\n")
+        atomic_write_text(path, json.dumps(current, indent=2) + "\n")
 
     def run(self) -> Path:
         """Every stage, skipping the ones already done; returns the report's path."""
@@ -221,7 +213,7 @@ class Quickstart:
             stage.run(self)
             seconds = time.perf_counter() - began
             marker.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(marker, json.dumps({"seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}))
+            atomic_write_text(marker, json.dumps({"seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}))
             reran.add(stage.name)
             self.log(f"      {stage.name} done in {format_seconds(seconds)}")
         self.log(f"quickstart finished in {format_seconds(time.perf_counter() - start)}: {self.out / 'report.md'}")
@@ -355,7 +347,7 @@ class Quickstart:
             pair = [load_images(self.sample_path(SampleSet(m, scale)))[0] for m in ("teacher", "student")]
             result["agreement"][str(scale * self.resolution)] = mean_agreement(agreement(*pair), len(pair[0]))
         result["legibility"] = self.legibility(extractor, samples)
-        write_atomic(self.out / "quality.json", json.dumps(result, indent=2) + "\n")
+        atomic_write_text(self.out / "quality.json", json.dumps(result, indent=2) + "\n")
 
     def legibility(self, classifier, fid_samples: dict[str, torch.Tensor]) -> dict:
         """How often the ditkit-digits classifier reads the class each image was sampled for: for
@@ -407,7 +399,7 @@ class Quickstart:
         for source, target in copies.items():
             if (self.out / source).is_file():
                 shutil.copyfile(self.out / source, self.out / target)
-        write_atomic(self.out / "report.md", quickstart_report(self))
+        atomic_write_text(self.out / "report.md", quickstart_report(self))
 
 
 def mean_agreement(result: dict, count: int) -> dict:
