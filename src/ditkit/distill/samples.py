@@ -20,14 +20,13 @@ from tqdm.auto import tqdm
 from ..diffusion.sampling import sample
 from ..errors import DitkitError
 from ..files import atomic_path
+from ..train.loop import step_generator
 from .teacher import Teacher
 
 CHUNK = 64
 
 
 def _chunk_generator(seed: int, index: int) -> torch.Generator:
-    from ..train.trainer import step_generator
-
     return step_generator(seed, index, 0xDA7A)
 
 
