@@ -11,7 +11,8 @@ from pathlib import Path
 import yaml
 
 from ..files import read_jsonl
-from .stages import SAMPLE_SETS, STAGES, UPSCALE_STRENGTH, Quickstart, SampleSet, format_seconds, load_images
+from .runner import format_seconds
+from .stages import SAMPLE_SETS, STAGES, UPSCALE_STRENGTH, Quickstart, SampleSet, load_images
 
 
 def bench_rows(path: Path) -> list[dict]:
@@ -51,7 +52,7 @@ def timing_section(qs: Quickstart) -> list[str]:
     lines = ["## Time per stage", "", "| stage | time |", "|---|---|"]
     total = 0.0
     for number_, stage in enumerate(STAGES, 1):
-        marker = qs.marker(stage)
+        marker = qs.runner.marker(stage)
         if stage.name == "report" or not marker.is_file():
             continue
         seconds = json.loads(marker.read_text())["seconds"]
