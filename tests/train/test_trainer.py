@@ -9,7 +9,8 @@ import ditkit.train.checkpoint as checkpoint_module
 from ditkit import DitkitError
 from ditkit.diffusion.pipeline import generate
 from ditkit.train import load_checkpoint, load_config, train
-from ditkit.train.trainer import StepBatchSampler, Trainer, lr_at, parameter_groups
+from ditkit.train.loop import StepBatchSampler
+from ditkit.train.trainer import Trainer, lr_at, parameter_groups
 from helpers import tiny_run
 
 

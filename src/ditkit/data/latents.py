@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..errors import DitkitError
+from ..files import atomic_path
 
 
 def load_vae(path: str | Path, device: str | torch.device = "cpu"):
@@ -92,7 +92,6 @@ def cached_latents(dataset: Dataset, vae_path: str | Path, cache_dir: str | Path
         labels += [y for _, y in items] * (2 if hflip else 1)
     tensors = {"latents": torch.cat(latents).float().contiguous(), "labels": torch.tensor(labels).long()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file(tensors, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp)
     return LatentDataset(tensors["latents"], tensors["labels"], dataset, vae_scale(vae))

@@ -27,7 +27,7 @@ from ..diffusion.sampling import sample
 from ..errors import DitkitError
 from ..mixers.clear import local_pairs
 from ..train.checkpoint import find_checkpoint, list_checkpoints, read_weights, save_checkpoint
-from ..train.trainer import MetricsLog, StepBatchSampler, step_generator
+from ..train.loop import MetricsLog, StepBatchSampler, step_generator
 from .losses import AttentionTaps, LossWeights, PairedDenoiser, distillation_loss
 from .samples import teacher_samples
 from .teacher import Teacher

@@ -9,7 +9,6 @@ resumes at the first missing chunk; a cache made with other settings is refused,
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -20,14 +19,14 @@ from tqdm.auto import tqdm
 
 from ..diffusion.sampling import sample
 from ..errors import DitkitError
+from ..files import atomic_path
+from ..train.loop import step_generator
 from .teacher import Teacher
 
 CHUNK = 64
 
 
 def _chunk_generator(seed: int, index: int) -> torch.Generator:
-    from ..train.trainer import step_generator
-
     return step_generator(seed, index, 0xDA7A)
 
 
@@ -74,9 +73,8 @@ def teacher_samples(teacher: Teacher, folder: str | Path, num: int, seed: int = 
         if not path.is_file():
             x0, cond = generate_chunk(teacher, seed, index, min(CHUNK, num - index * CHUNK))
             tensors = {"x0": x0.contiguous()} | ({} if cond is None else {"cond": cond.contiguous()})
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            save_file(tensors, tmp)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                save_file(tensors, tmp)
         with safe_open(str(path), framework="pt") as f:
             xs.append(f.get_tensor("x0"))
             conds.append(f.get_tensor("cond") if "cond" in f.keys() else None)

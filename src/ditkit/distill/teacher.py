@@ -4,7 +4,7 @@ A `Teacher` wraps a frozen full-attention denoiser `model(x_t, t, cond)` (cond: 
 class labels or prompt indices, or None) with its training objective and sampling settings, and
 knows how to make a local-attention student from it, which of the student's parameters train,
 and where its attention outputs are. `DitkitTeacher` serves ditkit checkpoints; the diffusers
-teacher lives in `ditkit.integrations.diffusers`.
+teacher lives in `diffusers_teacher.py`.
 """
 
 from __future__ import annotations

@@ -10,11 +10,9 @@ from pathlib import Path
 
 import yaml
 
-from .stages import SAMPLE_SETS, STAGES, UPSCALE_STRENGTH, Quickstart, SampleSet, format_seconds, load_images
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+from ..files import read_jsonl
+from .runner import format_seconds
+from .stages import SAMPLE_SETS, STAGES, UPSCALE_STRENGTH, Quickstart, SampleSet, load_images
 
 
 def bench_rows(path: Path) -> list[dict]:
@@ -54,7 +52,7 @@ def timing_section(qs: Quickstart) -> list[str]:
     lines = ["## Time per stage", "", "| stage | time |", "|---|---|"]
     total = 0.0
     for number_, stage in enumerate(STAGES, 1):
-        marker = qs.marker(stage)
+        marker = qs.runner.marker(stage)
         if stage.name == "report" or not marker.is_file():
             continue
         seconds = json.loads(marker.read_text())["seconds"]

@@ -1,4 +1,4 @@
-"""The quickstart's stages and how they run, skip and resume.
+"""The quickstart's stages: the settings and the body of each stage (`runner.py` runs them).
 
   1 teacher   a small full-attention DiT trained on the digits (`ditkit train digits`)
   2 student   CLEAR local attention distilled from it (`ditkit distill`, output-heavy loss weights)
@@ -7,25 +7,23 @@
   5 bench     whole-model time per step, GFLOPs and peak memory, full vs clear, over sizes
   6 report    report.md with the settings, tables, grids and plots, all in the out folder
 
-A stage writes its outputs, then its marker `.stages/NAME.json` (atomically, with its time). A rerun
-skips a stage that has a marker, unless a stage it reads from ran again: then its old outputs are
-removed and it starts afresh. A stage without a marker (interrupted) resumes from what it left:
-training and distillation from their checkpoints, sampling file by file.
+Each stage runs once; an interrupted one resumes from what it left (training and distillation from
+their checkpoints, sampling file by file), and one whose inputs were remade starts afresh.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import DitkitError
+from ..files import atomic_path, atomic_write_text
+from .runner import Stage, StageRunner, format_seconds
 
 DIGITS_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
 SEED = 0
@@ -34,6 +32,16 @@ SEED = 0
 DISTILL_WEIGHTS = {"task": 0.1, "output": 1.0, "attention": 0.5}
 DISTILL_LR = 5e-4
 BENCH_SECONDS = 10.0  # a bench series stops after a step slower than this (or projected to be)
+# The chain's settings: at 4x the digits models need interpolated positions (README, upscale chain).
+UPSCALE_STRENGTH = 0.5
+# "tiny": a one-layer model at 16 px and a handful of steps, the whole chain in seconds (tests, trials).
+SCALES = {
+    "default": {},
+    "tiny": dict(teacher_steps=4, distill_steps=2, distill_samples=8, distill_batch=4, radius=2, grid_num=4,
+                 fid_num=8, fid_ref=16, bench_resolutions=[16, 32]),
+}
+TINY_TEACHER = ["model.args.depth=1", "model.args.hidden_size=32", "model.args.num_heads=2", "data.resolution=16",
+                "train.batch_size=8", "train.log_every=1", "train.num_samples=4", "diffusion.sample_steps=2"]
 
 
 # ---------------------------------------------------------------- settings
@@ -62,39 +70,19 @@ class QuickstartSettings:
             raise DitkitError(f"FID needs at least 2 samples per model, got fid_num={self.fid_num}")
 
 
-# "tiny": a one-layer model at 16 px and a handful of steps, the whole chain in seconds (tests, trials).
-SCALES = {
-    "default": {},
-    "tiny": dict(teacher_steps=4, distill_steps=2, distill_samples=8, distill_batch=4, radius=2, grid_num=4,
-                 fid_num=8, fid_ref=16, bench_resolutions=[16, 32]),
-}
-TINY_TEACHER = ["model.args.depth=1", "model.args.hidden_size=32", "model.args.num_heads=2", "data.resolution=16",
-                "train.batch_size=8", "train.log_every=1", "train.num_samples=4", "diffusion.sample_steps=2"]
-
-
 def quickstart_settings(scale: str = "default", **overrides) -> QuickstartSettings:
     """The settings of a scale, with the given fields replaced (None leaves a field as it is)."""
-    if scale not in SCALES:
-        raise DitkitError(f"unknown scale {scale!r}: choose one of {', '.join(SCALES)}")
     given = {k: v for k, v in overrides.items() if v is not None}
-    return QuickstartSettings(**{**SCALES[scale], **given, "scale": scale})
+    return QuickstartSettings(**{**SCALES.get(scale, {}), **given, "scale": scale})  # the settings check the scale
 
 
-# ---------------------------------------------------------------- small file helpers
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file, then rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
+# ---------------------------------------------------------------- small helpers
 
 def save_images(path: Path, images: torch.Tensor, seconds: float) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({"images": images.contiguous()}, tmp, metadata={"seconds": f"{seconds:.4f}"})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({"images": images.contiguous()}, tmp, metadata={"seconds": f"{seconds:.4f}"})
 
 
 def load_images(path: Path) -> tuple[torch.Tensor, float]:
@@ -105,9 +93,8 @@ def load_images(path: Path) -> tuple[torch.Tensor, float]:
         return f.get_tensor("images"), float((f.metadata() or {}).get("seconds", "nan"))
 
 
-def format_seconds(seconds: float) -> str:
-    minutes, rest = divmod(round(seconds), 60)
-    return f"{minutes} min {rest:02d} s" if minutes else f"{seconds:.1f} s"
+def mean_agreement(result: dict, count: int) -> dict:
+    return {"psnr": result["psnr"], "ssim": result["ssim"], "num": count}
 
 
 # ---------------------------------------------------------------- the sample sets
@@ -133,32 +120,22 @@ class SampleSet:
         return self.model
 
 
-# The chain's settings: at 4x the digits models need interpolated positions (README, upscale chain).
-UPSCALE_STRENGTH = 0.5
 SAMPLE_SETS = (SampleSet("teacher", 1), SampleSet("student", 1), SampleSet("teacher", 4), SampleSet("student", 4),
                SampleSet("student", 4, upscaled=True))
 
 
-# ---------------------------------------------------------------- the stages
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    title: str
-    run: Callable[[Quickstart], None]
-    needs: tuple[str, ...] = ()  # stages whose outputs this one reads: when one reruns, so does this
-    outputs: tuple[str, ...] = ()  # its work under the out folder, removed when it reruns afresh
-
+# ---------------------------------------------------------------- the stages' bodies
 
 class Quickstart:
+    """The stages' bodies, the paths they share and the models they load (once)."""
+
     def __init__(self, out_dir: str | Path, settings: QuickstartSettings, device: str = "cpu",
                  features_path: str | Path | None = None, progress: bool = True, log=print):
-        self.out = Path(out_dir)
-        if self.out.exists() and not self.out.is_dir():
-            raise DitkitError(f"--out {self.out} is a file: give a folder (new, or a quickstart's to resume)")
+        self._models: dict[str, tuple] = {}
+        self.runner = StageRunner(out_dir, "quickstart", log=log, forget=self._models.clear)
+        self.out = self.runner.out
         self.settings, self.device, self.features_path = settings, device, features_path
         self.progress, self.log = progress, log
-        self._models: dict[str, tuple] = {}
 
     # -- paths and loaded models ---------------------------------------------------------------
     @property
@@ -168,9 +145,6 @@ class Quickstart:
     @property
     def student_dir(self) -> Path:
         return self.out / "student"
-
-    def marker(self, stage: Stage) -> Path:
-        return self.out / ".stages" / f"{stage.name}.json"
 
     def model(self, name: str):
         """(model, record) of the teacher or the student checkpoint, loaded once."""
@@ -184,58 +158,6 @@ class Quickstart:
     @property
     def resolution(self) -> int:
         return self.model("teacher")[1]["data"]["resolution"]
-
-    # -- the run -------------------------------------------------------------------------------
-    def check_settings(self) -> None:
-        """The out folder's settings must be these: a resumed stage must not mix two configurations."""
-        path = self.out / "quickstart.json"
-        current = asdict(self.settings)
-        if path.is_file():
-            saved = json.loads(path.read_text())
-            if saved != current:
-                diff = ", ".join(sorted(k for k in current if saved.get(k) != current[k]))
-                raise DitkitError(f"{self.out} holds a quickstart made with other settings ({diff}): "
-                                  "use another --out, or delete that folder")
-            return
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps(current, indent=2) + "\n")
-
-    def run(self) -> Path:
-        """Every stage, skipping the ones already done; returns the report's path."""
-        self.check_settings()
-        s = self.settings
-        self.log(f"ditkit quickstart in {self.out} (scale {s.scale}: teacher {s.teacher_steps} steps, student "
-                 f"{s.distill_steps} steps on {s.distill_samples} teacher samples, device {self.device})")
-        start, reran = time.perf_counter(), set()
-        for number, stage in enumerate(STAGES, 1):
-            header = f"[{number}/{len(STAGES)}] {stage.title} (at {format_seconds(time.perf_counter() - start)})"
-            marker, stale = self.marker(stage), bool(reran.intersection(stage.needs))
-            if marker.is_file() and not stale:
-                seconds = json.loads(marker.read_text())["seconds"]
-                self.log(f"{header}: done earlier ({format_seconds(seconds)}), skipped")
-                continue
-            self.log(f"{header} ...")
-            if stale:  # its inputs were remade: nothing it made before may be reused
-                self.remove_outputs(stage)
-            began = time.perf_counter()
-            stage.run(self)
-            seconds = time.perf_counter() - began
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(marker, json.dumps({"seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}))
-            reran.add(stage.name)
-            self.log(f"      {stage.name} done in {format_seconds(seconds)}")
-        self.log(f"quickstart finished in {format_seconds(time.perf_counter() - start)}: {self.out / 'report.md'}")
-        return self.out / "report.md"
-
-    def remove_outputs(self, stage: Stage) -> None:
-        self.marker(stage).unlink(missing_ok=True)
-        for name in stage.outputs:
-            path = self.out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-        self._models.clear()
 
     # -- 1 teacher -----------------------------------------------------------------------------
     def teacher_config(self):
@@ -355,7 +277,7 @@ class Quickstart:
             pair = [load_images(self.sample_path(SampleSet(m, scale)))[0] for m in ("teacher", "student")]
             result["agreement"][str(scale * self.resolution)] = mean_agreement(agreement(*pair), len(pair[0]))
         result["legibility"] = self.legibility(extractor, samples)
-        write_atomic(self.out / "quality.json", json.dumps(result, indent=2) + "\n")
+        atomic_write_text(self.out / "quality.json", json.dumps(result, indent=2) + "\n")
 
     def legibility(self, classifier, fid_samples: dict[str, torch.Tensor]) -> dict:
         """How often the ditkit-digits classifier reads the class each image was sampled for: for
@@ -407,11 +329,7 @@ class Quickstart:
         for source, target in copies.items():
             if (self.out / source).is_file():
                 shutil.copyfile(self.out / source, self.out / target)
-        write_atomic(self.out / "report.md", quickstart_report(self))
-
-
-def mean_agreement(result: dict, count: int) -> dict:
-    return {"psnr": result["psnr"], "ssim": result["ssim"], "num": count}
+        atomic_write_text(self.out / "report.md", quickstart_report(self))
 
 
 STAGES = (
@@ -432,6 +350,14 @@ STAGES = (
 def quickstart(out_dir: str | Path = "runs/quickstart", settings: QuickstartSettings | None = None, *,
                device: str = "cpu", features_path: str | Path | None = None, progress: bool = True,
                log=print) -> Path:
-    """Run (or resume) the quickstart in `out_dir`; returns the path of report.md."""
-    return Quickstart(out_dir, settings or QuickstartSettings(), device=device, features_path=features_path,
-                      progress=progress, log=log).run()
+    """Run (or resume) the quickstart in `out_dir`: every stage, skipping the ones already done;
+    returns the path of report.md."""
+    qs = Quickstart(out_dir, settings or QuickstartSettings(), device=device, features_path=features_path,
+                    progress=progress, log=log)
+    qs.runner.check_settings(asdict(qs.settings))
+    s = qs.settings
+    log(f"ditkit quickstart in {qs.out} (scale {s.scale}: teacher {s.teacher_steps} steps, student "
+        f"{s.distill_steps} steps on {s.distill_samples} teacher samples, device {device})")
+    seconds = qs.runner.run(STAGES, qs)
+    log(f"quickstart finished in {format_seconds(seconds)}: {qs.out / 'report.md'}")
+    return qs.out / "report.md"

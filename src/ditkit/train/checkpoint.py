@@ -24,18 +24,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import DitkitError
+from ..files import atomic_write_text
 from ..mixers import swap_mixers
 from ..models import build_model
 from ..record import RunRecord
 
 META_KEY = "ditkit"
 STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _state_for_saving(module: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -62,7 +57,7 @@ def save_checkpoint(root: Path, step: int, *, model: nn.Module | dict[str, torch
     if final.exists():  # the same step saved again: replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _atomic_write_text(root / "latest", final.name + "\n")
+    atomic_write_text(root / "latest", final.name + "\n")
     if keep > 0:
         for old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -12,16 +12,14 @@ import copy
 import json
 import math
 import time
-from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..data import build_dataset, cached_latents
@@ -32,6 +30,7 @@ from ..models import build_model, model_config
 from ..record import DataSettings, RunRecord
 from .checkpoint import find_checkpoint, load_state, read_weights, save_checkpoint
 from .config import TrainConfig
+from .loop import MetricsLog, StepBatchSampler, step_generator
 
 
 def has_accelerator() -> bool:
@@ -50,39 +49,6 @@ def refuse_sharding(accelerator: Accelerator) -> None:
         raise DitkitError(f"ditkit train does not support {kind.value} yet (its EMA and checkpoints need whole "
                           "weights on every process): use DDP, i.e. torchrun or accelerate launch --multi_gpu "
                           "without an FSDP/DeepSpeed config")
-
-
-def step_generator(*keys: int) -> torch.Generator:
-    """A CPU generator seeded by a tuple of integers (seed, step, micro-batch, rank)."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
-
-
-@lru_cache(maxsize=4)
-def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(n, generator=step_generator(seed, epoch, 0x5EED))
-
-
-class StepBatchSampler(Sampler):
-    """Micro-batches of a shuffled, endless stream of dataset indices, from micro-batch `start`.
-
-    Position j of the stream is epoch j // n, slot j % n; process `rank` of `world` takes its own
-    slice of each global micro-batch. A pure function of its arguments, so resume needs only `start`.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0, world: int = 1):
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.start, self.stop, self.rank, self.world = start, stop, rank, world
-
-    def indices(self, micro: int) -> list[int]:
-        first = (micro * self.world + self.rank) * self.batch_size
-        positions = range(first, first + self.batch_size)
-        return [int(_epoch_order(self.n, self.seed, j // self.n)[j % self.n]) for j in positions]
-
-    def __iter__(self):
-        return (self.indices(m) for m in range(self.start, self.stop))
-
-    def __len__(self) -> int:
-        return self.stop - self.start
 
 
 def lr_at(step: int, cfg: TrainConfig, base: float | None = None) -> float:
@@ -126,59 +92,6 @@ def load_optimizer(optimizer, path: Path, groups: list[dict], device) -> None:
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     for ema_p, p in zip(ema.parameters(), model.parameters(), strict=True):
         ema_p.lerp_(p.detach().float(), 1 - decay)
-
-
-class MetricsLog:
-    """Metrics as JSON lines (and TensorBoard when it is installed)."""
-
-    def __init__(self, out_dir: Path, enabled: bool):
-        self.path = out_dir / "metrics.jsonl"
-        self.enabled = enabled
-        self.tensorboard = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tensorboard = SummaryWriter(str(out_dir / "tensorboard"))
-            except ImportError:
-                pass
-
-    def drop_after(self, step: int) -> None:
-        """On resume: forget records past the checkpoint, which the run is about to redo."""
-        if self.enabled and self.path.is_file():
-            lines = self.path.read_text().splitlines(keepends=True)
-            self.path.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
-
-    def write(self, step: int, **values: float) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
-        if self.tensorboard is not None:
-            for key, value in values.items():
-                self.tensorboard.add_scalar(f"train/{key}", value, step)
-
-    def plot(self) -> None:
-        """Loss curve of the whole run (resumed parts included) as loss.png beside the metrics."""
-        if not self.enabled or not self.path.is_file():
-            return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-        ax.plot([r["step"] for r in records], [r["loss"] for r in records])
-        ax.set(xlabel="step", ylabel="training loss", yscale="log", title=self.path.parent.name)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(self.path.with_name("loss.png"))
-        plt.close(fig)
-
-    def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
 
 
 class Trainer:

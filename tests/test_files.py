@@ -1,0 +1,69 @@
+"""Atomic writes and JSON-lines reading (ditkit.files)."""
+
+import json
+
+import pytest
+import torch
+
+from ditkit.errors import DitkitError
+from ditkit.files import atomic_path, atomic_write_text, read_jsonl
+
+
+def test_an_atomic_write_replaces_the_file_and_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "state.json"
+    path.write_text("old")
+    atomic_write_text(path, "new")
+    assert path.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_atomic_path_serves_writers_that_take_a_path(tmp_path):
+    path = tmp_path / "weights.pt"
+    with atomic_path(path) as tmp:
+        torch.save({"w": torch.ones(2)}, tmp)
+    assert torch.equal(torch.load(path)["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["weights.pt"]
+
+
+def test_a_failed_write_keeps_the_old_content_and_removes_the_temporary_file(tmp_path):
+    path = tmp_path / "state.json"
+    path.write_text("old")
+    with pytest.raises(RuntimeError, match="disk full"), atomic_path(path) as tmp:
+        tmp.write_text("half of the ne")
+        raise RuntimeError("disk full")
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def write_lines(path, *lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def test_read_jsonl_reads_records_and_skips_blank_lines(tmp_path):
+    path = write_lines(tmp_path / "m.jsonl", json.dumps({"step": 1}), "", json.dumps({"step": 2}))
+    assert read_jsonl(path) == [{"step": 1}, {"step": 2}]
+    assert read_jsonl(tmp_path / "missing.jsonl") == []
+
+
+def test_a_torn_last_line_is_dropped_with_a_warning(tmp_path):
+    path = write_lines(tmp_path / "m.jsonl", json.dumps({"step": 1}), '{"step": 2, "lo')
+    with pytest.warns(UserWarning, match="torn last line 2"):
+        assert read_jsonl(path) == [{"step": 1}]
+
+
+def test_a_bad_line_before_the_last_is_an_error_naming_file_and_line(tmp_path):
+    path = write_lines(tmp_path / "m.jsonl", json.dumps({"step": 1}), "{oops", json.dumps({"step": 3}))
+    with pytest.raises(DitkitError, match=r"m\.jsonl line 2 is not JSON"):
+        read_jsonl(path)
+
+
+def test_resuming_a_metrics_log_drops_later_records_and_a_torn_line(tmp_path):
+    from ditkit.train.loop import MetricsLog
+
+    write_lines(tmp_path / "metrics.jsonl", *(json.dumps({"step": s, "loss": 0.5}) for s in (1, 2, 3)), '{"st')
+    log = MetricsLog(tmp_path, enabled=True)
+    with pytest.warns(UserWarning, match="torn"):
+        log.drop_after(2)
+    log.close()
+    assert read_jsonl(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.5}]
