@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..errors import DitkitError
 from ..integrations.diffusers import SUPPORTED, apply_clear, attention_taps
+from ..record import DataSettings, DiffusersModel, DiffusionSettings, RunRecord
 from .teacher import Teacher
 
 FLOW_MODELS = ("FluxTransformer2DModel", "SD3Transformer2DModel")
@@ -152,10 +153,11 @@ class DiffusersTeacher(Teacher):
     def attention_taps(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
         return attention_taps(model.transformer)
 
-    def student_record(self, student: nn.Module, distill: dict) -> dict:
-        return {"model": {"diffusers": self.class_name, "path": self.path},
-                "diffusion": {"objective": "flow", "sampler": "euler", "sample_steps": self.steps, "cfg_scale": 1.0},
-                "data": {"resolution": self.resolution, "prompt_embeds": self.prompts_file}, "distill": distill}
+    def student_record(self, student: nn.Module, distill: dict) -> RunRecord:
+        return RunRecord(model=DiffusersModel(self.class_name, self.path),
+                         diffusion=DiffusionSettings(objective="flow", sampler="euler", sample_steps=self.steps,
+                                                     cfg_scale=1.0),
+                         data=DataSettings(resolution=self.resolution, prompt_embeds=self.prompts_file), distill=distill)
 
     def student_state(self, student: nn.Module) -> dict[str, Tensor]:
         return {name: p for name, p in self.trainable_parameters(student).items()}

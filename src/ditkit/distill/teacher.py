@@ -158,7 +158,7 @@ def load_teacher(cfg, device: str | torch.device = "cpu") -> Teacher:
         raise DitkitError("no teacher: give --teacher PATH (a ditkit checkpoint or a diffusers transformer folder) "
                           "or teacher: in the config")
     if is_diffusers_folder(cfg.teacher):
-        from ..integrations.diffusers import DiffusersTeacher
+        from .diffusers_teacher import DiffusersTeacher
 
         return DiffusersTeacher(cfg.teacher, device=device, resolution=cfg.resolution,
                                 steps=cfg.teacher_steps or 28, prompt_embeds=cfg.prompt_embeds, seed=cfg.seed)

@@ -207,13 +207,3 @@ def attention_taps(transformer: nn.Module) -> list[tuple[nn.Module, str]]:
         to_out = getattr(attn, "to_out", None)
         taps.append((to_out[0], "input") if to_out is not None else (attn, "output"))
     return taps
-
-
-def __getattr__(name: str):
-    """`DiffusersTeacher` lived here; the CLI still imports it from here. Imported on first use
-    only, so that this module never imports `distill` (which imports this module)."""
-    if name == "DiffusersTeacher":
-        from ..distill.diffusers_teacher import DiffusersTeacher
-
-        return DiffusersTeacher
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

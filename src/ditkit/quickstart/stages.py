@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -157,7 +157,7 @@ class Quickstart:
 
     @property
     def resolution(self) -> int:
-        return self.model("teacher")[1]["data"]["resolution"]
+        return self.model("teacher")[1].resolution
 
     # -- 1 teacher -----------------------------------------------------------------------------
     def teacher_config(self):
@@ -206,21 +206,19 @@ class Quickstart:
 
     def draw(self, sample_set: SampleSet) -> torch.Tensor:
         """The grid row of one sample set: classes 0, 1, 2, ..., the same noise for every set."""
-        from ..diffusion.pipeline import generate, generate_upscaled
+        from ..diffusion.pipeline import UpscaleChain, generate, generate_upscaled
+        from ..record import Sampling
 
         model, record = self.model(sample_set.model)
         size = sample_set.scale * self.resolution
-        diffusion = record["diffusion"]
-        common = dict(num=self.settings.grid_num, height=size, width=size, steps=diffusion["sample_steps"],
-                      cfg_scale=diffusion["cfg_scale"], seed=SEED, sampler=diffusion.get("sampler"),
-                      progress=self.progress)
+        sampling = Sampling(num=self.settings.grid_num, height=size, width=size, seed=SEED)  # the rest: the run's
         if not sample_set.upscaled:
-            return generate(model, record, **common).cpu()
+            return generate(model, record, sampling, progress=self.progress).cpu()
         teacher, teacher_record = self.model("teacher")
-        return generate_upscaled(model, record, base_model=teacher, base_record=teacher_record,
-                                 base_height=self.resolution, base_width=self.resolution,
-                                 base_steps=teacher_record["diffusion"]["sample_steps"], strength=UPSCALE_STRENGTH,
-                                 positions="interpolate", **common).cpu()
+        chain = UpscaleChain(base_height=self.resolution, base_width=self.resolution, strength=UPSCALE_STRENGTH,
+                             base_model=teacher, base_record=teacher_record)
+        return generate_upscaled(model, record, replace(sampling, positions="interpolate"), chain,
+                                 progress=self.progress).cpu()
 
     def make_samples(self) -> None:
         from ..data.images import image_grid
@@ -248,7 +246,7 @@ class Quickstart:
             return load_images(path)[0]
         folder = self.teacher_dir if name == "teacher" else self.student_dir / "checkpoints"
         began = time.perf_counter()
-        images, _ = sample_checkpoint(folder, self.settings.fid_num, seed=SEED + 1, device=self.device,
+        images, _ = sample_checkpoint(folder, num=self.settings.fid_num, seed=SEED + 1, device=self.device,
                                       progress=self.progress)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_images(path, images, time.perf_counter() - began)
@@ -312,7 +310,7 @@ class Quickstart:
         from ..metrics.bench import device_name, run_bench, write_report
 
         record = self.model("teacher")[1]
-        fields = {k: v for k, v in record["model"].items() if k not in ("backbone", "mixer", "mixer_options")}
+        fields = {k: v for k, v in record.model_dict().items() if k not in ("backbone", "mixer", "mixer_options")}
         name = self.teacher_config().model.name
         rows = run_bench([name], ["full", "clear"], self.settings.bench_resolutions,
                          mixer_opts={"radius": self.settings.radius}, model_args=fields, max_seconds=BENCH_SECONDS,
