@@ -4,6 +4,7 @@ Rank 0 writes {case: {"max_diff", "scale", "halo_bytes", "allgather_bytes"}} as 
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -11,6 +12,9 @@ import torch.distributed as dist
 from ditkit.models import build_model, model_config
 from ditkit.models.extrapolation import set_extrapolation
 from ditkit.parallel import STATS, PatchParallelDiT
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, as pytest's pythonpath has it
+from mixers import windowed_mixer  # noqa: E402, F401  (registers test-windowed: a mixer in one file)
 
 CASES = {  # name: (mixer, options, token grid, batch)
     "clear": ("clear", {"radius": 2}, (8, 8), 2),
@@ -22,6 +26,8 @@ CASES = {  # name: (mixer, options, token grid, batch)
     "downsampled-fallback": ("downsampled", {}, (6, 6), 1),
     "clear-beyond-training-size": ("clear", {"radius": 2}, (8, 6), 1),  # attention scale + ntk positions
     "full-beyond-training-size": ("full", {}, (7, 5), 1),
+    "new-mixer-default-path": ("test-windowed", {}, (8, 6), 2),
+    "new-mixer-beyond-training-size": ("test-windowed", {}, (6, 4), 1),
 }
 
 

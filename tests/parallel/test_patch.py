@@ -101,6 +101,14 @@ def test_the_halo_moves_fewer_bytes_than_an_all_gather(two_process_results):
     assert beyond["halo_bytes"] == beyond["allgather_bytes"]
 
 
+@pytest.mark.parametrize("case", ["new-mixer-default-path", "new-mixer-beyond-training-size"])
+def test_a_mixer_registered_in_one_file_runs_exactly_on_strips(two_process_results, case):
+    """tests/mixers/windowed_mixer.py defines no strip execution: the default hook gathers the grid."""
+    result = two_process_results[case]
+    assert result["max_diff"] < 1e-5 and result["scale"] > 0.5
+    assert result["halo_bytes"] == result["allgather_bytes"] > 0  # the default path has no halo to exploit
+
+
 def random_checkpoint(tmp_path, *overrides) -> Path:
     """A tiny DDPM checkpoint with random weights (DiT's init outputs zeros, which any split reproduces)."""
     trainer = Trainer(load_config(None, tiny_run(tmp_path / "run", "diffusion.objective=ddpm", *overrides)),

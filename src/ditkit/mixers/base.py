@@ -5,14 +5,28 @@ Every backbone block mixes tokens through a `TokenMixer`. A mixer sees the token
 image tokens in row-major order, plus ``grid = (H, W)`` and ``num_global = G``. It returns
 a tensor of the same shape. Mixers are chosen by name (see `registry`), so a trained model
 can be rebuilt with another mixer in one argument.
+
+Registering a mixer is all it takes to use it everywhere. What the rest of the library needs to
+know about a mixer, it asks the mixer, never its class:
+
+  forward_strip(x, strip)      patch-parallel sampling: mix one strip of rows (see `strip`); the
+                               default gathers the whole grid, which is exact for any mixer
+  scales_attention             honours proportional attention scale (`Extrapolation.query_scale`)
+  encodes_positions            holds a position encoding that `Extrapolation.positions` rescales
+  accepts_global_tokens        takes global tokens (num_global > 0)
+  grid_multiple(**options)     the token grid's sides must be multiples of this
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .strip import Strip
 
 Grid = tuple[int, int]
 
@@ -40,10 +54,17 @@ class Extrapolation:
 
 
 class TokenMixer(nn.Module):
-    """Base class: mixes information across tokens. Subclasses implement `forward`."""
+    """Base class: mixes information across tokens. Subclasses implement `forward`.
+
+    The class attributes below say what a mixer supports; `models.extrapolation` and the
+    contract tests read them, so a subclass states its capabilities here, once.
+    """
 
     name: str = ""
     extrapolation: Extrapolation | None = None  # set for sampling beyond the training size
+    scales_attention: bool = False  # scales its queries by `extrapolation.query_scale`
+    encodes_positions: bool = False  # rescales its positions by `extrapolation.positions`
+    accepts_global_tokens: bool = True  # False: refuses num_global > 0 with a DitkitError
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -60,6 +81,13 @@ class TokenMixer(nn.Module):
     def forward(self, x: Tensor, grid: Grid, num_global: int = 0) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def forward_strip(self, x: Tensor, strip: Strip) -> Tensor:
+        """Mix one strip of image rows (patch-parallel sampling): x holds this strip's tokens
+        (B, rows * W, D), the result their outputs, equal to the same rows of `forward` on the
+        whole grid. This default gathers the whole input, mixes it and keeps this strip's rows:
+        exact for any mixer, but no saving. Mixers that need fewer rows override it."""
+        return self(strip.gather(x, dim=1), strip.grid)[:, strip.tokens]
+
 
 class AttentionMixer(TokenMixer):
     """Softmax attention with DiT's projections (`qkv` with bias, `proj`).
@@ -68,6 +96,8 @@ class AttentionMixer(TokenMixer):
     subclass only decides which keys each query may see, in `attend`.
     """
 
+    scales_attention = True
+
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__(dim, num_heads)
         self.head_dim = dim // num_heads
@@ -75,13 +105,23 @@ class AttentionMixer(TokenMixer):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, grid: Grid, num_global: int = 0) -> Tensor:
-        B, N, D = x.shape
-        check_layout(N, grid, num_global)
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        check_layout(x.shape[1], grid, num_global)
+        q, k, v = self.split_heads(x, grid)
+        return self.merge_heads(self.attend(q, k, v, grid, num_global))
+
+    def split_heads(self, x: Tensor, grid: Grid) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v of tokens x (B, n, D): (B, heads, n, head_dim) each. The queries are scaled for
+        proportional attention as for the whole `grid`, also when x holds only a strip of it."""
+        B, n, _ = x.shape
+        q, k, v = self.qkv(x).view(B, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.extrapolation is not None:
             q = q * self.extrapolation.query_scale(grid)
-        out = self.attend(q, k, v, grid, num_global)  # (B, heads, N, head_dim)
-        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+        return q, k, v
+
+    def merge_heads(self, out: Tensor) -> Tensor:
+        """(B, heads, n, head_dim) attention output -> (B, n, D) through the output projection."""
+        B, _, n, _ = out.shape
+        return self.proj(out.transpose(1, 2).reshape(B, n, self.dim))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, grid: Grid, num_global: int) -> Tensor:
         raise NotImplementedError

@@ -11,6 +11,11 @@ Backends, chosen by `backend` ("auto" picks by device and size):
   reference  dense boolean mask + scaled_dot_product_attention (N x N: tests and tiny inputs)
   tiled      2-D query tiles attend to their tile plus a halo of r-1 tokens: cost grows with N
   flex       torch flex_attention with a block mask over tile-ordered tokens (CUDA)
+
+On one strip of rows (patch-parallel sampling, `forward_strip`) a query reads only its strip plus
+`halo(r)` rows from the neighbours: every owned query's disc lies inside that region and the
+region ends where the disc cannot reach, so the result is exactly whole-grid attention. The
+pooled tokens (down_factor) are partial sums per strip, all-reduced.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from torch import Tensor, nn
 from ..errors import DitkitError
 from .base import AttentionMixer, Grid
 from .registry import register_mixer
+from .strip import Strip, rows_needed
 
 BACKENDS = ("auto", "reference", "tiled", "flex")
 
@@ -100,13 +106,33 @@ def pool_tokens(x: Tensor, grid: Grid, num_global: int, weight: Tensor) -> Tenso
     """(B, heads, G + H*W, d) -> (B, heads, H/f * W/f, d): image tokens pooled over f x f blocks with
     one learnable weight per block position (`weight` holds f*f values)."""
     f, (H, W) = math.isqrt(weight.numel()), grid
-    if H % f or W % f:
-        raise DitkitError(f"clear down_factor {f} needs a token grid divisible by {f}, got {H}x{W}: "
-                          f"use a resolution whose token grid is a multiple of {f}, or down_factor=0")
+    check_poolable(grid, f)
     B, nh, _, d = x.shape
     blocks = x[:, :, num_global:].reshape(B, nh, H // f, f, W // f, f, d)
     weights = weight.view(1, 1, 1, f, 1, f, 1).to(x.dtype)
     return (blocks * weights).sum(dim=(3, 5)).reshape(B, nh, (H // f) * (W // f), d)
+
+
+def check_poolable(grid: Grid, down_factor: int) -> None:
+    if grid[0] % down_factor or grid[1] % down_factor:
+        raise DitkitError(f"clear down_factor {down_factor} needs a token grid divisible by {down_factor}, got "
+                          f"{grid[0]}x{grid[1]}: use a resolution whose token grid is a multiple of "
+                          f"{down_factor}, or down_factor=0")
+
+
+def pooled_tokens_of_strip(kv: Tensor, strip: Strip, weight: Tensor) -> Tensor:
+    """The f x f pooled tokens of the whole grid from (..., B, heads, strip tokens, d): each strip
+    pools the blocks it touches (rows of other strips as zeros), and the partial sums add up over
+    the strips."""
+    f, (H, W), (start, stop) = math.isqrt(weight.numel()), strip.grid, strip.rows
+    check_poolable(strip.grid, f)
+    lo, hi = start // f * f, -(-stop // f) * f  # the block rows this strip touches
+    span = kv.new_zeros(*kv.shape[:-2], (hi - lo) * W, kv.shape[-1])
+    span[..., (start - lo) * W:(stop - lo) * W, :] = kv
+    partial = pool_tokens(span.flatten(0, 1), (hi - lo, W), 0, weight)
+    pooled = kv.new_zeros(*kv.shape[:3], (H // f) * (W // f), kv.shape[-1])
+    pooled[..., lo // f * (W // f):hi // f * (W // f), :] = partial.view(*kv.shape[:3], -1, kv.shape[-1])
+    return strip.all_reduce(pooled)
 
 
 def check_clear_options(radius: float, down_factor: int, backend: str) -> None:
@@ -147,6 +173,26 @@ class ClearAttention(AttentionMixer):
         if self.down_factor:
             extra_k, extra_v = self.pool(k, grid, num_global), self.pool(v, grid, num_global)
         return local_attention(q, k, v, grid, self.radius, num_global, extra_k, extra_v, self.backend)
+
+    def forward_strip(self, x: Tensor, strip: Strip) -> Tensor:
+        """Local attention over this strip plus the rows its discs reach (all rows with
+        kv_exchange "allgather"). The neighbours' rows enter with zero queries and their outputs
+        are dropped, so every backend runs unchanged on the region."""
+        q, k, v = self.split_heads(x, strip.grid)
+        reach = halo(self.radius, strip.grid) if strip.kv_exchange == "halo" else strip.grid[0]
+        kv = torch.stack([k, v])
+        extra_k = extra_v = None
+        if self.down_factor:
+            extra_k, extra_v = pooled_tokens_of_strip(kv, strip, self.pool_weight)
+        kv = strip.exchange_halo(kv, reach)
+        first, last = rows_needed(strip.bounds, strip.rank, reach)
+        W = strip.grid[1]
+        own = slice((strip.rows[0] - first) * W, (strip.rows[1] - first) * W)
+        q_region = q.new_zeros(kv.shape[1:])
+        q_region[..., own, :] = q
+        out = local_attention(q_region, kv[0], kv[1], (last - first, W), self.radius, 0, extra_k, extra_v,
+                              self.backend)
+        return self.merge_heads(out[..., own, :])
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, radius={self.radius}, down_factor={self.down_factor}, backend={self.backend}"

@@ -70,6 +70,10 @@ def subgrid_attention(q: Tensor, k: Tensor, v: Tensor, grid: Grid, factor: int =
 class DownsampledAttention(TokenMixer):
     """Attention over the four 2x2-downsampled sub-maps of the token grid."""
 
+    scales_attention = True  # within each sub-map
+    encodes_positions = True  # rotary
+    accepts_global_tokens = False
+
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, factor: int = 2, kernel_size: int = 5):
         super().__init__(dim, num_heads)
         self.factor = factor

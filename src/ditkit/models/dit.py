@@ -72,6 +72,7 @@ class DiT(nn.Module):
     """Diffusion transformer: (x, t, y) -> (B, out_channels, H, W) for any H, W divisible by the patch."""
 
     extrapolation: Extrapolation | None = None  # sampling beyond the training size (models.extrapolation)
+    encodes_positions = True  # its sin-cos embedding follows `extrapolation.positions`
 
     def __init__(self, config: DiTConfig):
         super().__init__()

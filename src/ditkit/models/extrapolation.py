@@ -1,9 +1,13 @@
 """Sampling beyond the training size: proportional attention scale and position-frequency scaling.
 
 Both are off by default. `set_extrapolation` tells a model how far the size it is about to sample
-at is from its training size; the attention mixers then scale their queries by
-sqrt(log N / log N_train) and the position encodings (DiT's sin-cos, U-DiT's rotary) rescale their
-frequencies ("ntk") or positions ("interpolate") along each axis that grew.
+at is from its training size; the modules that scale attention then scale their queries by
+sqrt(log N / log N_train) and those that encode positions (DiT's sin-cos, U-DiT's rotary) rescale
+their frequencies ("ntk") or positions ("interpolate") along each axis that grew.
+
+Which modules those are, each module says itself with two class attributes (`TokenMixer` sets both
+False, so a mixer opts in): `scales_attention` and `encodes_positions`. Both kinds read the
+setting from their `extrapolation` attribute.
 """
 
 from __future__ import annotations
@@ -11,21 +15,17 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import DitkitError
-from ..mixers.base import AttentionMixer, Extrapolation
-from ..mixers.downsampled import DownsampledAttention
+from ..mixers.base import Extrapolation
 
 POSITION_SCALINGS = ("none", "ntk", "interpolate")
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, AttentionMixer | DownsampledAttention)]
+    return [m for m in model.modules() if getattr(m, "scales_attention", False)]
 
 
 def _position_modules(model: nn.Module) -> list[nn.Module]:
-    """Modules that encode positions: DiT (sin-cos embedding) and U-DiT's rotary attention."""
-    from .dit import DiT
-
-    return [m for m in model.modules() if isinstance(m, DiT | DownsampledAttention)]
+    return [m for m in model.modules() if getattr(m, "encodes_positions", False)]
 
 
 def set_extrapolation(model: nn.Module, input_size: tuple[int, int], train_input_size: tuple[int, int], *,

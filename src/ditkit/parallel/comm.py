@@ -5,6 +5,8 @@ the bytes it moves in `STATS` (per process) so benchmarks can compare them.
   gather_rows    all-gather of strips of unequal height (padded to the tallest): full attention's
                  keys and values, and the model output every process needs for the scheduler step
   all_reduce_sum sum of per-strip partial results (CLEAR's pooled tokens)
+
+`ProcessStrip` hands them to the mixers as the collectives of `mixers.strip.Strip`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..mixers.strip import Strip
 from .strips import Bounds, halo_plan, rows_needed
 
 
@@ -91,3 +94,17 @@ def all_reduce_sum(x: Tensor) -> Tensor:
     STATS.sent += moved
     STATS.received += moved
     return x
+
+
+@dataclass(frozen=True)
+class ProcessStrip(Strip):
+    """This process's strip, its collectives run on torch.distributed (one process per strip)."""
+
+    def gather(self, x: Tensor, dim: int) -> Tensor:
+        return gather_rows(x, self.token_counts(), dim)
+
+    def exchange_halo(self, x: Tensor, halo: int) -> Tensor:
+        return exchange_halo(x, self.bounds, self.rank, halo, self.grid[1])
+
+    def all_reduce(self, x: Tensor) -> Tensor:
+        return all_reduce_sum(x)

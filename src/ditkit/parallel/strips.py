@@ -1,14 +1,14 @@
 """How the token grid's rows split into one horizontal strip per process.
 
 Heights follow `torch.tensor_split`: the first rows % P strips are one row taller. Every
-process computes the whole plan from (rows, P), so no process needs to ask another.
+process computes the whole plan from (rows, P), so no process needs to ask another. The rows a
+strip reads (`rows_needed`) are defined with the `Strip` that mixers see, in `mixers.strip`.
 """
 
 from __future__ import annotations
 
 from ..errors import DitkitError
-
-Bounds = list[tuple[int, int]]  # [start, stop) token rows of each strip, in rank order
+from ..mixers.strip import Bounds, rows_needed
 
 
 def strip_bounds(rows: int, parts: int) -> Bounds:
@@ -23,12 +23,6 @@ def strip_bounds(rows: int, parts: int) -> Bounds:
         bounds.append((start, stop))
         start = stop
     return bounds
-
-
-def rows_needed(bounds: Bounds, rank: int, halo: int) -> tuple[int, int]:
-    """The rows a strip's local attention reads: its own plus `halo` on each side, cut at the image."""
-    start, stop = bounds[rank]
-    return max(0, start - halo), min(bounds[-1][1], stop + halo)
 
 
 def overlap(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int] | None:

@@ -1,0 +1,201 @@
+"""The token-mixer contract, checked for every registered mixer: the built-ins, the one-file mixer
+in windowed_mixer.py and the one registered below. A mixer that passes works everywhere a mixer
+is used (backbones, weight swaps, patch-parallel sampling).
+
+Strip execution runs in one process: one thread per strip, the strips' collectives implemented
+with a barrier (`ThreadStrip`), so no process is started per mixer.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from ditkit import DitkitError
+from ditkit.mixers import MIXERS, Grid, Strip, TokenMixer, build_mixer, register_mixer, swap_mixers
+from ditkit.mixers.strip import rows_needed
+from ditkit.parallel import strip_bounds
+from mixers import windowed_mixer  # noqa: F401  (registers test-windowed)
+
+DIM, HEADS = 16, 2
+
+
+@register_mixer("test-row-mean")
+class RowMean(TokenMixer):
+    """Not attention: each image token plus the mean of its row, then `proj` (a name `full` has too)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__(dim, num_heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, grid: Grid, num_global: int = 0) -> Tensor:
+        image = x[:, num_global:].unflatten(1, grid)
+        image = image + image.mean(dim=2, keepdim=True)
+        return self.proj(torch.cat([x[:, :num_global], image.flatten(1, 2)], dim=1))
+
+
+CASES = [(name, {}) for name in sorted(MIXERS)] + [("clear", {"radius": 2, "down_factor": 2})]
+CASE_IDS = [name + "".join(f"-{k}{v}" for k, v in options.items()) for name, options in CASES]
+
+
+def multiple(name: str, options: dict) -> int:
+    return MIXERS[name].grid_multiple(**options)
+
+
+def grid_for(name: str, options: dict) -> Grid:
+    """At least 5 x 3 tokens, each side a multiple of what the mixer needs."""
+    m = multiple(name, options)
+    return m * -(-5 // m), m * -(-3 // m)
+
+
+def random_mixer(name: str, options: dict) -> TokenMixer:
+    """The mixer with every weight perturbed: zero-initialised weights would hide gradients."""
+    mixer = build_mixer(name, DIM, HEADS, **options).eval()
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return mixer
+
+
+def tokens(grid: Grid, num_global: int = 0, batch: int = 2) -> Tensor:
+    return torch.randn(batch, num_global + grid[0] * grid[1], DIM)
+
+
+parametrize_cases = pytest.mark.parametrize("name,options", CASES, ids=CASE_IDS)
+
+
+@parametrize_cases
+def test_output_shape_equals_input_shape(name, options, one_thread):
+    grid = grid_for(name, options)
+    x = tokens(grid)
+    assert random_mixer(name, options)(x, grid).shape == x.shape
+
+
+@parametrize_cases
+def test_global_tokens_are_kept_or_refused_with_a_ditkit_error(name, options, one_thread):
+    mixer, grid = random_mixer(name, options), grid_for(name, options)
+    x = tokens(grid, num_global=3)
+    if mixer.accepts_global_tokens:
+        assert mixer(x, grid, 3).shape == x.shape
+    else:
+        with pytest.raises(DitkitError):
+            mixer(x, grid, 3)
+
+
+@parametrize_cases
+def test_grids_of_the_grid_multiple_work_and_others_are_refused(name, options, one_thread):
+    mixer, m = random_mixer(name, options), multiple(name, options)
+    for grid in [(m, m), (2 * m, 3 * m)]:
+        assert mixer(tokens(grid), grid).shape == tokens(grid).shape
+    if m > 1:
+        with pytest.raises(DitkitError):
+            mixer(tokens((m + 1, m)), (m + 1, m))
+
+
+@parametrize_cases
+def test_gradients_reach_every_parameter(name, options, one_thread):
+    mixer, grid = random_mixer(name, options).train(), grid_for(name, options)
+    out = mixer(tokens(grid), grid)
+    (out * torch.randn_like(out)).sum().backward()
+    for param_name, param in mixer.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, param_name
+
+
+@parametrize_cases
+def test_swap_from_full_keeps_shared_weights_or_refuses(name, options, one_thread):
+    model = nn.Sequential(random_mixer("full", {}))
+    full_weights = {k: v.clone() for k, v in model[0].state_dict().items()}
+    new_keys = build_mixer(name, DIM, HEADS, **options).state_dict().keys()
+    if not set(full_weights) <= set(new_keys):  # it would drop weights of full
+        with pytest.raises(DitkitError, match="cannot take over"):
+            swap_mixers(model, name, **options)
+        return
+    added = swap_mixers(model, name, **options)
+    assert model[0].name == name
+    assert sorted(added) == sorted(f"0.{k}" for k in set(new_keys) - set(full_weights))
+    for key, value in model[0].state_dict().items():
+        if key in full_weights:
+            assert torch.equal(value, full_weights[key]), key
+
+
+class Board:
+    """What the threads of one simulated run share: a slot per strip and a barrier."""
+
+    def __init__(self, parts: int):
+        self.slots: list[Tensor | None] = [None] * parts
+        self.barrier = threading.Barrier(parts, timeout=60)
+
+    def everyone(self, rank: int, x: Tensor) -> list[Tensor]:
+        """Every strip's x, in rank order (a collective: every strip must call it)."""
+        self.slots[rank] = x
+        self.barrier.wait()
+        shared = list(self.slots)
+        self.barrier.wait()  # nobody overwrites a slot before everyone has read it
+        return shared
+
+
+@dataclass(frozen=True)
+class ThreadStrip(Strip):
+    """A strip run by one thread; the collectives go through the shared `Board`."""
+
+    board: Board | None = None
+
+    def gather(self, x: Tensor, dim: int) -> Tensor:
+        return torch.cat(self.board.everyone(self.rank, x), dim=dim)
+
+    def exchange_halo(self, x: Tensor, halo: int) -> Tensor:
+        first, last = rows_needed(self.bounds, self.rank, halo)
+        whole = torch.cat(self.board.everyone(self.rank, x), dim=-2)
+        return whole[..., first * self.grid[1]:last * self.grid[1], :]
+
+    def all_reduce(self, x: Tensor) -> Tensor:
+        return torch.stack(self.board.everyone(self.rank, x)).sum(dim=0)
+
+
+def run_on_strips(mixer: TokenMixer, x: Tensor, grid: Grid, parts: int, kv_exchange: str = "halo") -> Tensor:
+    """`mixer` run as patch-parallel sampling runs it, one thread per strip; the strips' outputs
+    concatenated in image order."""
+    bounds, board = strip_bounds(grid[0], parts), Board(parts)
+    outputs: list[Tensor | None] = [None] * parts
+    errors: list[BaseException] = []
+
+    def run(rank: int) -> None:
+        strip = ThreadStrip(grid, bounds, rank, kv_exchange, board)
+        try:
+            with torch.no_grad():  # grad mode is per thread
+                outputs[rank] = mixer.forward_strip(x[:, strip.tokens], strip)
+        except BaseException as error:  # noqa: BLE001  (re-raised below, in the test's thread)
+            errors.append(error)
+            board.barrier.abort()  # release the strips waiting for this one
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(parts)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
+    return torch.cat(outputs, dim=1)
+
+
+@parametrize_cases
+@pytest.mark.parametrize("kv_exchange", ["halo", "allgather"])
+def test_strip_execution_equals_whole_grid_execution(name, options, kv_exchange, one_thread):
+    mixer, grid = random_mixer(name, options), grid_for(name, options)
+    x = tokens(grid)
+    with torch.no_grad():
+        whole = mixer(x, grid)
+    for parts in (1, 2, 3):
+        torch.testing.assert_close(run_on_strips(mixer, x, grid, parts, kv_exchange), whole, atol=1e-5, rtol=1e-5)
+
+
+def test_strips_on_threads_reach_beyond_their_neighbours(one_thread):
+    """clear with a halo wider than a strip: each strip reads rows of several others, still exact."""
+    mixer, grid = random_mixer("clear", {"radius": 3}), (7, 3)
+    x = tokens(grid)
+    with torch.no_grad():
+        torch.testing.assert_close(run_on_strips(mixer, x, grid, 5), mixer(x, grid), atol=1e-5, rtol=1e-5)
