@@ -21,7 +21,7 @@ from ..errors import DitkitError
 from ..mixers import Grid, build_mixer
 from ..mixers.base import map_to_tokens
 from ..mixers.registry import mixer_options
-from .layers import Conditioning, FinalLayer, LabelEmbedder, TimestepEmbedder, adaln_zero_init
+from .layers import ConditionedBlocks, Conditioning, FinalLayer, LabelEmbedder, TimestepEmbedder, adaln_zero_init
 from .registry import BackboneConfig, register_backbone, register_model
 
 
@@ -74,7 +74,7 @@ class DiffuSSM(Conditioning, nn.Module):
         self.x_embedder = nn.Conv2d(cfg.in_channels, D, (1, M), stride=(1, M))  # merges M cells of a row
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder.for_config(cfg, D)
-        self.blocks = nn.ModuleList(DiffuSSMBlock(cfg) for _ in range(cfg.depth))
+        self.blocks = ConditionedBlocks(DiffuSSMBlock(cfg) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(D, M * cfg.out_channels)
         self.initialize_weights()
 
@@ -95,8 +95,7 @@ class DiffuSSM(Conditioning, nn.Module):
         grid = self.token_grid(x.shape[-2], x.shape[-1])
         tokens = map_to_tokens(self.x_embedder(x))
         c = self.condition(t, y)
-        for block in self.blocks:
-            tokens = block(tokens, c, grid)
+        tokens = self.blocks(tokens, c, grid)
         return self.unpatchify(self.final_layer(tokens, c), grid)
 
     def unpatchify(self, x: Tensor, grid: Grid) -> Tensor:

@@ -16,6 +16,7 @@ from ..errors import DitkitError
 from ..mixers import Grid, build_mixer
 from ..mixers.base import Extrapolation, map_to_tokens
 from .layers import (
+    ConditionedBlocks,
     Conditioning,
     FinalLayer,
     LabelEmbedder,
@@ -77,7 +78,7 @@ class DiT(Conditioning, nn.Module):
         self.x_embedder = nn.Conv2d(cfg.in_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
         self.t_embedder = TimestepEmbedder(cfg.hidden_size)
         self.y_embedder = LabelEmbedder.for_config(cfg, cfg.hidden_size)
-        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.blocks = ConditionedBlocks(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg.hidden_size, cfg.patch_size**2 * cfg.out_channels)
         self.initialize_weights()
 
@@ -102,8 +103,7 @@ class DiT(Conditioning, nn.Module):
         tokens = map_to_tokens(self.x_embedder(x))
         tokens = tokens + sincos_pos_embed_2d(self.config.hidden_size, grid, self.extrapolation).to(tokens)
         c = self.condition(t, y)
-        for block in self.blocks:
-            tokens = block(tokens, c, grid)
+        tokens = self.blocks(tokens, c, grid)
         return self.unpatchify(self.final_layer(tokens, c), grid)
 
     def unpatchify(self, x: Tensor, grid: Grid) -> Tensor:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import DitkitError
-from ..mixers.base import Extrapolation
+from ..mixers.base import Extrapolation, Grid
 from .registry import BackboneConfig
 
 
@@ -136,6 +136,16 @@ class Conditioning:
         if y is None:
             raise DitkitError("this model is class-conditional: pass class labels")
         return c + self.y_embedder(y)
+
+
+class ConditionedBlocks(nn.ModuleList):
+    """Blocks that each map (tokens, condition, grid) to tokens, run in order: an nn.Sequential for
+    adaLN blocks, with the state-dict keys of a ModuleList ("blocks.0.mlp...")."""
+
+    def forward(self, x: Tensor, c: Tensor, grid: Grid) -> Tensor:
+        for block in self:
+            x = block(x, c, grid)
+        return x
 
 
 class Mlp(nn.Module):

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..errors import DitkitError
 from ..mixers import Grid, build_mixer
 from ..mixers.base import map_to_tokens, tokens_to_map
-from .layers import Conditioning, LabelEmbedder, TimestepEmbedder, adaln_zero_init, modulate
+from .layers import ConditionedBlocks, Conditioning, LabelEmbedder, TimestepEmbedder, adaln_zero_init, modulate
 from .registry import BackboneConfig, register_backbone, register_model
 
 
@@ -97,12 +97,10 @@ class UDiTBlock(nn.Module):
 
     def __init__(self, dim: int, cfg: UDiTConfig):
         super().__init__()
-        self.pairs = nn.ModuleList(UDiTPair(dim, cfg) for _ in range(2))
+        self.pairs = ConditionedBlocks(UDiTPair(dim, cfg) for _ in range(2))
 
     def forward(self, x: Tensor, c: Tensor, grid: Grid) -> Tensor:
-        for pair in self.pairs:
-            x = pair(x, c, grid)
-        return x
+        return self.pairs(x, c, grid)
 
 
 class UDiTPair(nn.Module):
@@ -140,7 +138,7 @@ class UDiT(nn.Module):
         self.x_embedder = nn.Conv2d(cfg.in_channels, C, 3, padding=1)
         self.conditions = nn.ModuleList(Condition(C * m, cfg) for m in (1, 2, 4))
         widths = (C, 2 * C, 4 * C, 2 * C, 2 * C)
-        self.stages = nn.ModuleList(nn.ModuleList(UDiTBlock(w, cfg) for _ in range(n))
+        self.stages = nn.ModuleList(ConditionedBlocks(UDiTBlock(w, cfg) for _ in range(n))
                                     for w, n in zip(widths, cfg.depths, strict=True))
         self.down = nn.ModuleList(nn.Conv2d(w, w // 2, 3, padding=1, bias=False) for w in (C, 2 * C))
         self.up = nn.ModuleList(nn.Conv2d(w, 2 * w, 3, padding=1, bias=False) for w in (4 * C, 2 * C))
@@ -185,10 +183,7 @@ class UDiT(nn.Module):
 
     def _stage(self, index: int, feature_map: Tensor, c: Tensor) -> Tensor:
         grid = tuple(feature_map.shape[-2:])
-        x = map_to_tokens(feature_map)
-        for block in self.stages[index]:
-            x = block(x, c, grid)
-        return tokens_to_map(x, grid)
+        return tokens_to_map(self.stages[index](map_to_tokens(feature_map), c, grid), grid)
 
 
 for _name, (_width, _heads) in {"U-DiT-S": (96, 4), "U-DiT-B": (192, 8), "U-DiT-L": (384, 16),
