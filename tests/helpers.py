@@ -21,21 +21,26 @@ def run_cli(capsys, *argv):
 
 TINY_BACKBONES = {  # backbone -> (named model, field overrides): the smallest model of each that runs every path
     "dit": ("DiT-Nano/2", dict(depth=2, hidden_size=32, num_heads=2)),
-    "udit": ("U-DiT-Nano", dict(hidden_size=16, num_heads=2)),
+    "udit": ("U-DiT-Nano", dict(hidden_size=16, num_heads=2, depths=(1, 1, 2, 1, 1))),
     "diffussm": ("DiffuSSM-Nano", dict(depth=2, hidden_size=32, state_size=8)),
 }
 
 
 def tiny_backbone(backbone="dit", *, randomize=0.0, **overrides):
     """A tiny model of `backbone` (dit, udit, diffussm): 3 pixel channels, 5 classes, random init.
+    `backbone` may also be a named model ("DiT-XL/2"): it keeps its own patch, hourglass and so on,
+    with the widths and depths of its backbone's tiny model.
 
     randomize > 0 adds noise of that size to every weight, breaking the zero init (adaLN-Zero makes
     every block start as the identity) so that every path contributes to the output."""
     import torch
 
-    from ditkit.models import build_model, model_config
+    from ditkit.models import NAMED_MODELS, build_model, model_config
 
-    name, fields = TINY_BACKBONES[backbone]
+    if backbone in NAMED_MODELS:
+        name, fields = backbone, TINY_BACKBONES[NAMED_MODELS[backbone][0]][1]
+    else:
+        name, fields = TINY_BACKBONES[backbone]
     model = build_model(model_config(name, **{"in_channels": 3, "num_classes": 5, "vae_scale": 1, **fields,
                                               **overrides}))
     if randomize:

@@ -4,6 +4,7 @@ import torch
 from ditkit import DitkitError, build_model, model_config, swap_mixers
 from ditkit.metrics import model_cost
 from ditkit.models import config_from_dict, config_to_dict
+from helpers import tiny_backbone
 
 
 def test_named_config_lands_near_the_paper():
@@ -21,12 +22,8 @@ def test_named_config_lands_near_the_paper():
 
 
 def tiny(**overrides):
-    fields = dict(depth=2, hidden_size=32, num_heads=2, state_size=8, in_channels=3, num_classes=5, vae_scale=1)
-    model = build_model(model_config("DiffuSSM-Nano", **{**fields, **overrides}))
-    with torch.no_grad():  # break the zero init so every path matters
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
+    """DiffuSSM's tiny model with 2 heads (for the mixers that use them), zero init broken so every path matters."""
+    return tiny_backbone("diffussm", randomize=0.05, **{"num_heads": 2, **overrides})
 
 
 @pytest.mark.parametrize("size", [(8, 8), (5, 6), (16, 2)])

@@ -3,39 +3,27 @@ import math
 import pytest
 import torch
 
-from ditkit import DitkitError, build_model, model_config
+from ditkit import DitkitError, model_config
 from ditkit.models import config_from_dict, config_to_dict
 from ditkit.models.layers import sincos_pos_embed_2d, timestep_embedding
-
-
-def tiny(**overrides):
-    fields = dict(depth=2, hidden_size=32, num_heads=2, in_channels=3, num_classes=5, vae_scale=1)
-    return build_model(model_config("DiT-Nano/2", **{**fields, **overrides}))
-
-
-def randomize(model):
-    """Break DiT's zero init so every path contributes to the output."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
+from helpers import tiny_backbone
 
 
 @pytest.mark.parametrize("size", [(8, 8), (6, 10), (16, 4)])
 def test_output_shape_for_any_grid(size):
-    model = tiny()
+    model = tiny_backbone()
     x = torch.randn(2, 3, *size)
     out = model(x, torch.tensor([10.0, 999.0]), torch.tensor([0, 4]))
     assert out.shape == (2, 6, *size)  # learned sigma doubles the channels
 
 
 def test_without_learned_sigma_output_matches_input_channels():
-    out = tiny(learn_sigma=False)(torch.randn(1, 3, 4, 4), torch.zeros(1), torch.zeros(1, dtype=torch.long))
+    out = tiny_backbone(learn_sigma=False)(torch.randn(1, 3, 4, 4), torch.zeros(1), torch.zeros(1, dtype=torch.long))
     assert out.shape[1] == 3
 
 
 def test_zero_init_output_is_zero_and_blocks_start_as_identity():
-    model = tiny()
+    model = tiny_backbone()
     out = model(torch.randn(2, 3, 8, 8), torch.tensor([1.0, 2.0]), torch.tensor([1, 2]))
     assert torch.count_nonzero(out) == 0
     block = model.blocks[0]
@@ -44,7 +32,7 @@ def test_zero_init_output_is_zero_and_blocks_start_as_identity():
 
 
 def test_conditioning_changes_the_output():
-    model = randomize(tiny())
+    model = tiny_backbone(randomize=0.05)  # break the zero init so every path matters
     x = torch.randn(1, 3, 8, 8)
     a = model(x, torch.tensor([5.0]), torch.tensor([1]))
     assert not torch.allclose(a, model(x, torch.tensor([500.0]), torch.tensor([1])))
@@ -53,19 +41,19 @@ def test_conditioning_changes_the_output():
 
 def test_size_not_divisible_by_patch_is_a_clear_error():
     with pytest.raises(DitkitError, match="not divisible by the patch size 2"):
-        tiny()(torch.randn(1, 3, 7, 8), torch.zeros(1), torch.zeros(1, dtype=torch.long))
+        tiny_backbone()(torch.randn(1, 3, 7, 8), torch.zeros(1), torch.zeros(1, dtype=torch.long))
 
 
 def test_unconditional_and_missing_labels():
-    model = tiny(num_classes=0)
+    model = tiny_backbone(num_classes=0)
     assert model.y_embedder is None
     model(torch.randn(1, 3, 4, 4), torch.zeros(1))
     with pytest.raises(DitkitError, match="class-conditional"):
-        tiny()(torch.randn(1, 3, 4, 4), torch.zeros(1))
+        tiny_backbone()(torch.randn(1, 3, 4, 4), torch.zeros(1))
 
 
 def test_label_dropout_uses_the_null_label_at_the_configured_rate():
-    model = tiny(class_dropout_prob=0.25)
+    model = tiny_backbone(class_dropout_prob=0.25)
     labels = torch.zeros(20000, dtype=torch.long)
     dropped = model.y_embedder.drop_labels(labels, torch.Generator().manual_seed(0))
     assert set(dropped.unique().tolist()) == {0, 5}

@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from ditkit import DitkitError, build_model, model_config
+from ditkit import DitkitError, model_config
 from ditkit.metrics import config_cost
 from ditkit.models import config_from_dict, config_to_dict
+from helpers import tiny_backbone
 
 # U-DiT paper, 256x256 (latent 32x32x4): GFLOPs (multiply-adds) and official params (training form).
 UDIT_TABLE = {"U-DiT-S": (58.9e6, 6.04), "U-DiT-B": (231.3e6, 22.22), "U-DiT-L": (916.3e6, 85.00)}
@@ -18,12 +19,8 @@ def test_udit_paper_table(name):
 
 
 def tiny(**overrides):
-    config = model_config("U-DiT-Nano", **{"in_channels": 3, "num_classes": 4, **overrides})
-    model = build_model(config)
-    with torch.no_grad():  # break the zero init so every path matters
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
+    """U-DiT-Nano at its own width, zero init broken so every path matters."""
+    return tiny_backbone("udit", randomize=0.05, **{"hidden_size": 32, "num_classes": 4, "vae_scale": 8, **overrides})
 
 
 def test_folded_ffn_gives_the_same_output_and_follows_weight_updates():

@@ -13,45 +13,32 @@ scans are order-aware, and the S4D kernels are computed for any length, so any s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import Tensor, nn
 
 from ..errors import DitkitError
 from ..mixers import Grid, build_mixer
 from ..mixers.base import map_to_tokens
-from ..mixers.registry import mixer_class, mixer_options
-from .layers import FinalLayer, LabelEmbedder, TimestepEmbedder
-from .registry import register_backbone, register_model
+from ..mixers.registry import mixer_options
+from .layers import ConditionedBlocks, Conditioning, FinalLayer, LabelEmbedder, TimestepEmbedder, adaln_zero_init
+from .registry import BackboneConfig, register_backbone, register_model
 
 
 @dataclass
-class DiffuSSMConfig:
-    in_channels: int = 4
+class DiffuSSMConfig(BackboneConfig):
     hidden_size: int = 1152
     depth: int = 29
     num_heads: int = 16  # only for mixers that use heads; the ssm mixer does not
     hourglass: int = 2  # M: dense layers run at length L/M, the SSM at L
     state_size: int = 64  # S4D state dimension N (N/2 complex modes per channel)
-    num_classes: int = 1000  # 0: unconditional
-    class_dropout_prob: float = 0.1
-    learn_sigma: bool = True
     mixer: str = "ssm"
-    mixer_options: dict = field(default_factory=dict)
-    vae_scale: int = 8
 
     @property
-    def out_channels(self) -> int:
-        return self.in_channels * 2 if self.learn_sigma else self.in_channels
-
-    def tokens(self, height: int, width: int) -> int:
-        """Length of the SSM scan: one position per input cell (the paper's L)."""
-        return height * width
-
-    @property
-    def downsample(self) -> int:
-        """Sides must be multiples of M (the stem merges M cells along a row; the check is per side)."""
-        return self.hourglass * mixer_class(self.mixer).grid_multiple(**self.block_mixer_options())
+    def grid_reduction(self) -> int:
+        """M: the stem merges M cells along a row (tokens: the SSM scans one position per cell, the
+        paper's L). Both sides are checked against it, though only the width needs it."""
+        return self.hourglass
 
     def block_mixer_options(self) -> dict:
         """The mixer's options: the backbone's hourglass and state size where the mixer takes them."""
@@ -77,7 +64,7 @@ class DiffuSSMBlock(nn.Module):
 
 
 @register_backbone("diffussm", DiffuSSMConfig)
-class DiffuSSM(nn.Module):
+class DiffuSSM(Conditioning, nn.Module):
     """Attention-free diffusion backbone: (x, t, y) -> (B, out_channels, H, W) for W a multiple of M."""
 
     def __init__(self, config: DiffuSSMConfig):
@@ -86,27 +73,15 @@ class DiffuSSM(nn.Module):
         M, D = cfg.hourglass, cfg.hidden_size
         self.x_embedder = nn.Conv2d(cfg.in_channels, D, (1, M), stride=(1, M))  # merges M cells of a row
         self.t_embedder = TimestepEmbedder(D)
-        self.y_embedder = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout_prob) if cfg.num_classes else None
-        self.blocks = nn.ModuleList(DiffuSSMBlock(cfg) for _ in range(cfg.depth))
+        self.y_embedder = LabelEmbedder.for_config(cfg, D)
+        self.blocks = ConditionedBlocks(DiffuSSMBlock(cfg) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(D, M * cfg.out_channels)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """DiT's init for the dense layers (the S4D parameters keep their own); zero adaLN and
-        output, so every block starts as the identity."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear | nn.Conv2d):
-                nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        if self.y_embedder is not None:
-            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        zero = [block.adaLN_modulation[-1] for block in self.blocks]
-        for layer in zero + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        """DiT's adaLN-Zero init for the dense layers (the S4D parameters keep their own), so every
+        block starts as the identity."""
+        adaln_zero_init(self, embedders=[self.y_embedder, self.t_embedder], outputs=[self.final_layer.linear])
 
     def token_grid(self, height: int, width: int) -> Grid:
         M = self.config.hourglass
@@ -116,20 +91,11 @@ class DiffuSSM(nn.Module):
                               f"factor {M} (each token holds {M} cells of a row); use e.g. width {wider}")
         return height, width // M
 
-    def condition(self, t: Tensor, y: Tensor | None) -> Tensor:
-        c = self.t_embedder(t)
-        if self.y_embedder is not None:
-            if y is None:
-                raise DitkitError("this model is class-conditional: pass class labels")
-            c = c + self.y_embedder(y)
-        return c
-
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         grid = self.token_grid(x.shape[-2], x.shape[-1])
         tokens = map_to_tokens(self.x_embedder(x))
         c = self.condition(t, y)
-        for block in self.blocks:
-            tokens = block(tokens, c, grid)
+        tokens = self.blocks(tokens, c, grid)
         return self.unpatchify(self.final_layer(tokens, c), grid)
 
     def unpatchify(self, x: Tensor, grid: Grid) -> Tensor:

@@ -7,7 +7,7 @@ run with full attention, local attention, and so on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -15,38 +15,36 @@ from torch import Tensor, nn
 from ..errors import DitkitError
 from ..mixers import Grid, build_mixer
 from ..mixers.base import Extrapolation, map_to_tokens
-from ..mixers.registry import mixer_class
-from .layers import FinalLayer, LabelEmbedder, Mlp, TimestepEmbedder, modulate, sincos_pos_embed_2d
-from .registry import register_backbone, register_model
+from .layers import (
+    ConditionedBlocks,
+    Conditioning,
+    FinalLayer,
+    LabelEmbedder,
+    Mlp,
+    TimestepEmbedder,
+    adaln_zero_init,
+    modulate,
+    sincos_pos_embed_2d,
+)
+from .registry import BackboneConfig, register_backbone, register_model
 
 
 @dataclass
-class DiTConfig:
-    in_channels: int = 4
+class DiTConfig(BackboneConfig):
     patch_size: int = 2
     hidden_size: int = 1152
     depth: int = 28
     num_heads: int = 16
     mlp_ratio: float = 4.0
-    num_classes: int = 1000  # 0: unconditional
-    class_dropout_prob: float = 0.1
-    learn_sigma: bool = True  # predict the variance too (2x output channels), as DiT
-    mixer: str = "full"
-    mixer_options: dict = field(default_factory=dict)
-    vae_scale: int = 8  # pixels per input cell: 8 for SD-VAE latents, 1 for pixel-space models
-
-    @property
-    def out_channels(self) -> int:
-        return self.in_channels * 2 if self.learn_sigma else self.in_channels
 
     def tokens(self, height: int, width: int) -> int:
         """Image tokens for an input of height x width cells."""
         return (height // self.patch_size) * (width // self.patch_size)
 
     @property
-    def downsample(self) -> int:
-        """Inputs must be a multiple of this along each side (patch x what the mixer needs)."""
-        return self.patch_size * mixer_class(self.mixer).grid_multiple(**self.mixer_options)
+    def grid_reduction(self) -> int:
+        """One token per patch."""
+        return self.patch_size
 
 
 class DiTBlock(nn.Module):
@@ -68,7 +66,7 @@ class DiTBlock(nn.Module):
 
 
 @register_backbone("dit", DiTConfig)
-class DiT(nn.Module):
+class DiT(Conditioning, nn.Module):
     """Diffusion transformer: (x, t, y) -> (B, out_channels, H, W) for any H, W divisible by the patch."""
 
     extrapolation: Extrapolation | None = None  # sampling beyond the training size (models.extrapolation)
@@ -80,32 +78,17 @@ class DiT(nn.Module):
         cfg = config
         self.x_embedder = nn.Conv2d(cfg.in_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
         self.t_embedder = TimestepEmbedder(cfg.hidden_size)
-        self.y_embedder = (LabelEmbedder(cfg.num_classes, cfg.hidden_size, cfg.class_dropout_prob)
-                           if cfg.num_classes > 0 else None)
-        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.y_embedder = LabelEmbedder.for_config(cfg, cfg.hidden_size)
+        self.blocks = ConditionedBlocks(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg.hidden_size, cfg.patch_size**2 * cfg.out_channels)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """DiT's init: xavier linears, zero adaLN modulation and output (each block starts as identity)."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        w = self.x_embedder.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.bias)
-        if self.y_embedder is not None:
-            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        """DiT's adaLN-Zero init, with the official order of draws: linears (mixer convs keep
+        PyTorch's init), the patch embedding, the label table, the timestep MLP."""
+        linears = [m for m in self.modules() if isinstance(m, nn.Linear)]
+        adaln_zero_init(self, dense=[*linears, self.x_embedder], embedders=[self.y_embedder, self.t_embedder],
+                        outputs=[self.final_layer.linear])
 
     def token_grid(self, height: int, width: int) -> Grid:
         p = self.config.patch_size
@@ -116,21 +99,12 @@ class DiT(nn.Module):
             )
         return height // p, width // p
 
-    def condition(self, t: Tensor, y: Tensor | None) -> Tensor:
-        c = self.t_embedder(t)
-        if self.y_embedder is not None:
-            if y is None:
-                raise DitkitError("this model is class-conditional: pass class labels")
-            c = c + self.y_embedder(y)
-        return c
-
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         grid = self.token_grid(x.shape[-2], x.shape[-1])
         tokens = map_to_tokens(self.x_embedder(x))
         tokens = tokens + sincos_pos_embed_2d(self.config.hidden_size, grid, self.extrapolation).to(tokens)
         c = self.condition(t, y)
-        for block in self.blocks:
-            tokens = block(tokens, c, grid)
+        tokens = self.blocks(tokens, c, grid)
         return self.unpatchify(self.final_layer(tokens, c), grid)
 
     def unpatchify(self, x: Tensor, grid: Grid) -> Tensor:

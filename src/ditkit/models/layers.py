@@ -1,15 +1,19 @@
-"""Building blocks shared by the backbones: embeddings, MLP and adaLN modulation (as in DiT)."""
+"""Building blocks shared by the backbones: embeddings, conditioning, MLP, adaLN modulation and
+DiT's adaLN-Zero init."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from functools import lru_cache
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..mixers.base import Extrapolation
+from ..errors import DitkitError
+from ..mixers.base import Extrapolation, Grid
+from .registry import BackboneConfig
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -76,6 +80,11 @@ class TimestepEmbedder(nn.Module):
         freq = timestep_embedding(t, self.frequency_size)
         return self.mlp(freq.to(self.mlp[0].weight.dtype))
 
+    def initialize_weights(self) -> None:
+        """DiT's N(0, 0.02) MLP weights (the biases are the dense layers' zeros)."""
+        nn.init.normal_(self.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.mlp[2].weight, std=0.02)
+
 
 class LabelEmbedder(nn.Module):
     """Class labels -> vectors. Index `num_classes` is the "null" label used for
@@ -86,6 +95,11 @@ class LabelEmbedder(nn.Module):
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
         self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+
+    @classmethod
+    def for_config(cls, config: BackboneConfig, hidden_size: int) -> LabelEmbedder | None:
+        """The label embedder a backbone config asks for; None for an unconditional model (0 classes)."""
+        return cls(config.num_classes, hidden_size, config.class_dropout_prob) if config.num_classes > 0 else None
 
     @property
     def null_label(self) -> int | None:
@@ -101,6 +115,37 @@ class LabelEmbedder(nn.Module):
 
     def forward(self, labels: Tensor) -> Tensor:
         return self.embedding_table(labels)
+
+    def initialize_weights(self) -> None:
+        """DiT's N(0, 0.02) table."""
+        nn.init.normal_(self.embedding_table.weight, std=0.02)
+
+
+class Conditioning:
+    """Mixin for a module that holds a `t_embedder` and a `y_embedder` (None when unconditional):
+    `condition` sums their embeddings into the vector the adaLN layers modulate with."""
+
+    t_embedder: TimestepEmbedder
+    y_embedder: LabelEmbedder | None
+
+    def condition(self, t: Tensor, y: Tensor | None) -> Tensor:
+        """(B,) timesteps and (B,) labels -> (B, hidden) condition; labels are ignored when unconditional."""
+        c = self.t_embedder(t)
+        if self.y_embedder is None:
+            return c
+        if y is None:
+            raise DitkitError("this model is class-conditional: pass class labels")
+        return c + self.y_embedder(y)
+
+
+class ConditionedBlocks(nn.ModuleList):
+    """Blocks that each map (tokens, condition, grid) to tokens, run in order: an nn.Sequential for
+    adaLN blocks, with the state-dict keys of a ModuleList ("blocks.0.mlp...")."""
+
+    def forward(self, x: Tensor, c: Tensor, grid: Grid) -> Tensor:
+        for block in self:
+            x = block(x, c, grid)
+        return x
 
 
 class Mlp(nn.Module):
@@ -129,3 +174,26 @@ class FinalLayer(nn.Module):
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def adaln_zero_init(model: nn.Module, *, embedders: Iterable[nn.Module | None], outputs: Iterable[nn.Module],
+                    dense: Iterable[nn.Module] | None = None) -> None:
+    """DiT's init: xavier-uniform dense layers with zero biases, N(0, 0.02) embedders, then zeros
+    in the last layer of every `adaLN_modulation` and in the `outputs`, so that each block starts as
+    the identity and the model predicts zero ("adaLN-Zero").
+
+    `dense` defaults to every Linear and Conv2d of `model` in module order. Random draws happen in
+    the order given (dense layers, then `embedders`), so a seed always gives the same weights."""
+    if dense is None:
+        dense = [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    for layer in dense:
+        nn.init.xavier_uniform_(layer.weight.view(layer.weight.shape[0], -1))  # convs as (out, in * k * k)
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
+    for embedder in embedders:
+        if embedder is not None:
+            embedder.initialize_weights()
+    modulations = [m.adaLN_modulation[-1] for m in model.modules() if hasattr(m, "adaLN_modulation")]
+    for layer in [*modulations, *outputs]:
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)

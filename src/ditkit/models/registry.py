@@ -1,24 +1,67 @@
 """Backbones and named model configs: `model_config("DiT-XL/2")`, `build_model(config)`.
 
-A config is a dataclass of its backbone; `config_to_dict` / `config_from_dict` turn it into
-the plain record stored in every checkpoint, so a checkpoint rebuilds its own model.
+A config is a dataclass of its backbone, subclassing `BackboneConfig`; `config_to_dict` /
+`config_from_dict` turn it into the plain record stored in every checkpoint, so a checkpoint
+rebuilds its own model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from torch import nn
 
 from ..errors import DitkitError
+from ..mixers.registry import mixer_class
 
 BACKBONES: dict[str, tuple[type, type[nn.Module]]] = {}  # name -> (config class, model class)
 NAMED_MODELS: dict[str, tuple[str, dict[str, Any]]] = {}  # "DiT-XL/2" -> (backbone, fields)
 
 
-def register_backbone(name: str, config_class: type):
+@dataclass
+class BackboneConfig:
+    """The fields every backbone has. Each backbone's config subclasses it, adds its own fields
+    (widths, depths, patch) and overrides defaults where it differs (U-DiT's mixer, DiffuSSM's)."""
+
+    backbone: ClassVar[str]  # the registered name, set by `register_backbone`
+
+    in_channels: int = 4
+    num_classes: int = 1000  # 0: unconditional
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = True  # predict the variance too (2x output channels), as DiT
+    mixer: str = "full"
+    mixer_options: dict = field(default_factory=dict)
+    vae_scale: int = 8  # pixels per input cell: 8 for SD-VAE latents, 1 for pixel-space models
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    def tokens(self, height: int, width: int) -> int:
+        """The longest token sequence for an input of height x width cells: one per cell unless
+        the backbone patchifies."""
+        return height * width
+
+    @property
+    def grid_reduction(self) -> int:
+        """Input cells along a side per token of the coarsest grid the mixers see (the patch for DiT)."""
+        raise DitkitError(f"{type(self).__name__} must define grid_reduction: the input cells along a side per "
+                          "token of its coarsest token grid")
+
+    def block_mixer_options(self) -> dict:
+        """The options each block's mixer is built with."""
+        return self.mixer_options
+
+    @property
+    def downsample(self) -> int:
+        """Inputs must be a multiple of this along each side (the grid reduction x what the mixer needs)."""
+        return self.grid_reduction * mixer_class(self.mixer).grid_multiple(**self.block_mixer_options())
+
+
+def register_backbone(name: str, config_class: type[BackboneConfig]):
     def decorate(model_class: type[nn.Module]) -> type[nn.Module]:
         BACKBONES[name] = (config_class, model_class)
         config_class.backbone = name

@@ -14,7 +14,7 @@ depthwise part is 5x5 + 3x3 + 1x1 + identity; in eval mode they run folded into 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,24 +23,17 @@ from torch import Tensor, nn
 from ..errors import DitkitError
 from ..mixers import Grid, build_mixer
 from ..mixers.base import map_to_tokens, tokens_to_map
-from ..mixers.registry import mixer_class
-from .layers import LabelEmbedder, TimestepEmbedder, modulate
-from .registry import register_backbone, register_model
+from .layers import ConditionedBlocks, Conditioning, LabelEmbedder, TimestepEmbedder, adaln_zero_init, modulate
+from .registry import BackboneConfig, register_backbone, register_model
 
 
 @dataclass
-class UDiTConfig:
-    in_channels: int = 4
+class UDiTConfig(BackboneConfig):
     hidden_size: int = 96  # C: stage widths are C, 2C, 4C, 2C, 2C
     num_heads: int = 4
     depths: tuple[int, ...] = (2, 5, 8, 5, 2)  # encoder-1, encoder-2, middle, decoder-2, decoder-1
     mlp_ratio: float = 2.0
-    num_classes: int = 1000  # 0: unconditional
-    class_dropout_prob: float = 0.1
-    learn_sigma: bool = True
     mixer: str = "downsampled"
-    mixer_options: dict = field(default_factory=dict)
-    vae_scale: int = 8
 
     def __post_init__(self):
         self.depths = tuple(self.depths)  # YAML and JSON give lists
@@ -49,17 +42,9 @@ class UDiTConfig:
                               f"got {self.depths}")
 
     @property
-    def out_channels(self) -> int:
-        return self.in_channels * 2 if self.learn_sigma else self.in_channels
-
-    def tokens(self, height: int, width: int) -> int:
-        """Tokens of the first (full-resolution) stage: one per input cell."""
-        return height * width
-
-    @property
-    def downsample(self) -> int:
-        """The U halves the grid twice; the deepest grid must also suit the mixer."""
-        return 4 * mixer_class(self.mixer).grid_multiple(**self.mixer_options)
+    def grid_reduction(self) -> int:
+        """The U halves the grid twice (tokens: one per input cell in the first stage)."""
+        return 4
 
 
 class RepFeedForward(nn.Module):
@@ -112,12 +97,10 @@ class UDiTBlock(nn.Module):
 
     def __init__(self, dim: int, cfg: UDiTConfig):
         super().__init__()
-        self.pairs = nn.ModuleList(UDiTPair(dim, cfg) for _ in range(2))
+        self.pairs = ConditionedBlocks(UDiTPair(dim, cfg) for _ in range(2))
 
     def forward(self, x: Tensor, c: Tensor, grid: Grid) -> Tensor:
-        for pair in self.pairs:
-            x = pair(x, c, grid)
-        return x
+        return self.pairs(x, c, grid)
 
 
 class UDiTPair(nn.Module):
@@ -137,17 +120,13 @@ class UDiTPair(nn.Module):
         return x + gate_mlp.unsqueeze(1) * map_to_tokens(h)
 
 
-class Condition(nn.Module):
-    """Timestep + label embedding at one width."""
+class Condition(Conditioning, nn.Module):
+    """Timestep + label embedding at one width: `condition(t, y)`."""
 
     def __init__(self, dim: int, cfg: UDiTConfig):
         super().__init__()
         self.t_embedder = TimestepEmbedder(dim)
-        self.y_embedder = LabelEmbedder(cfg.num_classes, dim, cfg.class_dropout_prob) if cfg.num_classes else None
-
-    def forward(self, t: Tensor, y: Tensor | None) -> Tensor:
-        c = self.t_embedder(t)
-        return c if self.y_embedder is None else c + self.y_embedder(y)
+        self.y_embedder = LabelEmbedder.for_config(cfg, dim)
 
 
 @register_backbone("udit", UDiTConfig)
@@ -159,7 +138,7 @@ class UDiT(nn.Module):
         self.x_embedder = nn.Conv2d(cfg.in_channels, C, 3, padding=1)
         self.conditions = nn.ModuleList(Condition(C * m, cfg) for m in (1, 2, 4))
         widths = (C, 2 * C, 4 * C, 2 * C, 2 * C)
-        self.stages = nn.ModuleList(nn.ModuleList(UDiTBlock(w, cfg) for _ in range(n))
+        self.stages = nn.ModuleList(ConditionedBlocks(UDiTBlock(w, cfg) for _ in range(n))
                                     for w, n in zip(widths, cfg.depths, strict=True))
         self.down = nn.ModuleList(nn.Conv2d(w, w // 2, 3, padding=1, bias=False) for w in (C, 2 * C))
         self.up = nn.ModuleList(nn.Conv2d(w, 2 * w, 3, padding=1, bias=False) for w in (4 * C, 2 * C))
@@ -175,20 +154,13 @@ class UDiT(nn.Module):
         return self.conditions[0].y_embedder
 
     def initialize_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Linear | nn.Conv2d):
-                nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        for cond in self.conditions:
-            nn.init.normal_(cond.t_embedder.mlp[0].weight, std=0.02)
-            nn.init.normal_(cond.t_embedder.mlp[2].weight, std=0.02)
-            if cond.y_embedder is not None:
-                nn.init.normal_(cond.y_embedder.embedding_table.weight, std=0.02)
-        zero = [pair.adaLN_modulation[-1] for stage in self.stages for block in stage for pair in block.pairs]
-        for layer in zero + [self.final_modulation[-1], self.final_conv]:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        """DiT's adaLN-Zero init (with convs as dense layers), plus a zero final modulation and conv."""
+        embedders = [e for cond in self.conditions for e in (cond.t_embedder, cond.y_embedder)]
+        adaln_zero_init(self, embedders=embedders, outputs=[self.final_modulation[-1], self.final_conv])
+
+    def condition(self, t: Tensor, y: Tensor | None) -> tuple[Tensor, ...]:
+        """The condition at each width: C, 2C, 4C."""
+        return tuple(cond.condition(t, y) for cond in self.conditions)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         H, W = x.shape[-2:]
@@ -196,9 +168,7 @@ class UDiT(nn.Module):
         if H % multiple or W % multiple:
             raise DitkitError(f"U-DiT input {H}x{W} cannot be halved enough: height and width must be multiples "
                               f"of {multiple} (e.g. {multiple * max(1, H // multiple)})")
-        if self.y_embedder is not None and y is None:
-            raise DitkitError("this model is class-conditional: pass class labels")
-        c1, c2, c3 = (cond(t, y) for cond in self.conditions)
+        c1, c2, c3 = self.condition(t, y)
         enc1 = self._stage(0, self.x_embedder(x), c1)
         enc2 = self._stage(1, F.pixel_unshuffle(self.down[0](enc1), 2), c2)
         mid = self._stage(2, F.pixel_unshuffle(self.down[1](enc2), 2), c3)
@@ -213,10 +183,7 @@ class UDiT(nn.Module):
 
     def _stage(self, index: int, feature_map: Tensor, c: Tensor) -> Tensor:
         grid = tuple(feature_map.shape[-2:])
-        x = map_to_tokens(feature_map)
-        for block in self.stages[index]:
-            x = block(x, c, grid)
-        return tokens_to_map(x, grid)
+        return tokens_to_map(self.stages[index](map_to_tokens(feature_map), c, grid), grid)
 
 
 for _name, (_width, _heads) in {"U-DiT-S": (96, 4), "U-DiT-B": (192, 8), "U-DiT-L": (384, 16),
