@@ -88,8 +88,16 @@ def run_info(args) -> None:
 
 def run_eval(args) -> None:
     from ..data.images import save_image_folder
-    from ..metrics.quality import (evaluate, folder_agreement, format_scores, legibility, load_reference,
-                                   load_samples, sample_checkpoint, write_scores)
+    from ..metrics.quality import (
+        evaluate,
+        folder_agreement,
+        format_scores,
+        legibility,
+        load_reference,
+        load_samples,
+        sample_checkpoint,
+        write_scores,
+    )
     from ..parallel.launch import default_device
     from ..record import Sampling
 

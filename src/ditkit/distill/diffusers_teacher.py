@@ -157,7 +157,8 @@ class DiffusersTeacher(Teacher):
         return RunRecord(model=DiffusersModel(self.class_name, self.path),
                          diffusion=DiffusionSettings(objective="flow", sampler="euler", sample_steps=self.steps,
                                                      cfg_scale=1.0),
-                         data=DataSettings(resolution=self.resolution, prompt_embeds=self.prompts_file), distill=distill)
+                         data=DataSettings(resolution=self.resolution, prompt_embeds=self.prompts_file),
+                         distill=distill)
 
     def student_state(self, student: nn.Module) -> dict[str, Tensor]:
         return {name: p for name, p in self.trainable_parameters(student).items()}

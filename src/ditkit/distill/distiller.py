@@ -235,8 +235,9 @@ class Distiller:
 def format_agreement(agreement: dict, cfg: DistillConfig) -> str:
     """The report of `Distiller.run` as a table: PSNR/SSIM of the untuned and distilled students, and
     the attention work saved."""
+    header = "".join(f"  {name:>12}" for name in ("untuned PSNR", "untuned SSIM", "student PSNR", "student SSIM"))
     lines = [f"student agreement with the teacher on {cfg.eval_num} held-out samples (same noise and conditions):",
-             f"{'resolution':>10}  {'untuned PSNR':>12}  {'untuned SSIM':>12}  {'student PSNR':>12}  {'student SSIM':>12}"]
+             f"{'resolution':>10}{header}"]
     for resolution, student in agreement["student"].items():
         untuned = agreement["untuned"][resolution]
         lines.append(f"{resolution:>10}  {untuned['psnr']:>12.2f}  {untuned['ssim']:>12.4f}  "
