@@ -12,8 +12,8 @@ import torch
 
 from ditkit import DitkitError
 from ditkit.models import NAMED_MODELS, build_model, config_from_dict, config_to_dict, model_config
+from ditkit.record import DataSettings, DiffusionSettings, RunRecord
 from ditkit.train.checkpoint import load_checkpoint, save_checkpoint
-from ditkit.train.config import DiffusionSection
 from helpers import tiny_backbone
 
 RECORD_KEYS = {  # a checkpoint's model record per backbone: old checkpoints must keep loading
@@ -41,10 +41,9 @@ def run(model, height, width, labels=True):
         return model(x, torch.tensor([1.0, 500.0]), y)
 
 
-def training_record(config) -> dict:
+def training_record(config) -> RunRecord:
     """The record a training run stores with its weights (what Trainer writes)."""
-    return {"model": config_to_dict(config), "diffusion": dict(vars(DiffusionSection())),
-            "data": {"source": "digits", "resolution": 32, "vae": None, "class_names": []}}
+    return RunRecord(model=config, diffusion=DiffusionSettings(), data=DataSettings(resolution=32, source="digits"))
 
 
 @names
@@ -72,7 +71,7 @@ def test_checkpoint_round_trip_gives_the_same_outputs(name, tmp_path):
     save_checkpoint(tmp_path, 1, model=model, ema=None, optimizer=optimizer,
                     record=training_record(model.config), train_state={})
     loaded, record = load_checkpoint(tmp_path)
-    assert loaded.config == model.config and record["model"] == config_to_dict(model.config)
+    assert loaded.config == model.config and record.model_dict() == config_to_dict(model.config)
     d = model.config.downsample
     x, t, y = torch.randn(2, 3, d, 2 * d), torch.tensor([1.0, 500.0]), torch.tensor([0, 4])
     with torch.no_grad():
