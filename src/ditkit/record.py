@@ -49,6 +49,7 @@ class DiffusionSettings:
     sampler: str | None = None  # default: ddpm for ddpm, euler for flow
     sample_steps: int = 50
     cfg_scale: float = 1.5
+    guidance_channels: int | None = None  # guide only the first N output channels (official DiT: 3); null: all
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -57,6 +58,9 @@ class DiffusionSettings:
             raise DitkitError(f"unknown timestep_sampling {self.timestep_sampling!r}: "
                               f"use {' or '.join(TIMESTEP_SAMPLINGS)}")
         check_sampling_numbers(self.sample_steps, self.cfg_scale, "diffusion.sample_steps", "diffusion.cfg_scale")
+        if self.guidance_channels is not None and self.guidance_channels < 1:
+            raise DitkitError(f"diffusion.guidance_channels must be at least 1 or null (all), "
+                              f"got {self.guidance_channels}")
 
     def objective_module(self):
         """The training objective (loss, noise schedule) these settings describe."""

@@ -193,3 +193,18 @@ def test_chain_works_with_every_backbone(name):
     model = build_model(model_config(name, in_channels=1, vae_scale=1, num_classes=10, learn_sigma=False)).eval()
     out = generate_upscaled(model, RECORD, strength=0.5, **{**CHAIN, "steps": 2, "base_steps": 1})
     assert out.shape == (2, 1, 32, 32) and torch.isfinite(out).all()
+
+
+def test_guidance_on_the_first_channels_only_keeps_the_others_conditional():
+    """The official DiT sample.py guides 3 of the 4 latent channels (`forward_with_cfg`)."""
+    from ditkit.diffusion.sampling import guided_output
+
+    class Fixed(torch.nn.Module):  # conditional output 1, unconditional output 0, on 8 channels
+        def forward(self, x, t, y):
+            return (y != 9).float().view(-1, 1, 1, 1).expand(-1, 8, *x.shape[2:])
+
+    x, t, labels = torch.zeros(2, 4, 2, 2), torch.zeros(2), torch.tensor([1, 2])
+    out = guided_output(Fixed(), x, t, labels, cfg_scale=4.0, null_label=9, guidance_channels=3)
+    assert out[:, :3].eq(4.0).all() and out[:, 3:].eq(1.0).all()
+    out = guided_output(Fixed(), x, t, labels, cfg_scale=4.0, null_label=9)
+    assert out[:, :4].eq(4.0).all() and out[:, 4:].eq(1.0).all()

@@ -68,7 +68,8 @@ def sample_inputs(model, record: RunRecord, sampling: Sampling, init: Tensor | N
     try:
         return sample(model, record.objective(), (s.num, model.config.in_channels, h, w),
                       labels=check_labels(model, s.labels, s.num), steps=s.steps, cfg_scale=s.cfg_scale, seed=s.seed,
-                      sampler=s.sampler, progress=progress, init=init, strength=strength)
+                      sampler=s.sampler, progress=progress, init=init, strength=strength,
+                      guidance_channels=record.diffusion.guidance_channels)
     finally:
         set_extrapolation(model, (h, w), (h, w))  # back to the trained behaviour
 

@@ -39,16 +39,17 @@ def make_scheduler(objective, sampler: str):
 
 
 def guided_output(model, x: Tensor, t: Tensor, labels: Tensor | None, cfg_scale: float,
-                  null_label: int | None) -> Tensor:
-    """Model output with classifier-free guidance on all input channels; learned variance
-    channels (if any) come from the conditional branch."""
+                  null_label: int | None, guidance_channels: int | None = None) -> Tensor:
+    """Model output with classifier-free guidance on the first `guidance_channels` output channels
+    (default: all input channels; the official DiT sample.py guides 3 of its 4 latent channels);
+    the other channels, learned variance included, come from the conditional branch."""
     if labels is None or cfg_scale == 1.0:
         return model(x, t, labels)
     if null_label is None:
         raise DitkitError("this model has no null label (no class dropout in training): use --cfg 1")
     out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, null_label)]))
     cond, uncond = out.chunk(2)
-    C = x.shape[1]
+    C = x.shape[1] if guidance_channels is None else guidance_channels
     guided = uncond[:, :C] + cfg_scale * (cond[:, :C] - uncond[:, :C])
     return torch.cat([guided, cond[:, C:]], dim=1)
 
@@ -75,7 +76,8 @@ def noised_start(scheduler, init: Tensor, noise: Tensor, index: int) -> Tensor:
 @torch.no_grad()
 def sample(model, objective, shape: tuple[int, ...], *, labels: Tensor | None = None, steps: int = 50,
            cfg_scale: float = 1.0, seed: int = 0, sampler: str | None = None, progress: bool = True,
-           noise: Tensor | None = None, init: Tensor | None = None, strength: float = 1.0) -> Tensor:
+           noise: Tensor | None = None, init: Tensor | None = None, strength: float = 1.0,
+           guidance_channels: int | None = None) -> Tensor:
     """Draw samples of `shape` (B, C, H, W) in the model's input space. Same seed, same result.
 
     With `init` (SDEdit / img2img): `init` is noised to `strength` (1 = pure noise: plain sampling;
@@ -103,7 +105,8 @@ def sample(model, objective, shape: tuple[int, ...], *, labels: Tensor | None = 
     C = shape[1]
     for t in tqdm(scheduler.timesteps[first:], desc="sampling", disable=not progress, leave=False):
         t_batch = t.to(param.device, torch.float32).expand(shape[0])
-        out = guided_output(model, x.to(param.dtype), t_batch, labels, cfg_scale, null_label).float()
+        out = guided_output(model, x.to(param.dtype), t_batch, labels, cfg_scale, null_label,
+                            guidance_channels).float()
         if not isinstance(scheduler, DDPMScheduler) or scheduler.variance_type != "learned_range":
             out = out[:, :C]
         x = scheduler.step(out, t, x, generator=generator).prev_sample

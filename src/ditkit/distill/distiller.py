@@ -119,7 +119,7 @@ class Distiller:
         cond = t.draw_conditions(cfg.eval_num, step_generator(cfg.seed, 0xE7A1))
         x = sample(model, t.objective, (cfg.eval_num, *t.input_shape(resolution, resolution)), labels=cond,
                    steps=cfg.eval_steps or t.steps, cfg_scale=t.cfg_scale, seed=cfg.seed + 0xE7A1,
-                   sampler=t.sampler, progress=False)
+                   sampler=t.sampler, progress=False, guidance_channels=t.guidance_channels)
         images = t.decode(x).float().cpu()
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({"images": images.contiguous()}, path)

@@ -31,8 +31,11 @@ def _chunk_generator(seed: int, index: int) -> torch.Generator:
 
 
 def _settings(teacher: Teacher, num: int, seed: int) -> dict:
-    return {"teacher": teacher.describe(), "num_samples": num, "seed": seed, "resolution": teacher.resolution,
-            "steps": teacher.steps, "cfg_scale": teacher.cfg_scale, "sampler": teacher.sampler, "chunk": CHUNK}
+    settings = {"teacher": teacher.describe(), "num_samples": num, "seed": seed, "resolution": teacher.resolution,
+                "steps": teacher.steps, "cfg_scale": teacher.cfg_scale, "sampler": teacher.sampler, "chunk": CHUNK}
+    if teacher.guidance_channels is not None:  # absent otherwise, so caches made before it existed stay valid
+        settings["guidance_channels"] = teacher.guidance_channels
+    return settings
 
 
 def _check_settings(folder: Path, settings: dict) -> None:
@@ -55,7 +58,8 @@ def generate_chunk(teacher: Teacher, seed: int, index: int, size: int) -> tuple[
     noise_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
     shape = (size, *teacher.input_shape(teacher.resolution, teacher.resolution))
     x0 = sample(teacher.model, teacher.objective, shape, labels=cond, steps=teacher.steps,
-                cfg_scale=teacher.cfg_scale, seed=noise_seed, sampler=teacher.sampler, progress=False)
+                cfg_scale=teacher.cfg_scale, seed=noise_seed, sampler=teacher.sampler, progress=False,
+                guidance_channels=teacher.guidance_channels)
     return x0.float().cpu(), cond
 
 

@@ -30,6 +30,7 @@ class Teacher:
     sampler: str | None
     steps: int
     cfg_scale: float
+    guidance_channels: int | None = None  # classifier-free guidance on the first N channels only (None: all)
     null_condition: int | None
 
     def draw_conditions(self, num: int, generator: torch.Generator) -> Tensor | None:
@@ -83,6 +84,7 @@ class DitkitTeacher(Teacher):
         d = self.record.diffusion
         self.resolution = self.record.resolution
         self.sampler, self.steps, self.cfg_scale = d.sampler, d.sample_steps, d.cfg_scale
+        self.guidance_channels = d.guidance_channels
         embedder = getattr(self.model, "y_embedder", None)
         self.num_classes = embedder.num_classes if embedder is not None else 0
         self.null_condition = embedder.null_label if embedder is not None else None
