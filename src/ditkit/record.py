@@ -8,6 +8,7 @@ Every ditkit checkpoint carries, in its safetensors metadata under "ditkit", the
     diffusion  the objective it was trained with and its sampling defaults (sampler, steps, guidance)
     data       the training resolution, the data source, the VAE folder of latent runs, class names
     distill    for students: the teacher and the CLEAR settings they were distilled with
+    origin     for converted published weights: the source format and file
     format     the record layout's version (FORMAT)
 
 The record owns the defaults: `record.sampling(...)` fills every sampling setting a caller leaves
@@ -137,6 +138,7 @@ class RunRecord:
     diffusion: DiffusionSettings
     data: DataSettings
     distill: dict | None = None
+    origin: dict | None = None  # converted weights: the source format and file (integrations.pretrained)
 
     # -- reading and writing -------------------------------------------------------------------
     @classmethod
@@ -154,14 +156,14 @@ class RunRecord:
         if missing:
             raise DitkitError(f"{source} is not a ditkit run record (no {', '.join(missing)} section): "
                               "use a checkpoint written by ditkit")
-        unknown = sorted(set(values) - {"model", "diffusion", "data", "distill"})
+        unknown = sorted(set(values) - {"model", "diffusion", "data", "distill", "origin"})
         if unknown:
             raise DitkitError(f"{source} has unknown record keys {', '.join(unknown)}: "
                               "it was written by a newer ditkit or another tool")
         return cls(model=_model_from_dict(values["model"], source),
                    diffusion=_section(DiffusionSettings, values["diffusion"], "diffusion", source),
                    data=_section(DataSettings, values["data"], "data", source),
-                   distill=values.get("distill"))
+                   distill=values.get("distill"), origin=values.get("origin"))
 
     @classmethod
     def from_json(cls, text: str, source: str = "the record") -> RunRecord:
@@ -175,8 +177,9 @@ class RunRecord:
     def to_dict(self) -> dict[str, Any]:
         values = {"format": FORMAT, "model": self.model_dict(), "diffusion": dataclasses.asdict(self.diffusion),
                   "data": dataclasses.asdict(self.data)}
-        if self.distill is not None:
-            values["distill"] = self.distill
+        for name in ("distill", "origin"):
+            if getattr(self, name) is not None:
+                values[name] = getattr(self, name)
         return json.loads(json.dumps(values))  # tuples become lists, as they come back from a file
 
     def to_json(self) -> str:

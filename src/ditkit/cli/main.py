@@ -1,7 +1,7 @@
-"""The `ditkit` command line: info, train, sample, distill, eval, bench, quickstart.
+"""The `ditkit` command line: info, train, sample, distill, eval, bench, quickstart, convert, export.
 
 The CLI only parses and calls the library. Each subcommand's parser sits beside its handler
-(`train.py`, `sample.py`, `measure.py`, `quickstart.py`); flags that mean the same everywhere
+(`train.py`, `sample.py`, `measure.py`, `quickstart.py`, `convert.py`); flags that mean the same everywhere
 (--device, --mixer, --no-ema, --seed, --no-progress, the sampling settings) are written once in
 `args.py` and shared through argparse `parents=`.
 """
@@ -13,7 +13,7 @@ import sys
 
 from .. import __version__
 from ..errors import DitkitError
-from . import measure, quickstart, sample, train
+from . import convert, measure, quickstart, sample, train
 from .args import parse_options, parse_size, resolve_config, shared_flags
 
 __all__ = ["build_parser", "main", "parse_options", "parse_size", "resolve_config"]
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parsers(sub, shared)
     sample.add_parser(sub, shared)
     quickstart.add_parser(sub, shared)
+    convert.add_parsers(sub, shared)
     return parser
 
 

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import DitkitError
-from ..files import atomic_write_text
+from ..files import atomic_path, atomic_write_text
 from ..mixers import swap_mixers
 from ..models import build_model
 from ..record import RunRecord
@@ -62,6 +62,16 @@ def save_checkpoint(root: Path, step: int, *, model: nn.Module | dict[str, torch
         for old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_weights(folder: str | Path, state: dict[str, torch.Tensor], record: RunRecord) -> Path:
+    """A checkpoint of weights only (no optimizer: nothing to resume), e.g. converted published
+    weights: `folder/model.safetensors` carrying its run record, which `load_checkpoint` reads."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file(_state_for_saving(state), tmp, metadata={META_KEY: record.to_json()})
+    return folder
 
 
 def list_checkpoints(root: Path) -> list[Path]:

@@ -1,0 +1,44 @@
+"""`ditkit convert` (published weights -> a ditkit checkpoint) and `ditkit export` (-> diffusers)."""
+
+from __future__ import annotations
+
+from .args import SharedFlags
+
+
+def add_parsers(sub, shared: SharedFlags) -> None:
+    convert = sub.add_parser("convert", help="published weights (facebookresearch DiT .pt, diffusers DiT folders, "
+                                             "official U-DiT) -> a ditkit checkpoint folder")
+    convert.add_argument("source", help="the published checkpoint file or folder")
+    convert.add_argument("--out", required=True, help="the ditkit checkpoint folder to write")
+    convert.add_argument("--vae", help="a diffusers AutoencoderKL folder (latent-space models decode with it)")
+    convert.add_argument("--resolution", type=int, help="training resolution in pixels, where the weights do not "
+                                                        "fix it")
+    convert.add_argument("--num-heads", type=int, help="attention heads, where the width matches no published config")
+    convert.set_defaults(func=run_convert)
+
+    export = sub.add_parser("export", help="a ditkit checkpoint -> a diffusers DiTPipeline folder")
+    export.add_argument("ckpt", help="run folder, checkpoint folder or .safetensors file")
+    export.add_argument("--to", choices=["diffusers"], default="diffusers", help="the target format")
+    export.add_argument("out", help="the folder to write")
+    export.add_argument("--no-ema", action="store_true", help="export the raw training weights, not the EMA")
+    export.set_defaults(func=run_export)
+
+
+def run_convert(args) -> None:
+    from ..integrations.pretrained import ConvertOptions, convert_to_checkpoint
+    from ..train.checkpoint import load_checkpoint
+
+    options = ConvertOptions(vae=args.vae, resolution=args.resolution, num_heads=args.num_heads)
+    folder = convert_to_checkpoint(args.source, args.out, options)
+    _, record = load_checkpoint(folder)
+    cfg = record.model
+    print(f"wrote {folder}: {cfg.backbone} ({record.origin['format']}), {record.resolution} px, "
+          f"{cfg.num_classes} classes, sampling {record.diffusion.objective} "
+          f"{record.diffusion.sampler or 'default'} x {record.diffusion.sample_steps}, cfg {record.diffusion.cfg_scale:g}"
+          + ("" if record.vae else "; no VAE: give --vae to sample images"))
+
+
+def run_export(args) -> None:
+    from ..integrations.diffusers_dit import export_diffusers
+
+    print(f"wrote {export_diffusers(args.ckpt, args.out, ema=not args.no_ema)}")

@@ -1,0 +1,1 @@
+"""facebookresearch/DiT checkpoints (work in progress)."""

@@ -1,0 +1,139 @@
+"""Published weights into ditkit: `load_pretrained(path)` and `ditkit convert SRC --out DIR`.
+
+Each source format registers a converter (`register_converter`): a test that recognises its files
+and a function that turns them into ditkit weights plus a full run record (model config inferred
+from the tensors, the diffusion setting the weights were trained with, the data space). The result
+is written as an ordinary ditkit checkpoint (`model.safetensors` with its record), so `sample`,
+`eval`, `info`, `bench`, `distill` and `--mixer clear` work on it unchanged.
+
+Rules every converter keeps: files are read without running code (`torch.load(weights_only=True)`,
+safetensors, JSON); every source key is used or named in an error, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import DitkitError
+from ..record import RunRecord
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """What the files cannot say. vae: a diffusers AutoencoderKL folder for latent-space models;
+    resolution: the training resolution in pixels (where the weights do not fix it); num_heads:
+    attention heads (where the width matches no published config)."""
+
+    vae: str | None = None
+    resolution: int | None = None
+    num_heads: int | None = None
+
+
+@dataclass
+class Converted:
+    """Weights under ditkit's key names and the record that rebuilds their model."""
+
+    state: dict[str, Tensor]
+    record: RunRecord
+
+
+@dataclass(frozen=True)
+class Converter:
+    name: str
+    accepts: Callable[[Path], bool]  # cheap: file names, config.json, the first bytes
+    convert: Callable[[Path, ConvertOptions], Converted]
+
+
+CONVERTERS: dict[str, Converter] = {}
+
+
+def register_converter(name: str, accepts: Callable[[Path], bool]):
+    """Decorator for `convert(path, options) -> Converted` of one source format."""
+    def decorate(convert: Callable[[Path, ConvertOptions], Converted]):
+        if name in CONVERTERS:
+            raise ValueError(f"converter {name!r} is registered twice")
+        CONVERTERS[name] = Converter(name, accepts, convert)
+        return convert
+
+    return decorate
+
+
+def _register_builtin_converters() -> None:
+    from . import official_dit  # noqa: F401  (each module registers its converters on import)
+
+
+def find_converter(path: Path) -> Converter:
+    _register_builtin_converters()
+    if not path.exists():
+        raise DitkitError(f"{path} does not exist: give a published checkpoint file or folder")
+    for converter in CONVERTERS.values():
+        if converter.accepts(path):
+            return converter
+    raise DitkitError(f"{path} is in no format ditkit converts ({', '.join(CONVERTERS)}): "
+                      "see the README's 'Pretrained models' for the sources it reads")
+
+
+def convert_pretrained(path: str | Path, options: ConvertOptions | None = None) -> Converted:
+    path = Path(path)
+    converted = find_converter(path).convert(path, options or ConvertOptions())
+    if options and options.vae:
+        converted.record.data.vae = str(Path(options.vae).resolve())
+    return converted
+
+
+def build_converted(converted: Converted) -> nn.Module:
+    """The model of a conversion with its weights loaded (every key must fit: strict)."""
+    from ..models import build_model
+    from ..train.checkpoint import load_state
+
+    model = build_model(converted.record.model)
+    load_state(model, converted.state, Path(converted.record.origin["path"]) if converted.record.origin else "")
+    return model.eval()
+
+
+def load_pretrained(path: str | Path, options: ConvertOptions | None = None, device: str | torch.device = "cpu",
+                    **option_fields):
+    """(model, record) from a ditkit checkpoint or any published format a converter reads."""
+    from ..train.checkpoint import load_checkpoint
+
+    path = Path(path)
+    if is_ditkit_checkpoint(path):
+        return load_checkpoint(path, device=device)
+    options = dataclasses.replace(options or ConvertOptions(), **option_fields)
+    converted = convert_pretrained(path, options)
+    return build_converted(converted).to(device), converted.record
+
+
+def convert_to_checkpoint(path: str | Path, out: str | Path, options: ConvertOptions | None = None) -> Path:
+    """Convert published weights and write them as a ditkit checkpoint folder `out`."""
+    from ..train.checkpoint import save_weights
+
+    converted = convert_pretrained(path, options)
+    build_converted(converted)  # every tensor fits the inferred config before anything is written
+    return save_weights(out, converted.state, converted.record)
+
+
+def is_ditkit_checkpoint(path: Path) -> bool:
+    """A ditkit run, checkpoint folder or safetensors file with a ditkit record."""
+    from ..train.checkpoint import META_KEY, find_checkpoint
+
+    try:
+        found = find_checkpoint(path)
+    except DitkitError:
+        return False
+    file = found / "model.safetensors" if found.is_dir() else found
+    if file.suffix != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return META_KEY in (f.metadata() or {})
+    except Exception:  # not a safetensors file at all: some other format
+        return False
