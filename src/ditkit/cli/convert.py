@@ -31,11 +31,10 @@ def run_convert(args) -> None:
     options = ConvertOptions(vae=args.vae, resolution=args.resolution, num_heads=args.num_heads)
     folder = convert_to_checkpoint(args.source, args.out, options)
     _, record = load_checkpoint(folder)
-    cfg = record.model
+    cfg, d = record.model, record.diffusion
     print(f"wrote {folder}: {cfg.backbone} ({record.origin['format']}), {record.resolution} px, "
-          f"{cfg.num_classes} classes, sampling {record.diffusion.objective} "
-          f"{record.diffusion.sampler or 'default'} x {record.diffusion.sample_steps}, cfg {record.diffusion.cfg_scale:g}"
-          + ("" if record.vae else "; no VAE: give --vae to sample images"))
+          f"{cfg.num_classes} classes, sampling {d.objective} {d.sampler or 'default'} x {d.sample_steps}, "
+          f"cfg {d.cfg_scale:g}" + ("" if record.vae else "; no VAE: give --vae to sample images"))
 
 
 def run_export(args) -> None:
