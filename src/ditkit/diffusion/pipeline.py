@@ -74,6 +74,13 @@ def sample_inputs(model, record: RunRecord, sampling: Sampling, init: Tensor | N
         set_extrapolation(model, (h, w), (h, w))  # back to the trained behaviour
 
 
+def check_decodable(model, record: RunRecord, vae=None) -> None:
+    """A latent-space model's samples are images only through its VAE: refuse before sampling."""
+    if getattr(model.config, "vae_scale", 1) > 1 and not record.vae and vae is None:
+        raise DitkitError("this checkpoint samples VAE latents but names no VAE to decode them: convert it with "
+                          "--vae PATH (a diffusers AutoencoderKL folder, e.g. stabilityai/sd-vae-ft-ema)")
+
+
 def to_images(x: Tensor, record: RunRecord, vae=None) -> Tensor:
     """Model inputs -> images in [-1, 1]: decoded by the run's VAE, or clamped pixels."""
     if record.vae:
@@ -89,6 +96,7 @@ def generate(model, record: RunRecord, sampling: Sampling | None = None, *, vae=
     """Images (num, C, height, width) in [-1, 1]. `sampling` and `changes` (its fields by name, e.g.
     num=4, steps=20) say how; whatever they leave unset comes from the run record."""
     sampling = record.sampling(sampling, **changes)
+    check_decodable(model, record, vae)
     return to_images(sample_inputs(model, record, sampling, progress=progress), record, vae)
 
 
@@ -157,6 +165,7 @@ def generate_upscaled(model, record: RunRecord, sampling: Sampling | None = None
         UpscaleChain(**{k: v for k, v in changes.items() if k in chain_fields})
     asked = dataclasses.replace(sampling or Sampling(), **{k: v for k, v in changes.items() if k not in chain_fields})
     full = record.sampling(asked)
+    check_decodable(model, record, vae)
     base_model, base_record = chain.base_model or model, chain.base_record or record
     check_upscale(model, record, base_model, base_record, (full.height, full.width),
                   (chain.base_height, chain.base_width))

@@ -35,12 +35,18 @@ class ConvertOptions:
     num_heads: int | None = None
 
 
+def same_key(key: str) -> str:
+    return key
+
+
 @dataclass
 class Converted:
-    """Weights under ditkit's key names and the record that rebuilds their model."""
+    """Weights under ditkit's key names and the record that rebuilds their model; `source_key`
+    maps a ditkit key back to the source's name for it (errors speak the source's names)."""
 
     state: dict[str, Tensor]
     record: RunRecord
+    source_key: Callable[[str], str] = same_key
 
 
 @dataclass(frozen=True)
@@ -83,8 +89,21 @@ def convert_pretrained(path: str | Path, options: ConvertOptions | None = None) 
     path = Path(path)
     converted = find_converter(path).convert(path, options or ConvertOptions())
     if options and options.vae:
-        converted.record.data.vae = str(Path(options.vae).resolve())
+        attach_vae(converted.record, options.vae)
     return converted
+
+
+def attach_vae(record: RunRecord, folder: str | Path) -> None:
+    """Latent-space weights decode with the VAE at `folder`: the record names it, and the model's
+    pixels per latent cell follow the VAE's."""
+    from ..data.latents import load_vae, vae_scale
+
+    vae = load_vae(folder)
+    if vae.config.latent_channels != record.model.in_channels:
+        raise DitkitError(f"the VAE at {folder} has {vae.config.latent_channels} latent channels, the model "
+                          f"{record.model.in_channels}: give the VAE the model was trained with")
+    record.model = dataclasses.replace(record.model, vae_scale=vae_scale(vae))
+    record.data.vae = str(Path(folder).resolve())
 
 
 def build_converted(converted: Converted) -> nn.Module:
@@ -93,8 +112,22 @@ def build_converted(converted: Converted) -> nn.Module:
     from ..train.checkpoint import load_state
 
     model = build_model(converted.record.model)
-    load_state(model, converted.state, Path(converted.record.origin["path"]) if converted.record.origin else "")
+    source = converted.record.origin["path"] if converted.record.origin else "the converted weights"
+    check_keys(set(model.state_dict()), set(converted.state), source, converted.source_key)
+    load_state(model, converted.state, source)
     return model.eval()
+
+
+def check_keys(expected: set[str], found: set[str], source: str, source_key: Callable[[str], str] = same_key) -> None:
+    """Name every key the inferred model lacks or the file lacks, as the file names them (never drop
+    weights silently)."""
+    unknown = sorted(map(source_key, found - expected))
+    missing = sorted(map(source_key, expected - found))
+    if unknown or missing:
+        parts = [f"unknown keys {', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}"] if unknown else []
+        parts += [f"missing keys {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"] if missing else []
+        raise DitkitError(f"{source} does not fit the model inferred from it ({'; '.join(parts)}): "
+                          "it is another architecture or a damaged file")
 
 
 def load_pretrained(path: str | Path, options: ConvertOptions | None = None, device: str | torch.device = "cpu",
