@@ -15,7 +15,10 @@ def test_info_reports_params_and_gflops_with_its_unit(capsys):
     assert "674.83M" in out and "118.62 GFLOPs, counting one multiply-add as 1 FLOP" in out
     assert "237.24 GFLOPs counting it as 2" in out and "256 tokens" in out
     code, out, _ = run_cli(capsys, "info", "DiT-S/2", "--resolution", "512")
-    assert "1024 tokens" in out
+    assert "1024 tokens" in out and "pairs" not in out  # full attention saves nothing
+    code, out, _ = run_cli(capsys, "info", "DiT-XL/2", "--resolution", "1024", "--mixer", "clear",
+                           "--mixer-opt", "radius=8")
+    assert "clear scores 4.2% of full attention's (query, key) pairs on the 64x64 token grid (95.8% saved)" in out
 
 
 def test_info_lists_models_and_mixers(capsys):

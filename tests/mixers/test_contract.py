@@ -76,6 +76,12 @@ def test_output_shape_equals_input_shape(name, options, one_thread):
 
 
 @parametrize_cases
+def test_attention_work_is_a_share_of_the_pairs_or_none(name, options):
+    work = build_mixer(name, DIM, HEADS, **options).attention_work(grid_for(name, options))
+    assert work is None or 0 < work <= 1
+
+
+@parametrize_cases
 def test_global_tokens_are_kept_or_refused_with_a_ditkit_error(name, options, one_thread):
     mixer, grid = random_mixer(name, options), grid_for(name, options)
     x = tokens(grid, num_global=3)

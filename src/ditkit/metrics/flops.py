@@ -132,9 +132,27 @@ def describe_cost(model: nn.Module, label: str, height: int, width: int) -> str:
     cost = model_cost(model, h, w)
     space = f"{cfg.in_channels}x{h}x{w} " + (f"latent (VAE /{cfg.vae_scale})" if cfg.vae_scale > 1 else "pixels")
     options = f" {cfg.mixer_options}" if cfg.mixer_options else ""
+    work = attention_line(model, h, w)
     return "\n".join([
         f"model       {label} ({cfg.backbone}, mixer {cfg.mixer}{options})",
         f"input       {height}x{width} px -> {space} -> {cfg.tokens(h, w)} tokens",
         f"parameters  {cost.params / 1e6:.2f}M ({cost.params:,})",
         f"forward     {cost.macs / 1e9:.2f} GFLOPs, counting one multiply-add as 1 FLOP (the DiT paper's unit);",
-        f"            {cost.flops / 1e9:.2f} GFLOPs counting it as 2 (one sample, attention and FFTs included)"])
+        f"            {cost.flops / 1e9:.2f} GFLOPs counting it as 2 (one sample, attention and FFTs included)",
+        *([work] if work else [])])
+
+
+def attention_line(model: nn.Module, h: int, w: int) -> str | None:
+    """How much of full attention's (query, key) image pairs the first block's mixer scores, on the
+    token grid of a model that has one (DiT); None where nothing is saved or there is no attention."""
+    from ..mixers import TokenMixer
+
+    mixer = next((m for m in model.modules() if isinstance(m, TokenMixer)), None)
+    if mixer is None or not hasattr(model, "token_grid"):
+        return None
+    grid = model.token_grid(h, w)
+    work = mixer.attention_work(grid)
+    if work is None or work >= 1:
+        return None
+    return (f"attention   {model.config.mixer} scores {100 * work:.1f}% of full attention's (query, key) pairs "
+            f"on the {grid[0]}x{grid[1]} token grid ({100 * (1 - work):.1f}% saved)")

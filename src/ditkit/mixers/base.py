@@ -15,6 +15,7 @@ know about a mixer, it asks the mixer, never its class:
   encodes_positions            holds a position encoding that `Extrapolation.positions` rescales
   accepts_global_tokens        takes global tokens (num_global > 0)
   grid_multiple(**options)     the token grid's sides must be multiples of this
+  attention_work(grid)         share of full attention's (query, key) pairs it scores (ditkit info)
 """
 
 from __future__ import annotations
@@ -80,6 +81,11 @@ class TokenMixer(nn.Module):
 
     def forward(self, x: Tensor, grid: Grid, num_global: int = 0) -> Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def attention_work(self, grid: Grid) -> float | None:
+        """Share of full attention's (query, key) image-token pairs this mixer scores on `grid`:
+        what its locality saves (`ditkit info`); None for mixers that are no attention."""
+        return None
 
     def forward_strip(self, x: Tensor, strip: Strip) -> Tensor:
         """Mix one strip of image rows (patch-parallel sampling): x holds this strip's tokens

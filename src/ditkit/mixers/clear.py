@@ -165,6 +165,12 @@ class ClearAttention(AttentionMixer):
     def grid_multiple(cls, down_factor: int = 0, **_) -> int:
         return max(1, down_factor)
 
+    def attention_work(self, grid: Grid) -> float:
+        """The disc's pairs (borders cut) over all pairs; pooled tokens add (H*W)^2 / f^2 / (H*W)^2."""
+        tokens = grid[0] * grid[1]
+        pooled = tokens / self.down_factor**2 if self.down_factor else 0
+        return (local_pairs(grid, self.radius) + tokens * pooled) / tokens**2
+
     def pool(self, x: Tensor, grid: Grid, num_global: int) -> Tensor:
         return pool_tokens(x, grid, num_global, self.pool_weight)
 

@@ -87,6 +87,10 @@ class DownsampledAttention(TokenMixer):
     def grid_multiple(cls, factor: int = 2, **_) -> int:
         return factor
 
+    def attention_work(self, grid: Grid) -> float:
+        """Each of the factor^2 sub-maps attends within itself: 1 / factor^2 of the pairs."""
+        return 1 / self.factor**2
+
     def forward(self, x: Tensor, grid: Grid, num_global: int = 0) -> Tensor:
         B, N, D = x.shape
         check_layout(N, grid, num_global)

@@ -18,6 +18,9 @@ class FullAttention(AttentionMixer):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, grid: Grid, num_global: int) -> Tensor:
         return F.scaled_dot_product_attention(q, k, v)
 
+    def attention_work(self, grid: Grid) -> float:
+        return 1.0
+
     def forward_strip(self, x: Tensor, strip: Strip) -> Tensor:
         """Keys and values of every strip, queries of this one: since every query sees every key,
         no strip needs another's queries (nor the mixer input: projections are per token)."""
