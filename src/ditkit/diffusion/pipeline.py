@@ -161,8 +161,8 @@ def generate_upscaled(model, record: RunRecord, sampling: Sampling | None = None
 
     `changes` may name fields of `Sampling` (the full-size pass) and of `UpscaleChain`."""
     chain_fields = {f.name for f in dataclasses.fields(UpscaleChain)}
-    chain = dataclasses.replace(chain, **{k: v for k, v in changes.items() if k in chain_fields}) if chain else \
-        UpscaleChain(**{k: v for k, v in changes.items() if k in chain_fields})
+    chain_changes = {k: v for k, v in changes.items() if k in chain_fields}
+    chain = dataclasses.replace(chain, **chain_changes) if chain else UpscaleChain(**chain_changes)
     asked = dataclasses.replace(sampling or Sampling(), **{k: v for k, v in changes.items() if k not in chain_fields})
     full = record.sampling(asked)
     check_decodable(model, record, vae)
