@@ -71,7 +71,7 @@ def register_converter(name: str, accepts: Callable[[Path], bool]):
 
 
 def _register_builtin_converters() -> None:
-    from . import official_dit  # noqa: F401  (each module registers its converters on import)
+    from . import official_dit, official_udit  # noqa: F401  (each module registers its converters on import)
 
 
 def find_converter(path: Path) -> Converter:
