@@ -23,43 +23,21 @@ from __future__ import annotations
 
 import argparse
 import math
-import pickle
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from ..errors import DitkitError
 from ..models import model_config
 from ..models.layers import sincos_pos_embed_2d
 from ..record import DataSettings, DiffusionSettings, RunRecord
-from .pretrained import Converted, ConvertOptions, register_converter
+from .pretrained import Converted, ConvertOptions, read_torch_file, register_converter
 
 FORMAT = "facebookresearch-dit"
 HEADS_BY_WIDTH = {1152: 16, 1024: 16, 768: 12, 384: 6, 192: 3, 128: 4}  # the named DiT configs
 RENAMES = (("x_embedder.proj.", "x_embedder."), (".attn.", ".mixer."))
 SAMPLING = dict(objective="ddpm", learn_sigma=True, sampler="ddpm", sample_steps=250, cfg_scale=4.0,
                 guidance_channels=3)
-
-
-def read_torch_file(path: Path) -> object:
-    """A torch.save file, read without running code: tensors, containers, and argparse.Namespace
-    (the args of training checkpoints); anything else is refused."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
-    except pickle.UnpicklingError as error:
-        raise DitkitError(f"{path} holds Python objects other than tensors ({str(error).splitlines()[0]}): "
-                          "ditkit never runs code from a checkpoint; save the state dict alone") from error
-    except (RuntimeError, EOFError, OSError) as error:
-        raise DitkitError(f"{path} is not a readable torch checkpoint ({str(error).splitlines()[0]}): "
-                          "is it truncated? download it again") from error
-
-
-def _is_zip(path: Path) -> bool:
-    """torch.save's zip format can be memory-mapped: recognising a 2.7 GB file then reads no tensor."""
-    with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
 
 
 def official_state(obj: object, path: Path) -> tuple[dict[str, Tensor], str, dict]:

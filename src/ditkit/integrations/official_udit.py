@@ -53,8 +53,6 @@ steps, cfg 1.5 on the first 3 channels, as `forward_with_cfg` does); SD VAE late
 from __future__ import annotations
 
 import argparse
-import json
-import pickle
 import re
 from pathlib import Path
 
@@ -65,7 +63,7 @@ from ..errors import DitkitError
 from ..models import build_model
 from ..models.udit import UDiTConfig
 from ..record import DataSettings, DiffusionSettings, RunRecord
-from .pretrained import Converted, ConvertOptions, register_converter
+from .pretrained import Converted, ConvertOptions, read_torch_file, register_converter
 
 FORMAT = "official-udit"
 STAGES = ("encoder_level_1", "encoder_level_2", "latent", "decoder_level_2", "decoder_level_1")
@@ -94,35 +92,6 @@ FOLDED_FFN = re.compile(r"^(?P<ffn>.+\.mlp[12])\.project_in\.weight$")
 
 
 # -- reading ---------------------------------------------------------------------------------------
-def read_torch_file(path: Path) -> object:
-    """A torch.save file read without running code: tensors, containers and argparse.Namespace."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
-    except pickle.UnpicklingError as error:
-        unsafe = re.search(r"GLOBAL (\S+)", str(error))
-        if unsafe is None:
-            raise DitkitError(f"{path} is not a readable torch checkpoint ({_first_line(error)}): "
-                              "is it truncated? download it again") from error
-        raise DitkitError(f"{path} pickles the Python class {unsafe.group(1)}, which ditkit does not run: "
-                          "save the state dict alone (torch.save(model.state_dict(), ...))") from error
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise DitkitError(f"{path} is not a readable torch checkpoint ({_first_line(error)}): "
-                          "is it truncated? download it again") from error
-
-
-def _first_line(error: Exception) -> str:
-    """The gist of a library error: its first sentence."""
-    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return line.split(". ")[0].rstrip(".")
-
-
-def _is_zip(path: Path) -> bool:
-    """torch.save's zip files can be memory-mapped: recognising a large file then reads no tensor."""
-    with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
-
-
 def unpack(obj: object, path: Path) -> tuple[dict[str, Tensor], dict, dict]:
     """(weights, args, origin details) of a bare state dict or a train.py checkpoint (EMA first)."""
     found = _weights_in(obj)
@@ -345,14 +314,6 @@ def _listed(keys: list[str], most: int = 8) -> str:
 
 
 # -- the record ------------------------------------------------------------------------------------
-def vae_scale(vae: str | None) -> int:
-    """Pixels per latent cell of the VAE folder (its config's down blocks); 8, the SD VAE's, without one."""
-    config = Path(vae) / "config.json" if vae else None
-    if config is None or not config.is_file():
-        return 8
-    return 2 ** (len(json.loads(config.read_text()).get("block_out_channels", [0] * 4)) - 1)
-
-
 def resolution(options: ConvertOptions, args: dict) -> int:
     return options.resolution or args.get("image_size") or DEFAULT_RESOLUTION
 
@@ -366,7 +327,6 @@ def convert(path: Path, options: ConvertOptions) -> Converted:
                           f"{_listed(list(state), 4)}); convert it with the converter of its own format")
     state, folded = unfold_ffns(state)
     config = infer_config(state, args, options)
-    config.vae_scale = vae_scale(options.vae)
     diffusion = DiffusionSettings(learn_sigma=config.learn_sigma,
                                   guidance_channels=min(GUIDED_CHANNELS, config.in_channels), **SAMPLING)
     data = DataSettings(resolution=resolution(options, args), source="imagenet" if config.num_classes == 1000 else None)

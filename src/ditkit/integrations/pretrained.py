@@ -12,7 +12,10 @@ safetensors, JSON); every source key is used or named in an error, never silentl
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import pickle
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +71,35 @@ def register_converter(name: str, accepts: Callable[[Path], bool]):
         return convert
 
     return decorate
+
+
+def read_torch_file(path: Path) -> object:
+    """A torch.save file read without running code: tensors, containers and argparse.Namespace."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+    except pickle.UnpicklingError as error:
+        unsafe = re.search(r"GLOBAL (\S+)", str(error))
+        if unsafe is None:
+            raise DitkitError(f"{path} is not a readable torch checkpoint ({_first_line(error)}): "
+                              "is it truncated? download it again") from error
+        raise DitkitError(f"{path} pickles the Python class {unsafe.group(1)}, which ditkit does not run: "
+                          "save the state dict alone (torch.save(model.state_dict(), ...))") from error
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise DitkitError(f"{path} is not a readable torch checkpoint ({_first_line(error)}): "
+                          "is it truncated? download it again") from error
+
+
+def _first_line(error: Exception) -> str:
+    """The gist of a library error: its first sentence."""
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return line.split(". ")[0].rstrip(".")
+
+
+def _is_zip(path: Path) -> bool:
+    """torch.save's zip files can be memory-mapped: recognising a large file then reads no tensor."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 def _register_builtin_converters() -> None:
