@@ -65,7 +65,7 @@ def register_converter(name: str, accepts: Callable[[Path], bool]):
 
 
 def _register_builtin_converters() -> None:
-    from . import official_dit  # noqa: F401  (each module registers its converters on import)
+    from . import diffusers_dit, official_dit  # noqa: F401  (each module registers its converters on import)
 
 
 def find_converter(path: Path) -> Converter:
