@@ -76,6 +76,20 @@ def test_converted_model_equals_diffusers_at_two_resolutions(tmp_path, learn_sig
         assert (ours - theirs).abs().max() < 1e-5
 
 
+def test_a_hub_style_transformer2dmodel_config_converts_alike(tmp_path):
+    """The hub's DiT folders name their class Transformer2DModel, whose defaults differ (attention_bias
+    False, norm_type layer_norm): the keys they write decide, the ones they leave out take those defaults."""
+    transformer = tiny_transformer()
+    transformer.save_pretrained(tmp_path)
+    reference = convert_pretrained(tmp_path).record.model
+    edit_json(tmp_path / "config.json", _class_name="Transformer2DModel", cross_attention_dim=None)
+    assert convert_pretrained(tmp_path).record.model == reference
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["attention_bias"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    refused(tmp_path, "sets attention_bias = False; ditkit's DiT computes True only")
+
+
 def test_the_official_conventions_differ_from_diffusers(tmp_path):
     """Without the three convention fields the same weights compute something else: they matter."""
     transformer = tiny_transformer()

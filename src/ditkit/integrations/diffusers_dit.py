@@ -62,7 +62,6 @@ from .pretrained import Converted, ConvertOptions, register_converter
 FORMAT = "diffusers-dit"
 TRANSFORMER_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")  # the hub's DiT folders say the latter
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-NULL_CLASS = 1000  # DiTPipeline's unconditional label, whatever the model's class count
 EMBEDDER_KEYS = {  # block 0's embedder (diffusers, under transformer_blocks.0.norm1.emb.) -> ditkit
     "timestep_embedder.linear_1.weight": "t_embedder.mlp.0.weight",
     "timestep_embedder.linear_1.bias": "t_embedder.mlp.0.bias",
@@ -200,10 +199,24 @@ def _take_embedder(tensors: dict[str, Tensor], depth: int, source: Path) -> dict
     return state
 
 
-def diffusers_to_ditkit(tensors: dict[str, Tensor], depth: int, source: Path) -> dict[str, Tensor]:
-    """ditkit DiT weights from a diffusers DiT state dict; every key is used or named in an error."""
-    tensors = dict(tensors)
-    tensors.pop("pos_embed.pos_embed", None)  # a fixed sin-cos table (older saves), recomputed by ditkit
+def _check_position_table(table: Tensor | None, config: dict, source: Path) -> None:
+    """Some saves hold PatchEmbed's fixed sin-cos table (`pos_embed.pos_embed`); ditkit computes its own, so
+    a stored one must be that table."""
+    from ..models.layers import sincos_pos_embed_2d
+
+    grid = config["sample_size"] // config["patch_size"]
+    expected = sincos_pos_embed_2d(config["num_attention_heads"] * config["attention_head_dim"], (grid, grid))
+    if table is not None and not (table.numel() == expected.numel()
+                                  and torch.allclose(table.reshape(expected.shape).float(), expected, atol=1e-6)):
+        raise DitkitError(f"{source}: pos_embed.pos_embed is not the 2D sin-cos table of a {grid}x{grid} grid that "
+                          "ditkit's DiT computes: this is no plain DiT")
+
+
+def diffusers_to_ditkit(tensors: dict[str, Tensor], config: dict, source: Path) -> dict[str, Tensor]:
+    """ditkit DiT weights from a diffusers DiT state dict and its config; every key is used or named in
+    an error."""
+    tensors, depth = dict(tensors), config["num_layers"]
+    _check_position_table(tensors.pop("pos_embed.pos_embed", None), config, source)
     state = _take_embedder(tensors, depth, source)
     for theirs, ours in TOP_KEYS.items():
         for kind in ("weight", "bias"):
@@ -216,7 +229,7 @@ def diffusers_to_ditkit(tensors: dict[str, Tensor], depth: int, source: Path) ->
             for their_name, our_name in BLOCK_KEYS.items():
                 state[f"{ours}{our_name}.{kind}"] = _take(tensors, f"{theirs}{their_name}.{kind}", source)
     if tensors:
-        raise DitkitError(f"{source} holds {len(tensors)} tensors ditkit's DiT has no place for (first: "
+        raise DitkitError(f"{source} holds tensors ditkit's DiT has no place for ({len(tensors)}, first: "
                           f"{sorted(tensors)[0]}): this is no plain DiT")
     return state
 
@@ -318,7 +331,7 @@ def convert(path: Path, options: ConvertOptions) -> Converted:
     folder, pipeline = _locate(path)
     config = _transformer_config(folder)
     tensors = _read_tensors(folder)
-    state = diffusers_to_ditkit(tensors, config["num_layers"], folder / WEIGHTS)
+    state = diffusers_to_ditkit(tensors, config, folder / WEIGHTS)
     return Converted(state=state, record=_record(config, path, pipeline, options))
 
 
