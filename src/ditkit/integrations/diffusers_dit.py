@@ -9,7 +9,7 @@ What diffusers does differently from the official DiT (diffusers 0.42, file:line
                        -> DiTConfig.timestep_freq_shift = 1
   block norms          the attention's LayerNorm inside `AdaLayerNormZero` keeps eps 1e-6
                        (normalization.py:149) but the MLP's `norm3` takes `norm_eps`, default 1e-5
-                       (attention.py, BasicTransformerBlock: norm3 = LayerNorm(dim, norm_eps)); the
+                       (attention.py:930, BasicTransformerBlock.norm3 = LayerNorm(dim, norm_eps)); the
                        final `norm_out` keeps 1e-6 (dit_transformer_2d.py:142)
                        -> DiTConfig.mlp_norm_eps = norm_eps
   positions            at a grid of n tokens per side other than the trained one, `PatchEmbed`
