@@ -22,7 +22,8 @@ def test_round_trip_keeps_every_field_and_marks_the_format():
     stored = record.to_dict()
     assert stored["format"] == FORMAT
     assert stored == {**LEGACY, "format": FORMAT, "data": {**LEGACY["data"], "prompt_embeds": None},
-                      "diffusion": {**LEGACY["diffusion"], "guidance_channels": None}}
+                      "diffusion": {**LEGACY["diffusion"], "guidance_channels": None, "scheduler": None,
+                                    "step_like_dit_pipeline": False}}
     assert RunRecord.from_json(record.to_json()).to_dict() == stored
     assert record.model == model_config("DiT-Nano/4", in_channels=1, num_classes=10, vae_scale=1)
 
@@ -31,7 +32,8 @@ def test_an_older_record_with_fewer_diffusion_keys_is_upgraded_with_the_defaults
     old = {**LEGACY, "diffusion": {"objective": "ddpm", "sample_steps": 20, "cfg_scale": 4.0}}
     record = RunRecord.from_dict(old)
     assert record.diffusion == DiffusionSettings(objective="ddpm", learn_sigma=True, timestep_sampling="uniform",
-                                                 sampler=None, sample_steps=20, cfg_scale=4.0, guidance_channels=None)
+                                                 sampler=None, sample_steps=20, cfg_scale=4.0, guidance_channels=None,
+                                                 scheduler=None, step_like_dit_pipeline=False)
 
 
 @pytest.mark.parametrize("change,message", [

@@ -51,6 +51,13 @@ class DiffusionSettings:
     sample_steps: int = 50
     cfg_scale: float = 1.5
     guidance_channels: int | None = None  # guide only the first N output channels (official DiT: 3); null: all
+    # A diffusers scheduler config (with its "_class_name", e.g. a DiTPipeline's scheduler/): when
+    # set, sampling builds it with `from_config` unless a sampler is named explicitly.
+    scheduler: dict | None = None
+    # Denoise as diffusers' DiTPipeline does: the scheduler steps on the epsilon channels only (its
+    # own variance, not a learned one), on the batch doubled for guidance (a stochastic scheduler
+    # draws the same noise), and guidance applies only when cfg_scale > 1.
+    step_like_dit_pipeline: bool = False
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -62,6 +69,10 @@ class DiffusionSettings:
         if self.guidance_channels is not None and self.guidance_channels < 1:
             raise DitkitError(f"diffusion.guidance_channels must be at least 1 or null (all), "
                               f"got {self.guidance_channels}")
+        named = isinstance(self.scheduler, dict) and isinstance(self.scheduler.get("_class_name"), str)
+        if self.scheduler is not None and not named:
+            raise DitkitError("diffusion.scheduler must be a diffusers scheduler config with its _class_name "
+                              "(e.g. a pipeline's scheduler/scheduler_config.json), or null")
 
     def objective_module(self):
         """The training objective (loss, noise schedule) these settings describe."""

@@ -18,7 +18,8 @@ from helpers import tiny_backbone
 
 RECORD_KEYS = {  # a checkpoint's model record per backbone: old checkpoints must keep loading
     "dit": {"backbone", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio", "num_classes",
-            "class_dropout_prob", "learn_sigma", "mixer", "mixer_options", "vae_scale"},
+            "class_dropout_prob", "learn_sigma", "mixer", "mixer_options", "vae_scale",
+            "timestep_freq_shift", "mlp_norm_eps", "pos_embed_base_grid"},  # diffusers' conventions (issue 17)
     "udit": {"backbone", "in_channels", "hidden_size", "num_heads", "depths", "mlp_ratio", "num_classes",
              "class_dropout_prob", "learn_sigma", "mixer", "mixer_options", "vae_scale"},
     "diffussm": {"backbone", "in_channels", "hidden_size", "depth", "num_heads", "hourglass", "state_size",

@@ -69,7 +69,9 @@ def sample_inputs(model, record: RunRecord, sampling: Sampling, init: Tensor | N
         return sample(model, record.objective(), (s.num, model.config.in_channels, h, w),
                       labels=check_labels(model, s.labels, s.num), steps=s.steps, cfg_scale=s.cfg_scale, seed=s.seed,
                       sampler=s.sampler, progress=progress, init=init, strength=strength,
-                      guidance_channels=record.diffusion.guidance_channels)
+                      guidance_channels=record.diffusion.guidance_channels,
+                      scheduler_config=record.diffusion.scheduler,
+                      step_like_dit_pipeline=record.diffusion.step_like_dit_pipeline)
     finally:
         set_extrapolation(model, (h, w), (h, w))  # back to the trained behaviour
 

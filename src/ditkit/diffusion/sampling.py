@@ -2,11 +2,15 @@
 
 `sample` is a small pure function: model, objective, sampler name, noise shape and seed in,
 clean inputs out. Samplers: "ddpm" and "ddim" for the DDPM objective, "euler" (flow-match
-Euler) for flow matching.
+Euler) for flow matching; or any diffusers scheduler from its saved config (`scheduler_config`,
+e.g. a DiTPipeline's), optionally stepped exactly as DiTPipeline steps it (`step_like_dit_pipeline`).
 """
 
 from __future__ import annotations
 
+import inspect
+
+import diffusers
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from torch import Tensor
@@ -36,6 +40,15 @@ def make_scheduler(objective, sampler: str):
     if sampler == "ddim":
         return DDIMScheduler(**common)
     return DDPMScheduler(**common, variance_type="learned_range" if objective.learn_sigma else "fixed_small")
+
+
+def scheduler_from_config(config: dict):
+    """The diffusers scheduler a saved config describes (its `_class_name`), built with `from_config`."""
+    scheduler_class = getattr(diffusers, str(config.get("_class_name")), None)
+    if scheduler_class is None or not hasattr(scheduler_class, "from_config"):
+        raise DitkitError(f"diffusion.scheduler names {config.get('_class_name')!r}, which is no scheduler of "
+                          f"diffusers {diffusers.__version__}: name a sampler (--sampler) or upgrade diffusers")
+    return scheduler_class.from_config(config)
 
 
 def guided_output(model, x: Tensor, t: Tensor, labels: Tensor | None, cfg_scale: float,
@@ -73,15 +86,42 @@ def noised_start(scheduler, init: Tensor, noise: Tensor, index: int) -> Tensor:
     return scheduler.add_noise(init, noise, scheduler.timesteps[index : index + 1])
 
 
+def _steps_with_generator(scheduler) -> bool:
+    return "generator" in inspect.signature(scheduler.step).parameters
+
+
+def denoise_step(scheduler, out: Tensor, t: Tensor, x: Tensor, channels: int, generator: torch.Generator,
+                 like_dit_pipeline: bool = False, paired: bool = False) -> Tensor:
+    """One scheduler step from model output `out`. The variance channels of a learned-sigma model
+    go to the scheduler only where it uses them (DDPM "learned_range"); DiTPipeline never gives
+    them. `paired`: step the batch twice over, as DiTPipeline steps its guided (cond, uncond) pair,
+    so that a stochastic scheduler draws its noise for 2B samples and uses the first B."""
+    learned = isinstance(scheduler, DDPMScheduler) and scheduler.variance_type == "learned_range"
+    if like_dit_pipeline or not learned:
+        out = out[:, :channels]
+    if paired:
+        out, x = torch.cat([out, out]), torch.cat([x, x])
+    extra = {"generator": generator} if _steps_with_generator(scheduler) else {}
+    return scheduler.step(out, t, x, **extra).prev_sample[: len(x) // 2 if paired else len(x)]
+
+
 @torch.no_grad()
 def sample(model, objective, shape: tuple[int, ...], *, labels: Tensor | None = None, steps: int = 50,
            cfg_scale: float = 1.0, seed: int = 0, sampler: str | None = None, progress: bool = True,
            noise: Tensor | None = None, init: Tensor | None = None, strength: float = 1.0,
-           guidance_channels: int | None = None) -> Tensor:
+           guidance_channels: int | None = None, scheduler_config: dict | None = None,
+           step_like_dit_pipeline: bool = False) -> Tensor:
     """Draw samples of `shape` (B, C, H, W) in the model's input space. Same seed, same result.
 
     With `init` (SDEdit / img2img): `init` is noised to `strength` (1 = pure noise: plain sampling;
     0 = returned unchanged) and denoised by the last floor(steps * strength) steps of the schedule.
+
+    `scheduler_config` (a diffusers scheduler config) replaces the objective's default sampler when
+    no `sampler` is named. `step_like_dit_pipeline` denoises as diffusers' DiTPipeline does (see
+    `denoise_step`; guidance only when cfg_scale > 1): with the same seed (the pipeline given
+    `generator=torch.manual_seed(seed)`) the same latents, for schedulers whose `init_noise_sigma`
+    is 1 and whose `scale_model_input` is the identity (DDPM, DDIM, DPM-Solver, UniPC, DEIS, PNDM):
+    DiTPipeline neither scales the starting noise nor unscales the input it steps, where ditkit does.
     """
     if steps < 1:
         raise DitkitError(f"steps must be at least 1, got {steps}")
@@ -89,7 +129,10 @@ def sample(model, objective, shape: tuple[int, ...], *, labels: Tensor | None = 
     if init is not None and tuple(init.shape) != tuple(shape):
         raise DitkitError(f"init has shape {tuple(init.shape)}, expected {tuple(shape)}")
     param = next(model.parameters())
-    scheduler = make_scheduler(objective, sampler or default_sampler(objective))
+    if scheduler_config is not None and sampler is None:
+        scheduler = scheduler_from_config(scheduler_config)
+    else:
+        scheduler = make_scheduler(objective, sampler or default_sampler(objective))
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(seed)
     if noise is None:
@@ -102,12 +145,13 @@ def sample(model, objective, shape: tuple[int, ...], *, labels: Tensor | None = 
     null_label = embedder.null_label if embedder is not None else None
     if labels is not None:
         labels = labels.to(param.device)
-    C = shape[1]
+    if step_like_dit_pipeline and cfg_scale <= 1:
+        cfg_scale = 1.0  # DiTPipeline guides only above 1
+    paired = step_like_dit_pipeline and labels is not None and cfg_scale != 1.0
     for t in tqdm(scheduler.timesteps[first:], desc="sampling", disable=not progress, leave=False):
         t_batch = t.to(param.device, torch.float32).expand(shape[0])
-        out = guided_output(model, x.to(param.dtype), t_batch, labels, cfg_scale, null_label,
+        x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+        out = guided_output(model, x_in.to(param.dtype), t_batch, labels, cfg_scale, null_label,
                             guidance_channels).float()
-        if not isinstance(scheduler, DDPMScheduler) or scheduler.variance_type != "learned_range":
-            out = out[:, :C]
-        x = scheduler.step(out, t, x, generator=generator).prev_sample
+        x = denoise_step(scheduler, out, t, x, shape[1], generator, step_like_dit_pipeline, paired)
     return x

@@ -103,7 +103,7 @@ def _is_zip(path: Path) -> bool:
 
 
 def _register_builtin_converters() -> None:
-    from . import official_dit, official_udit  # noqa: F401  (each module registers its converters on import)
+    from . import diffusers_dit, official_dit, official_udit  # noqa: F401  (each registers its converters)
 
 
 def find_converter(path: Path) -> Converter:

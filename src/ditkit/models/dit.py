@@ -36,6 +36,13 @@ class DiTConfig(BackboneConfig):
     depth: int = 28
     num_heads: int = 16
     mlp_ratio: float = 4.0
+    # Where implementations of the same DiT differ. The defaults are the official facebookresearch
+    # code's; a DiT converted from diffusers' DiTTransformer2DModel sets diffusers' values.
+    timestep_freq_shift: int = 0  # timestep frequencies 10000^(-i/(128 - shift)); diffusers: 1
+    mlp_norm_eps: float = 1e-6  # eps of each block's LayerNorm before the MLP; diffusers: its norm_eps (1e-5)
+    # None: token i sits at position i at every size. N: positions along an axis of n tokens are
+    # i * N / n, so every size spans the N-token training grid (diffusers' PatchEmbed, base_size N).
+    pos_embed_base_grid: int | None = None
 
     def tokens(self, height: int, width: int) -> int:
         """Image tokens for an input of height x width cells."""
@@ -55,7 +62,7 @@ class DiTBlock(nn.Module):
         D = cfg.hidden_size
         self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.mixer = build_mixer(cfg.mixer, D, cfg.num_heads, **cfg.mixer_options)
-        self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=cfg.mlp_norm_eps)
         self.mlp = Mlp(D, int(D * cfg.mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
 
@@ -77,7 +84,7 @@ class DiT(Conditioning, nn.Module):
         self.config = config
         cfg = config
         self.x_embedder = nn.Conv2d(cfg.in_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
-        self.t_embedder = TimestepEmbedder(cfg.hidden_size)
+        self.t_embedder = TimestepEmbedder(cfg.hidden_size, freq_shift=cfg.timestep_freq_shift)
         self.y_embedder = LabelEmbedder.for_config(cfg, cfg.hidden_size)
         self.blocks = ConditionedBlocks(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg.hidden_size, cfg.patch_size**2 * cfg.out_channels)
@@ -102,7 +109,8 @@ class DiT(Conditioning, nn.Module):
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         grid = self.token_grid(x.shape[-2], x.shape[-1])
         tokens = map_to_tokens(self.x_embedder(x))
-        tokens = tokens + sincos_pos_embed_2d(self.config.hidden_size, grid, self.extrapolation).to(tokens)
+        tokens = tokens + sincos_pos_embed_2d(self.config.hidden_size, grid, self.extrapolation,
+                                              self.config.pos_embed_base_grid).to(tokens)
         c = self.condition(t, y)
         tokens = self.blocks(tokens, c, grid)
         return self.unpatchify(self.final_layer(tokens, c), grid)

@@ -21,13 +21,20 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
+def _positions(size: int, base_grid: int | None) -> np.ndarray:
+    """Token positions 0..size-1 along one axis; with `base_grid`, scaled by base_grid / size as
+    diffusers' PatchEmbed does (in float32, as it does, so the tables agree to the last bit)."""
+    if base_grid is None:
+        return np.arange(size, dtype=np.float64)
+    return (torch.arange(size, dtype=torch.float32) / (size / base_grid)).double().numpy()
+
+
 @lru_cache(maxsize=64)
 def _sincos_2d(dim: int, height: int, width: int, base: tuple[float, float],
-               stretch: tuple[float, float]) -> np.ndarray:
+               stretch: tuple[float, float], base_grid: int | None = None) -> np.ndarray:
     if dim % 4:
         raise ValueError(f"2D sin-cos position embedding needs a width divisible by 4, got {dim}")
-    ys, xs = np.meshgrid(np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64),
-                         indexing="ij")
+    ys, xs = np.meshgrid(_positions(height, base_grid), _positions(width, base_grid), indexing="ij")
 
     def embed_1d(pos: np.ndarray, base: float) -> np.ndarray:
         omega = 1.0 / base ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
@@ -39,7 +46,8 @@ def _sincos_2d(dim: int, height: int, width: int, base: tuple[float, float],
                           axis=1).astype(np.float32)
 
 
-def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], extrapolation: Extrapolation | None = None) -> Tensor:
+def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], extrapolation: Extrapolation | None = None,
+                        base_grid: int | None = None) -> Tensor:
     """Fixed 2D sin-cos position embedding for a (H, W) token grid, row-major: (H*W, dim).
 
     Computed for any grid size, so a model runs at resolutions it was not trained at. Beyond the
@@ -48,7 +56,16 @@ def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], extrapolation: Extrapol
       "interpolate"  positions divided by s (position interpolation): every frequency slowed down;
       "ntk"          base 10000 * s^(k/(k-1)) for k frequencies (NTK-aware): the fastest frequency is
                      unchanged (local detail as trained), the slowest divided by s (global layout).
+
+    With `base_grid` (diffusers' convention, see DiTConfig.pos_embed_base_grid) the positions along
+    an axis of n tokens are i * base_grid / n at every size, smaller grids included: the table always
+    spans the trained range, so there is nothing for `extrapolation.positions` to do (refused).
     """
+    if base_grid is not None:
+        if extrapolation is not None and extrapolation.positions != "none":
+            raise DitkitError("this model scales its positions to its trained grid at every size "
+                              "(pos_embed_base_grid, diffusers' convention): use --position-scaling none")
+        return torch.from_numpy(_sincos_2d(dim, grid[0], grid[1], (10000.0, 10000.0), (1.0, 1.0), base_grid))
     base, stretch, k = [10000.0, 10000.0], [1.0, 1.0], dim // 4
     if extrapolation is not None and extrapolation.positions != "none":
         stretch = [max(1.0, s) for s in extrapolation.stretch]
@@ -58,10 +75,14 @@ def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], extrapolation: Extrapol
     return torch.from_numpy(_sincos_2d(dim, grid[0], grid[1], tuple(base), tuple(stretch)))
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps: (B,) -> (B, dim), [cos | sin]."""
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, freq_shift: int = 0) -> Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps: (B,) -> (B, dim), [cos | sin].
+
+    Frequencies max_period^(-i / (half - freq_shift)) for i < half = dim // 2: the official DiT
+    uses freq_shift 0, diffusers' DiT 1 (its `downscale_freq_shift`)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+                      / (half - freq_shift))
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     return torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1) if dim % 2 else emb
@@ -70,14 +91,15 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
 class TimestepEmbedder(nn.Module):
     """Timesteps -> vectors: sinusoidal features followed by a two-layer MLP with SiLU."""
 
-    def __init__(self, hidden_size: int, frequency_size: int = 256):
+    def __init__(self, hidden_size: int, frequency_size: int = 256, freq_shift: int = 0):
         super().__init__()
         self.frequency_size = frequency_size
+        self.freq_shift = freq_shift  # see timestep_embedding
         self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(),
                                  nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t: Tensor) -> Tensor:
-        freq = timestep_embedding(t, self.frequency_size)
+        freq = timestep_embedding(t, self.frequency_size, freq_shift=self.freq_shift)
         return self.mlp(freq.to(self.mlp[0].weight.dtype))
 
     def initialize_weights(self) -> None:
