@@ -269,3 +269,18 @@ def test_export_refuses_what_diffusers_dit_cannot_express(tmp_path, pipeline_fol
     with pytest.raises(DitkitError, match=f"cannot export to diffusers: {message}") as error:
         export_diffusers(ckpt, tmp_path / "out")
     assert "\n" not in str(error.value)
+
+
+def test_an_official_timestep_dit_exports_on_request_with_the_difference_reported(tmp_path, pipeline_folder, capsys):
+    """The hub's DiT folders are the official weights under diffusers' timestep frequencies: allowed when
+    asked, and the export says by how much the outputs moved (equal to running ditkit with shift 1)."""
+    ckpt, model = ditkit_checkpoint(tmp_path / "ckpt", pipeline_folder / "vae", timestep_freq_shift=0)
+    code, out, _ = run_cli(capsys, "export", str(ckpt), str(tmp_path / "out"), "--approximate-timesteps")
+    assert code == 0 and "approximation: diffusers' timestep frequencies move the outputs by" in out
+    moved = json.loads((tmp_path / "out" / "export_report.json").read_text())["timestep_approximation"]
+    assert 0 < moved["mean_abs"] <= moved["max_abs"]
+    pipe = DiTPipeline.from_pretrained(tmp_path / "out")
+    shifted = tiny_backbone("dit", **{"in_channels": 4, "vae_scale": 2, "timestep_freq_shift": 1})
+    shifted.load_state_dict(model.state_dict())
+    theirs, ours = forward_both(pipe.transformer, shifted, 8)
+    assert (ours - theirs).abs().max() < 1e-5

@@ -336,7 +336,7 @@ def convert(path: Path, options: ConvertOptions) -> Converted:
 
 
 # -- export ---------------------------------------------------------------------------------------------------
-def _check_exportable(record: RunRecord) -> DiTConfig:
+def _check_exportable(record: RunRecord, approximate_timesteps: bool = False) -> DiTConfig:
     """The DiT config of a run DiTPipeline can load, or a one-line refusal naming why not."""
     cfg = record.model
     if getattr(cfg, "backbone", None) != "dit":
@@ -349,9 +349,10 @@ def _check_exportable(record: RunRecord) -> DiTConfig:
         (cfg.num_classes < 1, "diffusers' DiT is class-conditional and this model is unconditional"),
         (cfg.class_dropout_prob <= 0, "diffusers' DiT has a null-class row for guidance and this model was "
                                       "trained without class dropout, so it has none"),
-        (cfg.timestep_freq_shift != 1, "diffusers' DiT embeds timesteps with frequencies 10000^(-i/127) and this "
-                                       "model was trained with 10000^(-i/128) (the official DiT's): train with "
-                                       "model.args.timestep_freq_shift=1 to export"),
+        (cfg.timestep_freq_shift != 1 and not approximate_timesteps,
+         "diffusers' DiT embeds timesteps with frequencies 10000^(-i/127) and this model was trained with "
+         "10000^(-i/128) (the official DiT's): train with model.args.timestep_freq_shift=1, or export with "
+         "--approximate-timesteps (as the hub's DiT folders were made) and read the difference it reports"),
         (record.diffusion.objective != "ddpm", "DiTPipeline samples the DDPM objective and this model was trained "
                                                "with flow matching"),
         (record.vae is None, "DiTPipeline decodes latents with a VAE and this run has none: convert or train it "
@@ -400,19 +401,23 @@ def _write_json(file: Path, values: dict) -> None:
     file.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
-def export_diffusers(ckpt: str | Path, out: str | Path, ema: bool = True) -> Path:
+def export_diffusers(ckpt: str | Path, out: str | Path, ema: bool = True, approximate_timesteps: bool = False) -> Path:
     """Write a ditkit DiT checkpoint as a DiTPipeline folder `out`: transformer/ (config.json and
     diffusion_pytorch_model.safetensors), scheduler/, vae/ (a copy of the run's VAE) and model_index.json.
     `DiTPipeline.from_pretrained(out)` loads it; `ditkit convert out` gives the checkpoint back.
 
     DiTPipeline guides with class 1000 as the null label: a model with fewer classes samples there
-    with guidance_scale 1 only (ditkit samples it with guidance: its null label is num_classes)."""
+    with guidance_scale 1 only (ditkit samples it with guidance: its null label is num_classes).
+
+    `approximate_timesteps` exports a model trained with the official timestep frequencies anyway (diffusers'
+    DiT has only its own): `export_report.json` then says how far the exported model's outputs are from
+    the trained one's (`timestep_approximation`)."""
     from safetensors.torch import save_file
 
     from ..train.checkpoint import load_checkpoint
 
     model, record = load_checkpoint(ckpt, ema=ema)
-    cfg = _check_exportable(record)
+    cfg = _check_exportable(record, approximate_timesteps)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise DitkitError(f"{out} exists and is not empty: choose a new folder to export to")
@@ -426,4 +431,28 @@ def export_diffusers(ckpt: str | Path, out: str | Path, ema: bool = True) -> Pat
     if record.data.class_names:
         index["id2label"] = {str(i): name for i, name in enumerate(record.data.class_names)}
     _write_json(out / "model_index.json", index)
+    if cfg.timestep_freq_shift != 1:
+        _write_json(out / "export_report.json", {"timestep_approximation": timestep_approximation(model, record)})
     return out
+
+
+@torch.no_grad()
+def timestep_approximation(model, record: RunRecord, num: int = 8) -> dict:
+    """How much the outputs move when a model trained with the official timestep frequencies runs with
+    diffusers' (shift 1): max and mean absolute difference over a probe batch (noise at the trained size,
+    timesteps spread over the schedule, classes cycled), next to the outputs' standard deviation."""
+    import copy
+    import dataclasses
+
+    shifted = copy.deepcopy(model)
+    shifted.config = dataclasses.replace(model.config, timestep_freq_shift=1)
+    shifted.t_embedder.freq_shift = 1
+    side = record.resolution // model.config.vae_scale
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(num, model.config.in_channels, side, side, generator=generator)
+    t = torch.linspace(0, 999, num)
+    y = torch.arange(num) % model.config.num_classes
+    trained, exported = model(x, t, y), shifted(x, t, y)
+    difference = (trained - exported).abs()
+    return {"max_abs": difference.max().item(), "mean_abs": difference.mean().item(),
+            "output_std": trained.std().item()}
