@@ -1,4 +1,5 @@
-"""Files that survive crashes: atomic writes, and JSON-lines logs read back after a crash.
+"""Files that survive crashes: atomic writes, JSON-lines logs read back after a crash, and the
+lock that gives a run folder to one process at a time.
 
 An atomic write goes to a hidden temporary file beside the target, which is flushed to disk and
 then renamed over the target: a reader (or a resumed run) sees the old file or the new one, never
@@ -7,8 +8,12 @@ half of one. The rename is made durable by syncing the folder too, where the pla
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import shutil
+import socket
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,8 +21,13 @@ from pathlib import Path
 
 from .errors import DitkitError
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
-def _fsync_file(path: Path) -> None:
+
+def fsync_file(path: Path) -> None:
     """Push a file that its writer has closed to disk (torch.save, save_file, ... do not sync)."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -49,11 +59,22 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         yield tmp
-        _fsync_file(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # gone after the rename; only a failed write leaves it
     _fsync_folder(path.parent)
+
+
+TEMPORARY = re.compile(r"^\..+\.tmp\d+$")  # atomic_path's temporary files: .NAME.tmpPID
+
+
+def remove_temporary_files(folder: str | Path) -> None:
+    """The temporary files of atomic writes that a kill interrupted, in `folder` (not below it).
+    Only the process that owns the folder (see FolderLock) may call this."""
+    for path in Path(folder).iterdir():
+        if TEMPORARY.match(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -81,3 +102,104 @@ def read_jsonl(path: str | Path) -> list[dict]:
                                   "line") from error
             warnings.warn(f"{path}: dropped its torn last line {number} (a write was interrupted)", stacklevel=2)
     return records
+
+
+def read_json(path: str | Path, what: str = "file") -> object:
+    """A JSON file's content, with a one-line error when it is missing or damaged."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as error:
+        raise DitkitError(f"{what} {path} is missing") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DitkitError(f"{what} {path} is not valid JSON (truncated or damaged?): repair or delete it") from error
+
+
+# A write that fails with less free space than this left is taken for a full disk, whatever the
+# writer called its error (torch.save and safetensors report a failed write without an errno).
+NEARLY_FULL_BYTES = 1 << 20
+
+
+def is_disk_full(error: BaseException, folder: str | Path | None = None) -> bool:
+    """Whether `error`, raised while writing in `folder`, means the disk (or quota) is full."""
+    for cause in (error, error.__cause__, error.__context__):
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if cause is not None and ("No space left on device" in str(cause) or "os error 28" in str(cause)):
+            return True
+    if folder is None or not isinstance(error, OSError | RuntimeError):
+        return False
+    try:
+        return shutil.disk_usage(folder).free < NEARLY_FULL_BYTES
+    except OSError:
+        return False
+
+
+LOCK_NAME = ".ditkit.lock"
+
+
+class FolderLock:
+    """An exclusive claim on a run folder, for as long as the `with` block runs.
+
+    The lock file `.ditkit.lock` holds the holder's pid and host (for the message a second process
+    gets) and an exclusive `flock`, which the kernel drops when the holder exits, even by SIGKILL:
+    a lock file without a live flock is stale, and is taken over with a warning. On platforms
+    without `fcntl` (Windows) the folder is not locked.
+    """
+
+    def __init__(self, folder: str | Path, command: str = "ditkit"):
+        self.folder, self.command = Path(folder), command
+        self.path = self.folder / LOCK_NAME
+        self.fd: int | None = None
+
+    def __enter__(self) -> FolderLock:
+        if fcntl is None:
+            return self
+        self.folder.mkdir(parents=True, exist_ok=True)
+        while self.fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _lock_holder(fd)
+                os.close(fd)
+                raise DitkitError(f"{self.folder} is in use by {holder}: wait until it ends, or use another "
+                                  "output folder") from None
+            if _same_file(fd, self.path):
+                self.fd = fd
+            else:  # its holder removed the file between our open and our flock: take the new one
+                os.close(fd)
+        self._claim()
+        return self
+
+    def _claim(self) -> None:
+        """Write our pid and host; a previous holder's, still there, was killed before it released."""
+        previous = _lock_holder(self.fd)
+        if previous != "another process":
+            warnings.warn(f"{self.folder}: took over the lock left by {previous}, which is no longer running",
+                          stacklevel=3)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                       "command": self.command}).encode(), 0)
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # before the unlock: a waiter then finds no stale file
+            os.close(self.fd)
+            self.fd = None
+
+
+def _lock_holder(fd: int) -> str:
+    """'process 123 on host (ditkit train)' from a lock file's content, as far as it can be read."""
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0))
+        return f"process {holder['pid']} on {holder['host']} ({holder['command']})"
+    except (ValueError, KeyError, TypeError, OSError):
+        return "another process"
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False

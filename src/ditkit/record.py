@@ -66,6 +66,7 @@ class DiffusionSettings:
             raise DitkitError(f"unknown timestep_sampling {self.timestep_sampling!r}: "
                               f"use {' or '.join(TIMESTEP_SAMPLINGS)}")
         check_sampling_numbers(self.sample_steps, self.cfg_scale, "diffusion.sample_steps", "diffusion.cfg_scale")
+        check_sampler(self.objective, self.sampler, "diffusion.sampler")
         if self.guidance_channels is not None and self.guidance_channels < 1:
             raise DitkitError(f"diffusion.guidance_channels must be at least 1 or null (all), "
                               f"got {self.guidance_channels}")
@@ -86,6 +87,17 @@ def check_sampling_numbers(steps: int, cfg_scale: float, steps_name: str = "step
         raise DitkitError(f"{steps_name} must be a whole number of at least 1, got {steps!r}")
     if not math.isfinite(cfg_scale):
         raise DitkitError(f"{cfg_name} must be a finite number (1 = no guidance), got {cfg_scale!r}")
+
+
+def check_sampler(objective: str, sampler: str | None, name: str = "sampler") -> None:
+    """A sampler that does not fit the objective fails here, not at the first sample of a run."""
+    if sampler is None:
+        return
+    from .diffusion.sampling import SAMPLERS
+
+    if sampler not in SAMPLERS[objective]:
+        raise DitkitError(f"{name} {sampler!r} does not fit the {objective} objective: "
+                          f"use {' or '.join(SAMPLERS[objective])}")
 
 
 @dataclass
@@ -228,6 +240,7 @@ class RunRecord:
         """`sampling` (with `changes`) with every unset field filled from this run's defaults."""
         sampling = dataclasses.replace(sampling or Sampling(), **changes)
         d = self.diffusion
+        check_sampler(d.objective, sampling.sampler)
         return dataclasses.replace(
             sampling,
             height=sampling.height or self.resolution, width=sampling.width or self.resolution,

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,3 +117,48 @@ def split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]
     if items and "=" not in items[0]:
         return items[0], items[1:]
     return None, list(items)
+
+
+OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=.*")  # train.steps=100, radius=8; not a path like runs/a=b
+
+
+def overrides_anywhere(parser: argparse.ArgumentParser, dest: str) -> None:
+    """Take every KEY=VALUE item of the command line into `dest`, wherever it stands: argparse fills a
+    positional list only from the items before the first option (`train digits --no-progress
+    train.steps=2` would leave train.steps=2 unknown), and an option with an optional value
+    (`--resume train.steps=2`) would swallow the override."""
+    parse_known = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)  # argparse's default
+        overrides = [item for item in args if OVERRIDE.fullmatch(item) and not Path(item).exists()]
+        namespace, extras = parse_known([item for item in args if item not in overrides], namespace)
+        setattr(namespace, dest, [*getattr(namespace, dest), *overrides])
+        return namespace, extras
+
+    parser.parse_known_args = parse_known_args
+
+
+def check_output_folder(folder: str | Path) -> Path:
+    """Fail before the work, not after it: `folder` must exist or be creatable, and be writable."""
+    folder = Path(folder)
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not existing.is_dir():
+        raise DitkitError(f"cannot write in {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DitkitError(f"cannot write in {folder}: {existing} is not writable")
+    return folder
+
+
+def check_output_file(path: str | Path, image: bool = False) -> Path:
+    """Fail before the work, not after it: `path` must be a writable file name (with an image
+    extension PIL writes, for an image)."""
+    from ..data.images import image_format
+
+    path = Path(path)
+    if path.is_dir():
+        raise DitkitError(f"output {path} is a folder: give a file name")
+    if image:
+        image_format(path)
+    check_output_folder(path.parent)
+    return path

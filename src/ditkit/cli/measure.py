@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import DitkitError
-from .args import SharedFlags, optional_size, parse_options, parse_size
+from .args import SharedFlags, check_output_file, check_output_folder, optional_size, parse_options, parse_size
 
 
 def add_parsers(sub, shared: SharedFlags) -> None:
@@ -103,6 +103,9 @@ def run_eval(args) -> None:
 
     if bool(args.ckpt) == bool(args.samples):
         raise DitkitError("give either --ckpt (a model to sample) or --samples (a folder of generated images)")
+    check_output_file(args.out)
+    if args.save_samples:
+        check_output_folder(args.save_samples)
     device, record = default_device(args.device), None
     if args.ckpt:
         height, width = optional_size(args.resolution)
@@ -135,6 +138,7 @@ def run_bench(args) -> None:
     from ..metrics.bench import device_name, run_bench, write_report
     from ..parallel.launch import default_device
 
+    check_output_folder(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = default_device(args.device)

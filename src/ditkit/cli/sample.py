@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import DitkitError
-from .args import SharedFlags, optional_size, parse_options, parse_size
+from .args import SharedFlags, check_output_file, optional_size, parse_options, parse_size
 
 
 def add_parser(sub, shared: SharedFlags) -> None:
@@ -40,6 +40,7 @@ def run(args) -> None:
 
     if args.base_ckpt and not args.upscale_from:
         raise DitkitError("--base-ckpt needs --upscale-from (the size the base checkpoint samples at)")
+    check_output_file(args.out, image=True)
     with sampling_session(args.parallel, args.device) as session:  # --parallel patch: one strip per process
         model, record = load_checkpoint(args.ckpt, ema=not args.no_ema, mixer=args.mixer,
                                         mixer_options=parse_options(args.mixer_opt) or None, device=session.device)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .args import SharedFlags, resolve_config, split_config_and_overrides
+from .args import SharedFlags, overrides_anywhere, resolve_config, split_config_and_overrides
 
 # `ditkit distill` flags that set a DistillConfig key (flag dest -> config key); unset flags leave the
 # config's value. The config's own defaults live in DistillConfig.
@@ -24,6 +24,10 @@ def add_parsers(sub, shared: SharedFlags) -> None:
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=100")
     train.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
                        help="continue from the latest checkpoint of train.out_dir, or from CKPT")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start afresh in a train.out_dir that holds a previous run, deleting its checkpoints, "
+                            "metrics and samples (without --resume or this, such a folder is refused)")
+    overrides_anywhere(train, "overrides")
     train.set_defaults(func=run_train)
 
     distill = sub.add_parser("distill", parents=[shared.device, shared.progress],
@@ -57,6 +61,10 @@ def add_parsers(sub, shared: SharedFlags) -> None:
     distill.add_argument("--out", help="output folder (default runs/distill)")
     distill.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
                          help="continue from the latest checkpoint in the output folder, or from CKPT")
+    distill.add_argument("--overwrite", action="store_true",
+                         help="start afresh in an output folder that holds a previous distillation, deleting it "
+                              "(without --resume or this, such a folder is refused)")
+    overrides_anywhere(distill, "items")
     distill.set_defaults(func=run_distill)
 
 
@@ -66,7 +74,7 @@ def run_train(args) -> None:
     from ..train import load_config, train
 
     cfg = load_config(resolve_config(args.config), args.overrides)
-    final = train(cfg, resume=args.resume, progress=not args.no_progress)
+    final = train(cfg, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     if PartialState().is_main_process:
         print(f"done: checkpoint {final}; samples in {Path(cfg.train.out_dir) / 'samples'}")
 
@@ -81,7 +89,7 @@ def run_distill(args) -> None:
     cfg = load_config(config and resolve_config(config), overrides, kind=DistillConfig, settings=flags)
     device = default_device(args.device)
     agreement = Distiller(load_teacher(cfg, device), cfg, device=device, progress=not args.no_progress).run(
-        resume=args.resume)
+        resume=args.resume, overwrite=args.overwrite)
     print(format_agreement(agreement, cfg))
     print(f"done: student checkpoint in {Path(cfg.out_dir) / 'checkpoints'}; "
           f"report {Path(cfg.out_dir) / 'agreement.json'}, compare-*.png")

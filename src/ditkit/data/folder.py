@@ -11,9 +11,14 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..errors import DitkitError
-from .images import center_crop, pil_to_tensor
+from .images import center_crop, pil_to_tensor, to_rgb
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+# What PIL raises for files it cannot read: damaged (OSError, SyntaxError, ValueError), not an
+# image (UnidentifiedImageError), or more pixels than its decompression-bomb limit allows.
+UNREADABLE = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def _readable(path: Path) -> bool:
@@ -21,7 +26,7 @@ def _readable(path: Path) -> bool:
         with Image.open(path) as image:
             image.verify()
         return True
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+    except UNREADABLE as error:
         warnings.warn(f"skipping unreadable image {path}: {error}", stacklevel=3)
         return False
 
@@ -71,8 +76,8 @@ class ImageFolderDataset(Dataset):
             path, label = self.samples[(index + offset) % len(self.samples)]
             try:
                 with Image.open(path) as image:
-                    image = image.convert("RGB")
+                    image = to_rgb(image)
                 return pil_to_tensor(center_crop(image, self.resolution)), label
-            except OSError as error:  # truncated data that passed the header check
+            except UNREADABLE as error:  # truncated data that passed the header check
                 warnings.warn(f"skipping unreadable image {path}: {error}", stacklevel=2)
         raise DitkitError(f"no image in {self.root} could be read")

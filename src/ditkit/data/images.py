@@ -1,4 +1,5 @@
-"""Image helpers: DiT's resize + center crop, tensor <-> uint8 conversion, grids and image folders."""
+"""Image helpers: DiT's resize + center crop, tensor <-> uint8 conversion, grids and image folders
+(written atomically: an interrupted write never leaves a truncated image)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from ..errors import DitkitError
+from ..files import atomic_path
+
 
 def center_crop(image: Image.Image, size: int) -> Image.Image:
     """Resize the short side to `size` (box-filter halving first, then bicubic), then crop the center."""
@@ -19,6 +23,15 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     image = image.resize(tuple(max(size, round(s * scale)) for s in image.size), resample=Image.BICUBIC)
     left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
     return image.crop((left, top, left + size, top + size))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, 8 bits per channel. 16-bit grayscale (PNG "I;16", "I") is scaled down, not clipped to
+    white as `convert("RGB")` would."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        array = np.asarray(image, dtype=np.float64) / 257  # 65535 -> 255
+        image = Image.fromarray(array.round().clip(0, 255).astype(np.uint8))
+    return image.convert("RGB")
 
 
 def pil_to_tensor(image: Image.Image) -> Tensor:
@@ -48,12 +61,31 @@ def image_grid(images: Tensor, ncols: int | None = None, pad: int = 2) -> Image.
     return Image.fromarray(grid[:, :, 0] if C == 1 else grid)
 
 
+def image_format(path: str | Path) -> str:
+    """PIL's format name for `path`'s extension (PNG for .png), or a one-line error."""
+    suffix = Path(path).suffix.lower()
+    known = Image.registered_extensions()
+    if suffix not in known:
+        raise DitkitError(f"{path} has no image extension PIL can write (e.g. .png, .jpg, .webp): name the "
+                          "output file with one")
+    return known[suffix]
+
+
+def save_image(image: Image.Image, path: str | Path) -> Path:
+    """`image` written atomically to `path`, in the format its extension names."""
+    path = Path(path)
+    kind = image_format(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=kind)
+    return path
+
+
 def save_image_folder(images: Tensor, folder: str | Path) -> Path:
     """One PNG per image, named 000000.png, 000001.png, ... (grayscale if C == 1)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for i, array in enumerate(to_uint8(images)):
-        Image.fromarray(array[:, :, 0] if array.shape[-1] == 1 else array).save(folder / f"{i:06d}.png")
+        save_image(Image.fromarray(array[:, :, 0] if array.shape[-1] == 1 else array), folder / f"{i:06d}.png")
     return folder
 
 
@@ -61,5 +93,4 @@ def save_grid(images: Tensor, out: str | Path) -> Path:
     """The images tiled into one grid image at `out` (its folder is created)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images).save(out)
-    return out
+    return save_image(image_grid(images), out)

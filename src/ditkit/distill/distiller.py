@@ -22,17 +22,28 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..data.images import image_grid
+from ..data.images import image_grid, save_image
 from ..diffusion.sampling import sample
 from ..errors import DitkitError
+from ..files import atomic_path, atomic_write_text, read_json
 from ..mixers.clear import local_pairs
-from ..train.checkpoint import find_checkpoint, list_checkpoints, read_weights, save_checkpoint
+from ..train.checkpoint import find_checkpoint, list_checkpoints, load_torch_file, read_weights, save_checkpoint
+from ..train.config import AT_LEAST_0, AT_LEAST_1, POSITIVE, check_ranges
 from ..train.loop import MetricsLog, StepBatchSampler, step_generator
+from ..train.runfolder import own_run_folder
 from .losses import AttentionTaps, LossWeights, PairedDenoiser, distillation_loss
 from .samples import teacher_samples
 from .teacher import Teacher
 
 OPTIMIZERS = ("adamw", "prodigy")
+# What a distillation writes in its folder (the outputs --overwrite removes).
+DISTILL_OUTPUTS = ("checkpoints", "metrics.jsonl", "loss.png", "tensorboard", "distill.json", "teacher_samples", "eval",
+                   "agreement.json", "compare-*.png")
+RANGES = {"resolution": AT_LEAST_1, "teacher_steps": AT_LEAST_1, "radius": POSITIVE, "down_factor": AT_LEAST_0,
+          "num_samples": AT_LEAST_1, "steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "lr": POSITIVE,
+          "weight_decay": AT_LEAST_0, "grad_clip": AT_LEAST_0, "attention_every": AT_LEAST_1, "seed": AT_LEAST_0,
+          "log_every": AT_LEAST_1, "ckpt_every": AT_LEAST_1, "keep_checkpoints": AT_LEAST_0, "eval_num": AT_LEAST_1,
+          "eval_steps": AT_LEAST_1}
 
 
 @dataclass
@@ -71,9 +82,7 @@ class DistillConfig:
             raise DitkitError(f"unknown optimizer {self.optimizer!r}: use {' or '.join(OPTIMIZERS)}")
         if self.lr is None:
             self.lr = 1.0 if self.optimizer == "prodigy" else 1e-4
-        for name in ("steps", "batch_size", "attention_every", "log_every", "ckpt_every"):
-            if getattr(self, name) < 1:
-                raise DitkitError(f"distill {name} must be at least 1, got {getattr(self, name)}")
+        check_ranges(self, RANGES, "distill ")
 
 
 def build_optimizer(cfg: DistillConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -122,7 +131,8 @@ class Distiller:
                    sampler=t.sampler, progress=False, guidance_channels=t.guidance_channels)
         images = t.decode(x).float().cpu()
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"images": images.contiguous()}, path)
+        with atomic_path(path) as tmp:
+            save_file({"images": images.contiguous()}, tmp)
         return images
 
     def evaluate(self, name: str) -> dict[str, dict[str, float]]:
@@ -144,11 +154,11 @@ class Distiller:
         return work
 
     def _write_report(self, agreement: dict) -> None:
-        (self.out_dir / "agreement.json").write_text(json.dumps(agreement, indent=2))
+        atomic_write_text(self.out_dir / "agreement.json", json.dumps(agreement, indent=2))
         for resolution in (self.teacher.resolution, 2 * self.teacher.resolution):
             rows = [load_file(self.out_dir / "eval" / f"{n}-{resolution}.safetensors")["images"]
                     for n in ("teacher", "untuned", "student")]
-            image_grid(torch.cat(rows), ncols=self.cfg.eval_num).save(self.out_dir / f"compare-{resolution}.png")
+            save_image(image_grid(torch.cat(rows), ncols=self.cfg.eval_num), self.out_dir / f"compare-{resolution}.png")
 
     # -- training ----------------------------------------------------------------------------
     def _resume(self, optimizer: torch.optim.Optimizer, resume: str | bool | None) -> int:
@@ -161,22 +171,31 @@ class Distiller:
         if record.to_dict()["distill"] != mine["distill"] or record.model_dict() != mine["model"]:
             raise DitkitError(f"checkpoint {path} comes from another distillation (teacher, radius or model "
                               "differ): resume with the settings it was made with")
+        state = read_json(path / "training_state.json", "training state")
         self.student.load_state_dict({k: v.to(self.device) for k, v in tensors.items()}, strict=False)
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True))
-        return json.loads((path / "training_state.json").read_text())["step"]
+        optimizer.load_state_dict(load_torch_file(path / "optimizer.pt", self.device))
+        return state["step"]
 
-    def run(self, resume: str | bool | None = None) -> dict:
+    def run(self, resume: str | bool | None = None, overwrite: bool = False) -> dict:
+        """Distil (`resume`: True for the output folder's latest checkpoint, or a checkpoint path); returns
+        the agreement report. The run owns its output folder meanwhile; `overwrite` replaces a previous
+        distillation found there (without it, or `resume`, such a folder is refused)."""
+        with own_run_folder(self.out_dir, DISTILL_OUTPUTS, resume=resume, overwrite=overwrite,
+                            command="ditkit distill"):
+            return self._run(resume)
+
+    def _run(self, resume: str | bool | None) -> dict:
         cfg, teacher = self.cfg, self.teacher
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "distill.json").write_text(json.dumps(
+        atomic_write_text(self.out_dir / "distill.json", json.dumps(
             {"teacher": teacher.describe(), **asdict(cfg)}, indent=2, default=str))
         x_all, cond_all = teacher_samples(teacher, self.out_dir / "teacher_samples", cfg.num_samples, cfg.seed,
                                           self.progress)
         agreement_path = self.out_dir / "agreement.json"
-        agreement = json.loads(agreement_path.read_text()) if agreement_path.is_file() else {}
+        agreement = read_json(agreement_path, "agreement report") if agreement_path.is_file() else {}
         if "untuned" not in agreement:  # the baseline: attention swapped, nothing trained
             agreement = {"untuned": self.evaluate("untuned")}
-            agreement_path.write_text(json.dumps(agreement, indent=2))
+            atomic_write_text(agreement_path, json.dumps(agreement, indent=2))
 
         optimizer = build_optimizer(cfg, list(self.trainable.values()))
         start = self._resume(optimizer, resume)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..diffusion.sampling import sample
 from ..errors import DitkitError
-from ..files import atomic_path
+from ..files import atomic_path, atomic_write_text, read_json
 from ..train.loop import step_generator
 from .teacher import Teacher
 
@@ -41,14 +41,14 @@ def _settings(teacher: Teacher, num: int, seed: int) -> dict:
 def _check_settings(folder: Path, settings: dict) -> None:
     path = folder / "settings.json"
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = read_json(path, "teacher-samples settings file")
         if old != settings:
             diff = sorted(k for k in settings if old.get(k) != settings[k])
             raise DitkitError(f"teacher samples in {folder} were made with other settings ({', '.join(diff)}): "
                               "use another --out folder or delete that one")
     else:
         folder.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=2))
+        atomic_write_text(path, json.dumps(settings, indent=2))
 
 
 def generate_chunk(teacher: Teacher, seed: int, index: int, size: int) -> tuple[Tensor, Tensor | None]:

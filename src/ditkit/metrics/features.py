@@ -13,6 +13,7 @@ and KID compare the features, IS uses the logits.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DitkitError
+from ..files import atomic_path
 
 FEATURES = ("ditkit-digits", "inception")
 
@@ -175,20 +177,33 @@ def _train(net, optimizer, data, train_idx, epochs, generator, progress) -> None
 
 
 def digits_features(path: str | Path | None = None, progress: bool = True, epochs: int = 12) -> DigitsNet:
-    """The cached ditkit-digits net (default: <cache>/features/ditkit-digits-v1.pt), trained on first use."""
+    """The cached ditkit-digits net (default: <cache>/features/ditkit-digits-v1.pt), trained on first use.
+    The cache is written atomically (a full disk leaves no truncated file for later runs to trip on),
+    and a damaged one is retrained, with a warning."""
     path = Path(path) if path else cache_dir() / "features" / "ditkit-digits-v1.pt"
-    net = DigitsNet()
-    if path.is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        net.load_state_dict(saved["state_dict"])
-        net.accuracy = saved["accuracy"]
-    else:
+    net = _cached_digits_net(path) if path.is_file() else None
+    if net is None:
         net, accuracy = train_digits_net(epochs=epochs, progress=progress)
         net.accuracy = accuracy
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": net.state_dict(), "accuracy": accuracy}, path)
+        with atomic_path(path) as tmp:
+            torch.save({"state_dict": net.state_dict(), "accuracy": net.accuracy}, tmp)
     net.name, net.comparable = "ditkit-digits", False
     return net.eval().requires_grad_(False)
+
+
+def _cached_digits_net(path: Path) -> DigitsNet | None:
+    """The net saved at `path`, or None (with a warning) when the file is damaged."""
+    net = DigitsNet()
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(saved["state_dict"])
+    except Exception as error:  # truncated zip, refused pickle, wrong keys: all mean "not this cache"
+        warnings.warn(f"the ditkit-digits feature cache {path} is damaged ({type(error).__name__}): training it "
+                      "again", stacklevel=3)
+        return None
+    net.accuracy = saved["accuracy"]
+    return net
 
 
 def build_features(name: str, inception_weights: str | Path | None = None, features_path: str | Path | None = None,

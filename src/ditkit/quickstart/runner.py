@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DitkitError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, read_json
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class StageRunner:
         """The out folder's settings must be these: a resumed stage must not mix two configurations."""
         path = self.out / f"{self.name}.json"
         if path.is_file():
-            saved = json.loads(path.read_text())
+            saved = read_json(path, f"the {self.name} settings file")
             if saved != settings:
                 diff = ", ".join(sorted(k for k in settings if saved.get(k) != settings[k]))
                 raise DitkitError(f"{self.out} holds a {self.name} made with other settings ({diff}): "
@@ -68,7 +68,7 @@ class StageRunner:
             header = f"[{number}/{len(stages)}] {stage.title} (at {format_seconds(time.perf_counter() - start)})"
             marker, stale = self.marker(stage), bool(reran.intersection(stage.needs))
             if marker.is_file() and not stale:
-                seconds = json.loads(marker.read_text())["seconds"]
+                seconds = read_json(marker, "stage marker")["seconds"]
                 self.log(f"{header}: done earlier ({format_seconds(seconds)}), skipped")
                 continue
             self.log(f"{header} ...")

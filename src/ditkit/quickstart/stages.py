@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DitkitError
-from ..files import atomic_path, atomic_write_text
+from ..files import FolderLock, atomic_path, atomic_write_text
 from .runner import Stage, StageRunner, format_seconds
 
 DIGITS_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
@@ -175,8 +175,9 @@ class Quickstart:
         from ..train import train
         from ..train.checkpoint import list_checkpoints
 
-        resume = True if list_checkpoints(self.teacher_dir / "checkpoints") else None
-        train(self.teacher_config(), resume=resume, progress=self.progress)
+        resume = bool(list_checkpoints(self.teacher_dir / "checkpoints"))
+        # Without a checkpoint, what an interrupted stage left (config, metrics) is the stage's own: replaced.
+        train(self.teacher_config(), resume=resume or None, overwrite=not resume, progress=self.progress)
 
     # -- 2 student -----------------------------------------------------------------------------
     def distill_config(self):
@@ -221,7 +222,7 @@ class Quickstart:
                                  progress=self.progress).cpu()
 
     def make_samples(self) -> None:
-        from ..data.images import image_grid
+        from ..data.images import image_grid, save_image
 
         (self.out / "samples").mkdir(parents=True, exist_ok=True)
         for sample_set in SAMPLE_SETS:
@@ -234,7 +235,7 @@ class Quickstart:
         for scale in sorted({s.scale for s in SAMPLE_SETS}):
             rows = [load_images(self.sample_path(s))[0] for s in SAMPLE_SETS if s.scale == scale]
             grid = image_grid(torch.cat(rows), ncols=self.settings.grid_num)
-            grid.save(self.out / f"samples-{scale * self.resolution}.png")
+            save_image(grid, self.out / f"samples-{scale * self.resolution}.png")
 
     # -- 4 quality -----------------------------------------------------------------------------
     def fid_samples(self, name: str) -> torch.Tensor:
@@ -326,7 +327,8 @@ class Quickstart:
                   f"student/compare-{self.resolution}.png": "distill-compare.png", "bench/bench.png": "bench.png"}
         for source, target in copies.items():
             if (self.out / source).is_file():
-                shutil.copyfile(self.out / source, self.out / target)
+                with atomic_path(self.out / target) as tmp:
+                    shutil.copyfile(self.out / source, tmp)
         atomic_write_text(self.out / "report.md", quickstart_report(self))
 
 
@@ -352,10 +354,11 @@ def quickstart(out_dir: str | Path = "runs/quickstart", settings: QuickstartSett
     returns the path of report.md."""
     qs = Quickstart(out_dir, settings or QuickstartSettings(), device=device, features_path=features_path,
                     progress=progress, log=log)
-    qs.runner.check_settings(asdict(qs.settings))
-    s = qs.settings
-    log(f"ditkit quickstart in {qs.out} (scale {s.scale}: teacher {s.teacher_steps} steps, student "
-        f"{s.distill_steps} steps on {s.distill_samples} teacher samples, device {device})")
-    seconds = qs.runner.run(STAGES, qs)
+    with FolderLock(qs.out, "ditkit quickstart"):  # one quickstart at a time in a folder
+        qs.runner.check_settings(asdict(qs.settings))
+        s = qs.settings
+        log(f"ditkit quickstart in {qs.out} (scale {s.scale}: teacher {s.teacher_steps} steps, student "
+            f"{s.distill_steps} steps on {s.distill_samples} teacher samples, device {device})")
+        seconds = qs.runner.run(STAGES, qs)
     log(f"quickstart finished in {format_seconds(seconds)}: {qs.out / 'report.md'}")
     return qs.out / "report.md"

@@ -15,6 +15,8 @@ import json
 import os
 import re
 import shutil
+import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import DitkitError
-from ..files import atomic_path, atomic_write_text
+from ..files import atomic_path, atomic_write_text, fsync_file, is_disk_full, read_json, remove_temporary_files
 from ..mixers import swap_mixers
 from ..models import build_model
 from ..record import RunRecord
@@ -42,26 +44,90 @@ def save_checkpoint(root: Path, step: int, *, model: nn.Module | dict[str, torch
                     optimizer: torch.optim.Optimizer, record: RunRecord, train_state: dict[str, Any],
                     keep: int = 0) -> Path:
     """Write checkpoint `step` under `root` atomically; keep the newest `keep` (0 = all).
-    Without `ema` (distillation keeps none) loading falls back to model.safetensors."""
+    Without `ema` (distillation keeps none) loading falls back to model.safetensors.
+
+    Weights holding inf or NaN are refused (the last good checkpoint stays the newest), and a full
+    disk is a one-line error naming the file and the last complete checkpoint; neither leaves a
+    temporary folder behind, nor do earlier killed writes (removed here first)."""
     root.mkdir(parents=True, exist_ok=True)
+    remove_orphans(root)
+    weights = {"model.safetensors": _state_for_saving(model)}
+    if ema is not None:
+        weights["ema.safetensors"] = _state_for_saving(ema)
+    for name, state in weights.items():
+        if (bad := first_non_finite(state)) is not None:
+            raise DitkitError(f"the {name.split('.')[0]} weights of step {step} hold inf or NaN ({bad}): not saved; "
+                              f"the last good checkpoint is {last_checkpoint(root) or 'none yet'}: lower the "
+                              "learning rate")
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp-step_{step:07d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     metadata = {META_KEY: record.to_json()}
-    save_file(_state_for_saving(model), tmp / "model.safetensors", metadata=metadata)
-    if ema is not None:
-        save_file(_state_for_saving(ema), tmp / "ema.safetensors", metadata=metadata)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "training_state.json").write_text(json.dumps({"step": step, **train_state}, indent=2))
+    writers = [(name, partial(save_file, state, metadata=metadata)) for name, state in weights.items()]
+    state_text = json.dumps({"step": step, "ema": ema is not None, **train_state}, indent=2)
+    writers += [("optimizer.pt", partial(torch.save, optimizer.state_dict())),
+                ("training_state.json", lambda path: path.write_text(state_text))]
+    try:
+        tmp.mkdir()
+        for name, write in writers:
+            _write_durably(write, tmp / name, final / name, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint must not keep the disk full
+        raise
     if final.exists():  # the same step saved again: replace it
-        shutil.rmtree(final)
+        _remove_checkpoint(final)
     os.replace(tmp, final)
     atomic_write_text(root / "latest", final.name + "\n")
     if keep > 0:
         for old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_checkpoint(old)
     return final
+
+
+def _write_durably(write, path: Path, shown: Path, root: Path) -> None:
+    """`write(path)`, synced to disk; a full disk becomes a one-line error naming `shown`."""
+    try:
+        write(path)
+        fsync_file(path)
+    except (OSError, RuntimeError) as error:
+        if not is_disk_full(error, root):
+            raise
+        raise DitkitError(f"disk full while writing {shown}; the last complete checkpoint is "
+                          f"{last_checkpoint(root) or 'none yet'}: free space, then run again with --resume") from error
+
+
+def last_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under `root`, or None."""
+    try:
+        return find_checkpoint(root)
+    except DitkitError:
+        return None
+
+
+def _remove_checkpoint(folder: Path) -> None:
+    """Rename, then delete: a kill midway leaves a hidden orphan (removed later), never a
+    step folder that looks complete but is not."""
+    doomed = folder.with_name(f".remove-{folder.name}-{os.getpid()}")
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+ORPHAN = re.compile(r"^\.(tmp-step_|remove-step_)")
+
+
+def remove_orphans(root: Path) -> None:
+    """What killed writes left under a checkpoints folder: temporary and half-removed checkpoint
+    folders, atomic-write temporaries, and step folders without their weights. Only the process
+    that owns the run folder (its lock) may call this."""
+    if not root.is_dir():
+        return
+    remove_temporary_files(root)
+    for path in root.iterdir():
+        incomplete = STEP_DIR.match(path.name) and path.is_dir() and not (path / "model.safetensors").is_file()
+        if incomplete:
+            warnings.warn(f"removing the incomplete checkpoint {path} (a write or a removal was killed)",
+                          stacklevel=2)
+        if incomplete or (ORPHAN.match(path.name) and path.is_dir()):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def save_weights(folder: str | Path, state: dict[str, torch.Tensor], record: RunRecord) -> Path:
@@ -114,6 +180,39 @@ def read_weights(file: Path) -> tuple[dict[str, torch.Tensor], RunRecord]:
     return tensors, RunRecord.from_json(metadata[META_KEY], source=str(file))
 
 
+def load_torch_file(path: Path, device: str | torch.device = "cpu") -> Any:
+    """A checkpoint's optimizer.pt (plain tensors only: `weights_only` runs no pickled code), with
+    one-line errors when it is missing, damaged or holds objects that weights_only refuses."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError as error:
+        raise DitkitError(f"checkpoint file {path} is missing: resume from another checkpoint of the run") from error
+    except Exception as error:  # UnpicklingError (refused payloads), RuntimeError (truncated zip), ...
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DitkitError(f"checkpoint file {path} is damaged or holds objects ditkit does not load ({reason}): "
+                          "resume from another checkpoint of the run") from error
+
+
+def first_non_finite(state: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor of `state` holding inf or NaN, or None."""
+    return next((name for name, tensor in state.items()
+                 if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
+
+
+def weights_file(folder: Path, ema: bool) -> Path:
+    """The weights to load from a checkpoint folder: its EMA when asked for. A checkpoint written with
+    an EMA (its training_state.json says so) that lost ema.safetensors is an error, not silently its
+    raw weights; those written without one (distilled students) load model.safetensors."""
+    model_file, ema_file = folder / "model.safetensors", folder / "ema.safetensors"
+    if not ema or ema_file.is_file():
+        return ema_file if ema else model_file
+    state_file = folder / "training_state.json"
+    if state_file.is_file() and read_json(state_file, "training state").get("ema"):
+        raise DitkitError(f"checkpoint {folder} has no ema.safetensors (its EMA weights): restore that file, or "
+                          "load the raw training weights (--no-ema)")
+    return model_file
+
+
 def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
     try:
         model.load_state_dict(tensors, strict=True)
@@ -131,10 +230,11 @@ def load_checkpoint(path: str | Path, *, ema: bool = True, mixer: str | None = N
     `mixer` swaps the token mixer at load time (shared weights kept). Returns (model, record).
     """
     found = find_checkpoint(path)
-    file = found
-    if found.is_dir():
-        file = found / ("ema.safetensors" if ema and (found / "ema.safetensors").is_file() else "model.safetensors")
+    file = weights_file(found, ema) if found.is_dir() else found
     tensors, record = read_weights(file)
+    if (bad := first_non_finite(tensors)) is not None:
+        raise DitkitError(f"{file} holds inf or NaN weights ({bad}): the run had diverged when it was saved; "
+                          "use an earlier checkpoint")
     if not hasattr(record.model, "backbone"):
         raise DitkitError(f"{file} holds a diffusers student ({record.model.diffusers}): load it into its "
                           "pipeline with ditkit.integrations.diffusers, not as a ditkit model")

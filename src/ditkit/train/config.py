@@ -5,12 +5,15 @@
     diffusion: {objective: flow, ...}
     train:     {out_dir: runs/x, steps: 1000, batch_size: 64, lr: 1e-4, ...}
 
-Unknown keys are errors that list the valid ones, so a typo never silently does nothing.
+Unknown keys are errors that list the valid ones, so a typo never silently does nothing; every
+number is checked against its range when the config loads (`RANGES` below), so a value that
+would crash or silently do nothing later (train.grad_accum=0, train.lr=nan) fails before any work.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +24,47 @@ import yaml
 
 from ..errors import DitkitError
 from ..record import DiffusionSettings
+
+
+@dataclass(frozen=True)
+class Range:
+    """The finite numbers a config field accepts: `low` <= x (`low` < x when `open_low`) and x < `high`."""
+
+    low: float
+    high: float | None = None
+    open_low: bool = False
+
+    def accepts(self, value: float) -> bool:
+        above = value > self.low if self.open_low else value >= self.low
+        return math.isfinite(value) and above and (self.high is None or value < self.high)
+
+    def __str__(self) -> str:
+        if self.high is not None:
+            return f"in [{self.low:g}, {self.high:g})"
+        return f"greater than {self.low:g}" if self.open_low else f"at least {self.low:g}"
+
+
+AT_LEAST_0, AT_LEAST_1 = Range(0), Range(1)
+POSITIVE = Range(0, open_low=True)
+FRACTION = Range(0, 1)  # a decay: 1 would never move
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+
+# field -> allowed range, per section (None values of optional fields are not checked).
+RANGES = {
+    "data": {"resolution": AT_LEAST_1, "photos_length": AT_LEAST_1, "num_workers": AT_LEAST_0},
+    "train": {"steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "grad_accum": AT_LEAST_1, "lr": POSITIVE,
+              "weight_decay": AT_LEAST_0, "ssm_lr": POSITIVE, "warmup_steps": AT_LEAST_0, "grad_clip": AT_LEAST_0,
+              "ema_decay": FRACTION, "seed": AT_LEAST_0, "log_every": AT_LEAST_1, "sample_every": AT_LEAST_1,
+              "ckpt_every": AT_LEAST_1, "keep_checkpoints": AT_LEAST_0, "num_samples": AT_LEAST_0},
+}
+
+
+def check_ranges(section, ranges: dict[str, Range], prefix: str) -> None:
+    """A one-line error for the first field of `section` outside its range; `prefix` names it (train.)."""
+    for name, allowed in ranges.items():
+        value = getattr(section, name)
+        if value is not None and not allowed.accepts(value):
+            raise DitkitError(f"config key {prefix}{name} must be {allowed}, got {value!r}")
 
 
 @dataclass
@@ -40,6 +84,9 @@ class DataSection:
     cache_dir: str | None = None  # latent cache; default ~/.cache/ditkit
     photos_length: int = 2000  # crops per epoch of the `photos` dataset
     num_workers: int = 0
+
+    def __post_init__(self):
+        check_ranges(self, RANGES["data"], "data.")
 
 
 DiffusionSection = DiffusionSettings  # stored as is in every checkpoint's run record
@@ -64,6 +111,14 @@ class TrainSection:
     ckpt_every: int = 500
     keep_checkpoints: int = 3
     num_samples: int = 16  # images in each sample grid
+
+    def __post_init__(self):
+        check_ranges(self, RANGES["train"], "train.")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise DitkitError(f"config key train.mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}, "
+                              f"got {self.mixed_precision!r}")
+        if not self.out_dir:
+            raise DitkitError("config key train.out_dir must name a folder, got an empty string")
 
 
 @dataclass

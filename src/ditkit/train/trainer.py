@@ -12,25 +12,33 @@ import copy
 import json
 import math
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, broadcast_object_list
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..data import build_dataset, cached_latents
-from ..data.images import image_grid
+from ..data.images import save_grid
 from ..diffusion.pipeline import generate, input_size
 from ..errors import DitkitError
+from ..files import atomic_write_text, is_disk_full, read_json
 from ..models import build_model, model_config
 from ..record import DataSettings, RunRecord
-from .checkpoint import find_checkpoint, load_state, read_weights, save_checkpoint
+from .checkpoint import find_checkpoint, last_checkpoint, load_state, load_torch_file, read_weights, save_checkpoint
 from .config import TrainConfig
 from .loop import MetricsLog, StepBatchSampler, step_generator
+from .runfolder import TRAIN_OUTPUTS, own_run_folder
+
+# A step loss this many times the run's first one means training diverges (warned once).
+EXPLODING_LOSS = 1000.0
 
 
 def has_accelerator() -> bool:
@@ -80,13 +88,25 @@ def ema_decay_at(step: int, decay: float) -> float:
 @torch.no_grad()
 def load_optimizer(optimizer, path: Path, groups: list[dict], device) -> None:
     """The saved moments and step counts; lr and weight decay stay those of the current config."""
-    saved = torch.load(path, map_location=device, weights_only=True)
+    saved = load_torch_file(path, device)
     if len(saved["param_groups"]) != len(groups):
         raise DitkitError(f"{path} has {len(saved['param_groups'])} optimizer parameter group(s), this config makes "
                           f"{len(groups)}: resume with the train.ssm_lr it was trained with (a number, or null)")
     optimizer.load_state_dict(saved)
     for group, fresh in zip(optimizer.param_groups, groups, strict=True):
         group["base_lr"], group["weight_decay"] = fresh["base_lr"], fresh["weight_decay"]
+
+
+def setup_changes(saved: RunRecord, saved_seed: int | None, mine: RunRecord, seed: int) -> list[str]:
+    """What exact resume cannot survive beyond the model config, as 'key old -> new' items."""
+    def sigma(record: RunRecord):  # learn_sigma means something for ddpm only
+        return record.diffusion.learn_sigma if record.diffusion.objective == "ddpm" else None
+
+    pairs = {"train.seed": (saved_seed, seed), "data.resolution": (saved.resolution, mine.resolution),
+             "diffusion.objective": (saved.diffusion.objective, mine.diffusion.objective),
+             "diffusion.learn_sigma": (sigma(saved), sigma(mine)),
+             "diffusion.timestep_sampling": (saved.diffusion.timestep_sampling, mine.diffusion.timestep_sampling)}
+    return [f"{key} {old!r} -> {new!r}" for key, (old, new) in pairs.items() if old is not None and old != new]
 
 
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
@@ -136,15 +156,51 @@ class Trainer:
         if path.is_file():
             raise DitkitError(f"--resume needs a checkpoint folder (with optimizer state), not the file {path}")
         tensors, record = read_weights(path / "model.safetensors")
+        state = read_json(path / "training_state.json", "training state")
+        if changes := setup_changes(record, state.get("seed"), self.record, self.cfg.train.seed):
+            raise DitkitError(f"checkpoint {path} was trained with other settings ({'; '.join(changes)}): exact "
+                              "resume needs the same ones; resume with them, or start afresh in another out_dir")
         saved, mine = record.model_dict(), self.record.model_dict()
         if saved != mine:
             diff = sorted(k for k in mine if saved.get(k) != mine[k])
             raise DitkitError(f"checkpoint {path} was trained with another model config (differs in "
                               f"{', '.join(diff)}): resume with the config it was trained with")
         load_state(self.model, tensors, path)
-        return json.loads((path / "training_state.json").read_text()), path
+        return state, path
 
-    def train(self, resume: str | bool | None = None) -> Path:
+    def train(self, resume: str | bool | None = None, overwrite: bool = False) -> Path:
+        """Train (`resume`: True for out_dir's latest checkpoint, or a checkpoint path); returns the last
+        checkpoint. The run owns out_dir meanwhile; `overwrite` replaces a previous run found there."""
+        with self._own_out_dir(resume, overwrite):
+            try:
+                return self._train(resume)
+            except (OSError, RuntimeError) as error:
+                if not is_disk_full(error, self.out_dir):
+                    raise
+                file = getattr(error, "filename", None) or f"in {self.out_dir}"
+                raise DitkitError(f"disk full while writing {file}; the last complete checkpoint is "
+                                  f"{last_checkpoint(self.out_dir / 'checkpoints') or 'none yet'}: free space, then "
+                                  "run again with --resume") from error
+
+    @contextmanager
+    def _own_out_dir(self, resume, overwrite: bool) -> Iterator[None]:
+        """The main process holds out_dir (runfolder.own_run_folder); every process stops with its refusal."""
+        acc = self.accelerator
+        with ExitStack() as stack:
+            refusal = None
+            if acc.is_main_process:
+                try:
+                    stack.enter_context(own_run_folder(self.out_dir, TRAIN_OUTPUTS, resume=resume,
+                                                       overwrite=overwrite, command="ditkit train"))
+                except DitkitError as error:
+                    refusal = str(error)
+            if acc.num_processes > 1:
+                refusal = broadcast_object_list([refusal])[0]
+            if refusal is not None:
+                raise DitkitError(refusal)
+            yield
+
+    def _train(self, resume: str | bool | None) -> Path:
         cfg, acc = self.cfg, self.accelerator
         model = self.model.to(acc.device)
         ema = copy.deepcopy(model).float().requires_grad_(False).eval()
@@ -169,12 +225,13 @@ class Trainer:
         batches = iter(DataLoader(self.dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers))
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if acc.is_main_process:
-            (self.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            atomic_write_text(self.out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
         log = MetricsLog(self.out_dir, acc.is_main_process)
         log.drop_after(start)
         bar = tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True,
                    disable=not (self.progress and acc.is_main_process))
         window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+        first_loss = None
         model.train()
         for step in range(start, cfg.train.steps):
             for group in optimizer.param_groups:
@@ -189,7 +246,7 @@ class Trainer:
                     acc.backward(loss)
                     if acc.sync_gradients and cfg.train.grad_clip:
                         acc.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                    optimizer.step()
+                    self._optimizer_step(optimizer, step)
                     optimizer.zero_grad(set_to_none=True)
                 step_loss += float(acc.reduce(loss.detach(), "mean")) / accum
             if not math.isfinite(step_loss):
@@ -197,6 +254,11 @@ class Trainer:
                 kept = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
                 raise DitkitError(f"loss became {step_loss} at step {step + 1}; stopped, {kept}: "
                                   "lower train.lr or use mixed_precision=no")
+            first_loss = step_loss if first_loss is None else first_loss
+            if step_loss > EXPLODING_LOSS * first_loss and first_loss > 0:
+                warnings.warn(f"loss {step_loss:.3g} at step {step + 1} is over {EXPLODING_LOSS:g}x its first value "
+                              f"{first_loss:.3g}: training is diverging; lower train.lr", stacklevel=2)
+                first_loss = math.inf  # warned once
             update_ema(ema, unwrapped, ema_decay_at(step, cfg.train.ema_decay))
             done = step + 1
             window_loss, window_steps = window_loss + step_loss, window_steps + 1
@@ -208,14 +270,39 @@ class Trainer:
                           steps_per_sec=window_steps / elapsed,
                           samples_per_sec=window_steps * accum * cfg.train.batch_size * acc.num_processes / elapsed)
                 window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
-            if done % cfg.train.sample_every == 0 or done == cfg.train.steps:
-                self._save_samples(ema, done)
-            if done % cfg.train.ckpt_every == 0 or done == cfg.train.steps:
+            if done % cfg.train.ckpt_every == 0 or done == cfg.train.steps:  # before the samples: never lost
+                self._check_weights(unwrapped, done, last_ckpt)
                 last_ckpt = self._save(unwrapped, ema, optimizer, done)
                 log.plot()
+            if done % cfg.train.sample_every == 0 or done == cfg.train.steps:
+                self._save_samples(ema, done)
         bar.close()
         log.close()
         return last_ckpt
+
+    def _optimizer_step(self, optimizer, step: int) -> None:
+        try:
+            optimizer.step()
+        except RuntimeError as error:  # e.g. lr=1e38: lr / (1 - beta1) does not fit a float
+            if "overflow" not in str(error):
+                raise
+            raise DitkitError(f"the optimizer step {step + 1} overflows ({error}): train.lr={self.cfg.train.lr:g} is "
+                              "far too large; lower it") from error
+
+    @torch.no_grad()
+    def _check_weights(self, model: nn.Module, step: int, last_ckpt: Path | None) -> None:
+        """Weights are saved only if the model's outputs (for a fixed batch, at the middle noise level)
+        still have a finite mean square, as the loss needs: the step's loss was computed before its
+        update, so it cannot tell whether the update diverged."""
+        count = min(len(self.dataset), self.cfg.train.batch_size)
+        x, y = (torch.stack([torch.as_tensor(self.dataset[i][k]) for i in range(count)]).to(self.accelerator.device)
+                for k in (0, 1))
+        t = torch.full((count,), 500.0, device=x.device)  # both objectives feed the model t in [0, 1000)
+        out = model(x, t, None if model.y_embedder is None else y)
+        if not torch.isfinite(out.float().square().mean()):
+            kept = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+            raise DitkitError(f"the weights diverged by step {step} (the mean square of the model's outputs is inf "
+                              f"or NaN); stopped without saving them, {kept}: lower train.lr")
 
     def _augment(self, x, y, model, generator):
         """Random flips (pixel data; cached latents hold their flips) and label dropout for CFG."""
@@ -242,11 +329,10 @@ class Trainer:
         if not self.accelerator.is_main_process or self.cfg.train.num_samples <= 0:
             return
         images = generate(ema, self.record, num=self.cfg.train.num_samples, seed=self.cfg.train.seed, progress=False)
-        folder = self.out_dir / "samples"
-        folder.mkdir(parents=True, exist_ok=True)
-        image_grid(images).save(folder / f"step_{step:07d}.png")
+        save_grid(images, self.out_dir / "samples" / f"step_{step:07d}.png")
 
 
-def train(cfg: TrainConfig, resume: str | bool | None = None, progress: bool = True) -> Path:
-    """Train as configured; returns the final checkpoint folder."""
-    return Trainer(cfg, progress=progress).train(resume)
+def train(cfg: TrainConfig, resume: str | bool | None = None, progress: bool = True, overwrite: bool = False) -> Path:
+    """Train as configured; returns the final checkpoint folder. `overwrite` replaces a previous run
+    in train.out_dir (without it, or `resume`, such a folder is refused)."""
+    return Trainer(cfg, progress=progress).train(resume, overwrite=overwrite)
