@@ -273,7 +273,7 @@ def test_convert_then_sample_through_the_cli(tmp_path, capsys):
                tmp_path / "0050000.pt")
     code, out, _ = run_cli(capsys, "convert", str(tmp_path / "0050000.pt"), "--out", str(tmp_path / "converted"),
                            "--vae", str(tmp_path / "vae"))
-    assert code == 0 and "udit (official-udit), 32 px, 10 classes, sampling ddpm ddpm x 250, cfg 1.5" in out
+    assert code == 0 and "udit (official-udit), 32 px, 10 classes, sampling ddpm (ddpm) x 250, cfg 1.5" in out
     code, out, _ = run_cli(capsys, "sample", "--ckpt", str(tmp_path / "converted"), "--num", "1", "--steps", "2",
                            "--resolution", "32", "--out", str(tmp_path / "grid.png"))
     assert code == 0 and (tmp_path / "grid.png").is_file(), out

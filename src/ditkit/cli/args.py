@@ -38,6 +38,7 @@ class SharedFlags:
     seed: argparse.ArgumentParser
     progress: argparse.ArgumentParser
     sampling: argparse.ArgumentParser
+    run_folder: argparse.ArgumentParser
 
 
 def shared_flags() -> SharedFlags:
@@ -55,6 +56,13 @@ def shared_flags() -> SharedFlags:
             (("--steps",), dict(type=int, help="sampling steps (default: the run's diffusion.sample_steps)")),
             (("--cfg",), dict(type=float, help="classifier-free guidance scale (1 = off; default: the run's)")),
             (("--sampler",), dict(help="ddpm or ddim (DDPM models), euler (flow models)"))),
+        run_folder=flag_group(
+            (("--resume",), dict(nargs="?", const=True, default=None, metavar="CKPT",
+                                 help="continue from the latest checkpoint of the output folder, or from CKPT")),
+            (("--overwrite",), dict(action="store_true",
+                                    help="start afresh in an output folder that holds a previous run, deleting its "
+                                         "checkpoints, metrics and samples (without --resume or this, such a folder "
+                                         "is refused)"))),
     )
 
 

@@ -19,18 +19,14 @@ DISTILL_FLAGS = {
 
 
 def add_parsers(sub, shared: SharedFlags) -> None:
-    train = sub.add_parser("train", help="train a model from a YAML config", parents=[shared.progress])
+    train = sub.add_parser("train", help="train a model from a YAML config (output folder: train.out_dir)",
+                           parents=[shared.run_folder, shared.progress])
     train.add_argument("config", help="a YAML file, or a built-in config name (e.g. digits)")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=100")
-    train.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
-                       help="continue from the latest checkpoint of train.out_dir, or from CKPT")
-    train.add_argument("--overwrite", action="store_true",
-                       help="start afresh in a train.out_dir that holds a previous run, deleting its checkpoints, "
-                            "metrics and samples (without --resume or this, such a folder is refused)")
     overrides_anywhere(train, "overrides")
     train.set_defaults(func=run_train)
 
-    distill = sub.add_parser("distill", parents=[shared.device, shared.progress],
+    distill = sub.add_parser("distill", parents=[shared.run_folder, shared.device, shared.progress],
                              help="CLEAR linearization: distil a full-attention teacher into a local-attention "
                                   "student (flags override the config; defaults are DistillConfig's)")
     distill.add_argument("items", nargs="*", metavar="[CONFIG] KEY=VALUE",
@@ -59,11 +55,6 @@ def add_parsers(sub, shared: SharedFlags) -> None:
     distill.add_argument("--ckpt-every", type=int, help="default 250")
     distill.add_argument("--seed", type=int, help="default 0")
     distill.add_argument("--out", help="output folder (default runs/distill)")
-    distill.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
-                         help="continue from the latest checkpoint in the output folder, or from CKPT")
-    distill.add_argument("--overwrite", action="store_true",
-                         help="start afresh in an output folder that holds a previous distillation, deleting it "
-                              "(without --resume or this, such a folder is refused)")
     overrides_anywhere(distill, "items")
     distill.set_defaults(func=run_distill)
 

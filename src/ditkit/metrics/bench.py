@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DitkitError
+from ..files import atomic_path, atomic_write_text
 from .flops import config_cost, count_parameters
 from .memory import peak_memory
 
@@ -243,7 +244,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")  # explicit: `path` may be a temporary name without the extension
     plt.close(fig)
 
 
@@ -254,7 +255,9 @@ def write_report(rows: list[dict], out_dir: str | Path, stem: str = "bench", tit
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.md", out / f"{stem}.csv", out / f"{stem}.png"]
-    paths[0].write_text(markdown_report(rows, title) + "\n")
-    write_csv(rows, paths[1])
-    plot(rows, paths[2])
+    atomic_write_text(paths[0], markdown_report(rows, title) + "\n")
+    with atomic_path(paths[1]) as tmp:
+        write_csv(rows, tmp)
+    with atomic_path(paths[2]) as tmp:
+        plot(rows, tmp)
     return paths

@@ -212,9 +212,11 @@ def strict_json(value):
 
 
 def write_scores(result: dict, out: str | Path) -> Path:
+    from ..files import atomic_write_text
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(strict_json(result), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out, json.dumps(strict_json(result), indent=2, allow_nan=False) + "\n")
     return out
 
 
