@@ -145,7 +145,7 @@ def distil_student(folders, out):
 
 
 def test_flux_student_loads_and_changes_the_picture(folders, tmp_path):
-    from ditkit.integrations.pipelines import load_pipeline, switch_attention
+    from ditkit.integrations.pipelines import Attention, load_pipeline
 
     student = distil_student(folders, tmp_path / "student")
     untuned, _ = generate(folders, tmp_path / "untuned.png", "--clear", "radius=1")
@@ -157,7 +157,7 @@ def test_flux_student_loads_and_changes_the_picture(folders, tmp_path):
     assert np.array_equal(chained, tuned)  # the chain loads the student after the stock base
     pipe = load_pipeline(folders / "flux_bare", device="cpu")
     before = pipe.transformer.transformer_blocks[0].attn.to_q.weight.clone()
-    switch_attention(pipe.transformer, student=student)
+    Attention(student=student).apply(pipe.transformer)
     assert not torch.equal(pipe.transformer.transformer_blocks[0].attn.to_q.weight, before)
     assert hasattr(pipe.transformer, "_ditkit_clear")
 
@@ -239,7 +239,7 @@ def test_clear_pipeline_builds_no_n_by_n_tensor(folders):
     """64 x 64 image tokens (256 px): an N x N boolean mask would be 16 MiB, fp32 scores 32 MiB a head.
     With CLEAR the pipeline's denoising (latent output: the tiny VAE's own mid-block attention is
     not the transformer's) creates nothing quadratic."""
-    from ditkit.integrations.pipelines import load_pipeline, read_prompt_embeddings, switch_attention
+    from ditkit.integrations.pipelines import Attention, load_pipeline, read_prompt_embeddings
     from ditkit.metrics.memory import largest_tensor
 
     pipe = load_pipeline(folders / "flux_bare", device="cpu")
@@ -248,7 +248,7 @@ def test_clear_pipeline_builds_no_n_by_n_tensor(folders):
     tokens = 64 * 64
 
     def largest_with(backend):
-        switch_attention(pipe.transformer, clear={"radius": 4, "backend": backend})
+        Attention(clear={"radius": 4, "backend": backend}).apply(pipe.transformer)
         with torch.no_grad():
             return largest_tensor(lambda: pipe(**embeddings, height=256, width=256, num_inference_steps=1,
                                                output_type="latent"))

@@ -43,19 +43,15 @@ def run(args) -> None:
     embeddings = lib.read_prompt_embeddings(args.prompt_embeds, pipe) if args.prompt_embeds else None
     request = lib.Request(height=args.height, width=args.width, prompt=args.prompt, embeddings=embeddings,
                           steps=args.steps, guidance=args.guidance, seed=args.seed, num=args.num)
-    clear = parse_options(args.clear.split(",")) if args.clear else None
-    applied = {}
-
-    def switch(transformer):
-        applied.update(lib.switch_attention(transformer, clear, args.student))
-
+    attention = lib.Attention(parse_options(args.clear.split(",")) if args.clear else None, args.student)
     if args.upscale_from:
         base_height, base_width = parse_size(args.upscale_from)
         chain = lib.UpscaleChain(base_height, base_width, 0.7 if args.strength is None else args.strength)
-        images = lib.generate_upscaled(pipe, request, chain, switch, progress=not args.no_progress)
-        applied["upscale"] = f"from {base_height}x{base_width} at strength {chain.strength}"
+        images = lib.generate_upscaled(pipe, request, chain, attention, progress=not args.no_progress)
+        chained = {"upscale": f"from {base_height}x{base_width} at strength {chain.strength}"}
     else:
-        switch(pipe.transformer)
-        images = lib.generate(pipe, request, progress=not args.no_progress)
+        images = lib.generate(pipe, request, attention, progress=not args.no_progress)
+        chained = {}
+    applied = {**attention.settings(), **chained}
     paths = lib.save_images(images, args.out, lib.image_settings(pipe, request, applied))
     print(f"wrote {', '.join(map(str, paths))} ({args.height}x{args.width})")

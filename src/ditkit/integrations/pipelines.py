@@ -1,16 +1,16 @@
 """Generate with a diffusers pipeline folder (FLUX, SD3, PixArt-alpha/sigma), stock or with CLEAR.
 
     pipe = load_pipeline("FLUX.1-dev", dtype="bf16", device="cuda")
-    switch_attention(pipe.transformer, clear={"radius": 16, "down_factor": 4})  # training-free, or:
-    switch_attention(pipe.transformer, student="runs/flux-student")            # a `ditkit distill` student
-    images = generate(pipe, Request(height=4096, width=4096, prompt="a cat"))
+    request = Request(height=4096, width=4096, prompt="a cat")
+    images = generate(pipe, request, Attention(clear={"radius": 16, "down_factor": 4}))  # training-free
+    images = generate(pipe, request, Attention(student="runs/flux-student"))  # a `ditkit distill` student
 
 The high-resolution chain (`generate_upscaled`) is CLEAR's way to its 8K pictures: the stock
 pipeline (full attention) makes a base at a size it was trained for, the base is upsampled and the
 pipeline's img2img counterpart, with CLEAR, denoises it at the full size from a strength S (SDEdit).
 The base is upsampled in latent space: the img2img pipelines take latents as their `image`, so the
-base needs no VAE decode and the full-size image no VAE encode (the encoder's activations at 4K-8K
-are larger than the transformer's), and no draw from the seed's generator is spent on the encoder's
+base needs no VAE decode and the full-size image no VAE encode (at 4K-8K the encoder's 128-channel
+activations at full resolution outweigh the transformer's), no decode-encode round trip blurs it, and no draw from the seed's generator is spent on the encoder's
 sampling, so S=1 gives exactly the picture of plain generation at the full size with the same seed.
 PixArt has no img2img pipeline in diffusers; its chain is refused rather than re-implemented.
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -41,6 +40,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EMBEDDING_KEYS = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds",
                   "prompt_attention_mask", "negative_prompt_attention_mask")
 CLEAR_KEYS = ("radius", "down_factor", "backend")
+# Components a pipeline runs without (prompt embeddings stand in for the text encoders).
+OPTIONAL_COMPONENTS = ("text_encoder", "tokenizer", "image_encoder", "feature_extractor")
 
 
 # -- loading ------------------------------------------------------------------------------------------
@@ -60,8 +61,8 @@ def pipeline_class(folder: str | Path) -> tuple[str, dict]:
 def absent_components(folder: Path, index: dict) -> dict[str, None]:
     """Components the index lists as null or whose folder is missing (e.g. text encoders left out of a
     copy used with prompt embeddings): diffusers needs them passed as None explicitly."""
-    return {name: None for name, entry in index.items() if not name.startswith("_") and isinstance(entry, list)
-            and (entry[0] is None or (entry[1] and not (folder / name).is_dir()))}
+    return {name: None for name, entry in index.items() if name.startswith(OPTIONAL_COMPONENTS)
+            and isinstance(entry, list) and (entry[0] is None or not (folder / name).is_dir())}
 
 
 def load_pipeline(folder: str | Path, dtype: str = "fp32", device: str | None = None, cpu_offload: bool = False,
@@ -81,8 +82,12 @@ def load_pipeline(folder: str | Path, dtype: str = "fp32", device: str | None = 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if cpu_offload and torch.device(device).type == "cpu":
         raise DitkitError("--cpu-offload moves components to an accelerator in turn: use it with --device cuda")
-    pipe = getattr(diffusers, name).from_pretrained(folder, **{dtype_keyword(): DTYPES[dtype]},
-                                                   **absent_components(folder, index))
+    try:
+        pipe = getattr(diffusers, name).from_pretrained(folder, **{dtype_keyword(): DTYPES[dtype]},
+                                                       **absent_components(folder, index))
+    except (OSError, ValueError) as error:  # a component folder missing or damaged
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DitkitError(f"cannot load the pipeline in {folder} ({reason}): check its component folders") from error
     if cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
@@ -121,62 +126,109 @@ def check_size(pipe, height: int, width: int) -> None:
 
 
 # -- attention: CLEAR, students -----------------------------------------------------------------------
-def load_student(transformer: nn.Module, ckpt: str | Path, backend: str = "auto") -> dict:
-    """Put a `ditkit distill` student into a pipeline's transformer: CLEAR with the student's radius and
-    down_factor, then its trained weights (image-stream projections, pooling weights). Returns its
-    distill settings. A student of another transformer class or shape is refused."""
-    from ..record import DiffusersModel
-    from ..train.checkpoint import find_checkpoint, read_weights
-    from .diffusers import apply_clear
+def student_file(ckpt: str | Path) -> Path:
+    from ..train.checkpoint import find_checkpoint
 
     found = find_checkpoint(ckpt)
-    tensors, record = read_weights(found / "model.safetensors" if found.is_dir() else found)
+    return found / "model.safetensors" if found.is_dir() else found
+
+
+def read_student_header(ckpt: str | Path):
+    """A student's run record and tensor shapes, from the file's header (no weights loaded)."""
+    from safetensors import safe_open
+
+    from ..record import DiffusersModel, RunRecord
+    from ..train.checkpoint import META_KEY, read_weights
+
+    file = student_file(ckpt)
+    with safe_open(str(file), framework="pt") as f:
+        metadata, shapes = f.metadata() or {}, {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    if META_KEY not in metadata:
+        read_weights(file)  # its one-line refusal of a file that is not a ditkit checkpoint
+    record = RunRecord.from_json(metadata[META_KEY], source=str(file))
     if not isinstance(record.model, DiffusersModel):
         raise DitkitError(f"{ckpt} is a ditkit model, not a diffusers student: sample it with ditkit sample")
+    if "radius" not in (record.distill or {}):
+        raise DitkitError(f"{ckpt} has no CLEAR settings in its record: use a checkpoint of ditkit distill")
+    return record, shapes
+
+
+def check_student(transformer: nn.Module, ckpt: str | Path) -> dict:
+    """A student's distill settings, once its transformer class and tensor shapes fit `transformer`."""
+    record, shapes = read_student_header(ckpt)
     name = type(transformer).__name__
     if record.model.diffusers != name:
         raise DitkitError(f"{ckpt} is a student of a {record.model.diffusers} ({record.model.path}), this "
                           f"pipeline's transformer is a {name}: use the student's own pipeline")
-    distill = record.distill or {}
+    own = {key: tuple(p.shape) for key, p in transformer.named_parameters()}
+    for key, shape in shapes.items():
+        name = key.removeprefix("transformer.")
+        if ".processor." not in name and own.get(name) != shape:  # pooling weights exist once CLEAR is on
+            raise DitkitError(f"{ckpt} does not fit this transformer ({name}: {own.get(name, 'absent')} here, "
+                              f"{shape} in the student): use its teacher's pipeline ({record.model.path})")
+    return record.distill
+
+
+def load_student(transformer: nn.Module, ckpt: str | Path, backend: str = "auto") -> dict:
+    """Put a `ditkit distill` student into a pipeline's transformer: CLEAR with the student's radius and
+    down_factor, then its trained weights (image-stream projections, pooling weights). Returns its
+    distill settings."""
+    from ..train.checkpoint import read_weights
+    from .diffusers import apply_clear
+
+    distill = check_student(transformer, ckpt)
     apply_clear(transformer, distill["radius"], distill.get("down_factor", 0), backend)
-    copy_student_weights(transformer, tensors, ckpt, record.model.path)
+    tensors, _ = read_weights(student_file(ckpt))
+    state = {key.removeprefix("transformer."): value for key, value in tensors.items()}
+    unexpected = transformer.load_state_dict(state, strict=False).unexpected_keys  # the rest stays the teacher's
+    if unexpected:
+        raise DitkitError(f"{ckpt} has weights this transformer lacks ({unexpected[0]}): use its teacher's pipeline")
     return distill
 
 
-def copy_student_weights(transformer: nn.Module, tensors: dict[str, Tensor], ckpt, teacher: str) -> None:
-    own = dict(transformer.named_parameters())
-    for key, value in tensors.items():
-        name = key.removeprefix("transformer.")
-        if name not in own or own[name].shape != value.shape:
-            raise DitkitError(f"{ckpt} does not fit this transformer ({name} is "
-                              f"{'absent' if name not in own else 'shaped ' + str(tuple(own[name].shape))}, the "
-                              f"student's is {tuple(value.shape)}): use its teacher's pipeline ({teacher})")
-    with torch.no_grad():
-        for key, value in tensors.items():
-            own[key.removeprefix("transformer.")].copy_(value)
+@dataclass(frozen=True)
+class Attention:
+    """How the transformer attends: stock (nothing set), training-free CLEAR (`clear`: radius,
+    down_factor, backend) or a distilled `student` (its own radius and down_factor; `clear` may name
+    the backend only)."""
 
+    clear: dict | None = None
+    student: str | Path | None = None
 
-def switch_attention(transformer: nn.Module, clear: dict | None = None, student: str | Path | None = None) -> dict:
-    """CLEAR in a pipeline's transformer: training-free (`clear`: radius, down_factor, backend) or a
-    distilled `student` (its own radius and down_factor; `clear` may name the backend only).
-    Returns the settings applied, for the image metadata."""
-    from .diffusers import apply_clear
+    def check(self, transformer: nn.Module) -> None:
+        """Refuse bad options or a student that does not fit, before anything runs."""
+        from ..mixers.clear import check_clear_options
 
-    clear = dict(clear or {})
-    unknown = sorted(set(clear) - set(CLEAR_KEYS))
-    if unknown:
-        raise DitkitError(f"unknown CLEAR option {', '.join(unknown)}: use {', '.join(CLEAR_KEYS)}")
-    if student is not None:
-        if set(clear) - {"backend"}:
-            raise DitkitError("a student brings its own radius and down_factor: give --clear backend=... only")
-        distill = load_student(transformer, student, clear.get("backend", "auto"))
-        return {"student": str(student), "clear": clear_text({**distill, **clear})}
-    if not clear:
-        return {}
-    if "radius" not in clear:
-        raise DitkitError("CLEAR needs a radius: e.g. --clear radius=16,down_factor=4")
-    apply_clear(transformer, **clear)
-    return {"clear": clear_text(clear)}
+        clear = self.clear or {}
+        unknown = sorted(set(clear) - set(CLEAR_KEYS))
+        if unknown:
+            raise DitkitError(f"unknown CLEAR option {', '.join(unknown)}: use {', '.join(CLEAR_KEYS)}")
+        if self.student is not None:
+            if set(clear) - {"backend"}:
+                raise DitkitError("a student brings its own radius and down_factor: give --clear backend=... only")
+            check_student(transformer, self.student)
+        elif clear and "radius" not in clear:
+            raise DitkitError("CLEAR needs a radius: e.g. --clear radius=16,down_factor=4")
+        elif clear:
+            check_clear_options(clear["radius"], clear.get("down_factor", 0), clear.get("backend", "auto"))
+
+    def apply(self, transformer: nn.Module) -> None:
+        from .diffusers import apply_clear
+
+        self.check(transformer)
+        clear = self.clear or {}
+        if self.student is not None:
+            load_student(transformer, self.student, clear.get("backend", "auto"))
+        elif clear:
+            apply_clear(transformer, **clear)
+
+    def settings(self) -> dict[str, str]:
+        """The image metadata of these settings (a student's radius and down_factor from its record)."""
+        clear = self.clear or {}
+        if self.student is None:
+            return {"clear": clear_text(clear)} if clear else {}
+        distill = read_student_header(self.student)[0].distill
+        return {"student": str(self.student), "clear": clear_text({**distill, **clear})}
 
 
 def clear_text(options: dict) -> str:
@@ -281,9 +333,12 @@ def set_progress(pipe, progress: bool, label: str) -> None:
 
 
 @torch.no_grad()
-def generate(pipe, request: Request, progress: bool = True) -> list:
-    """PIL images at the request's size, one pipeline call (and progress bar) per image."""
+def generate(pipe, request: Request, attention: Attention | None = None, progress: bool = True) -> list:
+    """PIL images at the request's size, one pipeline call (and progress bar) per image; `attention`
+    switches the transformer first (it stays switched)."""
     check_request(pipe, request)
+    if attention is not None:
+        attention.apply(pipe.transformer)
     request = request.resolved(pipe)
     jobs = image_jobs(request)
     images = []
@@ -345,13 +400,18 @@ def img2img_pipeline(pipe):
 
 
 @torch.no_grad()
-def generate_upscaled(pipe, request: Request, chain: UpscaleChain,
-                      switch: Callable[[nn.Module], object] | None = None, progress: bool = True) -> list:
-    """The chain: every base with the stock transformer, then `switch(pipe.transformer)` (e.g. CLEAR or
-    a student: `switch_attention`), then each base upsampled in latent space and denoised at the
-    request's size from `chain.strength` with the same seed."""
+def generate_upscaled(pipe, request: Request, chain: UpscaleChain, attention: Attention | None = None,
+                      progress: bool = True) -> list:
+    """The chain: every base with the stock transformer, then `attention` switched on (CLEAR or a
+    student), then each base upsampled in latent space and denoised at the request's size from
+    `chain.strength` with the same seed. `pipe.transformer` must still be stock."""
     check_request(pipe, request)
     check_size(pipe, chain.base_height, chain.base_width)
+    if hasattr(pipe.transformer, "_ditkit_clear"):
+        raise DitkitError("the chain's base needs the stock transformer: pass CLEAR or the student as "
+                          "`attention`, not applied beforehand")
+    if attention is not None:
+        attention.check(pipe.transformer)  # refused now, not after the base pass
     img2img = img2img_pipeline(pipe)
     request = request.resolved(pipe)
     jobs = image_jobs(request)
@@ -359,8 +419,8 @@ def generate_upscaled(pipe, request: Request, chain: UpscaleChain,
     for number, (prompt_index, seed) in enumerate(jobs, 1):
         set_progress(pipe, progress, f"base {number}/{len(jobs)}")
         bases.append(base_latents(pipe, request, chain, prompt_index, seed))
-    if switch is not None:
-        switch(pipe.transformer)
+    if attention is not None:
+        attention.apply(pipe.transformer)
     images = []
     for number, ((prompt_index, seed), base) in enumerate(zip(jobs, bases, strict=True), 1):
         init = upsample_latents(base, request.height, request.width, pipe.vae_scale_factor)
