@@ -1,4 +1,4 @@
-"""The `ditkit` command line: info, train, sample, distill, eval, bench, quickstart, convert, export.
+"""The `ditkit` command line: info, train, sample, distill, eval, bench, quickstart, convert, export, generate.
 
 The CLI only parses and calls the library. Each subcommand's parser sits beside its handler
 (`train.py`, `sample.py`, `measure.py`, `quickstart.py`, `convert.py`); flags that mean the same everywhere
@@ -13,7 +13,7 @@ import sys
 
 from .. import __version__
 from ..errors import DitkitError
-from . import convert, measure, quickstart, sample, train
+from . import convert, generate, measure, quickstart, sample, train
 from .args import parse_options, parse_size, resolve_config, shared_flags
 
 __all__ = ["build_parser", "main", "parse_options", "parse_size", "resolve_config"]
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_parser(sub, shared)
     quickstart.add_parser(sub, shared)
     convert.add_parsers(sub, shared)
+    generate.add_parser(sub, shared)
     return parser
 
 

@@ -1,0 +1,465 @@
+"""Generate with a diffusers pipeline folder (FLUX, SD3, PixArt-alpha/sigma), stock or with CLEAR.
+
+    pipe = load_pipeline("FLUX.1-dev", dtype="bf16", device="cuda")
+    request = Request(height=4096, width=4096, prompt="a cat")
+    images = generate(pipe, request, Attention(clear={"radius": 16, "down_factor": 4}))  # training-free
+    images = generate(pipe, request, Attention(student="runs/flux-student"))  # a `ditkit distill` student
+
+The high-resolution chain (`generate_upscaled`) is CLEAR's way to its 8K pictures: the stock
+pipeline (full attention) makes a base at a size it was trained for, the base is upsampled and the
+pipeline's img2img counterpart, with CLEAR, denoises it at the full size from a strength S (SDEdit).
+The base is upsampled in latent space: the img2img pipelines take latents as their `image`, so the
+base needs no VAE decode and the full-size image no VAE encode (at 4K-8K the encoder's 128-channel
+activations at full resolution outweigh the transformer's), no decode-encode round trip blurs it, and no draw from the seed's generator is spent on the encoder's
+sampling, so S=1 gives exactly the picture of plain generation at the full size with the same seed.
+PixArt has no img2img pipeline in diffusers; its chain is refused rather than re-implemented.
+
+Each image is its own pipeline call with its own generator (seed + index), so an image does not
+depend on how many are made with it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import DitkitError
+
+PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3", "PixArtAlphaPipeline": "pixart",
+             "PixArtSigmaPipeline": "pixart"}
+# The encoders a pipeline cannot encode a prompt without (SD3 runs without its T5, text_encoder_3).
+NEEDED_ENCODERS = {"flux": ("text_encoder", "text_encoder_2"), "sd3": ("text_encoder", "text_encoder_2"),
+                   "pixart": ("text_encoder",)}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+EMBEDDING_KEYS = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds",
+                  "prompt_attention_mask", "negative_prompt_attention_mask")
+CLEAR_KEYS = ("radius", "down_factor", "backend")
+# Components a pipeline runs without (prompt embeddings stand in for the text encoders).
+OPTIONAL_COMPONENTS = ("text_encoder", "tokenizer", "image_encoder", "feature_extractor")
+
+
+# -- loading ------------------------------------------------------------------------------------------
+def pipeline_class(folder: str | Path) -> tuple[str, dict]:
+    """The pipeline class named by a folder's model_index.json, and the index itself."""
+    index_file = Path(folder) / "model_index.json"
+    if not index_file.is_file():
+        raise DitkitError(f"{folder} is not a diffusers pipeline folder (no model_index.json): pass the folder "
+                          "that holds model_index.json (e.g. a FLUX.1-dev download)")
+    index = json.loads(index_file.read_text())
+    name = index.get("_class_name")
+    if name not in PIPELINES:
+        raise DitkitError(f"{folder} holds a {name}: ditkit generate runs {', '.join(PIPELINES)}")
+    return name, index
+
+
+def absent_components(folder: Path, index: dict) -> dict[str, None]:
+    """Components the index lists as null or whose folder is missing (e.g. text encoders left out of a
+    copy used with prompt embeddings): diffusers needs them passed as None explicitly."""
+    return {name: None for name, entry in index.items() if name.startswith(OPTIONAL_COMPONENTS)
+            and isinstance(entry, list) and (entry[0] is None or not (folder / name).is_dir())}
+
+
+def load_pipeline(folder: str | Path, dtype: str = "fp32", device: str | None = None, cpu_offload: bool = False,
+                  vae_tiling: bool = False):
+    """A FLUX / SD3 / PixArt pipeline from a local folder. `cpu_offload` keeps each component on the CPU
+    until it runs (diffusers' `enable_model_cpu_offload`); `vae_tiling` decodes large images in tiles."""
+    import importlib.util
+
+    import diffusers
+
+    if importlib.util.find_spec("transformers") is None:
+        raise DitkitError("diffusers' FLUX / SD3 / PixArt pipelines need transformers: pip install 'ditkit[pipelines]'")
+    if dtype not in DTYPES:
+        raise DitkitError(f"unknown dtype {dtype!r}: use {', '.join(DTYPES)}")
+    folder = Path(folder)
+    name, index = pipeline_class(folder)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if cpu_offload and torch.device(device).type == "cpu":
+        raise DitkitError("--cpu-offload moves components to an accelerator in turn: use it with --device cuda")
+    try:
+        pipe = getattr(diffusers, name).from_pretrained(folder, **{dtype_keyword(): DTYPES[dtype]},
+                                                       **absent_components(folder, index))
+    except (OSError, ValueError) as error:  # a component folder missing or damaged
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DitkitError(f"cannot load the pipeline in {folder} ({reason}): check its component folders") from error
+    if cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    if vae_tiling:
+        pipe.vae.enable_tiling()
+    return pipe
+
+
+def dtype_keyword() -> str:
+    """from_pretrained's dtype argument: `dtype` in newer diffusers (which warn on `torch_dtype`)."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+    except ImportError:
+        return "torch_dtype"
+    return "dtype"
+
+
+def pipeline_kind(pipe) -> str:
+    """flux, sd3 or pixart: what decides packing, encoders and the chain."""
+    return PIPELINES[type(pipe).__name__]
+
+
+def size_multiple(pipe) -> int:
+    """Image sides must be multiples of this: the VAE's downsampling times the transformer's patch
+    (FLUX packs 2x2 latent pixels into a token)."""
+    patch = 2 if pipeline_kind(pipe) == "flux" else pipe.transformer.config.patch_size
+    return pipe.vae_scale_factor * patch
+
+
+def check_size(pipe, height: int, width: int) -> None:
+    multiple = size_multiple(pipe)
+    if height % multiple or width % multiple:
+        raise DitkitError(f"size {height}x{width} does not fit this {type(pipe).__name__}: use multiples of "
+                          f"{multiple} (the VAE's factor times the patch size)")
+
+
+# -- attention: CLEAR, students -----------------------------------------------------------------------
+def student_file(ckpt: str | Path) -> Path:
+    from ..train.checkpoint import find_checkpoint
+
+    found = find_checkpoint(ckpt)
+    return found / "model.safetensors" if found.is_dir() else found
+
+
+def read_student_header(ckpt: str | Path):
+    """A student's run record and tensor shapes, from the file's header (no weights loaded)."""
+    from safetensors import safe_open
+
+    from ..record import DiffusersModel, RunRecord
+    from ..train.checkpoint import META_KEY, read_weights
+
+    file = student_file(ckpt)
+    with safe_open(str(file), framework="pt") as f:
+        metadata, shapes = f.metadata() or {}, {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    if META_KEY not in metadata:
+        read_weights(file)  # its one-line refusal of a file that is not a ditkit checkpoint
+    record = RunRecord.from_json(metadata[META_KEY], source=str(file))
+    if not isinstance(record.model, DiffusersModel):
+        raise DitkitError(f"{ckpt} is a ditkit model, not a diffusers student: sample it with ditkit sample")
+    if "radius" not in (record.distill or {}):
+        raise DitkitError(f"{ckpt} has no CLEAR settings in its record: use a checkpoint of ditkit distill")
+    return record, shapes
+
+
+def check_student(transformer: nn.Module, ckpt: str | Path) -> dict:
+    """A student's distill settings, once its transformer class and tensor shapes fit `transformer`."""
+    record, shapes = read_student_header(ckpt)
+    name = type(transformer).__name__
+    if record.model.diffusers != name:
+        raise DitkitError(f"{ckpt} is a student of a {record.model.diffusers} ({record.model.path}), this "
+                          f"pipeline's transformer is a {name}: use the student's own pipeline")
+    own = {key: tuple(p.shape) for key, p in transformer.named_parameters()}
+    for key, shape in shapes.items():
+        name = key.removeprefix("transformer.")
+        if ".processor." not in name and own.get(name) != shape:  # pooling weights exist once CLEAR is on
+            raise DitkitError(f"{ckpt} does not fit this transformer ({name}: {own.get(name, 'absent')} here, "
+                              f"{shape} in the student): use its teacher's pipeline ({record.model.path})")
+    return record.distill
+
+
+def load_student(transformer: nn.Module, ckpt: str | Path, backend: str = "auto") -> dict:
+    """Put a `ditkit distill` student into a pipeline's transformer: CLEAR with the student's radius and
+    down_factor, then its trained weights (image-stream projections, pooling weights). Returns its
+    distill settings."""
+    from ..train.checkpoint import read_weights
+    from .diffusers import apply_clear
+
+    distill = check_student(transformer, ckpt)
+    apply_clear(transformer, distill["radius"], distill.get("down_factor", 0), backend)
+    tensors, _ = read_weights(student_file(ckpt))
+    state = {key.removeprefix("transformer."): value for key, value in tensors.items()}
+    unexpected = transformer.load_state_dict(state, strict=False).unexpected_keys  # the rest stays the teacher's
+    if unexpected:
+        raise DitkitError(f"{ckpt} has weights this transformer lacks ({unexpected[0]}): use its teacher's pipeline")
+    return distill
+
+
+@dataclass(frozen=True)
+class Attention:
+    """How the transformer attends: stock (nothing set), training-free CLEAR (`clear`: radius,
+    down_factor, backend) or a distilled `student` (its own radius and down_factor; `clear` may name
+    the backend only)."""
+
+    clear: dict | None = None
+    student: str | Path | None = None
+
+    def check(self, transformer: nn.Module) -> None:
+        """Refuse bad options or a student that does not fit, before anything runs."""
+        from ..mixers.clear import check_clear_options
+
+        clear = self.clear or {}
+        unknown = sorted(set(clear) - set(CLEAR_KEYS))
+        if unknown:
+            raise DitkitError(f"unknown CLEAR option {', '.join(unknown)}: use {', '.join(CLEAR_KEYS)}")
+        if self.student is not None:
+            if set(clear) - {"backend"}:
+                raise DitkitError("a student brings its own radius and down_factor: give --clear backend=... only")
+            check_student(transformer, self.student)
+        elif clear and "radius" not in clear:
+            raise DitkitError("CLEAR needs a radius: e.g. --clear radius=16,down_factor=4")
+        elif clear:
+            check_clear_options(clear["radius"], clear.get("down_factor", 0), clear.get("backend", "auto"))
+
+    def apply(self, transformer: nn.Module) -> None:
+        from .diffusers import apply_clear
+
+        self.check(transformer)
+        clear = self.clear or {}
+        if self.student is not None:
+            load_student(transformer, self.student, clear.get("backend", "auto"))
+        elif clear:
+            apply_clear(transformer, **clear)
+
+    def settings(self) -> dict[str, str]:
+        """The image metadata of these settings (a student's radius and down_factor from its record)."""
+        clear = self.clear or {}
+        if self.student is None:
+            return {"clear": clear_text(clear)} if clear else {}
+        distill = read_student_header(self.student)[0].distill
+        return {"student": str(self.student), "clear": clear_text({**distill, **clear})}
+
+
+def clear_text(options: dict) -> str:
+    return ",".join(f"{key}={options[key]}" for key in CLEAR_KEYS if key in options)
+
+
+# -- what to generate ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Request:
+    """What to generate. `prompt` or `embeddings` (the tensors of a pipeline's `encode_prompt`, a batch
+    of P prompts: P x num images). Unset steps and guidance are the pipeline's own defaults."""
+
+    height: int
+    width: int
+    prompt: str | None = None
+    embeddings: dict[str, Tensor] | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int = 0
+    num: int = 1
+
+    @property
+    def num_prompts(self) -> int:
+        return 1 if self.embeddings is None else self.embeddings["prompt_embeds"].shape[0]
+
+    def resolved(self, pipe) -> Request:
+        """Steps and guidance filled from the pipeline call's defaults (they differ per pipeline)."""
+        defaults = inspect.signature(type(pipe).__call__).parameters
+        steps = self.steps or defaults["num_inference_steps"].default
+        guidance = defaults["guidance_scale"].default if self.guidance is None else self.guidance
+        return replace(self, steps=steps, guidance=guidance)
+
+
+def read_prompt_embeddings(path: str | Path, pipe) -> dict[str, Tensor]:
+    """A safetensors file of `encode_prompt` outputs: `prompt_embeds` (P, T, D), for FLUX / SD3
+    `pooled_prompt_embeds` (P, D'); optional negatives and (PixArt) attention masks."""
+    from safetensors.torch import load_file
+
+    from ..distill.diffusers_teacher import load_prompt_embeds
+
+    if not Path(path).is_file():
+        raise DitkitError(f"prompt embeddings file {path} does not exist: save the pipeline's encode_prompt "
+                          "outputs there with safetensors")
+    tensors = load_file(str(path))
+    if pipeline_kind(pipe) == "pixart":
+        if "prompt_embeds" not in tensors:
+            raise DitkitError(f"{path} lacks prompt_embeds: save the outputs of the pipeline's encode_prompt")
+        for prefix in ("", "negative_"):  # PixArt wants a mask with given embeddings; all tokens count
+            if f"{prefix}prompt_embeds" in tensors:
+                tensors.setdefault(f"{prefix}prompt_attention_mask",
+                                   torch.ones(tensors[f"{prefix}prompt_embeds"].shape[:2], dtype=torch.long))
+    else:
+        text, pooled = load_prompt_embeds(str(path), pipe.transformer, 1, 0)
+        tensors.update(prompt_embeds=text, pooled_prompt_embeds=pooled)
+    return {key: tensors[key] for key in EMBEDDING_KEYS if key in tensors}
+
+
+def check_request(pipe, request: Request) -> None:
+    """One-line refusals for what the pipeline would fail on deep inside."""
+    check_size(pipe, request.height, request.width)
+    if (request.prompt is None) == (request.embeddings is None):
+        raise DitkitError("give a prompt or prompt embeddings (--prompt or --prompt-embeds), one of the two")
+    kind = pipeline_kind(pipe)
+    missing = [name for name in NEEDED_ENCODERS[kind] if getattr(pipe, name, None) is None]
+    if not missing:
+        return
+    if request.prompt is not None:
+        raise DitkitError(f"this pipeline folder has no {', '.join(missing)}: pass --prompt-embeds FILE (the "
+                          "outputs of encode_prompt) instead of --prompt")
+    guided = kind != "flux" and request.resolved(pipe).guidance > 1  # SD3 / PixArt encode "" for guidance
+    if guided and "negative_prompt_embeds" not in request.embeddings:
+        raise DitkitError(f"guidance needs negative prompt embeddings and this pipeline has no {missing[0]}: "
+                          "add negative_prompt_embeds to the embeddings file, or use --guidance 1")
+
+
+def call_arguments(pipe, request: Request, prompt_index: int) -> dict:
+    """Pipeline call arguments common to every pass: the prompt (or its embeddings), steps, guidance."""
+    if request.embeddings is None:
+        arguments = {"prompt": request.prompt}
+    else:
+        dtype, device = pipe.transformer.dtype, pipe._execution_device
+        arguments = {key: value[prompt_index:prompt_index + 1].to(device, dtype if value.is_floating_point()
+                                                                  else value.dtype)
+                     for key, value in request.embeddings.items()}
+    arguments.update(num_inference_steps=request.steps, guidance_scale=request.guidance)
+    if pipeline_kind(pipe) == "pixart":
+        arguments["use_resolution_binning"] = False  # binning would snap 4096 px to a ~1024 px bin
+    return arguments
+
+
+def image_jobs(request: Request) -> list[tuple[int, int]]:
+    """(prompt index, seed) of every image: num images per prompt, seeds counting up from the seed."""
+    return [(k // request.num, request.seed + k) for k in range(request.num_prompts * request.num)]
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(seed)  # CPU noise: the same pictures on every device
+
+
+def set_progress(pipe, progress: bool, label: str) -> None:
+    pipe.set_progress_bar_config(disable=not progress, desc=label, leave=False)
+
+
+@torch.no_grad()
+def generate(pipe, request: Request, attention: Attention | None = None, progress: bool = True) -> list:
+    """PIL images at the request's size, one pipeline call (and progress bar) per image; `attention`
+    switches the transformer first (it stays switched)."""
+    check_request(pipe, request)
+    if attention is not None:
+        attention.apply(pipe.transformer)
+    request = request.resolved(pipe)
+    jobs = image_jobs(request)
+    images = []
+    for number, (prompt_index, seed) in enumerate(jobs, 1):
+        set_progress(pipe, progress, f"image {number}/{len(jobs)}")
+        images += pipe(**call_arguments(pipe, request, prompt_index), height=request.height, width=request.width,
+                       generator=seeded(seed)).images
+    return images
+
+
+# -- the high-resolution chain ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class UpscaleChain:
+    """Base size (stock pipeline, full attention) and the strength of the full-size img2img pass:
+    0 returns the upsampled base, 1 is plain generation at the full size."""
+
+    base_height: int
+    base_width: int
+    strength: float
+
+    def __post_init__(self):
+        if not 0 <= self.strength <= 1:
+            raise DitkitError(f"strength must be between 0 and 1, got {self.strength}")
+
+
+def base_latents(pipe, request: Request, chain: UpscaleChain, prompt_index: int, seed: int) -> Tensor:
+    """The stock pipeline's latents (B, C, h, w), as the VAE sees them scaled, at the base size."""
+    latents = pipe(**call_arguments(pipe, request, prompt_index), height=chain.base_height,
+                   width=chain.base_width, generator=seeded(seed), output_type="latent").images
+    if pipeline_kind(pipe) == "flux":  # FLUX returns its packed 2x2-patch tokens
+        latents = pipe._unpack_latents(latents, chain.base_height, chain.base_width, pipe.vae_scale_factor)
+    return latents
+
+
+def upsample_latents(latents: Tensor, height: int, width: int, vae_scale_factor: int) -> Tensor:
+    size = (height // vae_scale_factor, width // vae_scale_factor)
+    return F.interpolate(latents.float(), size=size, mode="bicubic", align_corners=False).to(latents.dtype)
+
+
+def decode_latents(pipe, latents: Tensor) -> list:
+    """PIL images of scaled latents (B, C, h, w), as the pipelines decode theirs."""
+    config = pipe.vae.config
+    latents = latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
+    image = pipe.vae.decode(latents.to(pipe.vae.device, pipe.vae.dtype), return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type="pil")
+
+
+def img2img_pipeline(pipe):
+    """The img2img counterpart built from the loaded components (nothing reloaded)."""
+    from diffusers import AutoPipelineForImage2Image
+
+    if pipeline_kind(pipe) == "pixart":
+        raise DitkitError("diffusers has no img2img pipeline for PixArt, so ditkit has no upscale chain for it: "
+                          "generate PixArt directly at the full size")
+    img2img = AutoPipelineForImage2Image.from_pipe(pipe)
+    if getattr(pipe, "_offload_device", None) is not None:  # offload hooks are set per pipeline
+        img2img.enable_model_cpu_offload(device=pipe._offload_device)
+    return img2img
+
+
+@torch.no_grad()
+def generate_upscaled(pipe, request: Request, chain: UpscaleChain, attention: Attention | None = None,
+                      progress: bool = True) -> list:
+    """The chain: every base with the stock transformer, then `attention` switched on (CLEAR or a
+    student), then each base upsampled in latent space and denoised at the request's size from
+    `chain.strength` with the same seed. `pipe.transformer` must still be stock."""
+    check_request(pipe, request)
+    check_size(pipe, chain.base_height, chain.base_width)
+    if hasattr(pipe.transformer, "_ditkit_clear"):
+        raise DitkitError("the chain's base needs the stock transformer: pass CLEAR or the student as "
+                          "`attention`, not applied beforehand")
+    if attention is not None:
+        attention.check(pipe.transformer)  # refused now, not after the base pass
+    img2img = img2img_pipeline(pipe)
+    request = request.resolved(pipe)
+    jobs = image_jobs(request)
+    bases = []
+    for number, (prompt_index, seed) in enumerate(jobs, 1):
+        set_progress(pipe, progress, f"base {number}/{len(jobs)}")
+        bases.append(base_latents(pipe, request, chain, prompt_index, seed))
+    if attention is not None:
+        attention.apply(pipe.transformer)
+    images = []
+    for number, ((prompt_index, seed), base) in enumerate(zip(jobs, bases, strict=True), 1):
+        init = upsample_latents(base, request.height, request.width, pipe.vae_scale_factor)
+        if chain.strength == 0:  # no step to run: img2img refuses it, the upsampled base is the answer
+            images += decode_latents(pipe, init)
+            continue
+        set_progress(img2img, progress, f"image {number}/{len(jobs)}")
+        images += img2img(**call_arguments(pipe, request, prompt_index), image=init, strength=chain.strength,
+                          height=request.height, width=request.width, generator=seeded(seed)).images
+    return images
+
+
+# -- saving -------------------------------------------------------------------------------------------
+def image_settings(pipe, request: Request, extra: dict | None = None) -> list[dict[str, str]]:
+    """The PNG text chunks of each image: its prompt, seed, steps, guidance, size, and `extra`
+    (CLEAR options, student, chain), with an A1111-style `parameters` line that front-ends show."""
+    request = request.resolved(pipe)
+    settings = []
+    for prompt_index, seed in image_jobs(request):
+        prompt = request.prompt if request.prompt is not None else f"prompt embeddings #{prompt_index}"
+        values = {"prompt": prompt, "seed": str(seed), "steps": str(request.steps),
+                  "guidance": str(request.guidance), "size": f"{request.height}x{request.width}",
+                  **{key: str(value) for key, value in (extra or {}).items()}}
+        details = ", ".join(f"{key}: {value}" for key, value in values.items() if key != "prompt")
+        settings.append({**values, "parameters": f"{prompt}\n{details}"})
+    return settings
+
+
+def save_images(images: list, out: str | Path, settings: list[dict[str, str]]) -> list[Path]:
+    """Write PNGs with their settings as text chunks: `out` for one image, out-0.png, out-1.png... for more."""
+    from PIL.PngImagePlugin import PngInfo
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{k}{out.suffix or '.png'}")
+                                            for k in range(len(images))]
+    for image, path, values in zip(images, paths, settings, strict=True):
+        info = PngInfo()
+        for key, value in values.items():
+            info.add_itxt(key, value)
+        image.save(path, format="PNG", pnginfo=info)
+    return paths
