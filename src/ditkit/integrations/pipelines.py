@@ -10,8 +10,9 @@ pipeline (full attention) makes a base at a size it was trained for, the base is
 pipeline's img2img counterpart, with CLEAR, denoises it at the full size from a strength S (SDEdit).
 The base is upsampled in latent space: the img2img pipelines take latents as their `image`, so the
 base needs no VAE decode and the full-size image no VAE encode (at 4K-8K the encoder's 128-channel
-activations at full resolution outweigh the transformer's), no decode-encode round trip blurs it, and no draw from the seed's generator is spent on the encoder's
-sampling, so S=1 gives exactly the picture of plain generation at the full size with the same seed.
+activations at full resolution outweigh the transformer's), no decode-encode round trip blurs it,
+and no draw from the seed's generator is spent on the encoder's sampling, so S=1 gives exactly the
+picture of plain generation at the full size with the same seed.
 PixArt has no img2img pipeline in diffusers; its chain is refused rather than re-implemented.
 
 Each image is its own pipeline call with its own generator (seed + index), so an image does not
