@@ -11,6 +11,14 @@ except that image queries see image keys in a disc of radius r; text tokens are 
 query sees them, text queries see everything). The token grid comes from each forward call's
 inputs (FLUX: `img_ids`; SD3 / PixArt: the latent's height and width over the patch size).
 
+Beyond the training size (with or without CLEAR), off by default:
+
+    set_size_options(pipe.transformer, attention_scale=True, positions="ntk")  # FLUX at 4096 px
+    remove_size_options(pipe.transformer)
+
+scales every self-attention's queries by sqrt(log N / log N_train) and rescales FLUX's rotary image
+axes (SD3: interpolates its cropped sin-cos positions), as `ditkit.models.extrapolation` does for DiT.
+
 Distilling with a diffusers transformer as the teacher is `ditkit.distill.diffusers_teacher`.
 """
 
@@ -254,8 +262,9 @@ def flux_rotary(ids: Tensor, theta: float, axes_dim, extrapolation: Extrapolatio
     Axis 0 (text / reference index) is never rescaled. Without an extrapolation this is FluxPosEmbed."""
     from diffusers.models.embeddings import get_1d_rotary_pos_embed
 
-    stretch = {} if extrapolation is None or extrapolation.positions == "none" else dict(
-        zip((1, 2), (max(1.0, s) for s in extrapolation.stretch)))
+    stretch = {}  # axis -> s, only for the image axes
+    if extrapolation is not None and extrapolation.positions != "none":
+        stretch = {1: max(1.0, extrapolation.stretch[0]), 2: max(1.0, extrapolation.stretch[1])}
     freqs_dtype = torch.float32 if ids.device.type in ("mps", "npu") else torch.float64  # as FluxPosEmbed
     pos, cos_out, sin_out = ids.float(), [], []
     for axis, dim in enumerate(axes_dim):
