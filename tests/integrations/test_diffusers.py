@@ -76,15 +76,20 @@ def stock_with_disc_mask(model, inputs, layout, radius):
         N = GRID[0] * GRID[1]
         order = torch.cat([torch.arange(num_text, num_text + N), torch.arange(num_text)])
         mask = mask[order][:, order]
-    stock_sdpa = F.scaled_dot_product_attention
 
-    def masked(query, key, value, attn_mask=None, **kwargs):
+    def masked(stock_sdpa, query, key, value, attn_mask=None, **kwargs):
         if query.shape[-2] == key.shape[-2] == mask.shape[0]:  # self-attention (not PixArt's cross-attention)
             assert attn_mask is None
             attn_mask = mask
         return stock_sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
 
-    torch.nn.functional.scaled_dot_product_attention = masked
+    return run_with_sdpa(model, inputs, masked)
+
+
+def run_with_sdpa(model, inputs, wrapper):
+    """Run the stock processors with every SDPA call going through wrapper(stock_sdpa, q, k, v, ...)."""
+    stock_sdpa = F.scaled_dot_product_attention
+    torch.nn.functional.scaled_dot_product_attention = lambda *args, **kwargs: wrapper(stock_sdpa, *args, **kwargs)
     try:
         return run(model, inputs)
     finally:
@@ -210,18 +215,13 @@ def test_size_options_off_or_at_the_training_size_change_nothing(make):
 
 def stock_with_scaled_queries(model, inputs, factor):
     """The stock processors with every self-attention's queries multiplied inside SDPA: the reference."""
-    stock_sdpa = F.scaled_dot_product_attention
 
-    def scaled(query, key, value, *args, **kwargs):
+    def scaled(stock_sdpa, query, key, value, *args, **kwargs):
         if query.shape[-2] == key.shape[-2]:  # self-attention, not PixArt's cross-attention to the text
             query = query * factor
         return stock_sdpa(query, key, value, *args, **kwargs)
 
-    torch.nn.functional.scaled_dot_product_attention = scaled
-    try:
-        return run(model, inputs)
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = stock_sdpa
+    return run_with_sdpa(model, inputs, scaled)
 
 
 @pytest.mark.parametrize("make", MODELS, ids=["flux", "sd3", "pixart"])
@@ -292,6 +292,8 @@ def test_size_options_refusals_name_the_fix():
         set_size_options(tiny_sd3()[0], positions="ntk")
     with pytest.raises(DitkitError, match="unknown position scaling"):
         set_size_options(tiny_flux()[0], positions="yarn")
+    with pytest.raises(DitkitError, match="train_grid must be"):
+        set_size_options(tiny_flux()[0], train_grid=(0, 64), attention_scale=True)
     with pytest.raises(DitkitError, match="set_size_options supports"):
         set_size_options(torch.nn.Linear(2, 2), attention_scale=True)
 

@@ -340,7 +340,10 @@ def set_size_options(transformer: nn.Module, *, train_grid: Grid | None = None, 
     remove_size_options(transformer)
     if not attention_scale and positions == "none":
         return
-    options = SizeOptions(tuple(train_grid or default_train_grid(transformer)), attention_scale, positions)
+    train_grid = tuple(train_grid or default_train_grid(transformer))
+    if len(train_grid) != 2 or min(train_grid) < 1:
+        raise DitkitError(f"train_grid must be (rows, columns) of image tokens (pixels / 16), got {train_grid}")
+    options = SizeOptions(train_grid, attention_scale, positions)
     layers = [attn for _, attn, _ in _attention_layers(transformer)]
     hooks = [transformer.register_forward_pre_hook(_size_recorder(options, layers), with_kwargs=True)]
     if attention_scale:
@@ -379,6 +382,8 @@ def _size_recorder(options: SizeOptions, layers: list[nn.Module]):
 
 def _query_scaler(options: SizeOptions):
     def scale(module, args, output):
+        if options.current is None:  # called outside a transformer forward: no grid to scale for
+            return None
         factor = options.current.query_scale(options.grid)
         return None if factor == 1.0 else output * factor
     return scale
@@ -386,7 +391,7 @@ def _query_scaler(options: SizeOptions):
 
 def _flux_rotary_hook(options: SizeOptions):
     def rescale(module, args, output):
-        if max(options.current.stretch) <= 1:  # nothing grew: keep FluxPosEmbed's own output
+        if options.current is None or max(options.current.stretch) <= 1:  # nothing grew: FluxPosEmbed's own
             return None
         return flux_rotary(args[0], module.theta, module.axes_dim, options.current)
     return rescale
