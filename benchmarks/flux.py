@@ -8,7 +8,7 @@ FLUX's sequence layout (512 text tokens, one image token per 16 px) and times on
 batch 1, median of --repeats runs, for stock attention and each CLEAR setting. It reports the peak
 memory and the largest single tensor the step creates next to one N x N fp32 score matrix (CLEAR
 must never build one). A series stops once a step is projected above --max-seconds (from its last
-point: quadratically for full attention and for CLEAR with pooled tokens, linearly for CLEAR alone).
+two points' growth, see `projected_seconds`).
 
 `flops` builds FluxTransformer2DModel with the FLUX.1-dev configuration on the meta device (no
 weights) and counts one forward with torch's FlopCounterMode at 1024..8192 px. The CLEAR processors
@@ -23,6 +23,7 @@ FLOPs + its attention. A script, not a test: times depend on the machine.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 from pathlib import Path
 
@@ -89,9 +90,17 @@ def measure(model, inputs: dict, repeats: int) -> dict:
             "peak_mib": peak / 2**20, "largest_mib": largest / 2**20, "nxn_fp32_mib": 4 * tokens**2 / 2**20}
 
 
-def projected_seconds(last: dict, tokens: int, options: dict | None) -> float:
-    quadratic = options is None or options["down_factor"] > 0  # pooled tokens: 1/f^2 of full, still N^2
-    return last["step_s"] * (tokens / last["tokens"]) ** (2 if quadratic else 1)
+def projected_seconds(points: list[dict], tokens: int, options: dict | None) -> float:
+    """A step's time at `tokens`, from the series' last point: growing as N^2 (full attention) or N
+    (CLEAR), or, once there are two points, as the measured log-log slope between them, within [1, 2]
+    (pooled tokens make CLEAR partly quadratic, 1/f^2 of full attention's pairs)."""
+    last = points[-1]
+    exponent = 2 if options is None else 1
+    if len(points) > 1:
+        before = points[-2]
+        slope = math.log(last["step_s"] / before["step_s"]) / math.log(last["tokens"] / before["tokens"])
+        exponent = min(2.0, max(1.0, slope))
+    return last["step_s"] * (tokens / last["tokens"]) ** exponent
 
 
 def time_series(args) -> None:
@@ -104,13 +113,14 @@ def time_series(args) -> None:
         remove_clear(model)
         if options:
             apply_clear(model, **options)
-        last = None
+        points = []
         for px in sorted(args.sizes):
             tokens = TEXT_TOKENS + (px // PX_PER_TOKEN) ** 2
-            if last is not None and projected_seconds(last, tokens, options) > args.max_seconds:
+            if points and projected_seconds(points, tokens, options) > args.max_seconds:
                 rows.append({"attention": label, "px": px, "tokens": tokens, "status": "skipped (time budget)"})
                 continue
             last = measure(model, flux_inputs(TINY, px), args.repeats)
+            points.append(last)
             rows.append({"attention": label, "px": px, **last, "status": "ok"})
             print(f"{label:>14} {px:>5} px: {last['step_s']:.3f} s/step, peak {last['peak_mib']:.0f} MiB, "
                   f"largest tensor {last['largest_mib']:.1f} MiB", flush=True)
@@ -124,15 +134,16 @@ def time_table(rows: list[dict], args) -> str:
     lines = [f"# One FLUX transformer step on CPU: tiny random FLUX ({dims}), stock vs CLEAR", "",
              f"Device: {device_name('cpu')}; float32, batch 1, {TEXT_TOKENS} text tokens + (px/16)^2 image tokens; "
              f"median of {args.repeats} runs; CLEAR's default CPU backend (tiled); budget {args.max_seconds:g} s "
-             "per step (sizes projected above it are skipped).", "",
-             "| attention | px | tokens | s/step | peak MiB | largest tensor MiB | one N x N fp32 MiB | vs full |",
+             "per step (sizes projected above it are skipped); speedup = full attention's s/step over this row's.", "",
+             "| attention | px | tokens | s/step | peak MiB | largest tensor MiB | one N x N fp32 MiB | speedup |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"| {r['attention']} | {r['px']} | {r['tokens']} | {r['status']} | | | | |")
             continue
-        ratio = f"{full[r['px']]['step_s'] / r['step_s']:.1f}x faster" if r["px"] in full and r is not \
-            full[r["px"]] else ""
+        ratio = ""  # time of full attention over this one's, at the same size
+        if r["px"] in full and r is not full[r["px"]]:
+            ratio = f"{full[r['px']]['step_s'] / r['step_s']:.2f}x"
         lines.append(f"| {r['attention']} | {r['px']} | {r['tokens']} | {r['step_s']:.3f} | {r['peak_mib']:.0f} | "
                      f"{r['largest_mib']:.1f} | {r['nxn_fp32_mib']:.0f} | {ratio} |")
     return "\n".join(lines) + "\n"
@@ -220,7 +231,7 @@ def main() -> None:
     sub = parser.add_subparsers(dest="mode", required=True)
     t = sub.add_parser("time", help="step time, peak memory, largest tensor of a tiny FLUX on CPU")
     t.add_argument("--sizes", nargs="+", type=int, default=[512, 1024, 2048, 4096, 8192])
-    t.add_argument("--max-seconds", type=float, default=30.0, help="skip sizes projected slower than this")
+    t.add_argument("--max-seconds", type=float, default=45.0, help="skip sizes projected slower than this")
     t.add_argument("--repeats", type=int, default=2)
     t.add_argument("--name", default="flux-cpu")
     f = sub.add_parser("flops", help="FLOPs of FLUX.1-dev's configuration, counted on the meta device")
