@@ -1,4 +1,6 @@
-"""CLEAR processors in tiny random diffusers transformers (built offline, no downloads)."""
+"""CLEAR processors and size options in tiny random diffusers transformers (built offline, no downloads)."""
+
+import math
 
 import pytest
 import torch
@@ -6,7 +8,17 @@ import torch.nn.functional as F
 from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
 
 from ditkit.errors import DitkitError
-from ditkit.integrations.diffusers import apply_clear, attention_taps, remove_clear
+from ditkit.integrations.diffusers import (
+    apply_clear,
+    attention_taps,
+    flux_rotary,
+    remove_clear,
+    remove_size_options,
+    sd3_interpolated_pos_embed,
+    set_size_options,
+)
+from ditkit.metrics.memory import largest_tensor
+from ditkit.mixers.base import Extrapolation
 from ditkit.mixers.clear import _reference_mask
 
 GRID, TEXT = (6, 5), 7  # 6x5 image tokens (not square, not a tile multiple), 7 text tokens
@@ -64,15 +76,20 @@ def stock_with_disc_mask(model, inputs, layout, radius):
         N = GRID[0] * GRID[1]
         order = torch.cat([torch.arange(num_text, num_text + N), torch.arange(num_text)])
         mask = mask[order][:, order]
-    stock_sdpa = F.scaled_dot_product_attention
 
-    def masked(query, key, value, attn_mask=None, **kwargs):
+    def masked(stock_sdpa, query, key, value, attn_mask=None, **kwargs):
         if query.shape[-2] == key.shape[-2] == mask.shape[0]:  # self-attention (not PixArt's cross-attention)
             assert attn_mask is None
             attn_mask = mask
         return stock_sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
 
-    torch.nn.functional.scaled_dot_product_attention = masked
+    return run_with_sdpa(model, inputs, masked)
+
+
+def run_with_sdpa(model, inputs, wrapper):
+    """Run the stock processors with every SDPA call going through wrapper(stock_sdpa, q, k, v, ...)."""
+    stock_sdpa = F.scaled_dot_product_attention
+    torch.nn.functional.scaled_dot_product_attention = lambda *args, **kwargs: wrapper(stock_sdpa, *args, **kwargs)
     try:
         return run(model, inputs)
     finally:
@@ -172,3 +189,133 @@ def test_distill_with_a_diffusers_teacher_folder(make, tmp_path, capsys):
     assert main(["distill", "--teacher", str(tmp_path / "flux"), "--radius", "2", "--resolution", "60",
                  "--out", str(tmp_path / "bad")]) == 2
     assert "use multiples of 16" in capsys.readouterr().err
+
+
+# --- size options: proportional attention scale and position scaling -------------------------------
+
+POSITIONS = {"flux": "ntk", "sd3": "interpolate", "pixart": "none"}  # the richest scaling each one takes
+
+
+@pytest.mark.parametrize("make", MODELS, ids=["flux", "sd3", "pixart"])
+def test_size_options_off_or_at_the_training_size_change_nothing(make):
+    torch.manual_seed(0)
+    model, inputs, _ = make()
+    model.eval()
+    stock = run(model, inputs)
+    set_size_options(model)  # both off: nothing is installed
+    torch.testing.assert_close(run(model, inputs), stock, atol=0, rtol=0)
+    kind = make.__name__.removeprefix("tiny_")
+    set_size_options(model, train_grid=GRID, attention_scale=True, positions=POSITIONS[kind])
+    torch.testing.assert_close(run(model, inputs), stock, atol=0, rtol=0)
+    set_size_options(model, train_grid=(3, 3), attention_scale=True, positions=POSITIONS[kind])
+    assert (run(model, inputs) - stock).abs().max() > 1e-4
+    remove_size_options(model)
+    torch.testing.assert_close(run(model, inputs), stock, atol=0, rtol=0)
+
+
+def stock_with_scaled_queries(model, inputs, factor):
+    """The stock processors with every self-attention's queries multiplied inside SDPA: the reference."""
+
+    def scaled(stock_sdpa, query, key, value, *args, **kwargs):
+        if query.shape[-2] == key.shape[-2]:  # self-attention, not PixArt's cross-attention to the text
+            query = query * factor
+        return stock_sdpa(query, key, value, *args, **kwargs)
+
+    return run_with_sdpa(model, inputs, scaled)
+
+
+@pytest.mark.parametrize("make", MODELS, ids=["flux", "sd3", "pixart"])
+@pytest.mark.parametrize("clear", [False, True], ids=["stock", "clear"])
+def test_attention_scale_equals_scaled_queries(make, clear):
+    torch.manual_seed(0)
+    model, inputs, _ = make()
+    model.eval()
+    factor = math.sqrt(math.log(GRID[0] * GRID[1]) / math.log(9))  # trained at 3 x 3 tokens
+    expected = stock_with_scaled_queries(model, inputs, factor)
+    if clear:
+        apply_clear(model, radius=100)
+    set_size_options(model, train_grid=(3, 3), attention_scale=True)
+    torch.testing.assert_close(run(model, inputs), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["ntk", "interpolate"])
+def test_flux_rotary_angles_follow_the_formula(positions):
+    """Angles of axis a (d channels, frequencies theta^(-2j/d)): ntk theta * s^(d/(d-2)); interpolate pos / s."""
+    torch.manual_seed(0)
+    model, inputs, _ = tiny_flux()
+    seen = []
+    set_size_options(model, train_grid=(3, 2), positions=positions)  # rows grew 2x, columns 2.5x
+    model.pos_embed.register_forward_hook(lambda module, args, out: seen.append(out))
+    run(model, inputs)
+    ids = torch.cat([inputs["txt_ids"], inputs["img_ids"]]).double()
+    angles = []
+    for axis, (dim, s) in enumerate(zip([4, 6, 6], [1.0, 2.0, 2.5], strict=True)):
+        theta = 10000.0 * s ** (dim / (dim - 2)) if positions == "ntk" else 10000.0
+        pos = ids[:, axis] / (s if positions == "interpolate" else 1.0)
+        angles.append(pos[:, None] * theta ** (-torch.arange(0, dim, 2).double() / dim))
+    angles = torch.cat(angles, dim=1).repeat_interleave(2, dim=1)
+    cos, sin = seen[0]
+    torch.testing.assert_close(cos.double(), angles.cos(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(sin.double(), angles.sin(), atol=1e-6, rtol=0)
+    stock_cos, stock_sin = flux_rotary(ids.float(), 10000, [4, 6, 6], None)  # no extrapolation: FluxPosEmbed's
+    plain = model.pos_embed.__class__.forward(model.pos_embed, ids.float())
+    assert stock_cos.equal(plain[0]) and stock_sin.equal(plain[1])
+
+
+def test_sd3_interpolated_positions_are_the_trained_crop_at_half_steps():
+    model, _, _ = tiny_sd3()
+    patch_embed = model.pos_embed  # M = 32 positions per axis
+    table = patch_embed.pos_embed.reshape(32, 32, -1)
+    embed = sd3_interpolated_pos_embed(patch_embed, (12, 5), train_grid=(6, 5)).reshape(12, 5, -1)
+    top, left = (32 - 6) // 2, (32 - 5) // 2  # rows read the 6-row trained crop at half steps; columns as stock
+    torch.testing.assert_close(embed[::2], table[top:top + 6, left:left + 5], atol=1e-6, rtol=0)
+    midpoints = embed[1::2]
+    assert not torch.isclose(midpoints, table[top:top + 6, left:left + 5], atol=1e-3).all()
+
+
+def test_sd3_interpolation_samples_beyond_pos_embed_max_size():
+    torch.manual_seed(0)
+    model, inputs, _ = tiny_sd3()
+    inputs["hidden_states"] = torch.randn(1, 4, 68, 40)  # 34 token rows > pos_embed_max_size 32
+    for key in ("encoder_hidden_states", "pooled_projections", "timestep"):
+        inputs[key] = inputs[key][:1]
+    with pytest.raises(ValueError, match="pos_embed_max_size"):
+        run(model, inputs)
+    set_size_options(model, positions="interpolate")  # trained at sample_size 16 / patch 2 = 8 x 8 tokens
+    assert torch.isfinite(run(model, inputs)).all()
+
+
+def test_size_options_refusals_name_the_fix():
+    with pytest.raises(DitkitError, match="already interpolates"):
+        set_size_options(tiny_pixart()[0], positions="interpolate")
+    with pytest.raises(DitkitError, match="use positions='interpolate'"):
+        set_size_options(tiny_sd3()[0], positions="ntk")
+    with pytest.raises(DitkitError, match="unknown position scaling"):
+        set_size_options(tiny_flux()[0], positions="yarn")
+    with pytest.raises(DitkitError, match="train_grid must be"):
+        set_size_options(tiny_flux()[0], train_grid=(0, 64), attention_scale=True)
+    with pytest.raises(DitkitError, match="set_size_options supports"):
+        set_size_options(torch.nn.Linear(2, 2), attention_scale=True)
+
+
+def test_extrapolation_query_scale_is_the_one_used():
+    assert Extrapolation(stretch=(2.0, 3.0), attention_scale=True).query_scale(GRID) == pytest.approx(
+        math.sqrt(math.log(30) / math.log(5)))
+
+
+def test_clear_flux_step_builds_no_n_by_n_tensor():
+    """64 x 64 image tokens + 7 text: one (N x N) boolean mask is 16 MiB, fp32 scores 64 MiB per head. The
+    tiled backend (CLEAR's default for long CPU sequences), with the size options on, stays linear in N."""
+    torch.manual_seed(0)
+    model, inputs, _ = tiny_flux()
+    grid, N = (64, 64), 64 * 64 + TEXT
+    inputs.update(hidden_states=torch.randn(1, 64 * 64, 4), img_ids=flux_ids(grid),
+                  encoder_hidden_states=inputs["encoder_hidden_states"][:1],
+                  pooled_projections=inputs["pooled_projections"][:1], timestep=inputs["timestep"][:1])
+    set_size_options(model, train_grid=(32, 32), attention_scale=True, positions="ntk")
+    apply_clear(model, radius=4, backend="reference")
+    dense = largest_tensor(lambda: run(model, inputs))
+    apply_clear(model, radius=4)
+    largest = largest_tensor(lambda: run(model, inputs))
+    assert dense >= N * N  # the tracker sees the reference backend's mask...
+    assert largest <= N * 160 * 4 < N * N / 4  # ...and nothing quadratic on the default path
