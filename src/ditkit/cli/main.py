@@ -13,7 +13,7 @@ import sys
 
 from .. import __version__
 from ..errors import DitkitError
-from . import convert, measure, quickstart, sample, train
+from . import convert, measure, quickstart, sample, study, train
 from .args import parse_options, parse_size, resolve_config, shared_flags
 
 __all__ = ["build_parser", "main", "parse_options", "parse_size", "resolve_config"]
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_parser(sub, shared)
     quickstart.add_parser(sub, shared)
     convert.add_parsers(sub, shared)
+    study.add_parser(sub, shared)
     return parser
 
 
