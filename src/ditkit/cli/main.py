@@ -1,7 +1,9 @@
-"""The `ditkit` command line: info, train, sample, distill, eval, bench, quickstart, convert, export, generate.
+"""The `ditkit` command line: info, train, sample, distill, eval, bench, quickstart, convert, export,
+generate, study.
 
 The CLI only parses and calls the library. Each subcommand's parser sits beside its handler
-(`train.py`, `sample.py`, `measure.py`, `quickstart.py`, `convert.py`); flags that mean the same everywhere
+(`train.py`, `sample.py`, `measure.py`, `quickstart.py`, `convert.py`, `generate.py`, `study.py`);
+flags that mean the same everywhere
 (--device, --mixer, --no-ema, --seed, --no-progress, the sampling settings) are written once in
 `args.py` and shared through argparse `parents=`.
 """
@@ -13,7 +15,7 @@ import sys
 
 from .. import __version__
 from ..errors import DitkitError
-from . import convert, generate, measure, quickstart, sample, train
+from . import convert, generate, measure, quickstart, sample, study, train
 from .args import parse_options, parse_size, resolve_config, shared_flags
 
 __all__ = ["build_parser", "main", "parse_options", "parse_size", "resolve_config"]
@@ -30,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     quickstart.add_parser(sub, shared)
     convert.add_parsers(sub, shared)
     generate.add_parser(sub, shared)
+    study.add_parser(sub, shared)
     return parser
 
 

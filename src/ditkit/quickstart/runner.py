@@ -54,7 +54,7 @@ class StageRunner:
         if path.is_file():
             saved = read_json(path, f"the {self.name} settings file")
             if saved != settings:
-                diff = ", ".join(sorted(k for k in settings if saved.get(k) != settings[k]))
+                diff = ", ".join(sorted(k for k in settings.keys() | saved.keys() if saved.get(k) != settings.get(k)))
                 raise DitkitError(f"{self.out} holds a {self.name} made with other settings ({diff}): "
                                   "use another --out, or delete that folder")
             return

@@ -151,7 +151,7 @@ def _check_value(path: str, value: Any, hint: Any) -> Any:
                 pass
         if option is int and isinstance(value, int) and not isinstance(value, bool):
             return value
-        if option in (str, bool, dict) and isinstance(value, option):
+        if option in (str, bool, dict, list) and isinstance(value, option):
             return value
     names = " or ".join("null" if o is type(None) else o.__name__ for o in options)
     raise DitkitError(f"config key {path} must be {names}, got {value!r}")
@@ -175,9 +175,10 @@ def _build(cls, values: dict[str, Any], prefix: str):
     return cls(**kwargs)
 
 
-def config_from_dict(values: dict[str, Any], kind: type | None = None):
-    """A typed config (`kind`, default TrainConfig; any dataclass of typed fields) from nested values."""
-    return _build(kind or TrainConfig, values or {}, "")
+def config_from_dict(values: dict[str, Any], kind: type | None = None, prefix: str = ""):
+    """A typed config (`kind`, default TrainConfig; any dataclass of typed fields) from nested values;
+    `prefix` (e.g. "arms.dit.") names where they sit in a larger config, in errors."""
+    return _build(kind or TrainConfig, values or {}, prefix)
 
 
 def set_value(values: dict[str, Any], key: str, value: Any) -> None:

@@ -1,0 +1,230 @@
+"""A study's report folder, written from its measurements:
+
+    report.md                       compute matching, a table per evaluation point (mean +/- std over
+                                    seeds) and a computed reading of who is ahead
+    measurements.csv                every measurement (arm, seed, point, resolution)
+    quality-vs-train-compute.png    FID (and legibility) against counted training GFLOPs
+    quality-vs-sampling-cost.png    the same at the end of the budget against sampling GFLOPs per image
+
+The reading's rule: at each point, the arm with the best mean is ahead of the next one by more than
+the seed spread when the difference of their means exceeds the sum of their standard deviations
+over seeds; with one seed the spread is unknown and the reading says so.
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..files import atomic_path, atomic_write_text
+from .config import StudyConfig
+from .plan import TRAIN_PASSES, ArmPlan
+
+COLUMNS = ("arm", "label", "kind", "seed", "fraction", "step", "train_gflops", "resolution", "fid", "kid",
+           "legibility", "psnr", "ssim", "forward_gflops", "sampling_gflops", "step_ms", "peak_mib")
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    title: str
+    lower_is_better: bool
+    format: str  # of the shown value, e.g. ",.2f"
+    scale: float = 1.0  # shown as value x scale (legibility as a percentage)
+
+    def show(self, value: float) -> str:
+        return f"{value * self.scale:{self.format}}"
+
+
+METRICS = (Metric("fid", "FID", True, ",.2f"), Metric("kid", "KID", True, ".4f"),
+           Metric("legibility", "legibility %", False, ".1f", 100.0), Metric("psnr", "PSNR dB", False, ".2f"),
+           Metric("ssim", "SSIM", False, ".3f"), Metric("sampling_gflops", "sampling GFLOPs/image", True, ".4g"),
+           Metric("step_ms", "ms/forward", True, ",.1f"), Metric("peak_mib", "peak MiB", True, ",.1f"))
+READ = ("fid", "legibility", "psnr")  # the quality measures the reading compares
+PLOTTED = ("fid", "legibility", "psnr")
+
+
+# ---------------------------------------------------------------- summaries over seeds
+
+@dataclass
+class Spread:
+    mean: float
+    std: float | None  # None with one seed
+    n: int
+
+    def show(self, metric: Metric) -> str:
+        return metric.show(self.mean) + ("" if self.std is None else f" ± {metric.show(self.std)}")
+
+
+def spread(values: list) -> Spread | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return Spread(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One summary per (evaluation point, arm, resolution): each metric's Spread over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["fraction"], row["arm"], row["resolution"]), []).append(row)
+    return [{"fraction": fraction, "arm": arm, "resolution": resolution, "label": group[0]["label"],
+             "step": group[0]["step"], "train_gflops": group[0]["train_gflops"], "seeds": len(group),
+             **{m.key: spread([r[m.key] for r in group]) for m in METRICS}}
+            for (fraction, arm, resolution), group in groups.items()]
+
+
+# ---------------------------------------------------------------- the reading
+
+def compare(summaries: list[dict], metric: Metric) -> str | None:
+    """Who is ahead on `metric` among `summaries` (one point, one resolution), and whether by more
+    than the seed spread; None with fewer than two arms measured."""
+    measured = [s for s in summaries if s[metric.key] is not None]
+    if len(measured) < 2:
+        return None
+    measured.sort(key=lambda s: s[metric.key].mean, reverse=not metric.lower_is_better)
+    best, second = measured[0], measured[1]
+    a, b = best[metric.key], second[metric.key]
+    gap = abs(a.mean - b.mean)
+    if gap == 0:
+        return f"{metric.title}: {best['label']} and {second['label']} tie at {a.show(metric)}"
+    head = (f"{metric.title}: **{best['label']}** leads ({a.show(metric)} vs {b.show(metric)} for "
+            f"{second['label']}), by {metric.show(gap)}")
+    if a.std is None or b.std is None:
+        return f"{head}; one seed, so the seed spread is unknown: run more seeds before reading a difference"
+    limit = a.std + b.std
+    if gap > limit:
+        return f"{head} > seed spread {metric.show(limit)}: a difference beyond the seeds' noise"
+    return f"{head} <= seed spread {metric.show(limit)}: within the seeds' noise, not a difference"
+
+
+def reading(summaries: list[dict], fractions: list[float]) -> list[str]:
+    lines = ["## Reading", "",
+             "Computed from the table: at each point the arm with the best mean, and whether its lead exceeds "
+             "the seed spread (rule: the difference of the two means > the sum of their standard deviations "
+             "over seeds).", ""]
+    for fraction in fractions:
+        for resolution in sorted({s["resolution"] for s in summaries if s["fraction"] == fraction}):
+            here = [s for s in summaries if s["fraction"] == fraction and s["resolution"] == resolution]
+            for metric in (m for m in METRICS if m.key in READ):
+                if (line := compare(here, metric)) is not None:
+                    lines.append(f"- {100 * fraction:g}% of the budget, {resolution} px, {line}.")
+    return [*lines, ""]
+
+
+# ---------------------------------------------------------------- the tables
+
+def compute_table(plans: dict[str, ArmPlan]) -> list[str]:
+    lines = ["## Compute", "",
+             f"Training compute is counted by ditkit's FLOP counter (a multiply-add = 2 FLOPs): a training step "
+             f"costs {TRAIN_PASSES} forwards (backward = 2 forwards) of each image of the batch; a distillation "
+             f"step a teacher forward plus {TRAIN_PASSES} student forwards. Steps = budget / GFLOPs per step, "
+             "rounded.", "",
+             "| arm | kind | forward GFLOPs/image | images/step | GFLOPs/step | steps | training GFLOPs | budget | "
+             "vs budget | seeds |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for plan in plans.values():
+        b = plan.budget
+        target = b.gflops
+        versus = f"{100 * (plan.train_gflops / target - 1):+.2f}%" if target else "-"
+        shown = f"{target:,.4g} GFLOPs" if target else f"{b.steps} steps"
+        lines.append(f"| {plan.label} | {plan.kind} | {plan.forward_gflops:.4g} | {plan.batch_size} | "
+                     f"{plan.step_gflops:.4g} | {plan.steps:,} | {plan.train_gflops:,.4g} | {shown} | {versus} | "
+                     f"{', '.join(map(str, plan.seeds))} |")
+    return [*lines, ""]
+
+
+def point_tables(summaries: list[dict], fractions: list[float]) -> list[str]:
+    shown = [m for m in METRICS if any(s[m.key] is not None for s in summaries)]
+    lines = ["## Measurements (mean ± std over seeds)", "",
+             "FID/KID against real images with the chosen features; legibility: the share of samples the "
+             "digits classifier reads as the class asked for; PSNR/SSIM: a student's agreement with its teacher "
+             "(same noise and labels); sampling GFLOPs/image: forward GFLOPs x sampling steps (x 2 with "
+             "guidance); ms/forward and peak MiB: one forward at batch 1.", ""]
+    for fraction in fractions:
+        here = [s for s in summaries if s["fraction"] == fraction]
+        lines += [f"### {100 * fraction:g}% of the budget", "",
+                  "| arm | px | step | training GFLOPs | seeds | " + " | ".join(m.title for m in shown) + " |",
+                  "|---|---|---|---|---|" + "---|" * len(shown)]
+        for s in here:
+            cells = [s[m.key].show(m) if s[m.key] is not None else "-" for m in shown]
+            lines.append(f"| {s['label']} | {s['resolution']} | {s['step']:,} | {s['train_gflops']:,.4g} | "
+                         f"{s['seeds']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+# ---------------------------------------------------------------- the plots
+
+def metric_named(key: str) -> Metric:
+    return next(m for m in METRICS if m.key == key)
+
+
+def plot_panels(summaries: list[dict], path: Path, x_key: str, xlabel: str, label_points: bool) -> None:
+    """One panel per plotted metric that was measured: each arm's means (error bars: std over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in PLOTTED if any(s[k] is not None for s in summaries)]
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(5.5 * max(1, len(keys)), 4.2), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=False):
+        metric = metric_named(key)
+        for color, label in enumerate(dict.fromkeys(s["label"] for s in summaries)):
+            series = [s for s in summaries if s["label"] == label and s[key] is not None]
+            xs = [s[x_key].mean if isinstance(s[x_key], Spread) else s[x_key] for s in series]
+            ys = [s[key].mean * metric.scale for s in series]
+            errors = [(s[key].std or 0) * metric.scale for s in series]
+            ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, color=f"C{color}", label=label,
+                        linestyle="" if label_points else "-")
+            for x, y, s in zip(xs, ys, series, strict=True) if label_points else ():
+                ax.annotate(f"{s['resolution']} px", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set(xlabel=xlabel, ylabel=metric.title + (" (lower is better)" if metric.lower_is_better else ""),
+               xscale="log")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- the folder
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def settings_section(study: StudyConfig) -> list[str]:
+    e = study.eval
+    budget = f"{study.budget.gflops:,.0f} GFLOPs" if study.budget.gflops is not None else f"{study.budget.steps} steps"
+    return [f"Study budget {budget} per arm and seed (unless an arm sets its own), seeds {study.seeds}; evaluated at "
+            f"{', '.join(f'{100 * f:g}%' for f in e.at)} of each budget with {e.num} samples (sampling seed "
+            f"{e.seed}: the same noise and labels for every arm) at {', '.join(f'{s}x' for s in e.scales)} the "
+            f"training size, FID/KID with `{e.features}` features against {e.num_reference} real images. "
+            "The settings this folder was made with: `../study.json`.", ""]
+
+
+def write_report(folder: str | Path, study: StudyConfig, plans: dict[str, ArmPlan], rows: list[dict]) -> Path:
+    """The report folder (see the module docstring); returns the path of report.md."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    summaries = summarize(rows)
+    fractions = study.eval.at
+    write_csv(rows, folder / "measurements.csv")
+    plot_panels([s for s in summaries if s["resolution"] == plans[s["arm"]].resolution],
+                folder / "quality-vs-train-compute.png", "train_gflops", "training GFLOPs (counted)", False)
+    plot_panels([s for s in summaries if s["fraction"] == fractions[-1]], folder / "quality-vs-sampling-cost.png",
+                "sampling_gflops", f"sampling GFLOPs per image (at {100 * fractions[-1]:g}% of the budget)", True)
+    lines = [f"# {study.title}", "", *settings_section(study), *compute_table(plans),
+             *point_tables(summaries, fractions), *reading(summaries, fractions),
+             "## Plots", "", "![quality vs training compute](quality-vs-train-compute.png)", "",
+             "![quality vs sampling cost](quality-vs-sampling-cost.png)", "",
+             "Every measurement: [measurements.csv](measurements.csv).", ""]
+    atomic_write_text(folder / "report.md", "\n".join(lines))
+    return folder / "report.md"
