@@ -46,8 +46,10 @@ def add_parsers(sub, shared: SharedFlags) -> None:
     distill.add_argument("--batch-size", type=int, help="default 32")
     distill.add_argument("--optimizer", help="adamw (default) or prodigy")
     distill.add_argument("--lr", type=float, help="learning rate (default 1e-4; 1.0 for prodigy)")
-    distill.add_argument("--task-weight", type=float, help="weight of the teacher's objective (default 1)")
-    distill.add_argument("--output-weight", type=float, help="weight of MSE(student, teacher output) (default 0.5)")
+    distill.add_argument("--task-weight", type=float,
+                         help="weight of the teacher's objective (default 0.1; CLEAR: 1)")
+    distill.add_argument("--output-weight", type=float,
+                         help="weight of MSE(student, teacher output) (default 1; CLEAR: 0.5)")
     distill.add_argument("--attention-weight", type=float, help="weight of attention-output matching (default 0.5)")
     distill.add_argument("--attention-every", type=int, help="match every k-th attention layer (default 1)")
     distill.add_argument("--eval-num", type=int, help="held-out samples for the agreement report (default 8)")

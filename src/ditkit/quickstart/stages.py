@@ -27,8 +27,8 @@ from .runner import Stage, StageRunner, format_seconds
 
 DIGITS_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
 SEED = 0
-# Output matching dominates: at this scale CLEAR's default weights (task 1, output 0.5, attention
-# 0.5) did not bring the student closer to the teacher; these did (+7.6 dB, README "Measured").
+# Output matching dominates (ditkit distill's defaults too): at this scale CLEAR's weights (task 1,
+# output 0.5, attention 0.5) did not bring the student closer to the teacher; these did (README "Measured").
 DISTILL_WEIGHTS = {"task": 0.1, "output": 1.0, "attention": 0.5}
 DISTILL_LR = 5e-4
 BENCH_SECONDS = 10.0  # a bench series stops after a step slower than this (or projected to be)
