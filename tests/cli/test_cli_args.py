@@ -5,7 +5,7 @@ import pytest
 
 from ditkit.cli.args import parse_options, split_config_and_overrides
 from ditkit.cli.main import build_parser
-from ditkit.distill import DistillConfig
+from ditkit.distill import DistillConfig, LossWeights
 from ditkit.train import load_config
 from helpers import run_cli, tiny_run
 
@@ -59,7 +59,7 @@ def test_distill_config_file_then_flags_then_overrides(tmp_path):
     path.write_text("teacher: runs/t\nradius: 4\nsteps: 10\noptimizer: prodigy\nweights: {attention: 0.25}\n")
     cfg = load_config(path, ["steps=30"], kind=DistillConfig, settings={"steps": 20, "batch_size": 8})
     assert (cfg.teacher, cfg.radius, cfg.steps, cfg.batch_size) == ("runs/t", 4.0, 30, 8)
-    assert cfg.weights.attention == 0.25 and cfg.weights.output == 0.5
+    assert cfg.weights.attention == 0.25 and cfg.weights.output == LossWeights().output  # unset: the default
     assert cfg.lr == 1.0  # Prodigy's default learning rate lives in DistillConfig
     assert DistillConfig().lr == 1e-4
 
