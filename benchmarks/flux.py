@@ -25,12 +25,12 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-from pathlib import Path
 
 import torch
+from tables import step_row, write_results
 
 from ditkit.integrations.diffusers import apply_clear, remove_clear
-from ditkit.metrics.bench import device_name, timed_runs, write_csv
+from ditkit.metrics.bench import device_name, timed_runs
 from ditkit.metrics.flops import EXTRA_FLOP_FORMULAS
 from ditkit.metrics.memory import largest_tensor, peak_memory
 from ditkit.mixers.clear import local_pairs
@@ -138,14 +138,10 @@ def time_table(rows: list[dict], args) -> str:
              "| attention | px | tokens | s/step | peak MiB | largest tensor MiB | one N x N fp32 MiB | speedup |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if r["status"] != "ok":
-            lines.append(f"| {r['attention']} | {r['px']} | {r['tokens']} | {r['status']} | | | | |")
-            continue
         ratio = ""  # time of full attention over this one's, at the same size
-        if r["px"] in full and r is not full[r["px"]]:
+        if r["status"] == "ok" and r["px"] in full and r is not full[r["px"]]:
             ratio = f"{full[r['px']]['step_s'] / r['step_s']:.2f}x"
-        lines.append(f"| {r['attention']} | {r['px']} | {r['tokens']} | {r['step_s']:.3f} | {r['peak_mib']:.0f} | "
-                     f"{r['largest_mib']:.1f} | {r['nxn_fp32_mib']:.0f} | {ratio} |")
+        lines.append(step_row(r["attention"], r["px"], r, ratio))
     return "\n".join(lines) + "\n"
 
 
@@ -218,12 +214,7 @@ def flops_markdown(rows: list[dict]) -> str:
 
 
 def write(table: str, rows: list[dict], args) -> None:
-    print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.md").write_text(table)
-    write_csv(rows, out / f"{args.name}.csv")
-    print(f"wrote {out / args.name}.md and .csv")
+    write_results(table, rows, args.out, args.name)
 
 
 def main() -> None:

@@ -24,9 +24,10 @@ import statistics
 from pathlib import Path
 
 import torch
+from tables import step_row, write_results
 
 from ditkit.diffusion.sampling import guided_output
-from ditkit.metrics.bench import device_name, timed_runs, write_csv
+from ditkit.metrics.bench import device_name, timed_runs
 from ditkit.metrics.memory import largest_tensor, peak_memory
 from ditkit.models import build_model, model_config
 
@@ -81,21 +82,11 @@ def write_table(rows: list[dict], args, device: torch.device) -> None:
              "| mixer | px | tokens | s/step | peak MiB | largest tensor MiB | one N x N fp32 MiB | clear speedup |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if r["status"] != "ok":
-            lines.append(f"| {r['mixer']} | {r['resolution']} | {r['tokens']} | {r['status']} | | | | |")
-            continue
         speedup = ""
-        if r["mixer"] == "full" and r["resolution"] in clear:
+        if r["status"] == "ok" and r["mixer"] == "full" and r["resolution"] in clear:
             speedup = f"{r['step_s'] / clear[r['resolution']]['step_s']:.1f}x"
-        lines.append(f"| {r['mixer']} | {r['resolution']} | {r['tokens']} | {r['step_s']:.3f} | {r['peak_mib']:.0f} "
-                     f"| {r['largest_mib']:.1f} | {r['nxn_fp32_mib']:.0f} | {speedup} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.md").write_text(table)
-    write_csv(rows, out / f"{args.name}.csv")
-    print(f"wrote {out / args.name}.md and .csv")
+        lines.append(step_row(r["mixer"], r["resolution"], r, speedup))
+    write_results("\n".join(lines) + "\n", rows, args.out, args.name)
 
 
 def options(args) -> None:
