@@ -86,11 +86,12 @@ def noised_start(scheduler, init: Tensor, noise: Tensor, index: int) -> Tensor:
     return scheduler.add_noise(init, noise, scheduler.timesteps[index : index + 1])
 
 
-def _steps_with_generator(scheduler) -> bool:
-    return "generator" in inspect.signature(scheduler.step).parameters
+def step_options(scheduler, generator: torch.Generator) -> dict:
+    """What `scheduler.step` takes besides (output, t, x): the generator, where it draws noise."""
+    return {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
 
 
-def denoise_step(scheduler, out: Tensor, t: Tensor, x: Tensor, channels: int, generator: torch.Generator,
+def denoise_step(scheduler, out: Tensor, t: Tensor, x: Tensor, channels: int, options: dict,
                  like_dit_pipeline: bool = False, paired: bool = False) -> Tensor:
     """One scheduler step from model output `out`. The variance channels of a learned-sigma model
     go to the scheduler only where it uses them (DDPM "learned_range"); DiTPipeline never gives
@@ -101,8 +102,7 @@ def denoise_step(scheduler, out: Tensor, t: Tensor, x: Tensor, channels: int, ge
         out = out[:, :channels]
     if paired:
         out, x = torch.cat([out, out]), torch.cat([x, x])
-    extra = {"generator": generator} if _steps_with_generator(scheduler) else {}
-    return scheduler.step(out, t, x, **extra).prev_sample[: len(x) // 2 if paired else len(x)]
+    return scheduler.step(out, t, x, **options).prev_sample[: len(x) // 2 if paired else len(x)]
 
 
 @torch.no_grad()
@@ -148,10 +148,11 @@ def sample(model, objective, shape: tuple[int, ...], *, labels: Tensor | None = 
     if step_like_dit_pipeline and cfg_scale <= 1:
         cfg_scale = 1.0  # DiTPipeline guides only above 1
     paired = step_like_dit_pipeline and labels is not None and cfg_scale != 1.0
+    options = step_options(scheduler, generator)
     for t in tqdm(scheduler.timesteps[first:], desc="sampling", disable=not progress, leave=False):
         t_batch = t.to(param.device, torch.float32).expand(shape[0])
         x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
         out = guided_output(model, x_in.to(param.dtype), t_batch, labels, cfg_scale, null_label,
                             guidance_channels).float()
-        x = denoise_step(scheduler, out, t, x, shape[1], generator, step_like_dit_pipeline, paired)
+        x = denoise_step(scheduler, out, t, x, shape[1], options, step_like_dit_pipeline, paired)
     return x

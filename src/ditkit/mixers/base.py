@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
+from ..errors import DitkitError
+
 if TYPE_CHECKING:
     from .strip import Strip
 
@@ -82,6 +84,13 @@ class TokenMixer(nn.Module):
     def forward(self, x: Tensor, grid: Grid, num_global: int = 0) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def check_tokens(self, num_tokens: int, grid: Grid, num_global: int) -> None:
+        """The layout `forward` receives fits the grid, and holds global tokens only if this mixer
+        takes them (`accepts_global_tokens`)."""
+        check_layout(num_tokens, grid, num_global)
+        if num_global and not self.accepts_global_tokens:
+            raise DitkitError(f"the {self.name} mixer takes image tokens only (no global tokens)")
+
     def attention_work(self, grid: Grid) -> float | None:
         """Share of full attention's (query, key) image-token pairs this mixer scores on `grid`:
         what its locality saves (`ditkit info`); None for mixers that are no attention."""
@@ -111,7 +120,7 @@ class AttentionMixer(TokenMixer):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, grid: Grid, num_global: int = 0) -> Tensor:
-        check_layout(x.shape[1], grid, num_global)
+        self.check_tokens(x.shape[1], grid, num_global)
         q, k, v = self.split_heads(x, grid)
         return self.merge_heads(self.attend(q, k, v, grid, num_global))
 

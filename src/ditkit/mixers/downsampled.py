@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DitkitError
-from .base import Extrapolation, Grid, TokenMixer, check_layout, map_to_tokens, tokens_to_map
+from .base import Extrapolation, Grid, TokenMixer, map_to_tokens, tokens_to_map
 from .registry import register_mixer
 
 
@@ -93,9 +93,7 @@ class DownsampledAttention(TokenMixer):
 
     def forward(self, x: Tensor, grid: Grid, num_global: int = 0) -> Tensor:
         B, N, D = x.shape
-        check_layout(N, grid, num_global)
-        if num_global:
-            raise DitkitError("the downsampled mixer takes image tokens only (no global tokens)")
+        self.check_tokens(N, grid, num_global)
         f, (H, W) = self.factor, grid
         if H % f or W % f:
             raise DitkitError(f"downsampled attention needs a token grid divisible by {f}, got {H}x{W}")

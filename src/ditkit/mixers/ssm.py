@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DitkitError
-from .base import Grid, TokenMixer, check_layout
+from .base import Grid, TokenMixer
 from .registry import register_mixer
 
 
@@ -206,7 +206,7 @@ class GatedSSM(TokenMixer):
 
     def forward(self, x: Tensor, grid: Grid, num_global: int = 0) -> Tensor:
         B, N, D = x.shape
-        check_layout(N, grid, num_global)
+        self.check_tokens(N, grid, num_global)
         M = self.hourglass
         u = self.act(self.expand(self.act(self.project_in(x))))   # (B, N, M * 2D)
         y = self.ssm(u.reshape(B, N * M, 2 * D))                   # position j*M + k: offset k of token j
