@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DitkitError
+from ..files import atomic_path
 
 PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3", "PixArtAlphaPipeline": "pixart",
              "PixArtSigmaPipeline": "pixart"}
@@ -127,25 +128,15 @@ def check_size(pipe, height: int, width: int) -> None:
 
 
 # -- attention: CLEAR, students -----------------------------------------------------------------------
-def student_file(ckpt: str | Path) -> Path:
-    from ..train.checkpoint import find_checkpoint
-
-    found = find_checkpoint(ckpt)
-    return found / "model.safetensors" if found.is_dir() else found
-
-
 def read_student_header(ckpt: str | Path):
     """A student's run record and tensor shapes, from the file's header (no weights loaded)."""
-    from safetensors import safe_open
-
     from ..record import DiffusersModel, RunRecord
-    from ..train.checkpoint import META_KEY, read_weights
+    from ..train.checkpoint import META_KEY, read_header
 
-    file = student_file(ckpt)
-    with safe_open(str(file), framework="pt") as f:
-        metadata, shapes = f.metadata() or {}, {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    file, metadata, shapes = read_header(ckpt)
     if META_KEY not in metadata:
-        read_weights(file)  # its one-line refusal of a file that is not a ditkit checkpoint
+        raise DitkitError(f"{file} is not a ditkit checkpoint (no model config in its metadata): give a "
+                          "student from ditkit distill")
     record = RunRecord.from_json(metadata[META_KEY], source=str(file))
     if not isinstance(record.model, DiffusersModel):
         raise DitkitError(f"{ckpt} is a ditkit model, not a diffusers student: sample it with ditkit sample")
@@ -174,12 +165,12 @@ def load_student(transformer: nn.Module, ckpt: str | Path, backend: str = "auto"
     """Put a `ditkit distill` student into a pipeline's transformer: CLEAR with the student's radius and
     down_factor, then its trained weights (image-stream projections, pooling weights). Returns its
     distill settings."""
-    from ..train.checkpoint import read_weights
+    from ..train.checkpoint import read_header, read_weights
     from .diffusers import apply_clear
 
     distill = check_student(transformer, ckpt)
     apply_clear(transformer, distill["radius"], distill.get("down_factor", 0), backend)
-    tensors, _ = read_weights(student_file(ckpt))
+    tensors, _ = read_weights(read_header(ckpt)[0])
     state = {key.removeprefix("transformer."): value for key, value in tensors.items()}
     unexpected = transformer.load_state_dict(state, strict=False).unexpected_keys  # the rest stays the teacher's
     if unexpected:
@@ -462,5 +453,6 @@ def save_images(images: list, out: str | Path, settings: list[dict[str, str]]) -
         info = PngInfo()
         for key, value in values.items():
             info.add_itxt(key, value)
-        image.save(path, format="PNG", pnginfo=info)
+        with atomic_path(path) as tmp:  # a killed or full-disk write never leaves half a PNG
+            image.save(tmp, format="PNG", pnginfo=info)
     return paths

@@ -186,19 +186,10 @@ def convert_to_checkpoint(path: str | Path, out: str | Path, options: ConvertOpt
 
 def is_ditkit_checkpoint(path: Path) -> bool:
     """A ditkit run, checkpoint folder or safetensors file with a ditkit record."""
-    from ..train.checkpoint import META_KEY, find_checkpoint
+    from ..train.checkpoint import META_KEY, read_header
 
     try:
-        found = find_checkpoint(path)
-    except DitkitError:
+        file, metadata, _ = read_header(path)
+    except DitkitError:  # no checkpoint there, or not a safetensors file at all: some other format
         return False
-    file = found / "model.safetensors" if found.is_dir() else found
-    if file.suffix != ".safetensors":
-        return False
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            return META_KEY in (f.metadata() or {})
-    except Exception:  # not a safetensors file at all: some other format
-        return False
+    return file.suffix == ".safetensors" and META_KEY in metadata

@@ -164,17 +164,30 @@ def find_checkpoint(path: str | Path) -> Path:
     raise DitkitError(f"no checkpoint at {path}: pass a run folder, a checkpoint folder or a .safetensors file")
 
 
-def read_weights(file: Path) -> tuple[dict[str, torch.Tensor], RunRecord]:
-    """Tensors and the ditkit record of one safetensors file, with clear errors for bad files."""
+def _read_safetensors(file: Path, read) -> tuple[dict[str, str], Any]:
+    """(metadata, read(opened file)) of one safetensors file, with clear errors for bad files."""
     try:
         with safe_open(str(file), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            return f.metadata() or {}, read(f)
     except FileNotFoundError as error:
         raise DitkitError(f"checkpoint file {file} does not exist") from error
     except Exception as error:  # safetensors reports truncation and corruption with its own errors
         raise DitkitError(f"checkpoint file {file} is damaged or truncated ({error}): "
                           "use another checkpoint of the run") from error
+
+
+def read_header(path: str | Path) -> tuple[Path, dict[str, str], dict[str, tuple[int, ...]]]:
+    """(file, metadata, tensor shapes) of a checkpoint's model.safetensors (any path `find_checkpoint`
+    resolves), read from the header alone: no weights are loaded."""
+    found = find_checkpoint(path)
+    file = weights_file(found, ema=False) if found.is_dir() else found
+    metadata, shapes = _read_safetensors(file, lambda f: {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    return file, metadata, shapes
+
+
+def read_weights(file: Path) -> tuple[dict[str, torch.Tensor], RunRecord]:
+    """Tensors and the ditkit record of one safetensors file, with clear errors for bad files."""
+    metadata, tensors = _read_safetensors(file, lambda f: {k: f.get_tensor(k) for k in f.keys()})
     if META_KEY not in metadata:
         raise DitkitError(f"{file} is not a ditkit checkpoint (no model config in its metadata)")
     return tensors, RunRecord.from_json(metadata[META_KEY], source=str(file))
@@ -236,8 +249,8 @@ def load_checkpoint(path: str | Path, *, ema: bool = True, mixer: str | None = N
         raise DitkitError(f"{file} holds inf or NaN weights ({bad}): the run had diverged when it was saved; "
                           "use an earlier checkpoint")
     if not hasattr(record.model, "backbone"):
-        raise DitkitError(f"{file} holds a diffusers student ({record.model.diffusers}): load it into its "
-                          "pipeline with ditkit.integrations.diffusers, not as a ditkit model")
+        raise DitkitError(f"{file} holds a diffusers student ({record.model.diffusers}): run it in its pipeline "
+                          "(ditkit generate --student, or ditkit.integrations.pipelines.load_student)")
     model = build_model(record.model)
     load_state(model, tensors, file)
     if mixer is not None or mixer_options:
