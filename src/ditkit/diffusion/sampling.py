@@ -17,6 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..errors import DitkitError
+from ..record import check_sampler
 from .objectives import DDPMObjective, FlowMatchingObjective
 
 SAMPLERS = {"ddpm": ("ddpm", "ddim"), "flow": ("euler",)}
@@ -28,9 +29,7 @@ def default_sampler(objective) -> str:
 
 def make_scheduler(objective, sampler: str):
     """The diffusers scheduler for `sampler`, with the schedule `objective` was trained on."""
-    if sampler not in SAMPLERS[objective.name]:
-        raise DitkitError(f"sampler {sampler!r} does not fit the {objective.name} objective: "
-                          f"use {' or '.join(SAMPLERS[objective.name])}")
+    check_sampler(objective.name, sampler)
     if isinstance(objective, FlowMatchingObjective):
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
     assert isinstance(objective, DDPMObjective)
