@@ -1,6 +1,6 @@
 import torch
 
-from ditkit.metrics.memory import peak_memory
+from ditkit.metrics.memory import peak_memory, retained_memory
 
 
 def test_peak_counts_live_tensors_only():
@@ -17,3 +17,13 @@ def test_peak_counts_live_tensors_only():
 def test_existing_inputs_are_not_counted():
     x = torch.ones(1000, 1000)
     assert peak_memory(lambda: x.view(-1)) == 0
+
+
+def test_retained_counts_what_the_result_keeps_alive():
+    def work():
+        a = torch.ones(1000, 1000)  # 4 MB, freed before returning
+        b = a * 2  # kept: returned
+        del a
+        return b
+
+    assert retained_memory(work) == 4_000_000

@@ -57,6 +57,15 @@ def largest_tensor(fn: Callable[[], object]) -> int:
     return tracker.largest
 
 
+def retained_memory(fn: Callable[[], object]) -> int:
+    """Bytes of the tensors `fn()` creates that are still alive when it returns, its result held:
+    for a forward that returns an output needing grad, its autograd graph's saved tensors plus the output."""
+    with _LiveBytes() as tracker:
+        result = fn()  # noqa: F841  (held until the count is read)
+        held = tracker.current
+    return held
+
+
 def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") -> int:
     """Peak bytes allocated while `fn()` runs, above what existed before."""
     device = torch.device(device)
