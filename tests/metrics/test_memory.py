@@ -27,3 +27,14 @@ def test_retained_counts_what_the_result_keeps_alive():
         return b
 
     assert retained_memory(work) == 4_000_000
+
+
+def test_meta_tensors_count_their_would_be_bytes():
+    def work():
+        a = torch.ones(1000, 1000, device="meta")
+        b = a * 2
+        del a
+        return (b + 1).sum()
+
+    assert peak_memory(work, "meta") == 8_000_000 + 4
+    assert peak_memory(work) == 0  # real-device tracking ignores meta tensors

@@ -1,14 +1,15 @@
 """Memory planning for training and distillation (`ditkit info MODEL --train-memory`).
 
 Everything runs on the meta device (shapes, no data), so FLUX's 12B configuration is planned in
-about a second on a laptop. Two kinds of figures:
+seconds on a laptop. Two kinds of figures:
 
 Counted from parameter shapes (bytes per process):
   weights     fp32 master weights of what is trained (AdamW needs them, also under bf16 mixed
               precision); frozen weights at the chosen precision (4 or 2 bytes)
   grads       one fp32 gradient per trained weight
   optimizer   AdamW's two fp32 moments per trained weight (the scalar step counters are left out)
-  EMA         an fp32 copy of the trained weights (`ditkit train` keeps one; distillation does not)
+  EMA         an fp32 copy of the trained weights (`ditkit train` keeps one, sharded like the weights
+              under FSDP; distillation keeps none)
   bf16 copies under DDP with bf16 autocast, the bf16 casts of the trained weights, which the
               forward saves for backward (2 bytes per weight)
 DDP replicates all of it. FSDP (FSDP2's `fully_shard` of every block, then of the root) shards
@@ -17,25 +18,39 @@ rank 0, which holds the largest chunk. FSDP adds transient full-size parameters:
 (everything outside the blocks), two blocks (the one computing and the one prefetched) and one
 block's unsharded gradients before their reduce-scatter, at the compute precision.
 
-Measured (a forward of one image on the meta device):
-  activations  bytes of the tensors autograd saves for backward (parameters excluded), each
-               storage counted once. Attention runs as a fused kernel (flash), as on a GPU: it
-               saves q, k, v, its output and the log-sum-exp, never the N x N scores.
-  checkpointed with per-block activation checkpointing a block keeps only its inputs, and
-               backward recomputes one block at a time: outside-block saves + every block's
-               inputs + the largest block's saves.
+Measured (one image's training step on the meta device, which allocates nothing but knows every
+tensor's size; attention runs as the fused flash kernel, as on a GPU: it saves q, k, v, its output
+and the log-sum-exp, never the N x N scores):
+  step peak    the peak bytes alive during forward + loss + backward above the weights and the
+               (already allocated) gradients: saved activations plus the output, the loss and
+               backward's temporaries. Measured with `metrics.memory.peak_memory(..., "meta")`, it
+               equals the peak of the same step on real CPU tensors byte for byte (tested); it sets
+               the images/GPU column (batch 1 scaled linearly).
+  saved        what the forward saves for backward (parameters excluded), each storage counted
+               once, and where: outside the blocks, in each block, as block inputs.
+  checkpointed per-block activation checkpointing (torch.utils.checkpoint, non-reentrant, on every
+               block): a block keeps only its inputs and backward recomputes one block at a time.
+               Its step peak is measured the same way; its saved figure is outside-block saves +
+               every block's inputs + the largest block's saves.
   teacher      distillation only: the frozen teacher's outputs that the loss compares with the
-               student's (its attention outputs at every tapped layer and its prediction).
-A distillation student is measured with the teacher's (stock) attention: CLEAR's flex kernel on a
-GPU saves the same tensors (q, k, v, output, log-sum-exp). Not included: the CUDA context, the
-allocator's fragmentation and temporary work buffers, which come on top.
+               student's (its attention outputs at every tapped layer, `attention_every` 1, and
+               its prediction). The distillation step is the teacher's forward without grad, then
+               the student's with, and ditkit's output + attention matching loss.
+The loss of a training step is an MSE of the output (the objectives' losses are MSEs of the same
+size). A distillation student is measured with the teacher's (stock) attention: CLEAR's flex
+kernel on a GPU saves the same tensors (q, k, v, output, log-sum-exp). bf16 activations are
+measured with bf16 weights and inputs; autocast's fp32 islands (norms, softmax statistics) are
+not modelled. Not included: the CUDA context, NCCL buffers, the allocator's fragmentation and
+cached blocks, which come on top.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +58,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils._pytree
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import DitkitError
 
@@ -271,22 +286,31 @@ def fsdp_transient_bytes(subject: Subject, role: Roles, precision: str) -> int:
 
 
 # -- activations: measured on the meta device ---------------------------------------------------
-class FusedAttention(TorchFunctionMode):
-    """Runs scaled_dot_product_attention as the fused flash kernel (off GPU, the math path would
-    save the N x N attention probabilities, which no GPU kernel keeps)."""
+_SDPA_ARGUMENTS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
-    ARGUMENTS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        given = dict(zip(self.ARGUMENTS, args, strict=False)) | kwargs
-        if given.get("enable_gqa"):
-            return func(*args, **kwargs)
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            given["query"], given["key"], given["value"], given.get("dropout_p", 0.0), given.get("is_causal", False),
-            attn_mask=given.get("attn_mask"), scale=given.get("scale"))[0]
+def _flash_attention(*args, **kwargs) -> Tensor:
+    given = dict(zip(_SDPA_ARGUMENTS, args, strict=False)) | kwargs
+    if given.get("enable_gqa"):
+        return _stock_sdpa(*args, **kwargs)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        given["query"], given["key"], given["value"], given.get("dropout_p", 0.0), given.get("is_causal", False),
+        attn_mask=given.get("attn_mask"), scale=given.get("scale"))[0]
+
+
+_stock_sdpa = F.scaled_dot_product_attention
+
+
+@contextmanager
+def fused_attention():
+    """Runs scaled_dot_product_attention as the fused flash kernel: off GPU, the math path would
+    save the N x N attention probabilities, which no GPU kernel keeps. Swapped in `torch.nn.functional`
+    (not a TorchFunctionMode) so that checkpointing's recompute in backward sees it too."""
+    F.scaled_dot_product_attention = _flash_attention
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = _stock_sdpa
 
 
 def storage_key(t: Tensor) -> int:
@@ -296,12 +320,15 @@ def storage_key(t: Tensor) -> int:
 
 @dataclass
 class Activations:
-    """Saved-for-backward bytes of one image, split by where they are saved."""
+    """Bytes per image: what autograd saves for backward, split by where it is saved, and the
+    measured peak of a whole training step above the weights and gradients."""
 
     outside: int = 0  # saved outside the blocks (embedders, final layer, loss inputs)
     per_block: list[int] = field(default_factory=list)  # saved inside each block
     block_inputs: int = 0  # the distinct tensors the blocks take as inputs
     teacher: int = 0  # distillation: the teacher outputs the loss keeps
+    peak_full: int = 0  # peak of a training step, without / with per-block checkpointing
+    peak_checkpointed: int = 0
 
     @property
     def full(self) -> int:
@@ -360,9 +387,10 @@ class _SavedBytes:
             h.remove()
 
 
-def measure_activations(subject: Subject, height: int, width: int, role: Roles, precision: str = "fp32",
-                        distill: bool = False) -> Activations:
-    """Saved-for-backward bytes of one training forward of one image (see the module docstring)."""
+@contextmanager
+def training_setup(subject: Subject, height: int, width: int, role: Roles, precision: str):
+    """The meta model at the compute precision, gradients on for the trained weights only and
+    already allocated (as from the second step on); yields one image's forward inputs."""
     model = subject.model
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     original = next(model.parameters()).dtype
@@ -370,23 +398,78 @@ def measure_activations(subject: Subject, height: int, width: int, role: Roles, 
     model.to(dtype)
     for p in model.parameters():
         p.requires_grad_(id(p) in trained)
-    inputs = tuple(x.to(dtype) if isinstance(x, Tensor) and x.is_floating_point() else x
-                   for x in subject.make_inputs(height, width))
-    exclude = {storage_key(t) for t in (*model.parameters(), *model.buffers())}
-    exclude |= {storage_key(x) for x in inputs if isinstance(x, Tensor)}
-    counter = _SavedBytes(subject, exclude)
+        p.grad = torch.zeros_like(p) if id(p) in trained else None
     try:
-        with FusedAttention(), torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
-            model(*inputs)
-        activations = counter.result(len(subject.blocks))
-        if distill:
-            activations.teacher = teacher_target_bytes(subject, inputs)
+        yield tuple(x.to(dtype) if isinstance(x, Tensor) and x.is_floating_point() else x
+                    for x in subject.make_inputs(height, width))
+    finally:
+        for p in model.parameters():
+            p.grad = None
+        model.to(original).requires_grad_(True)
+
+
+@contextmanager
+def checkpointed_blocks(blocks: list[nn.Module]):
+    """Per-block activation checkpointing (torch.utils.checkpoint, non-reentrant), for a while."""
+    for block in blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False, preserve_rng_state=False)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
+
+
+def training_step(subject: Subject, inputs: tuple, distill: bool) -> None:
+    """One image's forward and backward. The loss stands in for the objective: an MSE of the output
+    (training), or distillation's output and attention matching against the frozen teacher's
+    outputs, computed first without grad (the same meta weights play teacher and student)."""
+    from ..distill.losses import AttentionTaps
+
+    model = subject.model
+    if not distill:
+        model(*inputs).float().square().mean().backward()
+        return
+    teacher_taps = AttentionTaps(subject.taps)
+    with torch.no_grad():
+        target = model(*inputs)
+    teacher_taps.remove()
+    student_taps = AttentionTaps(subject.taps)
+    out = model(*inputs)
+    student_taps.remove()
+    pairs = list(zip(student_taps.outputs, teacher_taps.outputs, strict=True))
+    loss = F.mse_loss(out.float(), target.float())
+    if pairs:
+        loss = loss + torch.stack([F.mse_loss(s.float(), t.float()) for s, t in pairs]).mean()
+    loss.backward()
+
+
+def measure_activations(subject: Subject, height: int, width: int, role: Roles, precision: str = "fp32",
+                        distill: bool = False) -> Activations:
+    """Saved-for-backward bytes of one image's training forward, and the peaks of its training step
+    with and without checkpointing, all on the meta device (see the module docstring)."""
+    from .memory import peak_memory
+
+    try:
+        with training_setup(subject, height, width, role, precision) as inputs, fused_attention():
+            model = subject.model
+            exclude = {storage_key(t) for t in (*model.parameters(), *model.buffers())}
+            exclude |= {storage_key(x) for x in inputs if isinstance(x, Tensor)}
+            counter = _SavedBytes(subject, exclude)
+            try:
+                with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+                    model(*inputs)
+            finally:
+                counter.remove()
+            activations = counter.result(len(subject.blocks))
+            if distill:
+                activations.teacher = teacher_target_bytes(subject, inputs)
+            activations.peak_full = peak_memory(lambda: training_step(subject, inputs, distill), "meta")
+            with checkpointed_blocks(subject.blocks):
+                activations.peak_checkpointed = peak_memory(lambda: training_step(subject, inputs, distill), "meta")
     except (RuntimeError, NotImplementedError) as error:
         raise DitkitError(f"{subject.label} does not run on the meta device ({str(error).splitlines()[0]}): its "
                           "activations cannot be planned; measure a real step with ditkit bench") from error
-    finally:
-        counter.remove()
-        model.to(original).requires_grad_(True)
     return activations
 
 
@@ -398,8 +481,7 @@ def teacher_target_bytes(subject: Subject, inputs: tuple) -> int:
 
     taps = AttentionTaps(subject.taps)
     try:
-        with FusedAttention():
-            out = subject.model(*inputs)
+        out = subject.model(*inputs)
     finally:
         taps.remove()
     kept = {storage_key(t): t.untyped_storage().nbytes() for t in [*taps.outputs, out]}
@@ -458,8 +540,8 @@ def plan_memory(subject: Subject, height: int, width: int, processes: Iterable[i
             state = state_bytes(role, precision, strategy, P)
             extra = transient if strategy == "FSDP" else 0
             free = device_gib * GIB - state.total - extra
-            rows.append(PlanRow(P, strategy, state, extra, images_that_fit(free, activations.full),
-                                images_that_fit(free, activations.checkpointed)))
+            rows.append(PlanRow(P, strategy, state, extra, images_that_fit(free, activations.peak_full),
+                                images_that_fit(free, activations.peak_checkpointed)))
     return MemoryPlan(subject, regime, precision, height, width, device_gib, sum(p.numel() for p in role.trained),
                       sum(p.numel() for p in subject.model.parameters()), activations, rows)
 
@@ -481,12 +563,12 @@ def format_plan(plan: MemoryPlan) -> str:
         f"input        {s.describe_input(plan.height, plan.width)}",
         f"parameters   {plan.all_params / 1e6:.2f}M, trained {plan.trained_params / 1e6:.2f}M",
         f"regime       {what}; compute {compute}{frozen}",
-        "activations  per image, saved for backward (measured on meta, fused attention), GiB:",
-        f"             no checkpointing {gib(a.full)}   per-block checkpointing {gib(a.checkpointed)} "
-        f"(= outside blocks {gib(a.outside)} + block inputs {gib(a.block_inputs)} + largest block "
-        f"{gib(max(a.per_block, default=0))}{teacher})",
-        f"state        GiB per process (rank 0); images/GPU = per-process batch that fits {plan.device_gib:g} GiB "
-        "with the state (no checkpointing / checkpointing)",
+        "activations  GiB per image, measured on meta (fused attention); no checkpointing / per-block checkpointing:",
+        f"             peak of a training step above weights and grads {gib(a.peak_full)} / {gib(a.peak_checkpointed)}",
+        f"             saved for backward {gib(a.full)} / {gib(a.checkpointed)} (= outside blocks {gib(a.outside)} + "
+        f"block inputs {gib(a.block_inputs)} + largest block {gib(max(a.per_block, default=0))}{teacher})",
+        f"state        GiB per process (rank 0); images/GPU: the per-process batch whose step peaks fit "
+        f"{plan.device_gib:g} GiB with the state (no checkpointing / checkpointing)",
         f"{'P':>6} {'strategy':>8} {'weights':>8} {'grads':>8} {'AdamW':>8} {'EMA':>8} {'bf16 copy':>9} "
         f"{'FSDP tmp':>8} {'total':>8}  {'images/GPU':>10}"]
     for r in plan.rows:
@@ -495,5 +577,5 @@ def format_plan(plan: MemoryPlan) -> str:
         lines.append(f"{r.processes:>6} {r.strategy:>8} {gib(st.weights):>8} {gib(st.grads):>8} "
                      f"{gib(st.optimizer):>8} {gib(st.ema):>8} {gib(st.bf16_copies):>9} {gib(r.transient):>8} "
                      f"{gib(r.total):>8}  {fits:>10}")
-    lines.append("not included: CUDA context, allocator fragmentation and temporary work buffers")
+    lines.append("not included: CUDA context, NCCL buffers, allocator fragmentation and cache")
     return "\n".join(lines)
