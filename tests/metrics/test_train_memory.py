@@ -199,3 +199,14 @@ def test_cli_refusals_name_the_fix(capsys, argv, message):
 def test_plain_info_points_diffusers_configs_to_train_memory(capsys):
     code, _, err = run_cli(capsys, "info", str(ROOT / "configs" / "flux1-dev-transformer.json"))
     assert code != 0 and "--train-memory" in err
+
+
+def test_a_checkpoint_is_planned_from_its_header_at_its_resolution(tmp_path, capsys):
+    from ditkit.cli.main import main
+    from helpers import tiny_run
+
+    assert main(["train", "digits", *tiny_run(tmp_path / "run")]) == 0
+    code, out, _ = run_cli(capsys, "info", str(tmp_path / "run"), "--train-memory", "--processes", "2",
+                           "--regime", "distill")
+    assert code == 0 and "16x16 px" in out and "distill" in out
+    assert len([line for line in out.splitlines() if line.split()[:1] == ["2"]]) == 2
