@@ -1,5 +1,6 @@
-"""Peak memory of a call: CUDA's allocator statistics, or on CPU a dispatch-mode tracker of the
-bytes held by tensors the call creates (inputs that already exist are not counted)."""
+"""Peak memory of a call: CUDA's allocator statistics, or on CPU (and on the meta device) a
+dispatch-mode tracker of the bytes held by tensors the call creates (inputs that already exist are
+not counted)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,24 @@ import torch.utils._pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
+def _storage_key(t: torch.Tensor) -> int:
+    """One key per storage: its data pointer, or on meta (where every pointer is 0) its address."""
+    storage = t.untyped_storage()
+    return storage._cdata if t.device.type == "meta" else storage.data_ptr()
+
+
 class _LiveBytes(TorchDispatchMode):
-    def __init__(self):
+    """Bytes alive in the storages the ops create: on real devices, or (`meta`) on the meta device,
+    where nothing is allocated but every tensor knows its size."""
+
+    def __init__(self, meta: bool = False):
         super().__init__()
-        self.live: dict[int, list[int]] = {}  # storage pointer -> [bytes, tensors alive]
+        self.meta = meta
+        self.live: dict[int, list[int]] = {}  # storage key -> [bytes, tensors alive]
         self.current = self.peak = self.largest = 0
+
+    def _counts(self, t) -> bool:
+        return isinstance(t, torch.Tensor) and (t.device.type == "meta") == self.meta
 
     def _release(self, key: int) -> None:
         entry = self.live.get(key)
@@ -28,7 +42,7 @@ class _LiveBytes(TorchDispatchMode):
 
     def _track(self, tensor: torch.Tensor, input_storages: set[int]) -> None:
         storage = tensor.untyped_storage()
-        key = storage.data_ptr()
+        key = _storage_key(tensor)
         if key == 0 or (key in input_storages and key not in self.live):  # a view of memory that existed before
             return
         if key not in self.live:
@@ -41,10 +55,9 @@ class _LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
-                  if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+        inputs = {_storage_key(t) for t in torch.utils._pytree.tree_leaves((args, kwargs)) if self._counts(t)}
         for t in out if isinstance(out, tuple | list) else (out,):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            if self._counts(t):
                 self._track(t, inputs)
         return out
 
@@ -57,8 +70,18 @@ def largest_tensor(fn: Callable[[], object]) -> int:
     return tracker.largest
 
 
+def retained_memory(fn: Callable[[], object]) -> int:
+    """Bytes of the tensors `fn()` creates that are still alive when it returns, its result held:
+    for a forward that returns an output needing grad, its autograd graph's saved tensors plus the output."""
+    with _LiveBytes() as tracker:
+        result = fn()  # noqa: F841  (held until the count is read)
+        held = tracker.current
+    return held
+
+
 def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") -> int:
-    """Peak bytes allocated while `fn()` runs, above what existed before."""
+    """Peak bytes allocated while `fn()` runs, above what existed before. On "meta" the bytes its
+    tensors would take: a training step of a model too large for this machine, measured."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -67,6 +90,6 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") ->
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    with _LiveBytes() as tracker:
+    with _LiveBytes(meta=device.type == "meta") as tracker:
         fn()
     return tracker.peak
