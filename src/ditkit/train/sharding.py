@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -148,6 +149,17 @@ def _partial(model_keys):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(strict=model_keys is None)
+
+
+def check_checkpoint_kind(path: Path, sharded: bool, command: str) -> None:
+    """A sharded checkpoint resumes sharded, an unsharded one unsharded: their optimizer states differ."""
+    has_sharded_state = (path / SHARDED_STATE).is_dir()
+    if has_sharded_state and not sharded:
+        raise DitkitError(f"checkpoint {path} was written by sharded training: resume it with sharding=fsdp, started "
+                          f"by torchrun --nproc_per_node N -m ditkit.cli.main {command} (any N)")
+    if sharded and not has_sharded_state:
+        raise DitkitError(f"checkpoint {path} has no sharded state ({SHARDED_STATE}/): resume it with sharding=none, "
+                          "or start a sharded run afresh in another output folder")
 
 
 def broadcast_refusal(refusal: str | None) -> None:

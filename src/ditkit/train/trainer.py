@@ -50,6 +50,7 @@ from .runfolder import TRAIN_OUTPUTS, own_run_folder
 from .sharding import (
     SHARDED_STATE,
     broadcast_refusal,
+    check_checkpoint_kind,
     checkpoint_activations,
     ema_state,
     full_tensors,
@@ -188,7 +189,7 @@ class Trainer:
         path = find_checkpoint(self.out_dir if resume is True else resume)
         if path.is_file():
             raise DitkitError(f"--resume needs a checkpoint folder (with optimizer state), not the file {path}")
-        self._check_checkpoint_kind(path)
+        check_checkpoint_kind(path, self.sharded, "train")
         _, metadata, _ = read_header(path)
         record = RunRecord.from_json(metadata[META_KEY], source=str(path)) if META_KEY in metadata else None
         if record is None:
@@ -206,15 +207,6 @@ class Trainer:
         if not self.sharded:  # sharded runs load their DCP state once the model is sharded
             load_state(self.model, read_weights(path / "model.safetensors")[0], path)
         return state, path
-
-    def _check_checkpoint_kind(self, path: Path) -> None:
-        """A sharded checkpoint resumes sharded, a DDP one unsharded: their optimizer states differ."""
-        if (path / SHARDED_STATE).is_dir() and not self.sharded:
-            raise DitkitError(f"checkpoint {path} was written by sharded training: resume it with "
-                              "train.sharding=fsdp under torchrun (any number of processes)")
-        if self.sharded and not (path / SHARDED_STATE).is_dir():
-            raise DitkitError(f"checkpoint {path} has no sharded state ({SHARDED_STATE}/): resume it with "
-                              "train.sharding=none, or start a sharded run afresh in another out_dir")
 
     def train(self, resume: str | bool | None = None, overwrite: bool = False) -> Path:
         """Train (`resume`: True for out_dir's latest checkpoint, or a checkpoint path); returns the last
