@@ -350,7 +350,7 @@ class Distiller:
         """The loss terms averaged over processes (sharded: each saw its own slice of the batch)."""
         if not self.sharded:
             return parts
-        values = torch.tensor(list(parts.values()), dtype=torch.float64)
+        values = torch.tensor(list(parts.values()), dtype=torch.float64, device=self.device)  # NCCL: on the GPU
         torch.distributed.all_reduce(values)
         return dict(zip(parts, (values / self.world).tolist(), strict=True))
 

@@ -441,8 +441,7 @@ class Trainer:
         takes part in gathering it."""
         if self.cfg.train.num_samples <= 0:
             return None
-        model = self.model  # sharded: only its parameter names and buffers are read here
-        full = full_tensors(ema_state(model, ema), keep=self.accelerator.is_main_process)
+        full = full_tensors(ema_state(self.model, ema), keep=self.accelerator.is_main_process)
         if not self.accelerator.is_main_process:
             return None
         plain = build_model(self.model_config)
