@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from ditkit import DitkitError
-from ditkit.distill import DistillConfig
+from ditkit.distill import DistillConfig, Distiller
 from ditkit.train import load_checkpoint, load_config, train
 from ditkit.train.checkpoint import find_checkpoint, remove_orphans, save_checkpoint, staging_folder
 from ditkit.train.sharding import SHARDED_STATE, check_checkpoint_kind, checkpoint_activations
@@ -32,6 +32,9 @@ def test_sharding_settings_are_checked_with_the_fix(tmp_path):
         load_config(None, tiny_run(tmp_path, "train.activation_checkpointing=3"))
     with pytest.raises(DitkitError, match="needs a process group: start with torchrun --nproc_per_node N"):
         Trainer(load_config(None, tiny_run(tmp_path / "run", "train.sharding=fsdp")), progress=False)
+    with pytest.raises(DitkitError, match="needs a process group: start with torchrun --nproc_per_node N -m "
+                                          "ditkit.cli.main distill"):
+        Distiller(None, DistillConfig(sharding="fsdp"))  # refused before the teacher is used
     with pytest.raises(DitkitError, match="frozen_dtype=bf16 needs sharding=fsdp"):
         DistillConfig(frozen_dtype="bf16")
     with pytest.raises(DitkitError, match="frozen_dtype must be one of bf16, fp32"):

@@ -93,6 +93,7 @@ def run_distill(args) -> None:
 def distill_processes(cfg, device: str | None):
     """(this process's device, whether it is the main one): sharded distillation joins the process
     group torchrun set up (and leaves it after), an unsharded one runs in this process alone."""
+    import gc
     import os
 
     import torch.distributed as dist
@@ -103,8 +104,8 @@ def distill_processes(cfg, device: str | None):
         yield default_device(device), True
         return
     device, formed = join_process_group(device)
-    try:
-        yield device, dist.get_rank() == 0
-    finally:
-        if formed:
-            dist.destroy_process_group()
+    yield device, dist.get_rank() == 0
+    if formed:  # not after an error: the other processes may be inside a collective (torchrun stops them)
+        gc.collect()  # the sharded models (and communication they hold) go while the group still lives
+        dist.barrier()
+        dist.destroy_process_group()
