@@ -43,16 +43,18 @@ def require_process_group(command: str) -> tuple[int, int]:
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks: ditkit's ConditionedBlocks lists and diffusers' *transformer_blocks.
-    They are the FSDP units and the activation-checkpointing units."""
+    """The outermost transformer blocks: the items of ditkit's ConditionedBlocks lists and of
+    diffusers' *transformer_blocks, leaving out blocks nested in another (U-DiT's pairs). They are
+    the FSDP units and the activation-checkpointing units."""
     from ..models.layers import ConditionedBlocks
 
-    blocks = []
+    found = {}
     for name, module in model.named_modules():
         if isinstance(module, ConditionedBlocks) or (isinstance(module, nn.ModuleList)
                                                      and name.split(".")[-1].endswith("transformer_blocks")):
-            blocks.extend(module)
-    return blocks
+            found.update((f"{name}.{index}", block) for index, block in enumerate(module))
+    return [block for name, block in found.items()
+            if not any(name.startswith(outer + ".") for outer in found if outer != name)]
 
 
 def _recompute_in_backward(forward: Callable, *args, **kwargs):
