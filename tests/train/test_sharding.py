@@ -17,7 +17,14 @@ from ditkit import DitkitError
 from ditkit.distill import DistillConfig, Distiller
 from ditkit.train import load_checkpoint, load_config, train
 from ditkit.train.checkpoint import find_checkpoint, remove_orphans, save_checkpoint, staging_folder
-from ditkit.train.sharding import SHARDED_STATE, check_checkpoint_kind, checkpoint_activations, repeated_blocks
+from ditkit.train.sharding import (
+    SHARDED_STATE,
+    check_checkpoint_kind,
+    checkpoint_activations,
+    load_sharded,
+    repeated_blocks,
+    save_sharded,
+)
 from ditkit.train.trainer import Trainer
 from helpers import tiny_backbone, tiny_run
 
@@ -106,6 +113,31 @@ def test_activation_checkpointing_recomputes_blocks_and_keeps_gradients(backbone
         assert torch.allclose(grad, grads[1][name], rtol=0, atol=1e-7), name
     with torch.no_grad():  # no recomputation without gradients
         assert torch.equal(model(x, t, y), checkpointed(x, t, y))
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_sharded_state_round_trips_and_another_model_is_one_line(tmp_path):
+    """DCP without a process group (one process, plain tensors): what the sharded runs save and load."""
+    model = tiny_backbone("dit", randomize=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(2, 3, 8, 8), torch.tensor([1.0, 2.0]), torch.tensor([0, 1])).square().mean().backward()
+    optimizer.step()
+    ema = {name: p.detach().clone() * 2 for name, p in model.named_parameters()}
+    save_sharded(tmp_path / "state", model, optimizer, {"ema": ema})
+    fresh = tiny_backbone("dit")
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    fresh_ema = {name: torch.zeros_like(p) for name, p in fresh.named_parameters()}
+    load_sharded(tmp_path / "state", fresh, fresh_optimizer, {"ema": fresh_ema})
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values(),
+                                                 strict=True))
+    assert all(torch.equal(ema[k], fresh_ema[k]) for k in ema)
+    moments = [(optimizer.state[p]["exp_avg"], fresh_optimizer.state[q]["exp_avg"])
+               for p, q in zip(model.parameters(), fresh.parameters(), strict=True)]
+    assert all(torch.equal(a, b) for a, b in moments)
+    wider = tiny_backbone("dit", hidden_size=64)
+    with pytest.raises(DitkitError, match="the sharded state .* does not fit this run .*resume with the config it "
+                                          "was trained with"):
+        load_sharded(tmp_path / "state", wider, torch.optim.AdamW(wider.parameters()), {"ema": fresh_ema})
 
 
 def test_activation_checkpointing_trains_the_same_weights(tmp_path):

@@ -18,7 +18,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -139,18 +141,13 @@ def load_sharded(folder, model: nn.Module, optimizer: torch.optim.Optimizer,
     state = _dcp_state(model, optimizer, extra or {}, model_keys)
     try:
         dcp.load(state, checkpoint_id=str(folder))
-    except Exception as error:  # DCP's CheckpointException lists every process's failure
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DitkitError(f"the sharded state {folder} does not fit this run ({reason[:300]}): resume with the "
+    except (Exception, CheckpointException) as error:  # a BaseException holding each process's traceback
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = lines[-1][:300] if lines else type(error).__name__  # the last line names the failure
+        raise DitkitError(f"the sharded state {folder} does not fit this run ({reason}): resume with the "
                           "config it was trained with") from error
-    set_model_state_dict(model, state["model"], options=_partial(model_keys))
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=model_keys is None))
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
-
-
-def _partial(model_keys):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(strict=model_keys is None)
 
 
 def check_checkpoint_kind(path: Path, sharded: bool, command: str) -> None:
