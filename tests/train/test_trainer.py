@@ -159,12 +159,13 @@ def test_two_process_ddp_with_torchrun_matches_one_process(tmp_path):
     assert abs(sum(two) / sum(one) - 1) < 0.15 and all(abs(a / b - 1) < 0.3 for a, b in zip(two, one, strict=True))
 
 
-def test_sharded_training_is_refused_with_the_fix(tmp_path, monkeypatch):
+def test_accelerate_fsdp_plugin_is_refused_with_the_fix(tmp_path, monkeypatch):
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
     monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
-    with pytest.raises(DitkitError, match="does not support FSDP yet.*use DDP"):
+    with pytest.raises(DitkitError, match="does not use Accelerate's FSDP plugin.*set train.sharding=fsdp and "
+                                          "start with torchrun"):
         Trainer(load_config(None, tiny_run(tmp_path / "run")), progress=False)
 
 

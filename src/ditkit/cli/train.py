@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from .args import SharedFlags, overrides_anywhere, resolve_config, split_config_and_overrides
@@ -74,15 +75,37 @@ def run_train(args) -> None:
 
 def run_distill(args) -> None:
     from ..distill import DistillConfig, Distiller, format_agreement, load_teacher
-    from ..parallel.launch import default_device
     from ..train import load_config
 
     config, overrides = split_config_and_overrides(args.items)
     flags = {key: getattr(args, dest) for dest, key in DISTILL_FLAGS.items() if getattr(args, dest) is not None}
     cfg = load_config(config and resolve_config(config), overrides, kind=DistillConfig, settings=flags)
-    device = default_device(args.device)
-    agreement = Distiller(load_teacher(cfg, device), cfg, device=device, progress=not args.no_progress).run(
-        resume=args.resume, overwrite=args.overwrite)
-    print(format_agreement(agreement, cfg))
-    print(f"done: student checkpoint in {Path(cfg.out_dir) / 'checkpoints'}; "
-          f"report {Path(cfg.out_dir) / 'agreement.json'}, compare-*.png")
+    with distill_processes(cfg, args.device) as (device, is_main):
+        agreement = Distiller(load_teacher(cfg, device), cfg, device=device, progress=not args.no_progress).run(
+            resume=args.resume, overwrite=args.overwrite)
+    if is_main:
+        print(format_agreement(agreement, cfg))
+        print(f"done: student checkpoint in {Path(cfg.out_dir) / 'checkpoints'}; "
+              f"report {Path(cfg.out_dir) / 'agreement.json'}, compare-*.png")
+
+
+@contextmanager
+def distill_processes(cfg, device: str | None):
+    """(this process's device, whether it is the main one): sharded distillation joins the process
+    group torchrun set up (and leaves it after), an unsharded one runs in this process alone."""
+    import gc
+    import os
+
+    import torch.distributed as dist
+
+    from ..parallel.launch import default_device, join_process_group
+
+    if cfg.sharding != "fsdp" or "WORLD_SIZE" not in os.environ:  # the Distiller names the fix without torchrun
+        yield default_device(device), True
+        return
+    device, formed = join_process_group(device)
+    yield device, dist.get_rank() == 0
+    if formed:  # not after an error: the other processes may be inside a collective (torchrun stops them)
+        gc.collect()  # the sharded models (and communication they hold) go while the group still lives
+        dist.barrier()
+        dist.destroy_process_group()

@@ -8,12 +8,19 @@
 4. agreement with the teacher on held-out seeds (same noise, same conditions): PSNR and SSIM at
    the training resolution and at 2x, for the untuned student (swapped, no training) and the
    distilled one, with side-by-side PNGs.
+
+With `sharding: fsdp` (under torchrun) teacher and student are sharded per block with FSDP2
+(train/sharding.py): their frozen weights in `frozen_dtype` (bf16), the trained projections fp32
+units of their own (computing in bf16) whose AdamW state is sharded too. Every process samples
+and evaluates together (the sharded forwards are collective) and trains on its own slice of each
+batch; the main process writes the reports and the checkpoints' safetensors.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,10 +34,29 @@ from ..diffusion.sampling import sample
 from ..errors import DitkitError
 from ..files import atomic_path, atomic_write_text, read_json
 from ..mixers.clear import local_pairs
-from ..train.checkpoint import find_checkpoint, list_checkpoints, load_torch_file, read_weights, save_checkpoint
-from ..train.config import AT_LEAST_0, AT_LEAST_1, POSITIVE, check_ranges
+from ..train.checkpoint import (
+    find_checkpoint,
+    list_checkpoints,
+    load_torch_file,
+    read_weights,
+    save_checkpoint,
+    staging_folder,
+)
+from ..train.config import AT_LEAST_0, AT_LEAST_1, POSITIVE, check_ranges, check_sharding
 from ..train.loop import MetricsLog, StepBatchSampler, step_generator
 from ..train.runfolder import own_run_folder
+from ..train.sharding import (
+    DTYPES,
+    SHARDED_STATE,
+    broadcast_refusal,
+    check_checkpoint_kind,
+    checkpoint_activations,
+    full_tensors,
+    load_sharded,
+    require_process_group,
+    save_sharded,
+    shard_model,
+)
 from .losses import AttentionTaps, LossWeights, PairedDenoiser, distillation_loss
 from .samples import teacher_samples
 from .teacher import Teacher
@@ -74,6 +100,9 @@ class DistillConfig:
     keep_checkpoints: int = 2
     eval_num: int = 8  # held-out samples for the agreement report
     eval_steps: int | None = None  # sampling steps for the report (default: the teacher's)
+    sharding: str = "none"  # none, or fsdp: FSDP2 under torchrun (teacher and student sharded per block)
+    frozen_dtype: str | None = None  # sharded runs: bf16 (default) or fp32 for every frozen weight
+    activation_checkpointing: bool = False  # recompute the student's block activations in backward
 
     def __post_init__(self):
         if isinstance(self.weights, dict):
@@ -83,6 +112,14 @@ class DistillConfig:
         if self.lr is None:
             self.lr = 1.0 if self.optimizer == "prodigy" else 1e-4
         check_ranges(self, RANGES, "distill ")
+        check_sharding(self.sharding, "sharding")
+        if self.frozen_dtype is None:
+            self.frozen_dtype = "bf16" if self.sharding == "fsdp" else "fp32"
+        if self.frozen_dtype not in DTYPES:
+            raise DitkitError(f"config key frozen_dtype must be one of {', '.join(DTYPES)}, got {self.frozen_dtype!r}")
+        if self.frozen_dtype != "fp32" and self.sharding != "fsdp":
+            raise DitkitError(f"frozen_dtype={self.frozen_dtype} needs sharding=fsdp (its units compute the fp32 "
+                              "projections in that dtype): set sharding=fsdp, or frozen_dtype=fp32")
 
 
 def build_optimizer(cfg: DistillConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -107,6 +144,9 @@ class Distiller:
     def __init__(self, teacher: Teacher, cfg: DistillConfig, device: str | torch.device = "cpu",
                  progress: bool = True):
         self.teacher, self.cfg, self.device, self.progress = teacher, cfg, torch.device(device), progress
+        self.sharded = cfg.sharding == "fsdp"
+        self.rank, self.world = require_process_group("distill") if self.sharded else (0, 1)
+        self.is_main = self.rank == 0
         self.out_dir = Path(cfg.out_dir)
         self.student = teacher.make_student(cfg.radius, cfg.down_factor, cfg.backend).to(self.device)
         self.student.requires_grad_(False)
@@ -117,6 +157,34 @@ class Distiller:
             p.requires_grad_(True)
         self.record = teacher.student_record(self.student, {
             "teacher": teacher.describe(), "radius": cfg.radius, "down_factor": cfg.down_factor})
+        if cfg.activation_checkpointing:
+            checkpoint_activations(self.student)
+        if self.sharded:
+            self._shard()
+
+    def _shard(self) -> None:
+        """Frozen weights in frozen_dtype, trained ones fp32 in FSDP units of their own (a unit holds
+        one dtype), then blocks and roots; the teacher alike. fully_shard makes new parameters, so
+        the trained ones are looked up again."""
+        frozen = DTYPES[self.cfg.frozen_dtype]
+        self.teacher.model.to(frozen)
+        self.student.to(frozen)
+        for p in self.trainable.values():
+            p.data = p.data.float()
+        compute = None if frozen == torch.float32 else frozen
+        shard_model(self.student, self.device, first_units=self._trained_units(), compute_dtype=compute)
+        shard_model(self.teacher.model, self.device, compute_dtype=compute)
+        self.trainable = self.teacher.trainable_parameters(self.student)
+
+    def _trained_units(self) -> list[nn.Module]:
+        """The modules that own the trained parameters, innermost first; each must own no frozen ones."""
+        owners = {name.rpartition(".")[0] for name in self.trainable}
+        for owner in owners:
+            own = {f"{owner}.{name}" for name, _ in self.student.get_submodule(owner).named_parameters(recurse=False)}
+            if not own <= self.trainable.keys():
+                raise DitkitError(f"{owner} holds trained and frozen weights: sharding=fsdp needs them in separate "
+                                  "modules; use sharding=none for this teacher")
+        return [self.student.get_submodule(owner) for owner in sorted(owners, key=lambda o: -o.count("."))]
 
     # -- agreement ---------------------------------------------------------------------------
     def _eval_images(self, model: nn.Module, name: str, resolution: int) -> Tensor:
@@ -154,6 +222,8 @@ class Distiller:
         return work
 
     def _write_report(self, agreement: dict) -> None:
+        if not self.is_main:
+            return
         atomic_write_text(self.out_dir / "agreement.json", json.dumps(agreement, indent=2))
         for resolution in (self.teacher.resolution, 2 * self.teacher.resolution):
             rows = [load_file(self.out_dir / "eval" / f"{n}-{resolution}.safetensors")["images"]
@@ -166,36 +236,55 @@ class Distiller:
         if not resume or (resume is True and not list_checkpoints(root)):
             return 0
         path = find_checkpoint(root if resume is True else resume)
+        check_checkpoint_kind(path, self.sharded, "distill")
         tensors, record = read_weights(path / "model.safetensors")
         mine = self.record.to_dict()
         if record.to_dict()["distill"] != mine["distill"] or record.model_dict() != mine["model"]:
             raise DitkitError(f"checkpoint {path} comes from another distillation (teacher, radius or model "
                               "differ): resume with the settings it was made with")
         state = read_json(path / "training_state.json", "training state")
-        self.student.load_state_dict({k: v.to(self.device) for k, v in tensors.items()}, strict=False)
-        optimizer.load_state_dict(load_torch_file(path / "optimizer.pt", self.device))
+        if self.sharded:
+            load_sharded(path / SHARDED_STATE, self.student, optimizer, model_keys=self.trainable)
+        else:
+            self.student.load_state_dict({k: v.to(self.device) for k, v in tensors.items()}, strict=False)
+            optimizer.load_state_dict(load_torch_file(path / "optimizer.pt", self.device))
         return state["step"]
 
     def run(self, resume: str | bool | None = None, overwrite: bool = False) -> dict:
         """Distil (`resume`: True for the output folder's latest checkpoint, or a checkpoint path); returns
         the agreement report. The run owns its output folder meanwhile; `overwrite` replaces a previous
         distillation found there (without it, or `resume`, such a folder is refused)."""
-        with own_run_folder(self.out_dir, DISTILL_OUTPUTS, resume=resume, overwrite=overwrite,
-                            command="ditkit distill"):
+        with ExitStack() as stack:
+            refusal = None
+            if self.is_main:  # one process holds the folder; all stop with its refusal
+                try:
+                    stack.enter_context(own_run_folder(self.out_dir, DISTILL_OUTPUTS, resume=resume,
+                                                       overwrite=overwrite, command="ditkit distill"))
+                except DitkitError as error:
+                    refusal = str(error)
+            broadcast_refusal(refusal)
             return self._run(resume)
 
     def _run(self, resume: str | bool | None) -> dict:
         cfg, teacher = self.cfg, self.teacher
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out_dir / "distill.json", json.dumps(
-            {"teacher": teacher.describe(), **asdict(cfg)}, indent=2, default=str))
+        if self.is_main:
+            atomic_write_text(self.out_dir / "distill.json", json.dumps(
+                {"teacher": teacher.describe(), **asdict(cfg)}, indent=2, default=str))
+        # Sharded: every process generates the same samples together, and writes the same files
+        # (atomically, each through its own temporary file).
         x_all, cond_all = teacher_samples(teacher, self.out_dir / "teacher_samples", cfg.num_samples, cfg.seed,
-                                          self.progress)
+                                          self.progress and self.is_main)
         agreement_path = self.out_dir / "agreement.json"
         agreement = read_json(agreement_path, "agreement report") if agreement_path.is_file() else {}
+        if self.sharded:  # the main process's view decides whether the (collective) baseline runs
+            box = [agreement]
+            torch.distributed.broadcast_object_list(box, src=0)
+            agreement = box[0]
         if "untuned" not in agreement:  # the baseline: attention swapped, nothing trained
             agreement = {"untuned": self.evaluate("untuned")}
-            atomic_write_text(agreement_path, json.dumps(agreement, indent=2))
+            if self.is_main:
+                atomic_write_text(agreement_path, json.dumps(agreement, indent=2))
 
         optimizer = build_optimizer(cfg, list(self.trainable.values()))
         start = self._resume(optimizer, resume)
@@ -212,20 +301,23 @@ class Distiller:
         paired = PairedDenoiser(self.student, teacher.model)
         student_taps = AttentionTaps(teacher.attention_taps(self.student)[::cfg.attention_every])
         teacher_taps = AttentionTaps(teacher.attention_taps(teacher.model)[::cfg.attention_every])
-        batches = StepBatchSampler(len(x_all), cfg.batch_size, cfg.seed, start, cfg.steps)
-        log = MetricsLog(self.out_dir, enabled=True)
+        batches = StepBatchSampler(len(x_all), cfg.batch_size, cfg.seed, start, cfg.steps, self.rank, self.world)
+        log = MetricsLog(self.out_dir, enabled=self.is_main)
         log.drop_after(start)
-        bar = tqdm(total=cfg.steps, initial=start, desc="distill", dynamic_ncols=True, disable=not self.progress)
+        bar = tqdm(total=cfg.steps, initial=start, desc="distill", dynamic_ncols=True,
+                   disable=not (self.progress and self.is_main))
         params = list(self.trainable.values())
         self.student.train()
         window_sums: dict[str, float] = {}
         window_steps = 0
         for step, indices in zip(range(start, cfg.steps), batches, strict=True):
-            generator = step_generator(cfg.seed, step)
+            # sharded: each process's slice of the batch draws its own noise, keyed by its rank
+            generator = step_generator(cfg.seed, step, self.rank) if self.sharded else step_generator(cfg.seed, step)
             x0 = x_all[indices].to(self.device)
             cond = None if cond_all is None else teacher.drop_conditions(cond_all[indices], generator).to(self.device)
             loss, parts = distillation_loss(teacher.objective, paired, student_taps, teacher_taps, x0, cond,
                                             generator, cfg.weights)
+            parts = self._mean_over_processes(parts)
             if not math.isfinite(parts["loss"]):
                 raise DitkitError(f"distillation loss became {parts['loss']} at step {step + 1}: lower --lr")
             optimizer.zero_grad(set_to_none=True)
@@ -242,13 +334,43 @@ class Distiller:
                 log.write(done, **{k: v / window_steps for k, v in window_sums.items()})
                 window_sums, window_steps = {}, 0
             if done % cfg.ckpt_every == 0 or done == cfg.steps:
-                save_checkpoint(self.out_dir / "checkpoints", done, model=teacher.student_state(self.student),
-                                ema=None, optimizer=optimizer, record=self.record,
-                                train_state={"seed": cfg.seed}, keep=cfg.keep_checkpoints)
+                if self.sharded:
+                    self._save_sharded(optimizer, done)
+                else:
+                    save_checkpoint(self.out_dir / "checkpoints", done, model=teacher.student_state(self.student),
+                                    ema=None, optimizer=optimizer, record=self.record,
+                                    train_state={"seed": cfg.seed}, keep=cfg.keep_checkpoints)
                 log.plot()
         bar.close()
         student_taps.remove()
         teacher_taps.remove()
+
+
+    def _mean_over_processes(self, parts: dict[str, float]) -> dict[str, float]:
+        """The loss terms averaged over processes (sharded: each saw its own slice of the batch)."""
+        if not self.sharded:
+            return parts
+        values = torch.tensor(list(parts.values()), dtype=torch.float64, device=self.device)  # NCCL: on the GPU
+        torch.distributed.all_reduce(values)
+        return dict(zip(parts, (values / self.world).tolist(), strict=True))
+
+    def _save_sharded(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Every process writes its shards of the trained weights and their AdamW state; the main
+        process adds the student's whole weights (what `student_state` saves) and completes it."""
+        root = self.out_dir / "checkpoints"
+        box = [staging_folder(root, step) if self.is_main else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        save_sharded(box[0] / SHARDED_STATE, self.student, optimizer, model_keys=self.trainable)
+        weights = full_tensors(self.teacher.student_state(self.student), keep=self.is_main)
+        refusal = None
+        if self.is_main:
+            try:
+                save_checkpoint(root, step, model=weights, ema=None, optimizer=None, record=self.record,
+                                train_state={"seed": self.cfg.seed, "num_processes": self.world, "sharding": "fsdp"},
+                                keep=self.cfg.keep_checkpoints, staged=box[0])
+            except DitkitError as error:
+                refusal = str(error)
+        broadcast_refusal(refusal)
 
 
 def format_agreement(agreement: dict, cfg: DistillConfig) -> str:

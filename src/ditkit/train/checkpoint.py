@@ -4,6 +4,8 @@ A checkpoint is a folder `checkpoints/step_0001000/` holding
   model.safetensors  training weights    } both with metadata "ditkit": JSON record of the
   ema.safetensors    EMA weights         } model config, diffusion settings and data
   optimizer.pt       optimizer state, and training_state.json (step, seed, ...)
+Sharded runs (train/sharding.py) write `sharded/`, a torch.distributed.checkpoint folder of
+weights, EMA and optimizer state, in place of optimizer.pt; their safetensors are full weights.
 It is written into a hidden temporary folder and renamed into place, so a crash never
 leaves a half-written checkpoint; `checkpoints/latest` names the newest one.
 """
@@ -40,34 +42,51 @@ def _state_for_saving(module: nn.Module | dict[str, torch.Tensor]) -> dict[str, 
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
+def staging_folder(root: Path, step: int) -> Path:
+    """A new hidden folder where checkpoint `step` is written before it is renamed into place (a
+    killed write leaves it behind as an orphan, which `remove_orphans` recognises). Sharded runs
+    make it on the main process first, every process writes its shards there, then
+    `save_checkpoint(..., staged=it)` completes it."""
+    root.mkdir(parents=True, exist_ok=True)
+    remove_orphans(root)
+    tmp = root / f".tmp-step_{step:07d}-{os.getpid()}"
+    tmp.mkdir()
+    return tmp
+
+
 def save_checkpoint(root: Path, step: int, *, model: nn.Module | dict[str, torch.Tensor], ema: nn.Module | None,
-                    optimizer: torch.optim.Optimizer, record: RunRecord, train_state: dict[str, Any],
-                    keep: int = 0) -> Path:
+                    optimizer: torch.optim.Optimizer | None, record: RunRecord, train_state: dict[str, Any],
+                    keep: int = 0, staged: Path | None = None) -> Path:
     """Write checkpoint `step` under `root` atomically; keep the newest `keep` (0 = all).
-    Without `ema` (distillation keeps none) loading falls back to model.safetensors.
+    Without `ema` (distillation keeps none) loading falls back to model.safetensors. `staged`: a
+    `staging_folder` already holding the sharded state (then `optimizer` is None: it is in there).
 
     Weights holding inf or NaN are refused (the last good checkpoint stays the newest), and a full
     disk is a one-line error naming the file and the last complete checkpoint; neither leaves a
     temporary folder behind, nor do earlier killed writes (removed here first)."""
     root.mkdir(parents=True, exist_ok=True)
-    remove_orphans(root)
+    if staged is None:
+        remove_orphans(root)
     weights = {"model.safetensors": _state_for_saving(model)}
     if ema is not None:
         weights["ema.safetensors"] = _state_for_saving(ema)
     for name, state in weights.items():
         if (bad := first_non_finite(state)) is not None:
+            if staged is not None:
+                shutil.rmtree(staged, ignore_errors=True)
             raise DitkitError(f"the {name.split('.')[0]} weights of step {step} hold inf or NaN ({bad}): not saved; "
                               f"the last good checkpoint is {last_checkpoint(root) or 'none yet'}: lower the "
                               "learning rate")
     final = root / f"step_{step:07d}"
-    tmp = root / f".tmp-step_{step:07d}-{os.getpid()}"
+    tmp = staged or root / f".tmp-step_{step:07d}-{os.getpid()}"
     metadata = {META_KEY: record.to_json()}
     writers = [(name, partial(save_file, state, metadata=metadata)) for name, state in weights.items()]
     state_text = json.dumps({"step": step, "ema": ema is not None, **train_state}, indent=2)
-    writers += [("optimizer.pt", partial(torch.save, optimizer.state_dict())),
-                ("training_state.json", lambda path: path.write_text(state_text))]
+    if optimizer is not None:
+        writers.append(("optimizer.pt", partial(torch.save, optimizer.state_dict())))
+    writers.append(("training_state.json", lambda path: path.write_text(state_text)))
     try:
-        tmp.mkdir()
+        tmp.mkdir(exist_ok=staged is not None)
         for name, write in writers:
             _write_durably(write, tmp / name, final / name, root)
     except BaseException:

@@ -48,6 +48,7 @@ AT_LEAST_0, AT_LEAST_1 = Range(0), Range(1)
 POSITIVE = Range(0, open_low=True)
 FRACTION = Range(0, 1)  # a decay: 1 would never move
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+SHARDINGS = ("none", "fsdp")  # fsdp: train/sharding.py
 
 # field -> allowed range, per section (None values of optional fields are not checked).
 RANGES = {
@@ -65,6 +66,11 @@ def check_ranges(section, ranges: dict[str, Range], prefix: str) -> None:
         value = getattr(section, name)
         if value is not None and not allowed.accepts(value):
             raise DitkitError(f"config key {prefix}{name} must be {allowed}, got {value!r}")
+
+
+def check_sharding(value: str, key: str) -> None:
+    if value not in SHARDINGS:
+        raise DitkitError(f"config key {key} must be one of {', '.join(SHARDINGS)}, got {value!r}")
 
 
 @dataclass
@@ -111,12 +117,18 @@ class TrainSection:
     ckpt_every: int = 500
     keep_checkpoints: int = 3
     num_samples: int = 16  # images in each sample grid
+    sharding: str = "none"  # none (one process, or DDP under torchrun) or fsdp (FSDP2 under torchrun)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
 
     def __post_init__(self):
         check_ranges(self, RANGES["train"], "train.")
         if self.mixed_precision not in MIXED_PRECISIONS:
             raise DitkitError(f"config key train.mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}, "
                               f"got {self.mixed_precision!r}")
+        check_sharding(self.sharding, "train.sharding")
+        if self.sharding == "fsdp" and self.mixed_precision == "fp16":
+            raise DitkitError("train.mixed_precision=fp16 needs a loss scaler that sharded training does not have: "
+                              "use bf16 with train.sharding=fsdp")
         if not self.out_dir:
             raise DitkitError("config key train.out_dir must name a folder, got an empty string")
 

@@ -1,5 +1,6 @@
 """`ditkit train`: one training loop on HF Accelerate (devices, mixed precision, gradient
-accumulation, multi-process DDP via `accelerate launch`).
+accumulation, multi-process DDP via `accelerate launch`), or, with train.sharding=fsdp, on
+PyTorch FSDP2 under torchrun (`sharding.py`; Accelerate then only forms the process group).
 
 Exact resume: every random draw of step s (data order, noise, timesteps, label dropout, flips)
 comes from generators seeded by (seed, s, ...), and checkpoints hold weights, EMA and optimizer
@@ -32,10 +33,34 @@ from ..errors import DitkitError
 from ..files import atomic_write_text, is_disk_full, read_json
 from ..models import build_model, model_config
 from ..record import DataSettings, RunRecord
-from .checkpoint import find_checkpoint, last_checkpoint, load_state, load_torch_file, read_weights, save_checkpoint
+from .checkpoint import (
+    META_KEY,
+    find_checkpoint,
+    last_checkpoint,
+    load_state,
+    load_torch_file,
+    read_header,
+    read_weights,
+    save_checkpoint,
+    staging_folder,
+)
 from .config import TrainConfig
 from .loop import MetricsLog, StepBatchSampler, step_generator
 from .runfolder import TRAIN_OUTPUTS, own_run_folder
+from .sharding import (
+    SHARDED_STATE,
+    broadcast_refusal,
+    check_checkpoint_kind,
+    checkpoint_activations,
+    ema_state,
+    full_tensors,
+    load_sharded,
+    require_process_group,
+    save_sharded,
+    shard_model,
+    sharded_ema,
+    update_sharded_ema,
+)
 
 # A step loss this many times the run's first one means training diverges (warned once).
 EXPLODING_LOSS = 1000.0
@@ -50,13 +75,14 @@ def has_accelerator() -> bool:
 
 
 def refuse_sharding(accelerator: Accelerator) -> None:
-    """The EMA copy and the checkpoints are written from whole weights on each process: sharded
-    training (FSDP, DeepSpeed ZeRO) would break both, so it stops here instead of hanging later."""
+    """Accelerate's FSDP and DeepSpeed plugins would shard the model behind the EMA and checkpoints,
+    which ditkit keeps itself: they stop here instead of hanging later; ditkit's own FSDP2 path
+    (train.sharding=fsdp) shards those too."""
     kind = accelerator.distributed_type
     if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise DitkitError(f"ditkit train does not support {kind.value} yet (its EMA and checkpoints need whole "
-                          "weights on every process): use DDP, i.e. torchrun or accelerate launch --multi_gpu "
-                          "without an FSDP/DeepSpeed config")
+        raise DitkitError(f"ditkit train does not use Accelerate's {kind.value} plugin (its EMA and checkpoints "
+                          "are ditkit's): launch without an FSDP/DeepSpeed config, and for sharded training set "
+                          "train.sharding=fsdp and start with torchrun --nproc_per_node N")
 
 
 def lr_at(step: int, cfg: TrainConfig, base: float | None = None) -> float:
@@ -93,8 +119,7 @@ def load_optimizer(optimizer, path: Path, groups: list[dict], device) -> None:
         raise DitkitError(f"{path} has {len(saved['param_groups'])} optimizer parameter group(s), this config makes "
                           f"{len(groups)}: resume with the train.ssm_lr it was trained with (a number, or null)")
     optimizer.load_state_dict(saved)
-    for group, fresh in zip(optimizer.param_groups, groups, strict=True):
-        group["base_lr"], group["weight_decay"] = fresh["base_lr"], fresh["weight_decay"]
+    restore_group_settings(optimizer, groups)
 
 
 def setup_changes(saved: RunRecord, saved_seed: int | None, mine: RunRecord, seed: int) -> list[str]:
@@ -107,6 +132,12 @@ def setup_changes(saved: RunRecord, saved_seed: int | None, mine: RunRecord, see
              "diffusion.learn_sigma": (sigma(saved), sigma(mine)),
              "diffusion.timestep_sampling": (saved.diffusion.timestep_sampling, mine.diffusion.timestep_sampling)}
     return [f"{key} {old!r} -> {new!r}" for key, (old, new) in pairs.items() if old is not None and old != new]
+
+
+def restore_group_settings(optimizer, groups: list[dict]) -> None:
+    """After loading optimizer state: lr and weight decay stay those of the current config."""
+    for group, fresh in zip(optimizer.param_groups, groups, strict=True):
+        group["base_lr"], group["weight_decay"] = fresh["base_lr"], fresh["weight_decay"]
 
 
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
@@ -124,6 +155,9 @@ class Trainer:
         self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not has_accelerator(),
                                        gradient_accumulation_steps=cfg.train.grad_accum)
         refuse_sharding(self.accelerator)
+        self.sharded = cfg.train.sharding == "fsdp"
+        if self.sharded:
+            require_process_group("train")
         self.dataset, self.vae_path, scale = self._prepare_data()
         self.objective = cfg.diffusion.objective_module()
         mixer = {key: value for key, value in (("mixer", cfg.model.mixer), ("mixer_options", cfg.model.mixer_options))
@@ -155,7 +189,12 @@ class Trainer:
         path = find_checkpoint(self.out_dir if resume is True else resume)
         if path.is_file():
             raise DitkitError(f"--resume needs a checkpoint folder (with optimizer state), not the file {path}")
-        tensors, record = read_weights(path / "model.safetensors")
+        check_checkpoint_kind(path, self.sharded, "train")
+        _, metadata, _ = read_header(path)
+        record = RunRecord.from_json(metadata[META_KEY], source=str(path)) if META_KEY in metadata else None
+        if record is None:
+            raise DitkitError(f"{path / 'model.safetensors'} is not a ditkit checkpoint (no model config in its "
+                              "metadata)")
         state = read_json(path / "training_state.json", "training state")
         if changes := setup_changes(record, state.get("seed"), self.record, self.cfg.train.seed):
             raise DitkitError(f"checkpoint {path} was trained with other settings ({'; '.join(changes)}): exact "
@@ -165,7 +204,8 @@ class Trainer:
             diff = sorted(k for k in mine if saved.get(k) != mine[k])
             raise DitkitError(f"checkpoint {path} was trained with another model config (differs in "
                               f"{', '.join(diff)}): resume with the config it was trained with")
-        load_state(self.model, tensors, path)
+        if not self.sharded:  # sharded runs load their DCP state once the model is sharded
+            load_state(self.model, read_weights(path / "model.safetensors")[0], path)
         return state, path
 
     def train(self, resume: str | bool | None = None, overwrite: bool = False) -> Path:
@@ -203,21 +243,32 @@ class Trainer:
     def _train(self, resume: str | bool | None) -> Path:
         cfg, acc = self.cfg, self.accelerator
         model = self.model.to(acc.device)
-        ema = copy.deepcopy(model).float().requires_grad_(False).eval()
+        if cfg.train.activation_checkpointing:
+            checkpoint_activations(model)
+        if self.sharded:
+            bf16 = cfg.train.mixed_precision == "bf16"
+            shard_model(model, acc.device, compute_dtype=torch.bfloat16 if bf16 else None)
+            ema = sharded_ema(model)
+        else:
+            ema = copy.deepcopy(model).float().requires_grad_(False).eval()
         groups = parameter_groups(model, cfg)
         optimizer = torch.optim.AdamW(groups)
         start, last_ckpt = 0, None
         if resume:
             state, path = self._resume_from(resume)
-            ema_tensors, _ = read_weights(path / "ema.safetensors")
-            load_state(ema, ema_tensors, path / "ema.safetensors")
-            load_optimizer(optimizer, path / "optimizer.pt", groups, acc.device)
+            if self.sharded:
+                self._load_sharded(path, state, model, optimizer, ema, groups)
+            else:
+                ema_tensors, _ = read_weights(path / "ema.safetensors")
+                load_state(ema, ema_tensors, path / "ema.safetensors")
+                load_optimizer(optimizer, path / "optimizer.pt", groups, acc.device)
             start, last_ckpt = state["step"], path
             acc.print(f"resuming from {path} at step {start}")
         if start >= cfg.train.steps:
             acc.print(f"nothing to do: already at step {start} of {cfg.train.steps}")
             return find_checkpoint(self.out_dir)
-        model, optimizer = acc.prepare(model, optimizer)
+        if not self.sharded:  # FSDP2 modules are used as they are: Accelerate would wrap them in DDP
+            model, optimizer = acc.prepare(model, optimizer)
         unwrapped = acc.unwrap_model(model)
         accum = cfg.train.grad_accum
         sampler = StepBatchSampler(len(self.dataset), cfg.train.batch_size, cfg.train.seed, start * accum,
@@ -239,15 +290,18 @@ class Trainer:
             step_loss = 0.0
             for micro in range(accum):
                 x, y = next(batches)
-                generator = step_generator(cfg.train.seed, step, micro, acc.process_index)
+                generator = self._micro_generator(step, micro)
                 x, y = self._augment(x.to(acc.device), y.to(acc.device), unwrapped, generator)
-                with acc.accumulate(model):
-                    loss = self.objective.loss(model, x, y, generator)
-                    acc.backward(loss)
-                    if acc.sync_gradients and cfg.train.grad_clip:
-                        acc.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                    self._optimizer_step(optimizer, step)
-                    optimizer.zero_grad(set_to_none=True)
+                if self.sharded:
+                    loss = self._sharded_micro_step(model, optimizer, x, y, generator, step, micro)
+                else:
+                    with acc.accumulate(model):
+                        loss = self.objective.loss(model, x, y, generator)
+                        acc.backward(loss)
+                        if acc.sync_gradients and cfg.train.grad_clip:
+                            acc.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+                        self._optimizer_step(optimizer, step)
+                        optimizer.zero_grad(set_to_none=True)
                 step_loss += float(acc.reduce(loss.detach(), "mean")) / accum
             if not math.isfinite(step_loss):
                 bar.close()
@@ -259,7 +313,10 @@ class Trainer:
                 warnings.warn(f"loss {step_loss:.3g} at step {step + 1} is over {EXPLODING_LOSS:g}x its first value "
                               f"{first_loss:.3g}: training is diverging; lower train.lr", stacklevel=2)
                 first_loss = math.inf  # warned once
-            update_ema(ema, unwrapped, ema_decay_at(step, cfg.train.ema_decay))
+            if self.sharded:
+                update_sharded_ema(ema, model, ema_decay_at(step, cfg.train.ema_decay))
+            else:
+                update_ema(ema, unwrapped, ema_decay_at(step, cfg.train.ema_decay))
             done = step + 1
             window_loss, window_steps = window_loss + step_loss, window_steps + 1
             bar.update(1)
@@ -272,13 +329,39 @@ class Trainer:
                 window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
             if done % cfg.train.ckpt_every == 0 or done == cfg.train.steps:  # before the samples: never lost
                 self._check_weights(unwrapped, done, last_ckpt)
-                last_ckpt = self._save(unwrapped, ema, optimizer, done)
+                save = self._save_sharded if self.sharded else self._save
+                last_ckpt = save(unwrapped, ema, optimizer, done)
                 log.plot()
             if done % cfg.train.sample_every == 0 or done == cfg.train.steps:
-                self._save_samples(ema, done)
+                self._save_samples(self._ema_model(ema) if self.sharded else ema, done)
         bar.close()
         log.close()
         return last_ckpt
+
+    def _micro_generator(self, step: int, micro: int) -> torch.Generator:
+        """The generator of one micro-batch. Sharded runs key it by the micro-batch's place in the
+        global batch (micro x processes + rank), as the batch order is: N processes with grad_accum
+        a draw what 1 process with grad_accum N x a draws, so a run resumes on another number of
+        processes (same global batch) as it would have gone on, up to float rounding."""
+        acc = self.accelerator
+        if self.sharded:
+            return step_generator(self.cfg.train.seed, step, micro * acc.num_processes + acc.process_index)
+        return step_generator(self.cfg.train.seed, step, micro, acc.process_index)
+
+    def _sharded_micro_step(self, model, optimizer, x, y, generator, step: int, micro: int) -> torch.Tensor:
+        """Forward and backward of one micro-batch; after the last, gradients are reduce-scattered
+        (averaged over processes), clipped and the sharded optimizer steps."""
+        accum, clip = self.cfg.train.grad_accum, self.cfg.train.grad_clip
+        last = micro == accum - 1
+        model.set_requires_gradient_sync(last)
+        loss = self.objective.loss(model, x, y, generator)
+        (loss / accum).backward()
+        if last:
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            self._optimizer_step(optimizer, step)
+            optimizer.zero_grad(set_to_none=True)
+        return loss
 
     def _optimizer_step(self, optimizer, step: int) -> None:
         try:
@@ -324,6 +407,46 @@ class Trainer:
                             keep=self.cfg.train.keep_checkpoints)
         acc.wait_for_everyone()
         return path
+
+    def _load_sharded(self, path: Path, state: dict, model, optimizer, ema: dict, groups: list[dict]) -> None:
+        if state.get("param_groups", len(groups)) != len(groups):
+            raise DitkitError(f"{path} has {state['param_groups']} optimizer parameter group(s), this config makes "
+                              f"{len(groups)}: resume with the train.ssm_lr it was trained with (a number, or null)")
+        load_sharded(path / SHARDED_STATE, model, optimizer, {"ema": ema})
+        restore_group_settings(optimizer, groups)
+
+    def _save_sharded(self, model, ema: dict, optimizer, step: int) -> Path:
+        """Every process writes its shards (weights, EMA, optimizer) into the staging folder; the main
+        process adds the full weights as safetensors and renames the folder into place."""
+        acc, root = self.accelerator, self.out_dir / "checkpoints"
+        staged = [staging_folder(root, step) if acc.is_main_process else None]
+        staged = broadcast_object_list(staged)[0]
+        save_sharded(staged / SHARDED_STATE, model, optimizer, {"ema": ema})
+        weights = full_tensors(model.state_dict(), keep=acc.is_main_process)
+        ema_weights = full_tensors(ema_state(model, ema), keep=acc.is_main_process)
+        refusal = None
+        if acc.is_main_process:
+            try:
+                save_checkpoint(root, step, model=weights, ema=ema_weights, optimizer=None, record=self.record,
+                                train_state={"seed": self.cfg.train.seed, "num_processes": acc.num_processes,
+                                             "sharding": "fsdp", "param_groups": len(optimizer.param_groups)},
+                                keep=self.cfg.train.keep_checkpoints, staged=staged)
+            except DitkitError as error:
+                refusal = str(error)
+        broadcast_refusal(refusal)
+        return root / f"step_{step:07d}"
+
+    def _ema_model(self, ema: dict) -> nn.Module | None:
+        """A whole EMA model on the main process (None elsewhere) for the sample grids; every process
+        takes part in gathering it."""
+        if self.cfg.train.num_samples <= 0:
+            return None
+        full = full_tensors(ema_state(self.model, ema), keep=self.accelerator.is_main_process)
+        if not self.accelerator.is_main_process:
+            return None
+        plain = build_model(self.model_config)
+        plain.load_state_dict(full)
+        return plain.to(self.accelerator.device).eval()
 
     def _save_samples(self, ema, step: int) -> None:
         if not self.accelerator.is_main_process or self.cfg.train.num_samples <= 0:
