@@ -161,6 +161,9 @@ class ThreadStrip(Strip):
     def all_reduce(self, x: Tensor) -> Tensor:
         return torch.stack(self.board.everyone(self.rank, x)).sum(dim=0)
 
+    def all_reduce_max(self, x: Tensor) -> Tensor:
+        return torch.stack(self.board.everyone(self.rank, x)).amax(dim=0)
+
 
 def run_on_strips(mixer: TokenMixer, x: Tensor, grid: Grid, parts: int, kv_exchange: str = "halo") -> Tensor:
     """`mixer` run as patch-parallel sampling runs it, one thread per strip; the strips' outputs
