@@ -19,7 +19,8 @@ Beyond the training size (with or without CLEAR), off by default:
 scales every self-attention's queries by sqrt(log N / log N_train) and rescales FLUX's rotary image
 axes (SD3: interpolates its cropped sin-cos positions), as `ditkit.models.extrapolation` does for DiT.
 
-Distilling with a diffusers transformer as the teacher is `ditkit.distill.diffusers_teacher`.
+Distilling with a diffusers transformer as the teacher is `ditkit.distill.diffusers_teacher`;
+patch-parallel sampling with these processors (`set_strip`) is `ditkit.parallel.diffusers_patch`.
 """
 
 from __future__ import annotations
