@@ -3,7 +3,6 @@ process (threads), and 2-process (gloo, torchrun) equality with one process, thr
 `ditkit generate --parallel patch`."""
 
 import json
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +15,10 @@ from ditkit.errors import DitkitError
 from ditkit.integrations.diffusers import apply_clear
 from ditkit.mixers.clear import local_attention, pool_tokens, strip_local_attention
 from ditkit.parallel.diffusers_patch import enable_patch_parallel, patch_parallel
-from ditkit.parallel.strips import strip_bounds
 from integrations.test_diffusers import run, tiny_flux, tiny_pixart, tiny_sd3
 from integrations.test_generate import flux_pipeline
-from mixers.test_contract import Board, ThreadStrip
 from parallel.test_patch import torchrun
+from thread_strips import on_thread_strips
 
 HERE = Path(__file__).resolve().parent
 
@@ -28,27 +26,12 @@ HERE = Path(__file__).resolve().parent
 def clear_on_thread_strips(q, k, v, grid, radius, num_global, parts, kv_exchange, pool_weight=None):
     """`strip_local_attention` on `parts` strips, one thread each; returns (global outputs of every
     strip, image outputs concatenated in image order)."""
-    bounds, board = strip_bounds(grid[0], parts), Board(parts)
-    outputs, errors = [None] * parts, []
+    def run_strip(strip):
+        mine = [torch.cat([x[..., :num_global, :], x[..., num_global:, :][..., strip.tokens, :]], dim=-2)
+                for x in (q, k, v)]
+        return strip_local_attention(*mine, strip, radius, num_global, pool_weight)
 
-    def run_strip(rank):
-        strip = ThreadStrip(grid, bounds, rank, kv_exchange, board)
-        mine = torch.cat([q[..., :num_global, :], q[..., num_global:, :][..., strip.tokens, :]], dim=-2)
-        own_k, own_v = (torch.cat([x[..., :num_global, :], x[..., num_global:, :][..., strip.tokens, :]], dim=-2)
-                        for x in (k, v))
-        try:
-            outputs[rank] = strip_local_attention(mine, own_k, own_v, strip, radius, num_global, pool_weight)
-        except BaseException as error:  # noqa: BLE001  (re-raised below)
-            errors.append(error)
-            board.barrier.abort()
-
-    threads = [threading.Thread(target=run_strip, args=(rank,)) for rank in range(parts)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
+    outputs = on_thread_strips(grid, parts, kv_exchange, run_strip)
     return [out[..., :num_global, :] for out in outputs], torch.cat([out[..., num_global:, :] for out in outputs], -2)
 
 

@@ -95,14 +95,21 @@ def enable_patch_parallel(transformer: nn.Module, kv_exchange: str = "halo") -> 
 
 
 def disable_patch_parallel(transformer: nn.Module) -> None:
+    """Undo `enable_patch_parallel`: whole-grid calls again."""
     if not hasattr(transformer, "_ditkit_patch"):
         return
     _, hooks = transformer._ditkit_patch
     for hook in hooks:
         hook.remove()
-    for processor in strip_processors(transformer):
-        processor.set_strip(None)
+    forget_strip(transformer)
     del transformer._ditkit_patch
+
+
+def forget_strip(transformer: nn.Module) -> None:
+    """Every strip-capable processor back on the whole grid (others, e.g. swapped in since, are left alone)."""
+    for _, attn, _ in self_attention_layers(transformer):
+        if callable(getattr(attn.processor, "set_strip", None)):
+            attn.processor.set_strip(None)
 
 
 @contextmanager
@@ -126,10 +133,9 @@ def _call_starter(state: PatchState):
 
 
 def _call_ender(state: PatchState):
-    def end(module, args, output):
+    def end(module, args, output):  # also after a failed call (always_call)
         state.strip = None
-        for processor in strip_processors(module):
-            processor.set_strip(None)
+        forget_strip(module)
     return end
 
 
