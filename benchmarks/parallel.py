@@ -13,8 +13,9 @@ resolution it reports, per process and sampling step (one forward, batch 1, no C
   all-gather bytes received when every layer all-gathers the keys and values of the whole
              sequence instead (`kv_exchange="allgather"`: what full attention needs), plus the output
              (with --flux the text queries then attend the gathered rows directly)
-the time of a step with 1 and P processes (median after a warm-up), the speedups, and the largest
-difference between the P-process and the 1-process output (exactness). Writes .md and .csv to --out.
+the time of a step with 1 and P processes (median after a warm-up), the speedups, the CPU time of
+a step (the slowest process's with P: how the work splits, whatever else loads the cores; on CPU
+devices only meaningful), and the largest difference between the P-process and the 1-process output (exactness). Writes .md and .csv to --out.
 A script, not a test: numbers depend on the machine and its load.
 """
 
@@ -27,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from functools import partial
 from pathlib import Path
 
@@ -123,9 +125,19 @@ def call_with(model, inputs: tuple) -> Tensor:
     return model(*inputs)
 
 
-def median_seconds(fn, device, repeats: int) -> float:
+def median_seconds(fn, device, repeats: int) -> tuple[float, float]:
+    """Median wall-clock and CPU (this process's) seconds of `repeats` calls after a warm-up. The CPU
+    time is the work a process does, whatever else loads the machine's cores."""
+    cpu = []
+
+    def timed():
+        start = time.process_time()
+        fn()
+        cpu.append(time.process_time() - start)
+
     with torch.no_grad():
-        return statistics.median(timed_runs(fn, device, repeats=repeats, slow_seconds=1e9)[1:])
+        wall = timed_runs(timed, device, repeats=repeats, slow_seconds=1e9)[1:]
+    return statistics.median(wall), statistics.median(cpu[1:])
 
 
 def measure_one_process(args, device) -> dict:
@@ -168,9 +180,9 @@ def measure_worker(args) -> None:
                 single = torch.load(args.scratch / f"single-{resolution}.pt")
                 row[f"{exchange}_bytes"] = int(received.item())
                 row[f"{exchange}_diff"] = (output.cpu() - single).abs().max().item()
-            seconds = torch.tensor([median_seconds(step, device, args.repeats)])
-            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-            row[f"{exchange}_seconds"] = seconds.item()
+            seconds = torch.tensor(median_seconds(step, device, args.repeats))
+            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)  # the slowest process's wall and CPU time
+            row[f"{exchange}_seconds"], row[f"{exchange}_cpu_seconds"] = seconds.tolist()
         results[resolution] = row
     if dist.get_rank() == 0:
         (args.scratch / "parallel.json").write_text(json.dumps(results))
@@ -184,7 +196,9 @@ def launch_workers(args) -> dict:
     return {int(k): v for k, v in json.loads((args.scratch / "parallel.json").read_text()).items()}
 
 
-def table_rows(args, single: dict, parallel: dict) -> list[dict]:
+def table_rows(args, single_times: dict, parallel: dict) -> list[dict]:
+    single = {resolution: wall for resolution, (wall, _) in single_times.items()}
+    single_cpu = {resolution: cpu for resolution, (_, cpu) in single_times.items()}
     rows = []
     for resolution in args.resolutions:
         side = (FluxWorkload if args.flux else DiTWorkload).token_side(args, resolution)
@@ -199,6 +213,8 @@ def table_rows(args, single: dict, parallel: dict) -> list[dict]:
             "speedup_halo": round(single[resolution] / p["halo_seconds"], 2),
             "seconds_P_allgather": round(p["allgather_seconds"], 4),
             "speedup_allgather": round(single[resolution] / p["allgather_seconds"], 2),
+            "cpu_seconds_1": round(single_cpu[resolution], 4), "cpu_seconds_P_halo": round(p["halo_cpu_seconds"], 4),
+            "cpu_ratio_halo": round(single_cpu[resolution] / p["halo_cpu_seconds"], 2),
             "max_diff": max(p["halo_diff"], p["allgather_diff"]),
         })
     return rows
@@ -207,13 +223,15 @@ def table_rows(args, single: dict, parallel: dict) -> list[dict]:
 def markdown(rows: list[dict], title: str, procs: int) -> str:
     header = (f"| px | tokens | strip rows | halo rows | MB/process/step, halo | MB, K/V all-gather "
               f"| all-gather / halo | s/step, 1 proc | s/step, {procs} procs (halo) | speedup "
-              f"| s/step, {procs} procs (all-gather) | speedup | max abs diff vs 1 proc |")
-    lines = [title, "", header, "|" + "---|" * 13]
+              f"| s/step, {procs} procs (all-gather) | speedup | CPU s/step, 1 proc "
+              f"| CPU s/step, slowest of {procs} (halo) | CPU ratio | max abs diff vs 1 proc |")
+    lines = [title, "", header, "|" + "---|" * 16]
     for r in rows:
         lines.append(f"| {r['resolution']} | {r['tokens']} | {r['strip_rows']} | {r['halo_rows']} | {r['halo_MB']:.3f} "
                      f"| {r['allgather_MB']:.3f} | {r['bytes_ratio']:.2f}x | {r['seconds_1']:.3f} "
                      f"| {r['seconds_P_halo']:.3f} | {r['speedup_halo']:.2f}x | {r['seconds_P_allgather']:.3f} "
-                     f"| {r['speedup_allgather']:.2f}x | {r['max_diff']:.1e} |")
+                     f"| {r['speedup_allgather']:.2f}x | {r['cpu_seconds_1']:.3f} | {r['cpu_seconds_P_halo']:.3f} "
+                     f"| {r['cpu_ratio_halo']:.2f}x | {r['max_diff']:.1e} |")
     return "\n".join(lines)
 
 
