@@ -99,9 +99,8 @@ class ClearAttnProcessor(nn.Module):
         if strip is not None:
             return strip_local_attention(q, k, v, strip, self.radius, num_global, pool_weight, self.backend)
         extra_k = extra_v = None
-        if self.down_factor:
-            extra_k = pool_tokens(k, grid, num_global, self.pool_weight)
-            extra_v = pool_tokens(v, grid, num_global, self.pool_weight)
+        if pool_weight is not None:
+            extra_k, extra_v = (pool_tokens(x, grid, num_global, pool_weight) for x in (k, v))
         return local_attention(q, k, v, grid, self.radius, num_global, extra_k, extra_v, self.backend)
 
     def forward(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
