@@ -14,8 +14,9 @@ resolution it reports, per process and sampling step (one forward, batch 1, no C
              sequence instead (`kv_exchange="allgather"`: what full attention needs), plus the output
              (with --flux the text queries then attend the gathered rows directly)
 the time of a step with 1 and P processes (median after a warm-up), the speedups, the CPU time of
-a step (the slowest process's with P: how the work splits, whatever else loads the cores; on CPU
-devices only meaningful), and the largest difference between the P-process and the 1-process output (exactness). Writes .md and .csv to --out.
+a step (the slowest process's with P: how the work splits, whatever else loads the cores; only
+meaningful on CPU devices), and the largest difference between the P-process and the 1-process
+output (exactness). Writes .md and .csv to --out.
 A script, not a test: numbers depend on the machine and its load.
 """
 
