@@ -3,23 +3,19 @@ in windowed_mixer.py and the one registered below. A mixer that passes works eve
 is used (backbones, weight swaps, patch-parallel sampling).
 
 Strip execution runs in one process: one thread per strip, the strips' collectives implemented
-with a barrier (`ThreadStrip`), so no process is started per mixer.
+with a barrier (`thread_strips.ThreadStrip`), so no process is started per mixer.
 """
 
 from __future__ import annotations
-
-import threading
-from dataclasses import dataclass
 
 import pytest
 import torch
 from torch import Tensor, nn
 
 from ditkit import DitkitError
-from ditkit.mixers import MIXERS, Grid, Strip, TokenMixer, build_mixer, register_mixer, swap_mixers
-from ditkit.mixers.strip import rows_needed
-from ditkit.parallel import strip_bounds
+from ditkit.mixers import MIXERS, Grid, TokenMixer, build_mixer, register_mixer, swap_mixers
 from mixers import windowed_mixer  # noqa: F401  (registers test-windowed)
+from thread_strips import on_thread_strips
 
 DIM, HEADS = 16, 2
 
@@ -128,63 +124,10 @@ def test_swap_from_full_keeps_shared_weights_or_refuses(name, options, one_threa
             assert torch.equal(value, full_weights[key]), key
 
 
-class Board:
-    """What the threads of one simulated run share: a slot per strip and a barrier."""
-
-    def __init__(self, parts: int):
-        self.slots: list[Tensor | None] = [None] * parts
-        self.barrier = threading.Barrier(parts, timeout=60)
-
-    def everyone(self, rank: int, x: Tensor) -> list[Tensor]:
-        """Every strip's x, in rank order (a collective: every strip must call it)."""
-        self.slots[rank] = x
-        self.barrier.wait()
-        shared = list(self.slots)
-        self.barrier.wait()  # nobody overwrites a slot before everyone has read it
-        return shared
-
-
-@dataclass(frozen=True)
-class ThreadStrip(Strip):
-    """A strip run by one thread; the collectives go through the shared `Board`."""
-
-    board: Board | None = None
-
-    def gather(self, x: Tensor, dim: int) -> Tensor:
-        return torch.cat(self.board.everyone(self.rank, x), dim=dim)
-
-    def exchange_halo(self, x: Tensor, halo: int) -> Tensor:
-        first, last = rows_needed(self.bounds, self.rank, halo)
-        whole = torch.cat(self.board.everyone(self.rank, x), dim=-2)
-        return whole[..., first * self.grid[1]:last * self.grid[1], :]
-
-    def all_reduce(self, x: Tensor) -> Tensor:
-        return torch.stack(self.board.everyone(self.rank, x)).sum(dim=0)
-
-
 def run_on_strips(mixer: TokenMixer, x: Tensor, grid: Grid, parts: int, kv_exchange: str = "halo") -> Tensor:
     """`mixer` run as patch-parallel sampling runs it, one thread per strip; the strips' outputs
     concatenated in image order."""
-    bounds, board = strip_bounds(grid[0], parts), Board(parts)
-    outputs: list[Tensor | None] = [None] * parts
-    errors: list[BaseException] = []
-
-    def run(rank: int) -> None:
-        strip = ThreadStrip(grid, bounds, rank, kv_exchange, board)
-        try:
-            with torch.no_grad():  # grad mode is per thread
-                outputs[rank] = mixer.forward_strip(x[:, strip.tokens], strip)
-        except BaseException as error:  # noqa: BLE001  (re-raised below, in the test's thread)
-            errors.append(error)
-            board.barrier.abort()  # release the strips waiting for this one
-
-    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(parts)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
+    outputs = on_thread_strips(grid, parts, kv_exchange, lambda strip: mixer.forward_strip(x[:, strip.tokens], strip))
     return torch.cat(outputs, dim=1)
 
 

@@ -1,4 +1,5 @@
-"""`ditkit generate`: images from a diffusers pipeline folder (FLUX, SD3, PixArt), stock or with CLEAR."""
+"""`ditkit generate`: images from a diffusers pipeline folder (FLUX, SD3, PixArt), stock or with CLEAR;
+with CLEAR also patch-parallel under torchrun (`--parallel patch`)."""
 
 from __future__ import annotations
 
@@ -31,15 +32,35 @@ def add_parser(sub, shared: SharedFlags) -> None:
                           "the base at SIZE (e.g. 1024 or 1024x768), CLEAR denoises it upsampled from --strength")
     generate.add_argument("--strength", type=float, help="upscale chain: noise level of the upsampled base "
                           "(0 = kept as is, 1 = plain generation at the full size; default 0.7)")
+    generate.add_argument("--parallel", choices=("none", "patch"), default="none",
+                          help="patch: under torchrun, each process computes one horizontal strip of the image "
+                               "tokens with CLEAR (needs --clear or --student; exact: same images as one process)")
     generate.set_defaults(func=run)
 
 
 def run(args) -> None:
-    from ..integrations import pipelines as lib
+    from ..parallel import sampling_session
 
     if args.strength is not None and not args.upscale_from:
         raise DitkitError("--strength belongs to the upscale chain: give --upscale-from SIZE too")
-    pipe = lib.load_pipeline(args.pipeline, args.dtype, args.device, args.cpu_offload, args.vae_tiling)
+    if args.parallel == "patch" and not (args.clear or args.student):
+        raise DitkitError("--parallel patch runs CLEAR's attention on strips: add --clear radius=... or --student "
+                          "(a radius covering the image equals full attention)")
+    with sampling_session(args.parallel, args.device) as session:  # --parallel patch: one strip per process
+        images, settings = generate_images(args, session.device, session.mode == "patch", session.is_main)
+        if not session.is_main:  # every process holds the same images; one writes them
+            return
+    from ..integrations.pipelines import save_images
+
+    paths = save_images(images, args.out, settings)
+    print(f"wrote {', '.join(map(str, paths))} ({args.height}x{args.width})")
+
+
+def generate_images(args, device: str, patch: bool, progress: bool) -> tuple[list, list[dict]]:
+    """The images of the command line, and their PNG settings."""
+    from ..integrations import pipelines as lib
+
+    pipe = lib.load_pipeline(args.pipeline, args.dtype, device, args.cpu_offload, args.vae_tiling)
     embeddings = lib.read_prompt_embeddings(args.prompt_embeds, pipe) if args.prompt_embeds else None
     request = lib.Request(height=args.height, width=args.width, prompt=args.prompt, embeddings=embeddings,
                           steps=args.steps, guidance=args.guidance, seed=args.seed, num=args.num)
@@ -47,11 +68,9 @@ def run(args) -> None:
     if args.upscale_from:
         base_height, base_width = parse_size(args.upscale_from)
         chain = lib.UpscaleChain(base_height, base_width, 0.7 if args.strength is None else args.strength)
-        images = lib.generate_upscaled(pipe, request, chain, attention, progress=not args.no_progress)
+        images = lib.generate_upscaled(pipe, request, chain, attention, progress and not args.no_progress, patch)
         chained = {"upscale": f"from {base_height}x{base_width} at strength {chain.strength}"}
     else:
-        images = lib.generate(pipe, request, attention, progress=not args.no_progress)
+        images = lib.generate(pipe, request, attention, progress and not args.no_progress, patch)
         chained = {}
-    applied = {**attention.settings(), **chained}
-    paths = lib.save_images(images, args.out, lib.image_settings(pipe, request, applied))
-    print(f"wrote {', '.join(map(str, paths))} ({args.height}x{args.width})")
+    return images, lib.image_settings(pipe, request, {**attention.settings(), **chained})

@@ -19,7 +19,8 @@ Beyond the training size (with or without CLEAR), off by default:
 scales every self-attention's queries by sqrt(log N / log N_train) and rescales FLUX's rotary image
 axes (SD3: interpolates its cropped sin-cos positions), as `ditkit.models.extrapolation` does for DiT.
 
-Distilling with a diffusers transformer as the teacher is `ditkit.distill.diffusers_teacher`.
+Distilling with a diffusers transformer as the teacher is `ditkit.distill.diffusers_teacher`;
+patch-parallel sampling with these processors (`set_strip`) is `ditkit.parallel.diffusers_patch`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,14 @@ from torch import Tensor, nn
 
 from ..errors import DitkitError
 from ..mixers.base import Extrapolation, Grid
-from ..mixers.clear import check_clear_options, initial_pool_weight, local_attention, pool_tokens
+from ..mixers.clear import (
+    check_clear_options,
+    initial_pool_weight,
+    local_attention,
+    pool_tokens,
+    strip_local_attention,
+)
+from ..mixers.strip import Strip
 from ..models.extrapolation import POSITION_SCALINGS
 
 SUPPORTED = ("FluxTransformer2DModel", "SD3Transformer2DModel", "PixArtTransformer2DModel")
@@ -39,9 +47,19 @@ SUPPORTED = ("FluxTransformer2DModel", "SD3Transformer2DModel", "PixArtTransform
 
 @dataclass
 class TokenLayout:
-    """The image-token grid of the forward call in progress; shared by one transformer's processors."""
+    """The image-token grid of the forward call in progress; shared by one transformer's processors.
+    Under patch-parallel sampling (`ditkit.parallel.diffusers_patch`) the call holds only `strip`'s
+    rows of that grid."""
 
     grid: Grid | None = None
+    strip: Strip | None = None
+
+    def image_tokens(self) -> int:
+        """Image tokens in this call's sequences: the strip's, or the whole grid's."""
+        if self.strip is not None:
+            start, stop = self.strip.rows
+            return (stop - start) * self.grid[1]
+        return self.grid[0] * self.grid[1]
 
 
 def _kind(attn: nn.Module) -> str | None:
@@ -64,16 +82,25 @@ class ClearAttnProcessor(nn.Module):
         if down_factor:
             self.pool_weight = initial_pool_weight(down_factor)
 
+    def set_strip(self, strip: Strip | None) -> None:
+        """Capability hook of patch-parallel sampling: the calls that follow hold only `strip`'s image
+        rows (None: the whole grid again). The layout is shared, so every processor of the
+        transformer sees it; setting it on each is harmless."""
+        self.layout.strip = strip
+
     def local(self, q: Tensor, k: Tensor, v: Tensor, num_global: int) -> Tensor:
-        """(B, heads, G + H*W, d) with the G global (text) tokens first -> same shape."""
-        grid = self.layout.grid
-        if grid is None or q.shape[-2] != num_global + grid[0] * grid[1]:
+        """(B, heads, G + H*W, d) with the G global (text) tokens first -> same shape (on a strip:
+        G + the strip's tokens)."""
+        grid, strip = self.layout.grid, self.layout.strip
+        if grid is None or q.shape[-2] != num_global + self.layout.image_tokens():
             raise DitkitError("CLEAR processor got a sequence that does not match the transformer's token grid: "
                               "call the transformer itself (apply_clear hooks its forward to read the grid)")
+        pool_weight = self.pool_weight if self.down_factor else None
+        if strip is not None:
+            return strip_local_attention(q, k, v, strip, self.radius, num_global, pool_weight, self.backend)
         extra_k = extra_v = None
-        if self.down_factor:
-            extra_k = pool_tokens(k, grid, num_global, self.pool_weight)
-            extra_v = pool_tokens(v, grid, num_global, self.pool_weight)
+        if pool_weight is not None:
+            extra_k, extra_v = (pool_tokens(x, grid, num_global, pool_weight) for x in (k, v))
         return local_attention(q, k, v, grid, self.radius, num_global, extra_k, extra_v, self.backend)
 
     def forward(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
@@ -97,8 +124,7 @@ class ClearAttnProcessor(nn.Module):
         if image_rotary_emb is not None:
             q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
             k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
-        grid = self.layout.grid
-        num_global = q.shape[1] - grid[0] * grid[1] if grid else 0
+        num_global = q.shape[1] - self.layout.image_tokens() if self.layout.grid else 0
         out = self._attend(q, k, v, num_global)
         if encoder_hidden_states is None:
             return out
@@ -167,7 +193,8 @@ def _grid_from_inputs(transformer: nn.Module, args: tuple, kwargs: dict) -> Grid
     return x.shape[-2] // p, x.shape[-1] // p
 
 
-def _attention_layers(transformer: nn.Module) -> list[tuple[str, nn.Module, str]]:
+def self_attention_layers(transformer: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(path, attention module, kind) of every self-attention layer (the ones `apply_clear` switches)."""
     return [(name, m, kind) for name, m in transformer.named_modules()
             if hasattr(m, "set_processor") and (kind := _kind(m)) is not None]
 
@@ -181,7 +208,7 @@ def apply_clear(transformer: nn.Module, radius: float, down_factor: int = 0, bac
     if hasattr(transformer, "_ditkit_clear"):
         remove_clear(transformer)
     layout = TokenLayout()
-    layers = _attention_layers(transformer)
+    layers = self_attention_layers(transformer)
     originals = {}
     for path, attn, kind in layers:
         originals[path] = attn.processor
@@ -212,7 +239,7 @@ def attention_taps(transformer: nn.Module) -> list[tuple[nn.Module, str]]:
     """Where each self-attention layer's raw output (before its output projection) can be read:
     the input of `to_out[0]`, or the output of the layer itself when it has none (FLUX single blocks)."""
     taps = []
-    for _, attn, _ in _attention_layers(transformer):
+    for _, attn, _ in self_attention_layers(transformer):
         to_out = getattr(attn, "to_out", None)
         taps.append((to_out[0], "input") if to_out is not None else (attn, "output"))
     return taps
@@ -344,7 +371,7 @@ def set_size_options(transformer: nn.Module, *, train_grid: Grid | None = None, 
     if len(train_grid) != 2 or min(train_grid) < 1:
         raise DitkitError(f"train_grid must be (rows, columns) of image tokens (pixels / 16), got {train_grid}")
     options = SizeOptions(train_grid, attention_scale, positions)
-    layers = [attn for _, attn, _ in _attention_layers(transformer)]
+    layers = [attn for _, attn, _ in self_attention_layers(transformer)]
     hooks = [transformer.register_forward_pre_hook(_size_recorder(options, layers), with_kwargs=True)]
     if attention_scale:
         hooks += [module.register_forward_hook(_query_scaler(options)) for attn in layers

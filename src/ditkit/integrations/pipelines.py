@@ -15,6 +15,11 @@ and no draw from the seed's generator is spent on the encoder's sampling, so S=1
 picture of plain generation at the full size with the same seed.
 PixArt has no img2img pipeline in diffusers; its chain is refused rather than re-implemented.
 
+`patch=True` runs the CLEAR transformer patch-parallel: under torchrun each process computes one
+strip of image rows (`ditkit.parallel.diffusers_patch`) and every process gets the same images.
+In the chain only the full-size pass is split; the base (stock attention, at a trained size) is
+computed whole by every process.
+
 Each image is its own pipeline call with its own generator (seed + index), so an image does not
 depend on how many are made with it.
 """
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -324,20 +330,29 @@ def set_progress(pipe, progress: bool, label: str) -> None:
     pipe.set_progress_bar_config(disable=not progress, desc=label, leave=False)
 
 
+def on_strips(transformer: nn.Module, patch: bool):
+    """Patch-parallel execution of the (CLEAR) transformer for a with-block, when `patch`."""
+    from ..parallel.diffusers_patch import patch_parallel
+
+    return patch_parallel(transformer) if patch else nullcontext()
+
+
 @torch.no_grad()
-def generate(pipe, request: Request, attention: Attention | None = None, progress: bool = True) -> list:
+def generate(pipe, request: Request, attention: Attention | None = None, progress: bool = True,
+             patch: bool = False) -> list:
     """PIL images at the request's size, one pipeline call (and progress bar) per image; `attention`
-    switches the transformer first (it stays switched)."""
+    switches the transformer first (it stays switched); `patch` runs it patch-parallel."""
     check_request(pipe, request)
     if attention is not None:
         attention.apply(pipe.transformer)
     request = request.resolved(pipe)
     jobs = image_jobs(request)
     images = []
-    for number, (prompt_index, seed) in enumerate(jobs, 1):
-        set_progress(pipe, progress, f"image {number}/{len(jobs)}")
-        images += pipe(**call_arguments(pipe, request, prompt_index), height=request.height, width=request.width,
-                       generator=seeded(seed)).images
+    with on_strips(pipe.transformer, patch):
+        for number, (prompt_index, seed) in enumerate(jobs, 1):
+            set_progress(pipe, progress, f"image {number}/{len(jobs)}")
+            images += pipe(**call_arguments(pipe, request, prompt_index), height=request.height,
+                           width=request.width, generator=seeded(seed)).images
     return images
 
 
@@ -393,10 +408,11 @@ def img2img_pipeline(pipe):
 
 @torch.no_grad()
 def generate_upscaled(pipe, request: Request, chain: UpscaleChain, attention: Attention | None = None,
-                      progress: bool = True) -> list:
+                      progress: bool = True, patch: bool = False) -> list:
     """The chain: every base with the stock transformer, then `attention` switched on (CLEAR or a
     student), then each base upsampled in latent space and denoised at the request's size from
-    `chain.strength` with the same seed. `pipe.transformer` must still be stock."""
+    `chain.strength` with the same seed (patch-parallel with `patch`). `pipe.transformer` must
+    still be stock."""
     check_request(pipe, request)
     check_size(pipe, chain.base_height, chain.base_width)
     if hasattr(pipe.transformer, "_ditkit_clear"):
@@ -414,14 +430,15 @@ def generate_upscaled(pipe, request: Request, chain: UpscaleChain, attention: At
     if attention is not None:
         attention.apply(pipe.transformer)
     images = []
-    for number, ((prompt_index, seed), base) in enumerate(zip(jobs, bases, strict=True), 1):
-        init = upsample_latents(base, request.height, request.width, pipe.vae_scale_factor)
-        if chain.strength == 0:  # no step to run: img2img refuses it, the upsampled base is the answer
-            images += decode_latents(pipe, init)
-            continue
-        set_progress(img2img, progress, f"image {number}/{len(jobs)}")
-        images += img2img(**call_arguments(pipe, request, prompt_index), image=init, strength=chain.strength,
-                          height=request.height, width=request.width, generator=seeded(seed)).images
+    with on_strips(pipe.transformer, patch):
+        for number, ((prompt_index, seed), base) in enumerate(zip(jobs, bases, strict=True), 1):
+            init = upsample_latents(base, request.height, request.width, pipe.vae_scale_factor)
+            if chain.strength == 0:  # no step to run: img2img refuses it, the upsampled base is the answer
+                images += decode_latents(pipe, init)
+                continue
+            set_progress(img2img, progress, f"image {number}/{len(jobs)}")
+            images += img2img(**call_arguments(pipe, request, prompt_index), image=init, strength=chain.strength,
+                              height=request.height, width=request.width, generator=seeded(seed)).images
     return images
 
 

@@ -12,10 +12,12 @@ Backends, chosen by `backend` ("auto" picks by device and size):
   tiled      2-D query tiles attend to their tile plus a halo of r-1 tokens: cost grows with N
   flex       torch flex_attention with a block mask over tile-ordered tokens (CUDA)
 
-On one strip of rows (patch-parallel sampling, `forward_strip`) a query reads only its strip plus
-`halo(r)` rows from the neighbours: every owned query's disc lies inside that region and the
-region ends where the disc cannot reach, so the result is exactly whole-grid attention. The
-pooled tokens (down_factor) are partial sums per strip, all-reduced.
+On one strip of rows (patch-parallel sampling, `strip_local_attention`) a query reads only its
+strip plus `halo(r)` rows from the neighbours: every owned query's disc lies inside that region and
+the region ends where the disc cannot reach, so the result is exactly whole-grid attention. The
+pooled tokens (down_factor) are partial sums per strip, all-reduced. Global (text) tokens are whole
+on every strip; their queries see every image token, so each strip attends them to its own rows and
+the partial softmaxes are merged exactly by their log-sum-exps (`global_attention_of_strips`).
 """
 
 from __future__ import annotations
@@ -135,6 +137,64 @@ def pooled_tokens_of_strip(kv: Tensor, strip: Strip, weight: Tensor) -> Tensor:
     return strip.all_reduce(pooled)
 
 
+def strip_local_attention(q: Tensor, k: Tensor, v: Tensor, strip: Strip, radius: float, num_global: int = 0,
+                          pool_weight: Tensor | None = None, backend: str = "auto") -> Tensor:
+    """CLEAR on one strip: (B, heads, G + strip tokens, d), the G global tokens first and whole on
+    every strip -> the same shape, equal to those rows of `local_attention` over the whole grid.
+
+    Image queries read the global tokens, this strip's rows plus the rows their discs reach
+    (`halo(r)` from the neighbours, point to point; every row with kv_exchange "allgather") and the
+    pooled tokens (partial sums all-reduced). The neighbours' rows enter with zero queries and their
+    outputs are dropped, so every backend runs unchanged on the region. Global queries see every
+    image token: read directly when every strip's region is the whole grid, else merged across strips."""
+    G, W = num_global, strip.grid[1]
+    reach = halo(radius, strip.grid) if strip.kv_exchange == "halo" else strip.grid[0]
+    image_kv = torch.stack([k[..., G:, :], v[..., G:, :]])
+    extra_k = extra_v = None
+    if pool_weight is not None:
+        extra_k, extra_v = pooled_tokens_of_strip(image_kv, strip, pool_weight)
+    region_kv = strip.exchange_halo(image_kv, reach)
+    first, last = rows_needed(strip.bounds, strip.rank, reach)
+    own = slice(G + (strip.rows[0] - first) * W, G + (strip.rows[1] - first) * W)
+    region_k, region_v = (torch.cat([x[..., :G, :], r], dim=-2) for x, r in zip((k, v), region_kv, strict=True))
+    q_region = q.new_zeros(region_k.shape)
+    q_region[..., own, :] = q[..., G:, :]
+    direct = every_strip_reads_every_row(strip, reach)
+    if direct:
+        q_region[..., :G, :] = q[..., :G, :]
+    out = local_attention(q_region, region_k, region_v, (last - first, W), radius, G, extra_k, extra_v, backend)
+    if not G:
+        return out[..., own, :]
+    global_out = out[..., :G, :] if direct else global_attention_of_strips(q[..., :G, :], k, v, image_kv, strip)
+    return torch.cat([global_out, out[..., own, :]], dim=-2)
+
+
+def every_strip_reads_every_row(strip: Strip, reach: int) -> bool:
+    """Whether every strip's region is the whole grid: then global queries need no merge. Decided
+    for all strips alike, since the merge is a collective every strip must join."""
+    return all(rows_needed(strip.bounds, rank, reach) == (0, strip.grid[0]) for rank in range(len(strip.bounds)))
+
+
+def global_attention_of_strips(q: Tensor, k: Tensor, v: Tensor, image_kv: Tensor, strip: Strip) -> Tensor:
+    """Global queries (B, heads, G, d) over every token of every strip, without moving image keys.
+
+    Each strip scores its own image keys (the first strip also the global keys, which all strips
+    hold) and keeps its partial output o_s and log-sum-exp l_s; with m = max_s l_s, the exact
+    softmax over all keys is sum_s e^(l_s - m) o_s / sum_s e^(l_s - m). That moves G x (d + 2)
+    values per head and strip (a max and one sum) instead of every strip's image keys and values.
+    Computed in float32: the merge is exact to rounding at any dtype of the inputs."""
+    G = q.shape[-2]
+    keys, values = image_kv[0], image_kv[1]
+    if strip.rank == 0:
+        keys, values = torch.cat([k[..., :G, :], keys], dim=-2), torch.cat([v[..., :G, :], values], dim=-2)
+    scores = (q.float() * q.shape[-1] ** -0.5) @ keys.float().transpose(-1, -2)
+    lse = scores.logsumexp(dim=-1, keepdim=True)
+    partial = torch.exp(scores - lse) @ values.float()
+    weight = torch.exp(lse - strip.all_reduce_max(lse))
+    merged = strip.all_reduce(torch.cat([partial * weight, weight], dim=-1))
+    return (merged[..., :-1] / merged[..., -1:]).to(q.dtype)
+
+
 def check_clear_options(radius: float, down_factor: int, backend: str) -> None:
     if radius < 1:
         raise DitkitError(f"clear radius must be at least 1 token, got {radius}")
@@ -181,24 +241,10 @@ class ClearAttention(AttentionMixer):
         return local_attention(q, k, v, grid, self.radius, num_global, extra_k, extra_v, self.backend)
 
     def forward_strip(self, x: Tensor, strip: Strip) -> Tensor:
-        """Local attention over this strip plus the rows its discs reach (all rows with
-        kv_exchange "allgather"). The neighbours' rows enter with zero queries and their outputs
-        are dropped, so every backend runs unchanged on the region."""
+        """Local attention over this strip plus the rows its discs reach (`strip_local_attention`)."""
         q, k, v = self.split_heads(x, strip.grid)
-        reach = halo(self.radius, strip.grid) if strip.kv_exchange == "halo" else strip.grid[0]
-        kv = torch.stack([k, v])
-        extra_k = extra_v = None
-        if self.down_factor:
-            extra_k, extra_v = pooled_tokens_of_strip(kv, strip, self.pool_weight)
-        kv = strip.exchange_halo(kv, reach)
-        first, last = rows_needed(strip.bounds, strip.rank, reach)
-        W = strip.grid[1]
-        own = slice((strip.rows[0] - first) * W, (strip.rows[1] - first) * W)
-        q_region = q.new_zeros(kv.shape[1:])
-        q_region[..., own, :] = q
-        out = local_attention(q_region, kv[0], kv[1], (last - first, W), self.radius, 0, extra_k, extra_v,
-                              self.backend)
-        return self.merge_heads(out[..., own, :])
+        pool_weight = self.pool_weight if self.down_factor else None
+        return self.merge_heads(strip_local_attention(q, k, v, strip, self.radius, 0, pool_weight, self.backend))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, radius={self.radius}, down_factor={self.down_factor}, backend={self.backend}"

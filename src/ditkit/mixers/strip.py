@@ -2,11 +2,13 @@
 
 Patch-parallel sampling runs each block on one strip of image rows per process; only the token
 mixers need rows of other strips. A mixer gets them through `TokenMixer.forward_strip(x, strip)`
-and the three collectives of the `Strip` it is handed:
+and the collectives of the `Strip` it is handed:
 
-  gather        every strip's tokens, concatenated in image order (exact for any mixer, no saving)
-  exchange_halo the rows around this strip, up to `halo` rows away (local attention)
-  all_reduce    the sum over strips of per-strip partial results (CLEAR's pooled tokens)
+  gather         every strip's tokens, concatenated in image order (exact for any mixer, no saving)
+  exchange_halo  the rows around this strip, up to `halo` rows away (local attention)
+  all_reduce     the sum over strips of per-strip partial results (CLEAR's pooled tokens)
+  all_reduce_max the largest value over strips (the shift that merges partial softmaxes of text
+                 queries exactly: `clear.global_attention_of_strips`)
 
 This module only describes them, so mixers stay below `parallel`: `ditkit.parallel` implements
 them on torch.distributed (one process per strip), and tests implement them in one process.
@@ -36,7 +38,7 @@ class Strip:
 
     kv_exchange: "halo" lets local attention read only the rows it reaches; "allgather" makes
     it read every row (equally exact: the baseline that benchmarks compare the halo with).
-    Subclasses implement the three collectives; every strip must call them in the same order.
+    Subclasses implement the collectives; every strip must call them in the same order.
     """
 
     grid: Grid  # the whole image's token grid
@@ -70,4 +72,8 @@ class Strip:
 
     def all_reduce(self, x: Tensor) -> Tensor:
         """The sum of `x` over all strips."""
+        raise NotImplementedError
+
+    def all_reduce_max(self, x: Tensor) -> Tensor:
+        """The elementwise maximum of `x` over all strips."""
         raise NotImplementedError

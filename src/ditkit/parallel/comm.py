@@ -1,10 +1,11 @@
-"""The three exchanges patch-parallel sampling needs, on plain torch.distributed, each counting
+"""The exchanges patch-parallel sampling needs, on plain torch.distributed, each counting
 the bytes it moves in `STATS` (per process) so benchmarks can compare them.
 
   exchange_halo  point-to-point: each strip gets the rows next to it that its local attention reads
   gather_rows    all-gather of strips of unequal height (padded to the tallest): full attention's
                  keys and values, and the model output every process needs for the scheduler step
-  all_reduce_sum sum of per-strip partial results (CLEAR's pooled tokens)
+  all_reduce_sum sum of per-strip partial results (CLEAR's pooled tokens, text queries' partial attention)
+  all_reduce_max largest value over strips (the log-sum-exp shift of text queries' partial attention)
 
 `ProcessStrip` hands them to the mixers as the collectives of `mixers.strip.Strip`.
 """
@@ -85,11 +86,20 @@ def gather_rows(x: Tensor, sizes: list[int], dim: int) -> Tensor:
 
 def all_reduce_sum(x: Tensor) -> Tensor:
     """Sum over processes; counted as a ring all-reduce moves it: 2 (P-1)/P of x each way."""
+    return all_reduce(x, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(x: Tensor) -> Tensor:
+    """Elementwise maximum over processes; counted like `all_reduce_sum`."""
+    return all_reduce(x, dist.ReduceOp.MAX)
+
+
+def all_reduce(x: Tensor, op) -> Tensor:
     _, size = world()
     if size == 1:
         return x
-    x = x.contiguous()
-    dist.all_reduce(x)
+    x = x.clone(memory_format=torch.contiguous_format)  # reduced in place: the caller's x stays its own
+    dist.all_reduce(x, op=op)
     moved = 2 * (size - 1) * nbytes(x) // size
     STATS.sent += moved
     STATS.received += moved
@@ -108,3 +118,6 @@ class ProcessStrip(Strip):
 
     def all_reduce(self, x: Tensor) -> Tensor:
         return all_reduce_sum(x)
+
+    def all_reduce_max(self, x: Tensor) -> Tensor:
+        return all_reduce_max(x)
