@@ -3,18 +3,18 @@ same tiny random diffusers transformer with CLEAR on every process and compares 
 forward (halo and all-gather exchanges) with the single-process one. Rank 0 writes
 {case: {"max_diff", "scale", "local_change", "halo_bytes", "allgather_bytes"}} as JSON to argv[1]."""
 
-import json
 import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from ditkit.integrations.diffusers import apply_clear, set_size_options
 from ditkit.parallel import STATS
 from ditkit.parallel.diffusers_patch import patch_parallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, as pytest's pythonpath has it
+from worker_cases import run_cases  # noqa: E402  (this script's folder, first on sys.path)
+
 from integrations.test_diffusers import flux_ids, run, tiny_flux, tiny_pixart, tiny_sd3  # noqa: E402
 
 CASES = {  # name: (model, CLEAR options, token grid)
@@ -57,19 +57,5 @@ def run_case(name, kind, options, grid):
     return result
 
 
-def main():
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    results = {name: run_case(name, *case) for name, case in CASES.items()}
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, results)
-    if dist.get_rank() == 0:
-        worst = {name: {**gathered[0][name], "max_diff": max(r[name]["max_diff"] for r in gathered)}
-                 for name in CASES}
-        with open(sys.argv[1], "w") as f:
-            json.dump(worst, f, indent=2)
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main()
+    run_cases(CASES, run_case)

@@ -2,18 +2,18 @@
 random DiT on every process and compares its patch-parallel forward with the single-process one.
 Rank 0 writes {case: {"max_diff", "scale", "halo_bytes", "allgather_bytes"}} as JSON to argv[1]."""
 
-import json
 import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from ditkit.models import build_model, model_config
 from ditkit.models.extrapolation import set_extrapolation
 from ditkit.parallel import STATS, PatchParallelDiT
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, as pytest's pythonpath has it
+from worker_cases import run_cases  # noqa: E402  (this script's folder, first on sys.path)
+
 from mixers import windowed_mixer  # noqa: E402, F401  (registers test-windowed: a mixer in one file)
 
 CASES = {  # name: (mixer, options, token grid, batch)
@@ -61,19 +61,5 @@ def run_case(name, mixer, options, grid, batch):
     return result
 
 
-def main():
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    results = {name: run_case(name, *case) for name, case in CASES.items()}
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, results)
-    if dist.get_rank() == 0:
-        worst = {name: {**gathered[0][name], "max_diff": max(r[name]["max_diff"] for r in gathered)}
-                 for name in CASES}
-        with open(sys.argv[1], "w") as f:
-            json.dump(worst, f, indent=2)
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main()
+    run_cases(CASES, run_case)
