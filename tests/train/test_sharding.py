@@ -148,13 +148,14 @@ def test_activation_checkpointing_trains_the_same_weights(tmp_path):
     assert all(torch.allclose(plain[k], checkpointed[k], rtol=0, atol=1e-7) for k in plain)
 
 
-def torchrun(processes: int, mode: str, out: Path) -> None:
+def torchrun(processes: int, mode: str, out: Path, script: str = "sharded_runs.py") -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-               str(TESTS / "train" / "sharded_runs.py"), mode, str(out)]
+               str(TESTS / "train" / script), mode, str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS.parent / "src"),
                                                                                  str(TESTS)])}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert result.returncode == 0 or mode == "kill", result.stdout[-2000:] + result.stderr[-3000:]
+    return result
 
 
 def losses(run: Path) -> list[float]:
@@ -197,6 +198,23 @@ def test_sharded_training_resumes_exactly_and_on_one_process(sharded_runs, tmp_p
     model, record = load_checkpoint(straight)
     assert record.model == model.config and torch.equal(model.state_dict()["final_layer.linear.weight"],
                                                         step_weights(straight, 4, "ema")["final_layer.linear.weight"])
+
+
+def test_a_sharded_run_killed_while_checkpointing_resumes_to_the_same_weights(sharded_runs, tmp_path):
+    """Both processes SIGKILLed after writing their step-4 shards, before the checkpoint was in place:
+    the resumed run drops the half-written step 4, goes on from step 2 and ends bitwise where the
+    uninterrupted run (`straight`, same settings) ended."""
+    run = tmp_path / "killed"
+    killed = torchrun(2, "kill", run, script="killed_run.py")
+    assert killed.returncode != 0 and "SIGKILL" in killed.stdout + killed.stderr
+    checkpoints = run / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir() if p.name.startswith(".tmp-step_0000004")]  # the torn write
+    assert find_checkpoint(run).name == "step_0000002"
+    torchrun(2, "resume", run, script="killed_run.py")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_0000002", "step_0000004"]
+    for name in ("model", "ema"):
+        a, b = step_weights(sharded_runs / "straight", 4, name), step_weights(run, 4, name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_sharded_distillation_saves_a_student_that_loads_in_one_process(sharded_runs):
