@@ -153,3 +153,36 @@ def test_a_ddpm_teacher_with_learned_sigma_is_distilled_with_its_own_objective(t
     assert set(report["student"]) == {"16", "32"}
     losses = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["task"] > 0 for r in losses)  # epsilon MSE + the variational bound of the learned variance
+
+
+def test_sharded_processes_split_the_teacher_samples(tmp_path, monkeypatch):
+    """2 gloo processes with a sharded tiny FLUX teacher: each generates its own chunks (3 chunks: 0 and 2
+    on rank 0, 1 on rank 1, which then runs a one-sample stand-in of chunk 2 while rank 0 makes it), and
+    the cache holds what one unsharded process makes."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from diffusers import FluxTransformer2DModel
+
+    from ditkit.distill import samples
+    from ditkit.distill.diffusers_teacher import DiffusersTeacher
+
+    torch.manual_seed(0)
+    FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                           num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                           axes_dims_rope=[4, 6, 6]).save_pretrained(tmp_path / "flux")
+    tests = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(tests / "distill" / "split_samples_run.py"), str(tmp_path / "flux"), str(tmp_path / "split")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tests.parent / "src"), str(tests)])}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "split" / "calls.json").read_text()) == [[[0, 2], [2, 1]], [[1, 2], [2, 1]]]
+    monkeypatch.setattr(samples, "CHUNK", 2)
+    teacher = DiffusersTeacher(tmp_path / "flux", resolution=64, steps=2)
+    split = teacher_samples(teacher, tmp_path / "split" / "samples", num=5, seed=3, progress=False)  # read back
+    alone = teacher_samples(teacher, tmp_path / "alone", num=5, seed=3, progress=False)
+    assert torch.equal(split[1], alone[1])
+    assert (split[0] - alone[0]).abs().max() < 1e-5 * alone[0].abs().max()

@@ -271,10 +271,9 @@ class Distiller:
         if self.is_main:
             atomic_write_text(self.out_dir / "distill.json", json.dumps(
                 {"teacher": teacher.describe(), **asdict(cfg)}, indent=2, default=str))
-        # Sharded: every process generates the same samples together, and writes the same files
-        # (atomically, each through its own temporary file).
+        # Sharded: the processes split the chunks of samples, and each writes them all (atomically).
         x_all, cond_all = teacher_samples(teacher, self.out_dir / "teacher_samples", cfg.num_samples, cfg.seed,
-                                          self.progress and self.is_main)
+                                          self.progress and self.is_main, self.rank, self.world)
         agreement_path = self.out_dir / "agreement.json"
         agreement = read_json(agreement_path, "agreement report") if agreement_path.is_file() else {}
         if self.sharded:  # the main process's view decides whether the (collective) baseline runs

@@ -4,6 +4,12 @@ Samples are made in chunks; chunk i is a pure function of (teacher, seed, i), wr
 as `chunk_00000.safetensors` holding the clean samples in the model's input space (latents when
 the teacher works on latents) and the conditions they were generated with. An interrupted run
 resumes at the first missing chunk; a cache made with other settings is refused, not mixed in.
+
+Sharded distillation (several processes, a sharded teacher) splits the chunks: in each round every
+process generates a different missing chunk (FSDP's forwards are collective, so a process with no
+chunk left in the last round runs a one-sample stand-in and drops it), then the round's chunks are
+all-gathered and every process writes those its disk lacks. P processes make the samples ~P times
+faster than one, and each chunk is the same function of (teacher, seed, index) as in one process.
 """
 
 from __future__ import annotations
@@ -63,23 +69,65 @@ def generate_chunk(teacher: Teacher, seed: int, index: int, size: int) -> tuple[
     return x0.float().cpu(), cond
 
 
-def teacher_samples(teacher: Teacher, folder: str | Path, num: int, seed: int = 0,
-                    progress: bool = True) -> tuple[Tensor, Tensor | None]:
-    """(x0, cond) for `num` teacher samples, generating the chunks not yet in `folder`."""
+def teacher_samples(teacher: Teacher, folder: str | Path, num: int, seed: int = 0, progress: bool = True,
+                    rank: int = 0, world: int = 1) -> tuple[Tensor, Tensor | None]:
+    """(x0, cond) for `num` teacher samples, generating the chunks not yet in `folder`; with
+    `world` > 1 (every process of the group calls this) the missing chunks are split over them."""
     if num < 1:
         raise DitkitError(f"--num-samples must be at least 1, got {num}")
     folder = Path(folder)
     _check_settings(folder, _settings(teacher, num, seed))
+    count = (num + CHUNK - 1) // CHUNK
+    sizes = [min(CHUNK, num - index * CHUNK) for index in range(count)]
+    missing = [index for index in range(count) if not _chunk_path(folder, index).is_file()]
+    if world > 1:
+        _generate_split(teacher, folder, seed, sizes, _from_main(missing), rank, world, progress)
+    else:
+        for index in tqdm(missing, desc="teacher samples", unit="chunk", disable=not progress, dynamic_ncols=True):
+            _write_chunk(folder, index, *generate_chunk(teacher, seed, index, sizes[index]))
     xs, conds = [], []
-    chunks = range((num + CHUNK - 1) // CHUNK)
-    for index in tqdm(chunks, desc="teacher samples", unit="chunk", disable=not progress, dynamic_ncols=True):
-        path = folder / f"chunk_{index:05d}.safetensors"
-        if not path.is_file():
-            x0, cond = generate_chunk(teacher, seed, index, min(CHUNK, num - index * CHUNK))
-            tensors = {"x0": x0.contiguous()} | ({} if cond is None else {"cond": cond.contiguous()})
-            with atomic_path(path) as tmp:
-                save_file(tensors, tmp)
-        with safe_open(str(path), framework="pt") as f:
+    for index in range(count):
+        with safe_open(str(_chunk_path(folder, index)), framework="pt") as f:
             xs.append(f.get_tensor("x0"))
             conds.append(f.get_tensor("cond") if "cond" in f.keys() else None)
     return torch.cat(xs), (None if conds[0] is None else torch.cat(conds))
+
+
+def _chunk_path(folder: Path, index: int) -> Path:
+    return folder / f"chunk_{index:05d}.safetensors"
+
+
+def _write_chunk(folder: Path, index: int, x0: Tensor, cond: Tensor | None) -> None:
+    tensors = {"x0": x0.contiguous()} | ({} if cond is None else {"cond": cond.contiguous()})
+    with atomic_path(_chunk_path(folder, index)) as tmp:
+        save_file(tensors, tmp)
+
+
+def _from_main(value):
+    """The main process's `value` on every process: all split the same list of missing chunks."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _generate_split(teacher: Teacher, folder: Path, seed: int, sizes: list[int], missing: list[int], rank: int,
+                    world: int, progress: bool) -> None:
+    """Round by round, process r generates missing[round + r]; every process writes the round's chunks."""
+    import torch.distributed as dist
+
+    rounds = range(0, len(missing), world)
+    for start in tqdm(rounds, desc=f"teacher samples ({world} processes)", unit="round", disable=not progress,
+                      dynamic_ncols=True):
+        mine = missing[start + rank] if start + rank < len(missing) else None
+        if mine is None:  # keep step with the others' collective forwards; the sample is dropped
+            generate_chunk(teacher, seed, missing[start], 1)
+            made = None
+        else:
+            made = (mine, *generate_chunk(teacher, seed, mine, sizes[mine]))
+        everyone = [None] * world
+        dist.all_gather_object(everyone, made)
+        for index, x0, cond in filter(None, everyone):
+            if not _chunk_path(folder, index).is_file():
+                _write_chunk(folder, index, x0, cond)
