@@ -1,0 +1,203 @@
+"""A pre-trained model loaded straight into its FSDP2 shards, never whole on any process.
+
+A 12B-parameter teacher (FLUX.1-dev) is 48 GB in fp32: loading it whole on every process, then a
+copy as the student, before sharding, does not fit a GPU, nor 8 processes' host memory. Instead:
+
+1. `empty_model` builds the model with its parameters on the meta device (shapes, no data) and
+   its buffers real: the constructor computes them exactly as a plain load does, including the
+   non-persistent ones a weights file does not hold (position tables and the like).
+2. the caller casts and `fully_shard`s it as usual (sharding a meta model allocates nothing);
+3. `materialize` allocates each process's local shards (`to_empty`) and puts the buffers back;
+4. `load_shards` streams the weights from the safetensors file(s) one tensor at a time, each
+   process reading only the rows of its own Shard(0) chunk (`safe_open(...).get_slice`, memory
+   mapped, lazily) and copying them into its shard, cast to the parameter's dtype.
+
+A process so holds its shards, the (small, replicated) buffers and one tensor's rows in flight:
+about 1/N of the model, never the whole of it. Parameters the file does not hold (those CLEAR adds,
+such as pooling weights) take the initial values the caller gives; any other missing, unexpected
+or misshapen tensor is a one-line DitkitError before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from ..errors import DitkitError
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_INDEX = DIFFUSERS_WEIGHTS + ".index.json"
+
+
+@dataclass
+class WeightFiles:
+    """Which safetensors file holds each tensor of a pre-trained model, and its shape. A model
+    tensor named `prefix + name` is the files' tensor `name` (a teacher wrapped in a denoiser adds
+    a prefix)."""
+
+    where: dict[str, Path]  # tensor name in the files -> the file holding it
+    shapes: dict[str, tuple[int, ...]]
+    source: str  # the folder or file, for messages
+    prefix: str = ""
+
+    def model_name(self, name: str) -> str:
+        return self.prefix + name
+
+
+def _file_shapes(file: Path, source: str) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in one safetensors file, from its header (no weights are read)."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except FileNotFoundError as error:
+        raise DitkitError(f"weights file {file} of {source} is missing: download or copy it again") from error
+    except Exception as error:  # safetensors' own errors for damaged headers
+        raise DitkitError(f"weights file {file} of {source} is damaged ({error}): download or copy it again") \
+            from error
+
+
+def diffusers_weight_files(folder: str | Path, prefix: str = "") -> WeightFiles:
+    """A diffusers model folder's weights: one diffusion_pytorch_model.safetensors, or several
+    listed in its .index.json (how save_pretrained splits a large model, FLUX.1's layout)."""
+    folder = Path(folder)
+    index = folder / DIFFUSERS_INDEX
+    if not index.is_file():
+        if not (folder / DIFFUSERS_WEIGHTS).is_file():
+            raise DitkitError(f"{folder} has no {DIFFUSERS_WEIGHTS} (nor {DIFFUSERS_INDEX}): save the model with "
+                              "save_pretrained (safetensors), or load it with sharding=none")
+        return single_weight_file(folder / DIFFUSERS_WEIGHTS, prefix)
+    weight_map = json.loads(index.read_text()).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise DitkitError(f"{index} has no weight_map: download the folder again")
+    shapes = {}
+    for file in sorted(set(weight_map.values())):
+        if not (folder / file).is_file():
+            raise DitkitError(f"{index} names {file}, which is missing from {folder}: download that file again")
+        held = _file_shapes(folder / file, str(folder))
+        for name in (n for n, f in weight_map.items() if f == file):
+            if name not in held:
+                raise DitkitError(f"{index} places {name} in {file}, which lacks it: download the folder again")
+            shapes[name] = held[name]
+    return WeightFiles({name: folder / file for name, file in weight_map.items()}, shapes, str(folder), prefix)
+
+
+def single_weight_file(file: str | Path, prefix: str = "") -> WeightFiles:
+    """All weights in one safetensors file (a ditkit checkpoint's model or ema.safetensors)."""
+    file = Path(file)
+    shapes = _file_shapes(file, str(file))
+    return WeightFiles(dict.fromkeys(shapes, file), shapes, str(file), prefix)
+
+
+def empty_model(build: Callable[[], nn.Module]) -> nn.Module:
+    """`build()` with its parameters on the meta device and its buffers real (see the module
+    docstring): accelerate's init_empty_weights, which diffusers' own loading uses."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        return build()
+
+
+def _persistent_buffers(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    for path, module in model.named_modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set:
+                yield f"{path}.{name}" if path else name, buffer
+
+
+def check_weights(model: nn.Module, files: WeightFiles, initial: dict[str, Tensor]) -> None:
+    """Every parameter and persistent buffer of `model` has its tensor in `files` (same shape) or an
+    initial value in `initial`; every tensor of `files` belongs to the model."""
+    wanted = {name: tuple(t.shape) for name, t in [*model.named_parameters(), *_persistent_buffers(model)]}
+    given = {files.model_name(name): shape for name, shape in files.shapes.items()}
+    for name, shape in wanted.items():
+        if name in given:
+            if given[name] != shape:
+                raise DitkitError(f"{name.removeprefix(files.prefix)} in {files.source} has shape {list(given[name])}, "
+                                  f"the model built from its config wants {list(shape)}: the config does not "
+                                  "match the weights; use the folder's own config.json")
+        elif name not in initial:
+            raise DitkitError(f"{files.source} lacks the weight {name.removeprefix(files.prefix)}: the config does "
+                              "not match the weights; use the folder's own config.json")
+    if extra := sorted(set(given) - set(wanted)):
+        raise DitkitError(f"{files.source} holds {extra[0].removeprefix(files.prefix)}, which the model built from "
+                          f"its config lacks ({len(extra)} such): use the folder's own config.json")
+
+
+def materialize(model: nn.Module, device: torch.device) -> None:
+    """Allocate the parameters' local shards (uninitialised) on `device`; buffers keep their values.
+    `to_empty` replaces buffers with empty ones too, so they are put back after it."""
+    buffers = dict(model.named_buffers())
+    persistent = dict(_persistent_buffers(model))
+    if unset := [name for name, b in buffers.items() if b.is_meta and name not in persistent]:
+        raise DitkitError(f"buffer {unset[0]} was built on the meta device and no file holds it: build the model "
+                          "with empty_model (real buffers), or load it with sharding=none")
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, buffer in buffers.items():
+            if not buffer.is_meta:
+                _owner_and_attr(model, name)[0]._buffers[name.rpartition(".")[2]] = buffer.to(device)
+
+
+def _owner_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, attr = name.rpartition(".")
+    return (model.get_submodule(path) if path else model), attr
+
+
+def local_rows(param: Tensor) -> tuple[int, int] | None:
+    """The rows [start, stop) of the full tensor that this process's shard of `param` holds, as
+    FSDP2's Shard(0) cuts them (torch.chunk: chunks of ceil(rows / N), the last ones shorter or
+    empty; the padding lives only in FSDP's storage); None: the process holds all of it."""
+    if not isinstance(param, DTensor) or param.ndim == 0:
+        return None
+    placements = tuple(param.placements)
+    if all(isinstance(p, Replicate) for p in placements):
+        return None
+    if len(placements) != 1 or placements[0] != Shard(0):
+        raise DitkitError(f"cannot stream weights into placements {placements}: ditkit shards with one Shard(0) "
+                          "(FSDP2's default); load the model with sharding=none")
+    rows, processes = param.shape[0], param.device_mesh.size()
+    chunk = math.ceil(rows / processes)
+    start = min(param.device_mesh.get_local_rank() * chunk, rows)
+    stop = min(start + chunk, rows)
+    if param.to_local().shape[0] != stop - start:  # FSDP2 changed how it cuts: refuse rather than misplace rows
+        raise DitkitError(f"this process's shard holds {param.to_local().shape[0]} of {rows} rows where ditkit "
+                          f"expects {stop - start}: this PyTorch shards differently; load with sharding=none")
+    return start, stop
+
+
+@torch.no_grad()
+def load_shards(model: nn.Module, files: WeightFiles, initial: dict[str, Tensor] | None = None) -> None:
+    """Copy each parameter's (and persistent buffer's) values into the materialised, possibly sharded
+    `model`: its own rows from `files`, or from `initial` (full tensors) for what the files lack."""
+    initial = initial or {}
+    check_weights(model, files, initial)
+    file_names = {files.model_name(name): name for name in files.where}
+    with ExitStack() as stack:
+        opened: dict[Path, object] = {}
+
+        def read(name: str, rows: tuple[int, int] | None) -> Tensor:
+            file = files.where[name]
+            if file not in opened:
+                opened[file] = stack.enter_context(safe_open(str(file), framework="pt"))
+            tensor = opened[file].get_slice(name)
+            return tensor[rows[0]:rows[1]] if rows else tensor[:]
+
+        for name, target in [*model.named_parameters(), *_persistent_buffers(model)]:
+            rows = local_rows(target)
+            local = target.to_local() if isinstance(target, DTensor) else target
+            if local.numel() == 0:  # a chunk past the last row (more processes than rows)
+                continue
+            if name in file_names:
+                values = read(file_names[name], rows)
+            else:
+                values = initial[name] if rows is None else initial[name][rows[0]:rows[1]]
+            local.copy_(values)
