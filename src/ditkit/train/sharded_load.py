@@ -9,13 +9,16 @@ copy as the student, before sharding, does not fit a GPU, nor 8 processes' host 
 2. the caller casts and `fully_shard`s it as usual (sharding a meta model allocates nothing);
 3. `materialize` allocates each process's local shards (`to_empty`) and puts the buffers back;
 4. `load_shards` streams the weights from the safetensors file(s) one tensor at a time, each
-   process reading only the rows of its own Shard(0) chunk (`safe_open(...).get_slice`, memory
-   mapped, lazily) and copying them into its shard, cast to the parameter's dtype.
+   process reading only the bytes of its own Shard(0) rows (a safetensors file is a JSON header
+   then each tensor's row-major bytes, so a run of rows is one positioned read) straight into a
+   buffer of that size, then copying them into its shard, cast to the parameter's dtype.
 
 A process so holds its shards, the (small, replicated) buffers and one tensor's rows in flight:
-about 1/N of the model, never the whole of it. Parameters the file does not hold (those CLEAR adds,
-such as pooling weights) take the initial values the caller gives; any other missing, unexpected
-or misshapen tensor is a one-line DitkitError before anything is allocated.
+about 1/N of the model, never the whole of it; it also reads only its 1/N of the files (safetensors'
+`safe_open` would map each whole file into the process, which the profiler counts as allocated).
+Parameters the files do not hold (those CLEAR adds, such as pooling weights) take the initial
+values the caller gives; any other missing, unexpected or misshapen tensor is a one-line
+DitkitError before anything is allocated.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -38,14 +40,31 @@ DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = DIFFUSERS_WEIGHTS + ".index.json"
 
 
+# safetensors dtype names (little-endian, as the format stores every tensor)
+STORED_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor's bytes are: `file`, from byte `offset`, row-major."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+
+    def row_bytes(self) -> int:
+        return math.prod(self.shape[1:]) * self.dtype.itemsize
+
+
 @dataclass
 class WeightFiles:
-    """Which safetensors file holds each tensor of a pre-trained model, and its shape. A model
-    tensor named `prefix + name` is the files' tensor `name` (a teacher wrapped in a denoiser adds
-    a prefix)."""
+    """The tensors of a pre-trained model's safetensors file(s) by name. A model tensor named
+    `prefix + name` is the files' tensor `name` (a teacher wrapped in a denoiser adds a prefix)."""
 
-    where: dict[str, Path]  # tensor name in the files -> the file holding it
-    shapes: dict[str, tuple[int, ...]]
+    tensors: dict[str, StoredTensor]
     source: str  # the folder or file, for messages
     prefix: str = ""
 
@@ -53,16 +72,20 @@ class WeightFiles:
         return self.prefix + name
 
 
-def _file_shapes(file: Path, source: str) -> dict[str, tuple[int, ...]]:
-    """Every tensor's shape in one safetensors file, from its header (no weights are read)."""
+def read_header(file: Path, source: str) -> dict[str, StoredTensor]:
+    """Every tensor of one safetensors file, from its header (no weights are read)."""
     try:
-        with safe_open(str(file), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        return {name: StoredTensor(file, STORED_DTYPES[info["dtype"]], tuple(info["shape"]),
+                                   8 + size + info["data_offsets"][0]) for name, info in header.items()}
     except FileNotFoundError as error:
         raise DitkitError(f"weights file {file} of {source} is missing: download or copy it again") from error
-    except Exception as error:  # safetensors' own errors for damaged headers
-        raise DitkitError(f"weights file {file} of {source} is damaged ({error}): download or copy it again") \
-            from error
+    except (ValueError, KeyError, TypeError, MemoryError) as error:  # truncated or not a safetensors file
+        raise DitkitError(f"weights file {file} of {source} is damaged ({type(error).__name__}: {error}): "
+                          "download or copy it again") from error
 
 
 def diffusers_weight_files(folder: str | Path, prefix: str = "") -> WeightFiles:
@@ -78,23 +101,38 @@ def diffusers_weight_files(folder: str | Path, prefix: str = "") -> WeightFiles:
     weight_map = json.loads(index.read_text()).get("weight_map")
     if not isinstance(weight_map, dict):
         raise DitkitError(f"{index} has no weight_map: download the folder again")
-    shapes = {}
+    tensors = {}
     for file in sorted(set(weight_map.values())):
         if not (folder / file).is_file():
             raise DitkitError(f"{index} names {file}, which is missing from {folder}: download that file again")
-        held = _file_shapes(folder / file, str(folder))
+        held = read_header(folder / file, str(folder))
         for name in (n for n, f in weight_map.items() if f == file):
             if name not in held:
                 raise DitkitError(f"{index} places {name} in {file}, which lacks it: download the folder again")
-            shapes[name] = held[name]
-    return WeightFiles({name: folder / file for name, file in weight_map.items()}, shapes, str(folder), prefix)
+            tensors[name] = held[name]
+    return WeightFiles(tensors, str(folder), prefix)
 
 
 def single_weight_file(file: str | Path, prefix: str = "") -> WeightFiles:
     """All weights in one safetensors file (a ditkit checkpoint's model or ema.safetensors)."""
-    file = Path(file)
-    shapes = _file_shapes(file, str(file))
-    return WeightFiles(dict.fromkeys(shapes, file), shapes, str(file), prefix)
+    return WeightFiles(read_header(Path(file), str(file)), str(file), prefix)
+
+
+def read_rows(stored: StoredTensor, rows: tuple[int, int] | None, opened: dict[Path, object]) -> Tensor:
+    """Rows [start, stop) of a stored tensor (None: all of it), read into a buffer of their size."""
+    start, stop = rows or (0, stored.shape[0] if stored.shape else 1)
+    shape = (stop - start, *stored.shape[1:]) if stored.shape else ()
+    out = torch.empty(shape, dtype=stored.dtype)
+    raw = out.reshape(-1).view(torch.uint8).numpy()  # the buffer's bytes, written in place
+    f = opened[stored.file]
+    f.seek(stored.offset + start * stored.row_bytes())
+    done = 0
+    while done < raw.nbytes:  # one read returns at most ~2 GB on Linux
+        got = f.readinto(raw[done:])
+        if not got:
+            raise DitkitError(f"weights file {stored.file} is truncated: download or copy it again")
+        done += got
+    return out
 
 
 def empty_model(build: Callable[[], nn.Module]) -> nn.Module:
@@ -117,7 +155,7 @@ def check_weights(model: nn.Module, files: WeightFiles, initial: dict[str, Tenso
     """Every parameter and persistent buffer of `model` has its tensor in `files` (same shape) or an
     initial value in `initial`; every tensor of `files` belongs to the model."""
     wanted = {name: tuple(t.shape) for name, t in [*model.named_parameters(), *_persistent_buffers(model)]}
-    given = {files.model_name(name): shape for name, shape in files.shapes.items()}
+    given = {files.model_name(name): stored.shape for name, stored in files.tensors.items()}
     for name, shape in wanted.items():
         if name in given:
             if given[name] != shape:
@@ -180,24 +218,17 @@ def load_shards(model: nn.Module, files: WeightFiles, initial: dict[str, Tensor]
     `model`: its own rows from `files`, or from `initial` (full tensors) for what the files lack."""
     initial = initial or {}
     check_weights(model, files, initial)
-    file_names = {files.model_name(name): name for name in files.where}
+    file_names = {files.model_name(name): name for name in files.tensors}
     with ExitStack() as stack:
-        opened: dict[Path, object] = {}
-
-        def read(name: str, rows: tuple[int, int] | None) -> Tensor:
-            file = files.where[name]
-            if file not in opened:
-                opened[file] = stack.enter_context(safe_open(str(file), framework="pt"))
-            tensor = opened[file].get_slice(name)
-            return tensor[rows[0]:rows[1]] if rows else tensor[:]
-
+        opened = {file: stack.enter_context(open(file, "rb", buffering=0))
+                  for file in {stored.file for stored in files.tensors.values()}}
         for name, target in [*model.named_parameters(), *_persistent_buffers(model)]:
             rows = local_rows(target)
             local = target.to_local() if isinstance(target, DTensor) else target
             if local.numel() == 0:  # a chunk past the last row (more processes than rows)
                 continue
             if name in file_names:
-                values = read(file_names[name], rows)
+                values = read_rows(files.tensors[file_names[name]], rows, opened)
             else:
                 values = initial[name] if rows is None else initial[name][rows[0]:rows[1]]
             local.copy_(values)
