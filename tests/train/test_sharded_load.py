@@ -113,9 +113,15 @@ def test_a_ditkit_teacher_builds_empty_from_its_checkpoint(tmp_path):
     assert all(p.is_meta for p in teacher.model.parameters())
     assert teacher.pending_weights.source == str(path / "ema.safetensors")
     check_weights(teacher.model, teacher.pending_weights, {})
-    misnamed = single_weight_file(path / "model.safetensors", prefix="inner.")
-    with pytest.raises(DitkitError, match="lacks the weight"):
-        check_weights(teacher.model, misnamed, {})
+    deeper = tiny_backbone("dit", depth=3).config  # a record that does not describe the weights
+    mismatched = save_checkpoint(tmp_path / "bad", 1, model=model, ema=None, optimizer=None,
+                                 record=RunRecord(model=deeper, diffusion=DiffusionSettings(),
+                                                  data=DataSettings(resolution=8)), train_state={})
+    empty = DitkitTeacher(mismatched, empty=True)
+    with pytest.raises(DitkitError, match="model.safetensors lacks the weight blocks.2.* use another checkpoint"):
+        check_weights(empty.model, empty.pending_weights, {})
+    with pytest.raises(DitkitError, match="lacks the weight x_embedder.weight"):
+        check_weights(teacher.model, single_weight_file(path / "model.safetensors", prefix="inner."), {})
     with pytest.raises(DitkitError, match="built without its weights .*: load it with load_teacher of a config "
                                           "with sharding=none, or distil with sharding=fsdp"):
         Distiller(teacher, DistillConfig(radius=2))

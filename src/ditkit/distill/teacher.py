@@ -109,7 +109,8 @@ class DitkitTeacher(Teacher):
         found = find_checkpoint(path)
         file = weights_file(found, ema) if found.is_dir() else found
         record = read_record(file)
-        return empty_model(lambda: build_model(record.model)).eval(), record, single_weight_file(file)
+        files = single_weight_file(file, fix="use another checkpoint of the run")
+        return empty_model(lambda: build_model(record.model)).eval(), record, files
 
     def draw_conditions(self, num: int, generator: torch.Generator) -> Tensor | None:
         if not self.num_classes:

@@ -67,6 +67,7 @@ class WeightFiles:
     tensors: dict[str, StoredTensor]
     source: str  # the folder or file, for messages
     prefix: str = ""
+    fix: str = "use the folder's own config.json"  # what to do when the model and the files disagree
 
     def model_name(self, name: str) -> str:
         return self.prefix + name
@@ -113,9 +114,9 @@ def diffusers_weight_files(folder: str | Path, prefix: str = "") -> WeightFiles:
     return WeightFiles(tensors, str(folder), prefix)
 
 
-def single_weight_file(file: str | Path, prefix: str = "") -> WeightFiles:
+def single_weight_file(file: str | Path, prefix: str = "", fix: str = WeightFiles.fix) -> WeightFiles:
     """All weights in one safetensors file (a ditkit checkpoint's model or ema.safetensors)."""
-    return WeightFiles(read_header(Path(file), str(file)), str(file), prefix)
+    return WeightFiles(read_header(Path(file), str(file)), str(file), prefix, fix)
 
 
 def read_rows(stored: StoredTensor, rows: tuple[int, int] | None, opened: dict[Path, object]) -> Tensor:
@@ -161,13 +162,13 @@ def check_weights(model: nn.Module, files: WeightFiles, initial: dict[str, Tenso
             if given[name] != shape:
                 raise DitkitError(f"{name.removeprefix(files.prefix)} in {files.source} has shape {list(given[name])}, "
                                   f"the model built from its config wants {list(shape)}: the config does not "
-                                  "match the weights; use the folder's own config.json")
+                                  f"match the weights; {files.fix}")
         elif name not in initial:
             raise DitkitError(f"{files.source} lacks the weight {name.removeprefix(files.prefix)}: the config does "
-                              "not match the weights; use the folder's own config.json")
+                              f"not match the weights; {files.fix}")
     if extra := sorted(set(given) - set(wanted)):
         raise DitkitError(f"{files.source} holds {extra[0].removeprefix(files.prefix)}, which the model built from "
-                          f"its config lacks ({len(extra)} such): use the folder's own config.json")
+                          f"its config lacks ({len(extra)} such): {files.fix}")
 
 
 def materialize(model: nn.Module, device: torch.device) -> None:
@@ -182,12 +183,8 @@ def materialize(model: nn.Module, device: torch.device) -> None:
     with torch.no_grad():
         for name, buffer in buffers.items():
             if not buffer.is_meta:
-                _owner_and_attr(model, name)[0]._buffers[name.rpartition(".")[2]] = buffer.to(device)
-
-
-def _owner_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    path, _, attr = name.rpartition(".")
-    return (model.get_submodule(path) if path else model), attr
+                owner, _, attr = name.rpartition(".")
+                model.get_submodule(owner)._buffers[attr] = buffer.to(device)
 
 
 def local_rows(param: Tensor) -> tuple[int, int] | None:
