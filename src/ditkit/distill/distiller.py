@@ -12,10 +12,10 @@
 With `sharding: fsdp` (under torchrun) teacher and student are sharded per block with FSDP2
 (train/sharding.py): their frozen weights in `frozen_dtype` (bf16), the trained projections fp32
 units of their own (computing in bf16) whose AdamW state is sharded too. A teacher from
-`load_teacher` is then built on the meta device and each process reads only its shards of the
-weights (train/sharded_load.py), so a 12B teacher never sits whole on any process. Every process samples
-and evaluates together (the sharded forwards are collective) and trains on its own slice of each
-batch; the main process writes the reports and the checkpoints' safetensors.
+`load_teacher` is then built on the meta device, its student too, and each process reads only its
+shards of the weights (train/sharded_load.py): a 12B teacher never sits whole on any process.
+Every process samples and evaluates together (the sharded forwards are collective) and trains on
+its own slice of each batch; the main process writes the reports and the checkpoints' safetensors.
 """
 
 from __future__ import annotations
@@ -174,8 +174,9 @@ class Distiller:
 
     def _shard(self) -> None:
         """Frozen weights in frozen_dtype, trained ones fp32 in FSDP units of their own (a unit holds
-        one dtype), then blocks and roots; the teacher alike. fully_shard makes new parameters, so
-        the trained ones are looked up again."""
+        one dtype), then blocks and roots; the teacher alike. The trained ones keep the teacher's
+        fp32 values (not rounded through bf16). fully_shard makes new parameters, so the trained
+        ones are looked up again."""
         frozen = DTYPES[self.cfg.frozen_dtype]
         trained = {name: p.data for name, p in self.trainable.items()}  # fp32, not rounded through bf16
         self.teacher.model.to(frozen)
