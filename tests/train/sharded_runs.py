@@ -2,8 +2,12 @@
 runs, so the test pays the process start-up once.
 
     torchrun --nproc_per_node 2 sharded_runs.py two OUT     train straight and in halves; distill a FLUX
-                                                           teacher straight and in halves; gradients
-                                                           of the sharded student (OUT/gradients.json)
+                                                           teacher (its weights split in two files)
+                                                           straight and in halves; gradients of the
+                                                           sharded student (OUT/gradients.json); teachers
+                                                           and students loaded shard by shard vs plain
+                                                           loads, and the bytes each process allocates
+                                                           loading (OUT/loads-RANK.json)
     torchrun --nproc_per_node 1 sharded_runs.py one OUT     resume the halves (copied to OUT/*-on-one)
 """
 
@@ -71,21 +75,134 @@ def two(out: Path) -> None:
     dist.barrier()
     run("train", "digits", *tiny_run(out / "halves", *TRAIN, "train.steps=4"), "--resume", "--no-progress")
 
-    teacher = out / "flux"
     if dist.get_rank() == 0:
-        from diffusers import FluxTransformer2DModel
-
-        torch.manual_seed(0)
-        FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                               num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-                               axes_dims_rope=[4, 6, 6]).save_pretrained(teacher)
+        make_teachers(out)
     dist.barrier()
+    teacher = out / "flux"
     run(*distill_args(teacher, out / "student", 4))
     run(*distill_args(teacher, out / "student-halves", 2))
     run(*distill_args(teacher, out / "student-halves", 4), "--resume")
     result = student_gradients(teacher)
     if dist.get_rank() == 0:
         (out / "gradients.json").write_text(json.dumps(result))
+    loads = {"differences": {name: load_differences(out / name, down_factor)
+                             for name, down_factor in (("flux", 2), ("sd3", 0), ("dit", 2))},
+             "udit": teacher_load_differences(out / "udit"), "memory": load_memory(teacher)}
+    (out / f"loads-{dist.get_rank()}.json").write_text(json.dumps(loads))
+
+
+def make_teachers(out: Path) -> None:
+    """Tiny teachers with random weights: a FLUX folder split in two safetensors files with an index
+    (FLUX.1's layout), an SD3 folder (a persistent position buffer), and ditkit DiT (5 class rows:
+    a shard with padding) and U-DiT checkpoints."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    from ditkit.record import DataSettings, DiffusionSettings, RunRecord
+    from ditkit.train.checkpoint import save_checkpoint
+    from helpers import tiny_backbone
+
+    torch.manual_seed(0)
+    flux = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                  pooled_projection_dim=32, axes_dims_rope=[4, 6, 6])
+    flux.save_pretrained(out / "flux", max_shard_size=sum(p.nbytes for p in flux.parameters()) * 3 // 5)
+    SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                          num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                          pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16).save_pretrained(out / "sd3")
+    for backbone, extra in (("dit", {"num_classes": 4}), ("udit", {})):
+        model = tiny_backbone(backbone, randomize=0.2, **extra)
+        record = RunRecord(model=model.config, diffusion=DiffusionSettings(objective="flow"),
+                           data=DataSettings(resolution=8))
+        save_checkpoint(out / backbone, 1, model=model, ema=model, optimizer=None, record=record, train_state={})
+
+
+def differences(model: torch.nn.Module, reference: torch.nn.Module) -> list[str]:
+    """Names of the tensors (parameters and every buffer) whose gathered values or dtype differ
+    from the reference's, or that only one of the two has."""
+    from torch.distributed.tensor import DTensor
+
+    got = dict(model.named_parameters()) | dict(model.named_buffers())
+    want = dict(reference.named_parameters()) | dict(reference.named_buffers())
+    found = sorted(got.keys() ^ want.keys())
+    for name in sorted(got.keys() & want.keys()):  # the same order on every process: gathers are collective
+        full = got[name].full_tensor() if isinstance(got[name], DTensor) else got[name]
+        if full.dtype != want[name].dtype or not torch.equal(full.detach().cpu(), want[name].detach()):
+            found.append(name)
+    return found
+
+
+def distill_config(teacher: Path, down_factor: int, **extra):
+    from ditkit.distill import DistillConfig
+
+    return DistillConfig(teacher=str(teacher), out_dir="unused", radius=2, down_factor=down_factor,
+                         resolution=64 if (teacher / "config.json").is_file() else None, **extra)
+
+
+def load_differences(teacher: Path, down_factor: int) -> dict[str, list[str]]:
+    """Teacher and student of a sharded distiller (loaded shard by shard, load_teacher's way) against
+    a plain load cast as the distiller casts: frozen weights bf16, trained ones fp32 from the file."""
+    from ditkit.distill import Distiller, load_teacher
+
+    sharded = Distiller(load_teacher(distill_config(teacher, down_factor, sharding="fsdp")),
+                        distill_config(teacher, down_factor, sharding="fsdp"), progress=False)
+    plain = load_teacher(distill_config(teacher, down_factor))
+    student = plain.make_student(2, down_factor, "auto")
+    trained = {name: p.data for name, p in plain.trainable_parameters(student).items()}
+    plain.model.to(torch.bfloat16)
+    student.to(torch.bfloat16)
+    for name, p in plain.trainable_parameters(student).items():
+        p.data = trained[name]
+    return {"teacher": differences(sharded.teacher.model, plain.model),
+            "student": differences(sharded.student, student)}
+
+
+def teacher_load_differences(checkpoint: Path) -> list[str]:
+    """A teacher alone (U-DiT: CLEAR cannot take over its mixers) sharded and loaded in fp32."""
+    from ditkit.distill import DitkitTeacher
+    from ditkit.train.sharded_load import load_shards, materialize
+    from ditkit.train.sharding import shard_model
+
+    empty = DitkitTeacher(checkpoint, empty=True)
+    shard_model(empty.model, torch.device("cpu"))
+    materialize(empty.model, torch.device("cpu"))
+    load_shards(empty.model, empty.pending_weights)
+    return differences(empty.model, DitkitTeacher(checkpoint).model)
+
+
+def allocated_peak(fn) -> int:
+    """Peak bytes PyTorch's CPU allocator holds while `fn()` runs, above what it held before: every
+    allocation and free as the profiler records them. (ditkit.metrics.memory's dispatch tracker
+    does not see storage-level copies such as deepcopy's, so it would undercount the old path.)"""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    return peak
+
+
+def load_memory(teacher: Path) -> dict[str, int]:
+    """Peak bytes this process allocates building a sharded distiller of the FLUX teacher: loaded
+    shard by shard (new) and loaded whole first (old); and what its shards and buffers take."""
+    from ditkit.distill import Distiller, load_teacher
+    from ditkit.distill.diffusers_teacher import DiffusersTeacher
+
+    cfg = distill_config(teacher, 2, sharding="fsdp")
+    new = allocated_peak(lambda: Distiller(load_teacher(cfg), cfg, progress=False))
+    old = allocated_peak(lambda: Distiller(DiffusersTeacher(teacher, resolution=64), cfg, progress=False))
+    distiller = Distiller(load_teacher(cfg), cfg, progress=False)
+    models = (distiller.teacher.model, distiller.student)
+    processes = dist.get_world_size()
+    share = sum(-(-p.shape[0] // processes) * (p.numel() // p.shape[0]) * p.element_size()
+                for model in models for p in model.parameters())
+    return {"new": new, "old": old, "share": share,
+            "buffers": sum(b.numel() * 4 for model in models for _, b in model.named_buffers()),
+            "largest": max(p.numel() * 4 for p in distiller.teacher.model.parameters()),
+            "whole": sum(p.numel() * 4 for p in distiller.teacher.model.parameters())}
 
 
 def one(out: Path) -> None:

@@ -236,3 +236,22 @@ def test_sharded_distillation_saves_a_student_that_loads_in_one_process(sharded_
     assert sorted(k for k in loaded if not torch.equal(loaded[k], teacher[k])) == sorted(
         k.removeprefix("transformer.") for k in a)
     assert all(torch.equal(loaded[k.removeprefix("transformer.")], a[k]) for k in a)
+
+
+def test_sharded_loads_equal_plain_loads_and_take_a_share_of_memory(sharded_runs):
+    """Teachers built on the meta device and loaded shard by shard on 2 processes (a FLUX folder split
+    in two files, SD3 with its position buffer, ditkit DiT with a padded shard, U-DiT): every parameter
+    and buffer, gathered, is bitwise a plain load's cast as the distiller casts; the students too,
+    CLEAR's pooling weights included. And the bytes each process allocated loading."""
+    flux = sorted(p.name for p in (sharded_runs / "flux").iterdir())
+    assert flux == ["config.json", "diffusion_pytorch_model-00001-of-00002.safetensors",
+                    "diffusion_pytorch_model-00002-of-00002.safetensors",
+                    "diffusion_pytorch_model.safetensors.index.json"]
+    for rank in (0, 1):
+        loads = json.loads((sharded_runs / f"loads-{rank}.json").read_text())
+        assert loads["differences"] == {name: {"teacher": [], "student": []} for name in ("flux", "sd3", "dit")}
+        assert loads["udit"] == []
+        memory = loads["memory"]
+        # its shards of teacher and student, the buffers (counted at fp32) and one tensor (at fp32) in flight
+        bound = memory["share"] + memory["buffers"] + memory["largest"]
+        assert memory["new"] <= bound < memory["whole"] < memory["old"], memory  # loading whole first: over it

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ..errors import DitkitError
 from ..integrations.diffusers import SUPPORTED, apply_clear, attention_taps
 from ..record import DataSettings, DiffusersModel, DiffusionSettings, RunRecord
+from ..train.sharded_load import diffusers_weight_files, empty_model
 from .teacher import Teacher
 
 FLOW_MODELS = ("FluxTransformer2DModel", "SD3Transformer2DModel")
@@ -84,7 +85,10 @@ class DiffusersTeacher(Teacher):
     otherwise they show the latents. The student saves only its trained weights."""
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", resolution: int | None = None,
-                 steps: int = 28, prompt_embeds: str | None = None, num_prompts: int = 16, seed: int = 0):
+                 steps: int = 28, prompt_embeds: str | None = None, num_prompts: int = 16, seed: int = 0,
+                 empty: bool = False):
+        """`empty`: build the transformer from its config.json on the meta device and leave its
+        weights in the folder's safetensors (`pending_weights`) for a sharded distillation."""
         import diffusers
 
         self.path = str(path)
@@ -92,7 +96,12 @@ class DiffusersTeacher(Teacher):
         if class_name not in FLOW_MODELS:
             raise DitkitError(f"distilling a {class_name} is not supported: ditkit distils the flow-matching "
                               f"transformers {', '.join(FLOW_MODELS)} (apply_clear works on {', '.join(SUPPORTED)})")
-        transformer = getattr(diffusers, class_name).from_pretrained(path).to(device).eval()
+        model_class = getattr(diffusers, class_name)
+        if empty:
+            transformer = empty_model(lambda: model_class.from_config(model_class.load_config(path))).eval()
+            self.pending_weights = diffusers_weight_files(path, prefix="transformer.")  # FlowDenoiser's name
+        else:
+            transformer = model_class.from_pretrained(path).to(device).eval()
         self.prompts_file = prompt_embeds
         text, pooled = load_prompt_embeds(prompt_embeds, transformer, num_prompts, seed)
         self.model = FlowDenoiser(transformer, text.to(device), pooled.to(device)).requires_grad_(False)

@@ -11,9 +11,11 @@
 
 With `sharding: fsdp` (under torchrun) teacher and student are sharded per block with FSDP2
 (train/sharding.py): their frozen weights in `frozen_dtype` (bf16), the trained projections fp32
-units of their own (computing in bf16) whose AdamW state is sharded too. Every process samples
-and evaluates together (the sharded forwards are collective) and trains on its own slice of each
-batch; the main process writes the reports and the checkpoints' safetensors.
+units of their own (computing in bf16) whose AdamW state is sharded too. A teacher from
+`load_teacher` is then built on the meta device, its student too, and each process reads only its
+shards of the weights (train/sharded_load.py): a 12B teacher never sits whole on any process.
+Every process samples and evaluates together (the sharded forwards are collective) and trains on
+its own slice of each batch; the main process writes the reports and the checkpoints' safetensors.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from ..data.images import image_grid, save_image
 from ..diffusion.sampling import sample
 from ..errors import DitkitError
 from ..files import atomic_path, atomic_write_text, read_json
-from ..mixers.clear import local_pairs
+from ..mixers.clear import initial_added_parameters, local_pairs
 from ..train.checkpoint import (
     find_checkpoint,
     list_checkpoints,
@@ -45,6 +47,7 @@ from ..train.checkpoint import (
 from ..train.config import AT_LEAST_0, AT_LEAST_1, POSITIVE, check_ranges, check_sharding
 from ..train.loop import MetricsLog, StepBatchSampler, step_generator
 from ..train.runfolder import own_run_folder
+from ..train.sharded_load import check_weights, load_shards, materialize
 from ..train.sharding import (
     DTYPES,
     SHARDED_STATE,
@@ -148,7 +151,14 @@ class Distiller:
         self.rank, self.world = require_process_group("distill") if self.sharded else (0, 1)
         self.is_main = self.rank == 0
         self.out_dir = Path(cfg.out_dir)
-        self.student = teacher.make_student(cfg.radius, cfg.down_factor, cfg.backend).to(self.device)
+        if teacher.pending_weights is None:
+            self.student = teacher.make_student(cfg.radius, cfg.down_factor, cfg.backend).to(self.device)
+        else:  # a teacher built on the meta device: its student too, both loaded once sharded
+            if not self.sharded:
+                raise DitkitError("the teacher was built without its weights (for sharding=fsdp): load it with "
+                                  "load_teacher of a config with sharding=none, or distil with sharding=fsdp")
+            with torch.device("meta"):  # what CLEAR adds is built there too (initial values come at load)
+                self.student = teacher.make_student(cfg.radius, cfg.down_factor, cfg.backend)
         self.student.requires_grad_(False)
         self.trainable = teacher.trainable_parameters(self.student)
         if not self.trainable:
@@ -164,17 +174,36 @@ class Distiller:
 
     def _shard(self) -> None:
         """Frozen weights in frozen_dtype, trained ones fp32 in FSDP units of their own (a unit holds
-        one dtype), then blocks and roots; the teacher alike. fully_shard makes new parameters, so
-        the trained ones are looked up again."""
+        one dtype), then blocks and roots; the teacher alike. The trained ones keep the teacher's
+        fp32 values (not rounded through bf16). fully_shard makes new parameters, so the trained
+        ones are looked up again."""
         frozen = DTYPES[self.cfg.frozen_dtype]
+        trained = {name: p.data for name, p in self.trainable.items()}  # fp32, not rounded through bf16
         self.teacher.model.to(frozen)
         self.student.to(frozen)
-        for p in self.trainable.values():
-            p.data = p.data.float()
+        for name, p in self.trainable.items():
+            p.data = trained[name].float()
         compute = None if frozen == torch.float32 else frozen
         shard_model(self.student, self.device, first_units=self._trained_units(), compute_dtype=compute)
         shard_model(self.teacher.model, self.device, compute_dtype=compute)
+        if self.teacher.pending_weights is not None:
+            self._load_shards()
         self.trainable = self.teacher.trainable_parameters(self.student)
+
+    def _load_shards(self) -> None:
+        """Teacher and student built on the meta device, now sharded: each process allocates its
+        shards and reads its rows of the teacher's weights into both (train/sharded_load.py); the
+        student's CLEAR additions take their initial values. Both are checked against the files
+        before anything is allocated."""
+        files = self.teacher.pending_weights
+        added = initial_added_parameters(self.student)
+        models = ((self.teacher.model, {}), (self.student, added))
+        for model, initial in models:
+            check_weights(model, files, initial)
+        for model, initial in models:
+            materialize(model, self.device)
+            load_shards(model, files, initial)
+        self.teacher.pending_weights = None
 
     def _trained_units(self) -> list[nn.Module]:
         """The modules that own the trained parameters, innermost first; each must own no frozen ones."""

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..diffusion.pipeline import input_size
 from ..mixers import TokenMixer, swap_mixers
 from ..record import RunRecord
+from ..train.sharded_load import WeightFiles, empty_model, single_weight_file
 
 
 class Teacher:
@@ -32,6 +33,9 @@ class Teacher:
     cfg_scale: float
     guidance_channels: int | None = None  # classifier-free guidance on the first N channels only (None: all)
     null_condition: int | None
+    # The files the model's weights still have to be read from (it was built on the meta device,
+    # for sharding=fsdp: `Distiller` loads them shard by shard); None: the model holds its weights.
+    pending_weights: WeightFiles | None = None
 
     def draw_conditions(self, num: int, generator: torch.Generator) -> Tensor | None:
         raise NotImplementedError
@@ -74,11 +78,16 @@ class Teacher:
 class DitkitTeacher(Teacher):
     """A ditkit checkpoint (DiT, or any backbone whose attention mixers hold `qkv`/`proj`)."""
 
-    def __init__(self, path: str | Path, device: str | torch.device = "cpu", ema: bool = True):
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu", ema: bool = True, empty: bool = False):
+        """`empty`: build the model on the meta device and leave its weights in the file
+        (`pending_weights`) for a sharded distillation to load shard by shard."""
         from ..train.checkpoint import load_checkpoint
 
         self.path = str(path)
-        self.model, self.record = load_checkpoint(path, ema=ema, device=device)
+        if empty:
+            self.model, self.record, self.pending_weights = self._empty_model(path, ema)
+        else:
+            self.model, self.record = load_checkpoint(path, ema=ema, device=device)
         self.model.requires_grad_(False)
         self.objective = self.record.objective()
         d = self.record.diffusion
@@ -89,6 +98,19 @@ class DitkitTeacher(Teacher):
         self.num_classes = embedder.num_classes if embedder is not None else 0
         self.null_condition = embedder.null_label if embedder is not None else None
         self._vae = None
+
+    @staticmethod
+    def _empty_model(path: str | Path, ema: bool) -> tuple[nn.Module, RunRecord, WeightFiles]:
+        """The model of the file `load_checkpoint` would read (EMA or raw weights), built from its
+        record with meta parameters, and that file."""
+        from ..models import build_model
+        from ..train.checkpoint import find_checkpoint, read_record, weights_file
+
+        found = find_checkpoint(path)
+        file = weights_file(found, ema) if found.is_dir() else found
+        record = read_record(file)
+        files = single_weight_file(file, fix="use another checkpoint of the run")
+        return empty_model(lambda: build_model(record.model)).eval(), record, files
 
     def draw_conditions(self, num: int, generator: torch.Generator) -> Tensor | None:
         if not self.num_classes:
@@ -153,8 +175,11 @@ def is_diffusers_folder(path: str | Path) -> bool:
 
 def load_teacher(cfg, device: str | torch.device = "cpu") -> Teacher:
     """The teacher a `DistillConfig` names: a ditkit checkpoint or a diffusers transformer folder,
-    with the config's resolution and sampling steps where it sets them."""
+    with the config's resolution and sampling steps where it sets them. Under sharding=fsdp it is
+    built on the meta device, its weights left for the `Distiller` to load into the shards."""
     from ..errors import DitkitError
+
+    empty = cfg.sharding == "fsdp"
 
     if not cfg.teacher:
         raise DitkitError("no teacher: give --teacher PATH (a ditkit checkpoint or a diffusers transformer folder) "
@@ -163,10 +188,11 @@ def load_teacher(cfg, device: str | torch.device = "cpu") -> Teacher:
         from .diffusers_teacher import DiffusersTeacher
 
         return DiffusersTeacher(cfg.teacher, device=device, resolution=cfg.resolution,
-                                steps=cfg.teacher_steps or 28, prompt_embeds=cfg.prompt_embeds, seed=cfg.seed)
+                                steps=cfg.teacher_steps or 28, prompt_embeds=cfg.prompt_embeds, seed=cfg.seed,
+                                empty=empty)
     if cfg.prompt_embeds:
         raise DitkitError("prompt_embeds is for diffusers teachers; a ditkit teacher uses its class labels")
-    teacher = DitkitTeacher(cfg.teacher, device=device)
+    teacher = DitkitTeacher(cfg.teacher, device=device, empty=empty)
     teacher.resolution = cfg.resolution or teacher.resolution
     teacher.steps = cfg.teacher_steps or teacher.steps
     return teacher

@@ -41,7 +41,9 @@ size). A distillation student is measured with the teacher's (stock) attention: 
 kernel on a GPU saves the same tensors (q, k, v, output, log-sum-exp). bf16 activations are
 measured with bf16 weights and inputs; autocast's fp32 islands (norms, softmax statistics) are
 not modelled. Not included: the CUDA context, NCCL buffers, the allocator's fragmentation and
-cached blocks, which come on top.
+cached blocks, which come on top. Loading adds no peak of its own under FSDP: a sharded
+distillation builds teacher and student on the meta device and reads each process's shards
+straight from the files (train/sharded_load.py), one tensor's rows in flight.
 """
 
 from __future__ import annotations

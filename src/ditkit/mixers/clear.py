@@ -209,6 +209,17 @@ def initial_pool_weight(down_factor: int) -> nn.Parameter:
     return nn.Parameter(torch.full((down_factor * down_factor,), 1.0 / down_factor**2))
 
 
+def initial_added_parameters(model: nn.Module) -> dict[str, Tensor]:
+    """The parameters CLEAR adds to a model it switches, by name, at their initial values: the
+    pooling weights of every CLEAR mixer or processor with a `down_factor` (both keep theirs as
+    `pool_weight`). A teacher's weights file cannot hold them; a student loaded onto the meta
+    device (sharded distillation) takes them from here."""
+    with torch.device("cpu"):  # real values, even when called inside a meta-device context
+        return {f"{path}.pool_weight" if path else "pool_weight": initial_pool_weight(m.down_factor).detach()
+                for path, m in model.named_modules()
+                if getattr(m, "down_factor", 0) and isinstance(getattr(m, "pool_weight", None), nn.Parameter)}
+
+
 @register_mixer("clear")
 class ClearAttention(AttentionMixer):
     """CLEAR local attention with DiT's projections: a drop-in replacement for `full`."""

@@ -212,6 +212,19 @@ def read_weights(file: Path) -> tuple[dict[str, torch.Tensor], RunRecord]:
     return tensors, RunRecord.from_json(metadata[META_KEY], source=str(file))
 
 
+def read_record(file: Path) -> RunRecord:
+    """The ditkit record of one safetensors file of a model checkpoint, read from its header alone
+    (no weights): what a model built empty, to be loaded shard by shard, is built from."""
+    metadata, _ = _read_safetensors(file, lambda f: None)
+    if META_KEY not in metadata:
+        raise DitkitError(f"{file} is not a ditkit checkpoint (no model config in its metadata)")
+    record = RunRecord.from_json(metadata[META_KEY], source=str(file))
+    if not hasattr(record.model, "backbone"):
+        raise DitkitError(f"{file} holds a diffusers student ({record.model.diffusers}): run it in its pipeline "
+                          "(ditkit generate --student, or ditkit.integrations.pipelines.load_student)")
+    return record
+
+
 def load_torch_file(path: Path, device: str | torch.device = "cpu") -> Any:
     """A checkpoint's optimizer.pt (plain tensors only: `weights_only` runs no pickled code), with
     one-line errors when it is missing, damaged or holds objects that weights_only refuses."""

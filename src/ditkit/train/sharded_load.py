@@ -1,0 +1,231 @@
+"""A pre-trained model loaded straight into its FSDP2 shards, never whole on any process.
+
+A 12B-parameter teacher (FLUX.1-dev) is 48 GB in fp32: loading it whole on every process, then a
+copy as the student, before sharding, does not fit a GPU, nor 8 processes' host memory. Instead:
+
+1. `empty_model` builds the model with its parameters on the meta device (shapes, no data) and
+   its buffers real: the constructor computes them exactly as a plain load does, including the
+   non-persistent ones a weights file does not hold (position tables and the like).
+2. the caller casts and `fully_shard`s it as usual (sharding a meta model allocates nothing);
+3. `materialize` allocates each process's local shards (`to_empty`) and puts the buffers back;
+4. `load_shards` streams the weights from the safetensors file(s) one tensor at a time, each
+   process reading only the bytes of its own Shard(0) rows (a safetensors file is a JSON header
+   then each tensor's row-major bytes, so a run of rows is one positioned read) straight into a
+   buffer of that size, then copying them into its shard, cast to the parameter's dtype.
+
+A process so holds its shards, the (small, replicated) buffers and one tensor's rows in flight:
+about 1/N of the model, never the whole of it; it also reads only its 1/N of the files (safetensors'
+`safe_open` would map each whole file into the process, which the profiler counts as allocated).
+Parameters the files do not hold (those CLEAR adds, such as pooling weights) take the initial
+values the caller gives; any other missing, unexpected or misshapen tensor is a one-line
+DitkitError before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from ..errors import DitkitError
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_INDEX = DIFFUSERS_WEIGHTS + ".index.json"
+
+
+# safetensors dtype names (little-endian, as the format stores every tensor)
+STORED_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor's bytes are: `file`, from byte `offset`, row-major."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+
+    def row_bytes(self) -> int:
+        return math.prod(self.shape[1:]) * self.dtype.itemsize
+
+
+@dataclass
+class WeightFiles:
+    """The tensors of a pre-trained model's safetensors file(s) by name. A model tensor named
+    `prefix + name` is the files' tensor `name` (a teacher wrapped in a denoiser adds a prefix)."""
+
+    tensors: dict[str, StoredTensor]
+    source: str  # the folder or file, for messages
+    prefix: str = ""
+    fix: str = "use the folder's own config.json"  # what to do when the model and the files disagree
+
+    def model_name(self, name: str) -> str:
+        return self.prefix + name
+
+
+def read_header(file: Path, source: str) -> dict[str, StoredTensor]:
+    """Every tensor of one safetensors file, from its header (no weights are read)."""
+    try:
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        return {name: StoredTensor(file, STORED_DTYPES[info["dtype"]], tuple(info["shape"]),
+                                   8 + size + info["data_offsets"][0]) for name, info in header.items()}
+    except FileNotFoundError as error:
+        raise DitkitError(f"weights file {file} of {source} is missing: download or copy it again") from error
+    except (ValueError, KeyError, TypeError, MemoryError) as error:  # truncated or not a safetensors file
+        raise DitkitError(f"weights file {file} of {source} is damaged ({type(error).__name__}: {error}): "
+                          "download or copy it again") from error
+
+
+def diffusers_weight_files(folder: str | Path, prefix: str = "") -> WeightFiles:
+    """A diffusers model folder's weights: one diffusion_pytorch_model.safetensors, or several
+    listed in its .index.json (how save_pretrained splits a large model, FLUX.1's layout)."""
+    folder = Path(folder)
+    index = folder / DIFFUSERS_INDEX
+    if not index.is_file():
+        if not (folder / DIFFUSERS_WEIGHTS).is_file():
+            raise DitkitError(f"{folder} has no {DIFFUSERS_WEIGHTS} (nor {DIFFUSERS_INDEX}): save the model with "
+                              "save_pretrained (safetensors), or load it with sharding=none")
+        return single_weight_file(folder / DIFFUSERS_WEIGHTS, prefix)
+    weight_map = json.loads(index.read_text()).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise DitkitError(f"{index} has no weight_map: download the folder again")
+    tensors = {}
+    for file in sorted(set(weight_map.values())):
+        if not (folder / file).is_file():
+            raise DitkitError(f"{index} names {file}, which is missing from {folder}: download that file again")
+        held = read_header(folder / file, str(folder))
+        for name in (n for n, f in weight_map.items() if f == file):
+            if name not in held:
+                raise DitkitError(f"{index} places {name} in {file}, which lacks it: download the folder again")
+            tensors[name] = held[name]
+    return WeightFiles(tensors, str(folder), prefix)
+
+
+def single_weight_file(file: str | Path, prefix: str = "", fix: str = WeightFiles.fix) -> WeightFiles:
+    """All weights in one safetensors file (a ditkit checkpoint's model or ema.safetensors)."""
+    return WeightFiles(read_header(Path(file), str(file)), str(file), prefix, fix)
+
+
+def read_rows(stored: StoredTensor, rows: tuple[int, int] | None, opened: dict[Path, object]) -> Tensor:
+    """Rows [start, stop) of a stored tensor (None: all of it), read into a buffer of their size."""
+    start, stop = rows or (0, stored.shape[0] if stored.shape else 1)
+    shape = (stop - start, *stored.shape[1:]) if stored.shape else ()
+    out = torch.empty(shape, dtype=stored.dtype)
+    raw = out.reshape(-1).view(torch.uint8).numpy()  # the buffer's bytes, written in place
+    f = opened[stored.file]
+    f.seek(stored.offset + start * stored.row_bytes())
+    done = 0
+    while done < raw.nbytes:  # one read returns at most ~2 GB on Linux
+        got = f.readinto(raw[done:])
+        if not got:
+            raise DitkitError(f"weights file {stored.file} is truncated: download or copy it again")
+        done += got
+    return out
+
+
+def empty_model(build: Callable[[], nn.Module]) -> nn.Module:
+    """`build()` with its parameters on the meta device and its buffers real (see the module
+    docstring): accelerate's init_empty_weights, which diffusers' own loading uses."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        return build()
+
+
+def _persistent_buffers(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    for path, module in model.named_modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set:
+                yield f"{path}.{name}" if path else name, buffer
+
+
+def check_weights(model: nn.Module, files: WeightFiles, initial: dict[str, Tensor]) -> None:
+    """Every parameter and persistent buffer of `model` has its tensor in `files` (same shape) or an
+    initial value in `initial`; every tensor of `files` belongs to the model."""
+    wanted = {name: tuple(t.shape) for name, t in [*model.named_parameters(), *_persistent_buffers(model)]}
+    given = {files.model_name(name): stored.shape for name, stored in files.tensors.items()}
+    for name, shape in wanted.items():
+        if name in given:
+            if given[name] != shape:
+                raise DitkitError(f"{name.removeprefix(files.prefix)} in {files.source} has shape {list(given[name])}, "
+                                  f"the model built from its config wants {list(shape)}: the config does not "
+                                  f"match the weights; {files.fix}")
+        elif name not in initial:
+            raise DitkitError(f"{files.source} lacks the weight {name.removeprefix(files.prefix)}: the config does "
+                              f"not match the weights; {files.fix}")
+    if extra := sorted(set(given) - set(wanted)):
+        raise DitkitError(f"{files.source} holds {extra[0].removeprefix(files.prefix)}, which the model built from "
+                          f"its config lacks ({len(extra)} such): {files.fix}")
+
+
+def materialize(model: nn.Module, device: torch.device) -> None:
+    """Allocate the parameters' local shards (uninitialised) on `device`; buffers keep their values.
+    `to_empty` replaces buffers with empty ones too, so they are put back after it."""
+    buffers = dict(model.named_buffers())
+    persistent = dict(_persistent_buffers(model))
+    if unset := [name for name, b in buffers.items() if b.is_meta and name not in persistent]:
+        raise DitkitError(f"buffer {unset[0]} was built on the meta device and no file holds it: build the model "
+                          "with empty_model (real buffers), or load it with sharding=none")
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, buffer in buffers.items():
+            if not buffer.is_meta:
+                owner, _, attr = name.rpartition(".")
+                model.get_submodule(owner)._buffers[attr] = buffer.to(device)
+
+
+def local_rows(param: Tensor) -> tuple[int, int] | None:
+    """The rows [start, stop) of the full tensor that this process's shard of `param` holds, as
+    FSDP2's Shard(0) cuts them (torch.chunk: chunks of ceil(rows / N), the last ones shorter or
+    empty; the padding lives only in FSDP's storage); None: the process holds all of it."""
+    if not isinstance(param, DTensor) or param.ndim == 0:
+        return None
+    placements = tuple(param.placements)
+    if all(isinstance(p, Replicate) for p in placements):
+        return None
+    if len(placements) != 1 or placements[0] != Shard(0):
+        raise DitkitError(f"cannot stream weights into placements {placements}: ditkit shards with one Shard(0) "
+                          "(FSDP2's default); load the model with sharding=none")
+    rows, processes = param.shape[0], param.device_mesh.size()
+    chunk = math.ceil(rows / processes)
+    start = min(param.device_mesh.get_local_rank() * chunk, rows)
+    stop = min(start + chunk, rows)
+    if param.to_local().shape[0] != stop - start:  # FSDP2 changed how it cuts: refuse rather than misplace rows
+        raise DitkitError(f"this process's shard holds {param.to_local().shape[0]} of {rows} rows where ditkit "
+                          f"expects {stop - start}: this PyTorch shards differently; load with sharding=none")
+    return start, stop
+
+
+@torch.no_grad()
+def load_shards(model: nn.Module, files: WeightFiles, initial: dict[str, Tensor] | None = None) -> None:
+    """Copy each parameter's (and persistent buffer's) values into the materialised, possibly sharded
+    `model`: its own rows from `files`, or from `initial` (full tensors) for what the files lack."""
+    initial = initial or {}
+    check_weights(model, files, initial)
+    file_names = {files.model_name(name): name for name in files.tensors}
+    with ExitStack() as stack:
+        opened = {file: stack.enter_context(open(file, "rb", buffering=0))
+                  for file in {stored.file for stored in files.tensors.values()}}
+        for name, target in [*model.named_parameters(), *_persistent_buffers(model)]:
+            rows = local_rows(target)
+            local = target.to_local() if isinstance(target, DTensor) else target
+            if local.numel() == 0:  # a chunk past the last row (more processes than rows)
+                continue
+            if name in file_names:
+                values = read_rows(files.tensors[file_names[name]], rows, opened)
+            else:
+                values = initial[name] if rows is None else initial[name][rows[0]:rows[1]]
+            local.copy_(values)
