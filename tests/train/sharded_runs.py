@@ -202,7 +202,7 @@ def load_memory(teacher: Path) -> dict[str, int]:
     return {"new": new, "old": old, "share": share,
             "buffers": sum(b.numel() * 4 for model in models for _, b in model.named_buffers()),
             "largest": max(p.numel() * 4 for p in distiller.teacher.model.parameters()),
-            "whole": sum(p.numel() * 4 for p in distiller.teacher.model.parameters())}
+            "largest_file": max(file.stat().st_size for file in teacher.glob("*.safetensors"))}
 
 
 def one(out: Path) -> None:

@@ -8,14 +8,15 @@ copy as the student, before sharding, does not fit a GPU, nor 8 processes' host 
    non-persistent ones a weights file does not hold (position tables and the like).
 2. the caller casts and `fully_shard`s it as usual (sharding a meta model allocates nothing);
 3. `materialize` allocates each process's local shards (`to_empty`) and puts the buffers back;
-4. `load_shards` streams the weights from the safetensors file(s) one tensor at a time, each
-   process reading only the bytes of its own Shard(0) rows (a safetensors file is a JSON header
-   then each tensor's row-major bytes, so a run of rows is one positioned read) straight into a
-   buffer of that size, then copying them into its shard, cast to the parameter's dtype.
+4. `load_shards` streams the weights from the safetensors file(s) one file and one tensor at a
+   time, each process reading only its own Shard(0) rows (`safe_open(...).get_slice(name)[a:b]`:
+   safetensors maps the file and copies just those rows' bytes), then copying them into its shard,
+   cast to the parameter's dtype.
 
 A process so holds its shards, the (small, replicated) buffers and one tensor's rows in flight:
-about 1/N of the model, never the whole of it; it also reads only its 1/N of the files (safetensors'
-`safe_open` would map each whole file into the process, which the profiler counts as allocated).
+about 1/N of the model, never the whole of it. The open file is mapped, not read: its pages are
+read from disk when touched, i.e. this process's rows only (PyTorch's profiler books the mapping
+as one allocation of the file's size; resident memory does not grow by it).
 Parameters the files do not hold (those CLEAR adds, such as pooling weights) take the initial
 values the caller gives; any other missing, unexpected or misshapen tensor is a one-line
 DitkitError before anything is allocated.
@@ -26,11 +27,11 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -40,23 +41,13 @@ DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = DIFFUSERS_WEIGHTS + ".index.json"
 
 
-# safetensors dtype names (little-endian, as the format stores every tensor)
-STORED_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                 "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-
-
 @dataclass(frozen=True)
 class StoredTensor:
-    """Where one tensor's bytes are: `file`, from byte `offset`, row-major."""
+    """One tensor of a safetensors file: its `name` in `file`, and its shape."""
 
     file: Path
-    dtype: torch.dtype
+    name: str
     shape: tuple[int, ...]
-    offset: int
-
-    def row_bytes(self) -> int:
-        return math.prod(self.shape[1:]) * self.dtype.itemsize
 
 
 @dataclass
@@ -73,20 +64,15 @@ class WeightFiles:
         return self.prefix + name
 
 
-def read_header(file: Path, source: str) -> dict[str, StoredTensor]:
+def stored_tensors(file: Path, source: str) -> dict[str, StoredTensor]:
     """Every tensor of one safetensors file, from its header (no weights are read)."""
     try:
-        with open(file, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
-        header.pop("__metadata__", None)
-        return {name: StoredTensor(file, STORED_DTYPES[info["dtype"]], tuple(info["shape"]),
-                                   8 + size + info["data_offsets"][0]) for name, info in header.items()}
+        with safe_open(file, framework="pt") as f:
+            return {name: StoredTensor(file, name, tuple(f.get_slice(name).get_shape())) for name in f.keys()}
     except FileNotFoundError as error:
         raise DitkitError(f"weights file {file} of {source} is missing: download or copy it again") from error
-    except (ValueError, KeyError, TypeError, MemoryError) as error:  # truncated or not a safetensors file
-        raise DitkitError(f"weights file {file} of {source} is damaged ({type(error).__name__}: {error}): "
-                          "download or copy it again") from error
+    except (SafetensorError, OSError) as error:  # truncated, or not a safetensors file
+        raise DitkitError(f"weights file {file} of {source} is damaged ({error}): download or copy it again") from error
 
 
 def diffusers_weight_files(folder: str | Path, prefix: str = "") -> WeightFiles:
@@ -106,7 +92,7 @@ def diffusers_weight_files(folder: str | Path, prefix: str = "") -> WeightFiles:
     for file in sorted(set(weight_map.values())):
         if not (folder / file).is_file():
             raise DitkitError(f"{index} names {file}, which is missing from {folder}: download that file again")
-        held = read_header(folder / file, str(folder))
+        held = stored_tensors(folder / file, str(folder))
         for name in (n for n, f in weight_map.items() if f == file):
             if name not in held:
                 raise DitkitError(f"{index} places {name} in {file}, which lacks it: download the folder again")
@@ -116,24 +102,14 @@ def diffusers_weight_files(folder: str | Path, prefix: str = "") -> WeightFiles:
 
 def single_weight_file(file: str | Path, prefix: str = "", fix: str = WeightFiles.fix) -> WeightFiles:
     """All weights in one safetensors file (a ditkit checkpoint's model or ema.safetensors)."""
-    return WeightFiles(read_header(Path(file), str(file)), str(file), prefix, fix)
+    return WeightFiles(stored_tensors(Path(file), str(file)), str(file), prefix, fix)
 
 
-def read_rows(stored: StoredTensor, rows: tuple[int, int] | None, opened: dict[Path, object]) -> Tensor:
-    """Rows [start, stop) of a stored tensor (None: all of it), read into a buffer of their size."""
-    start, stop = rows or (0, stored.shape[0] if stored.shape else 1)
-    shape = (stop - start, *stored.shape[1:]) if stored.shape else ()
-    out = torch.empty(shape, dtype=stored.dtype)
-    raw = out.reshape(-1).view(torch.uint8).numpy()  # the buffer's bytes, written in place
-    f = opened[stored.file]
-    f.seek(stored.offset + start * stored.row_bytes())
-    done = 0
-    while done < raw.nbytes:  # one read returns at most ~2 GB on Linux
-        got = f.readinto(raw[done:])
-        if not got:
-            raise DitkitError(f"weights file {stored.file} is truncated: download or copy it again")
-        done += got
-    return out
+def read_rows(stored: StoredTensor, rows: tuple[int, int] | None, opened) -> Tensor:
+    """Rows [start, stop) of a stored tensor (None: all of it) from its `safe_open`ed file."""
+    if rows is None:
+        return opened.get_tensor(stored.name)
+    return opened.get_slice(stored.name)[rows[0]:rows[1]]
 
 
 def empty_model(build: Callable[[], nn.Module]) -> nn.Module:
@@ -216,16 +192,20 @@ def load_shards(model: nn.Module, files: WeightFiles, initial: dict[str, Tensor]
     initial = initial or {}
     check_weights(model, files, initial)
     file_names = {files.model_name(name): name for name in files.tensors}
-    with ExitStack() as stack:
-        opened = {file: stack.enter_context(open(file, "rb", buffering=0))
-                  for file in {stored.file for stored in files.tensors.values()}}
-        for name, target in [*model.named_parameters(), *_persistent_buffers(model)]:
-            rows = local_rows(target)
-            local = target.to_local() if isinstance(target, DTensor) else target
-            if local.numel() == 0:  # a chunk past the last row (more processes than rows)
-                continue
-            if name in file_names:
-                values = read_rows(files.tensors[file_names[name]], rows, opened)
-            else:
-                values = initial[name] if rows is None else initial[name][rows[0]:rows[1]]
-            local.copy_(values)
+    targets = dict([*model.named_parameters(), *_persistent_buffers(model)])
+    for file in sorted({stored.file for stored in files.tensors.values()}):  # one mapped file at a time
+        with safe_open(file, framework="pt") as opened:
+            for name, stored in files.tensors.items():
+                if stored.file == file and (part := local_part(targets[files.model_name(name)])):
+                    part[1].copy_(read_rows(stored, part[0], opened))
+    for name in targets.keys() - file_names.keys():  # parameters the files lack: their initial values
+        if part := local_part(targets[name]):
+            rows = part[0] or (0, len(initial[name]))
+            part[1].copy_(initial[name][rows[0]:rows[1]] if initial[name].ndim else initial[name])
+
+
+def local_part(target: Tensor) -> tuple[tuple[int, int] | None, Tensor] | None:
+    """(the rows of the full tensor this process holds, or None for all; the local tensor holding
+    them), or None when it holds no rows (more processes than rows)."""
+    local = target.to_local() if isinstance(target, DTensor) else target
+    return (local_rows(target), local) if local.numel() else None
