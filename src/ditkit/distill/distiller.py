@@ -373,7 +373,6 @@ class Distiller:
         student_taps.remove()
         teacher_taps.remove()
 
-
     def _mean_over_processes(self, parts: dict[str, float]) -> dict[str, float]:
         """The loss terms averaged over processes (sharded: each saw its own slice of the batch)."""
         if not self.sharded:
