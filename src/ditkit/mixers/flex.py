@@ -10,8 +10,8 @@ Sequence seen by flex: [global tokens | image tokens in block order, padded | po
 With `query_rows=(a, b)` the query sequence holds only rows [a, b) (tiles starting at row a) and
 the key sequence every row: the block mask is Q_LEN x KV_LEN, so no block of other rows' queries
 exists to compute. A padding query takes the coordinates of the nearest image query of its tile
-(clamped into the band and the grid): it reads no block that its tile's image queries do not read,
-and its row is never empty.
+(clamped into the band and the grid): it sees only keys that an image query of its tile sees (no
+block of its own, unlike a query seeing itself at another position), and its row is never empty.
 """
 
 from __future__ import annotations
