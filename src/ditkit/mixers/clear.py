@@ -57,50 +57,81 @@ def halo(radius: float, grid: Grid) -> int:
     return max(0, min(math.ceil(radius) - 1, max(grid) - 1))
 
 
+Rows = tuple[int, int]  # [start, stop) rows of a grid, as in `local_attention(query_rows=...)`
+
+
 @lru_cache(maxsize=16)
-def _reference_mask(grid: Grid, radius: float, num_global: int, num_extra: int, device: torch.device) -> Tensor:
+def _reference_mask(grid: Grid, radius: float, num_global: int, num_extra: int, device: torch.device,
+                    query_rows: Rows | None = None) -> Tensor:
+    """(G + queries, G + H*W + extra) boolean mask; the image queries are rows [a, b) of `grid`."""
     H, W = grid
+    a, b = query_rows or (0, H)
     ys, xs = torch.meshgrid(torch.arange(H, device=device), torch.arange(W, device=device), indexing="ij")
     ys, xs = ys.flatten(), xs.flatten()
-    local = (ys[:, None] - ys[None]) ** 2 + (xs[:, None] - xs[None]) ** 2 < radius * radius
+    qys, qxs = ys[a * W:b * W], xs[a * W:b * W]
+    local = (qys[:, None] - ys[None]) ** 2 + (qxs[:, None] - xs[None]) ** 2 < radius * radius
     G, N = num_global, H * W
-    mask = torch.ones(G + N, G + N + num_extra, dtype=torch.bool, device=device)
+    mask = torch.ones(G + len(qys), G + N + num_extra, dtype=torch.bool, device=device)
     mask[G:, G:G + N] = local
     mask[:G, G + N:] = False  # global queries do not see pooled tokens
     return mask
 
 
 def reference_local_attention(q: Tensor, k: Tensor, v: Tensor, grid: Grid, radius: float, num_global: int = 0,
-                              extra_k: Tensor | None = None, extra_v: Tensor | None = None) -> Tensor:
-    """The definition, written densely: builds an N x N mask. For tests and tiny inputs."""
+                              extra_k: Tensor | None = None, extra_v: Tensor | None = None,
+                              query_rows: Rows | None = None) -> Tensor:
+    """The definition, written densely: builds an N x N mask (queries x N with `query_rows`). For
+    tests and tiny inputs."""
     num_extra = 0 if extra_k is None else extra_k.shape[-2]
     if num_extra:
         k, v = torch.cat([k, extra_k], dim=-2), torch.cat([v, extra_v], dim=-2)
-    mask = _reference_mask(tuple(grid), float(radius), num_global, num_extra, q.device)
+    rows = None if query_rows is None else tuple(query_rows)
+    mask = _reference_mask(tuple(grid), float(radius), num_global, num_extra, q.device, rows)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def check_query_rows(query_rows: Rows, grid: Grid, num_global: int, q: Tensor, k: Tensor) -> None:
+    """One-line refusals for a band of query rows that does not fit the grid or the tensors."""
+    (a, b), (H, W) = query_rows, grid
+    if not 0 <= a < b <= H:
+        raise DitkitError(f"clear query_rows {query_rows} must satisfy 0 <= a < b <= {H} (the grid's rows): "
+                          "pass a non-empty band of the grid, or None for every row")
+    if q.shape[-2] != num_global + (b - a) * W or k.shape[-2] != num_global + H * W:
+        raise DitkitError(f"clear query_rows {query_rows} on a {H}x{W} grid needs q with {num_global} + "
+                          f"{(b - a) * W} tokens and k, v with {num_global} + {H * W}, got {q.shape[-2]} and "
+                          f"{k.shape[-2]}: pass the band's queries and the whole grid's keys")
+
+
 def local_attention(q: Tensor, k: Tensor, v: Tensor, grid: Grid, radius: float, num_global: int = 0,
-                    extra_k: Tensor | None = None, extra_v: Tensor | None = None, backend: str = "auto") -> Tensor:
+                    extra_k: Tensor | None = None, extra_v: Tensor | None = None, backend: str = "auto",
+                    query_rows: Rows | None = None) -> Tensor:
     """CLEAR local attention over (B, heads, G + H*W, d) tensors, by the chosen backend.
 
-    "auto": flex on CUDA, the dense reference for tiny inputs (<= 1024 tokens), tiled otherwise.
+    query_rows=(a, b): q holds the G global queries, then only the image queries of rows [a, b) of
+    `grid` (row-major), while k and v still hold G + H*W tokens; the output has q's shape and equals
+    those rows of the whole-grid result. Every backend then computes only those queries (a strip
+    attends from its own rows, reading its neighbours' rows as keys).
+
+    "auto": flex on CUDA, the dense reference for tiny inputs (<= 1024 keys), tiled otherwise.
     """
+    if query_rows is not None:
+        query_rows = tuple(query_rows)
+        check_query_rows(query_rows, grid, num_global, q, k)
     if backend == "auto":
         if q.is_cuda:
             backend = "flex"
         else:
-            backend = "reference" if q.shape[-2] <= 1024 else "tiled"
+            backend = "reference" if k.shape[-2] <= 1024 else "tiled"
     if backend == "reference":
-        return reference_local_attention(q, k, v, grid, radius, num_global, extra_k, extra_v)
+        return reference_local_attention(q, k, v, grid, radius, num_global, extra_k, extra_v, query_rows)
     if backend == "tiled":
         from .tiled import tiled_local_attention
 
-        return tiled_local_attention(q, k, v, grid, radius, num_global, extra_k, extra_v)
+        return tiled_local_attention(q, k, v, grid, radius, num_global, extra_k, extra_v, query_rows=query_rows)
     if backend == "flex":
         from .flex import flex_local_attention
 
-        return flex_local_attention(q, k, v, grid, radius, num_global, extra_k, extra_v)
+        return flex_local_attention(q, k, v, grid, radius, num_global, extra_k, extra_v, query_rows=query_rows)
     raise DitkitError(f"unknown clear backend {backend!r}: choose one of {', '.join(BACKENDS)}")
 
 
@@ -144,9 +175,10 @@ def strip_local_attention(q: Tensor, k: Tensor, v: Tensor, strip: Strip, radius:
 
     Image queries read the global tokens, this strip's rows plus the rows their discs reach
     (`halo(r)` from the neighbours, point to point; every row with kv_exchange "allgather") and the
-    pooled tokens (partial sums all-reduced). The neighbours' rows enter with zero queries and their
-    outputs are dropped, so every backend runs unchanged on the region. Global queries see every
-    image token: read directly when every strip's region is the whole grid, else merged across strips."""
+    pooled tokens (partial sums all-reduced). The neighbours' rows enter as keys and values only: the
+    call's queries are this strip's rows (`query_rows`), so no attention is computed for rows another
+    strip owns. Global queries see every image token: read directly when every strip's region is the
+    whole grid, else merged across strips."""
     G, W = num_global, strip.grid[1]
     reach = halo(radius, strip.grid) if strip.kv_exchange == "halo" else strip.grid[0]
     image_kv = torch.stack([k[..., G:, :], v[..., G:, :]])
@@ -155,18 +187,15 @@ def strip_local_attention(q: Tensor, k: Tensor, v: Tensor, strip: Strip, radius:
         extra_k, extra_v = pooled_tokens_of_strip(image_kv, strip, pool_weight)
     region_kv = strip.exchange_halo(image_kv, reach)
     first, last = rows_needed(strip.bounds, strip.rank, reach)
-    own = slice(G + (strip.rows[0] - first) * W, G + (strip.rows[1] - first) * W)
     region_k, region_v = (torch.cat([x[..., :G, :], r], dim=-2) for x, r in zip((k, v), region_kv, strict=True))
-    q_region = q.new_zeros(region_k.shape)
-    q_region[..., own, :] = q[..., G:, :]
-    direct = every_strip_reads_every_row(strip, reach)
-    if direct:
-        q_region[..., :G, :] = q[..., :G, :]
-    out = local_attention(q_region, region_k, region_v, (last - first, W), radius, G, extra_k, extra_v, backend)
-    if not G:
-        return out[..., own, :]
-    global_out = out[..., :G, :] if direct else global_attention_of_strips(q[..., :G, :], k, v, image_kv, strip)
-    return torch.cat([global_out, out[..., own, :]], dim=-2)
+    own_rows = (strip.rows[0] - first, strip.rows[1] - first)
+    # The global queries ride along: their output is right when the region is the whole grid (direct),
+    # and a few G x region scores otherwise, dropped for the merge.
+    out = local_attention(q, region_k, region_v, (last - first, W), radius, G, extra_k, extra_v, backend, own_rows)
+    if not G or every_strip_reads_every_row(strip, reach):
+        return out
+    global_out = global_attention_of_strips(q[..., :G, :], k, v, image_kv, strip)
+    return torch.cat([global_out, out[..., G:, :]], dim=-2)
 
 
 def every_strip_reads_every_row(strip: Strip, reach: int) -> bool:

@@ -7,6 +7,11 @@ Two details keep it fast. The mask is the same small (T*T, window) disc for ever
 outside the image are pushed out of the softmax by one extra channel (q: 1, k: 0 inside the
 image, -huge outside), not by per-tile masks. And the mask is 4-D, which lets PyTorch use its
 fused (flash) CPU kernel instead of the math fallback that materialises every score.
+
+With `query_rows=(a, b)` only rows [a, b) have queries: the tiles start at row a and cover those
+rows alone, and the key map spans rows [a - p, b' + p) of the grid (b' the tiles' padded end).
+Rows of that span inside the grid are real keys (a strip's neighbour rows); only rows beyond the
+grid are padding, hidden as above.
 """
 
 from __future__ import annotations
@@ -56,27 +61,45 @@ def _padded_map(x: Tensor, top: int, bottom: int, left: int, right: int, extra: 
 
 
 class _Geometry:
-    """Tiles, halo and row chunks of one call."""
+    """Tiles, halo, key rows and row chunks of one call: query tiles cover rows [a, b) of the grid."""
 
-    def __init__(self, grid: Grid, radius: float, tile: int, B_heads: int, E: int, d: int, element_size: int):
+    def __init__(self, grid: Grid, radius: float, tile: int, B_heads: int, E: int, d: int, element_size: int,
+                 query_rows: tuple[int, int] | None = None):
         self.H, self.W = grid
+        self.a, self.b = query_rows or (0, self.H)
         self.T = tile
         self.p = halo(radius, grid)
         self.S = tile + 2 * self.p
-        self.nty, self.ntx = math.ceil(self.H / tile), math.ceil(self.W / tile)
+        self.nty, self.ntx = math.ceil((self.b - self.a) / tile), math.ceil(self.W / tile)
+        # Grid rows the key map holds as real keys; `top` and `bottom` rows of padding complete it
+        # to rows [a - p, a + nty*T + p).
+        self.key_lo = max(0, self.a - self.p)
+        self.key_hi = min(self.H, self.a + self.nty * tile + self.p)
+        self.top = self.key_lo - (self.a - self.p)
+        self.bottom = self.a + self.nty * tile + self.p - self.key_hi
         row_bytes = 2 * B_heads * self.ntx * (self.S * self.S + E) * (d + 1) * element_size
         rows = max(1, WINDOW_BUDGET // max(1, row_bytes))
         self.chunks = [(r0, min(self.nty, r0 + rows)) for r0 in range(0, self.nty, rows)]
 
     def pad(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Queries padded to whole tiles (channel d = 1), keys and values also by the halo."""
-        T, p, H, W = self.T, self.p, self.H, self.W
+        """Queries (rows [a, b)) padded to whole tiles (channel d = 1); keys and values (every row)
+        cut to the rows the tiles reach and padded by the halo beyond the grid."""
+        T, p, W, lo, hi = self.T, self.p, self.W, self.key_lo, self.key_hi
         hidden = -torch.finfo(q.dtype).max / 4  # q channel d is 1, so padded keys score -huge: weight 0
-        qp = _padded_map(q, 0, self.nty * T - H, 0, self.ntx * T - W, 0.0)
+        qp = _padded_map(q, 0, self.nty * T - (self.b - self.a), 0, self.ntx * T - W, 0.0)
         qp[..., -1] = 1
-        kp = _padded_map(k, p, self.nty * T - H + p, p, self.ntx * T - W + p, hidden)
-        vp = _padded_map(v, p, self.nty * T - H + p, p, self.ntx * T - W + p, 0.0)
+        kp = _padded_map(k[:, lo:hi], self.top, self.bottom, p, self.ntx * T - W + p, hidden)
+        vp = _padded_map(v[:, lo:hi], self.top, self.bottom, p, self.ntx * T - W + p, 0.0)
         return qp, kp, vp
+
+    def key_grad(self, dkp: Tensor) -> Tensor:
+        """Gradient of the padded key map -> gradient of the whole grid's keys (zero on rows no tile reads)."""
+        rows = dkp[:, self.top:self.top + self.key_hi - self.key_lo, self.p:self.p + self.W, :-1]
+        if rows.shape[1] == self.H:
+            return rows
+        grad = dkp.new_zeros(dkp.shape[0], self.H, self.W, dkp.shape[-1] - 1)
+        grad[:, self.key_lo:self.key_hi] = rows
+        return grad
 
     def bands(self, r0: int, r1: int) -> tuple[slice, slice]:
         """Rows of the padded query map and of the padded key map that tile rows [r0, r1) use."""
@@ -122,14 +145,14 @@ class _TiledAttention(torch.autograd.Function):
             outputs.append(_chunk_attention(qp[:, qs], kp[:, ks], vp[:, ks], shared_k, shared_v, geo, mask))
         ctx.save_for_backward(qp, kp, vp, shared_k, shared_v)
         ctx.geo, ctx.mask = geo, mask
-        return torch.cat(outputs, dim=1)[:, :geo.H, :geo.W]
+        return torch.cat(outputs, dim=1)[:, :geo.b - geo.a, :geo.W]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         qp, kp, vp, shared_k, shared_v = ctx.saved_tensors
         geo = ctx.geo
-        grad_out = F.pad(grad_out, (0, 0, 0, geo.ntx * geo.T - geo.W, 0, geo.nty * geo.T - geo.H))
+        grad_out = F.pad(grad_out, (0, 0, 0, geo.ntx * geo.T - geo.W, 0, geo.nty * geo.T - (geo.b - geo.a)))
         dqp, dkp, dvp = torch.zeros_like(qp), torch.zeros_like(kp), torch.zeros_like(vp)
         shared = [t for t in (shared_k, shared_v) if t is not None]
         d_shared = [torch.zeros_like(t) for t in shared]
@@ -144,18 +167,19 @@ class _TiledAttention(torch.autograd.Function):
             dvp[:, ks] += grads[2]
             for total, grad in zip(d_shared, grads[3:], strict=True):
                 total += grad
-        p, H, W = geo.p, geo.H, geo.W
-        dq, dk, dv = dqp[:, :H, :W, :-1], dkp[:, p:p + H, p:p + W, :-1], dvp[:, p:p + H, p:p + W, :-1]
+        dq, dk, dv = dqp[:, :geo.b - geo.a, :geo.W, :-1], geo.key_grad(dkp), geo.key_grad(dvp)
         dsk, dsv = d_shared if shared else (None, None)
         return dq, dk, dv, dsk, dsv, None, None
 
 
 def tiled_local_attention(q: Tensor, k: Tensor, v: Tensor, grid: Grid, radius: float, num_global: int = 0,
                           extra_k: Tensor | None = None, extra_v: Tensor | None = None,
-                          tile: int | None = None) -> Tensor:
-    """Same result as `reference_local_attention`; q, k, v: (B, heads, G + H*W, d)."""
-    B, nh, N, d = q.shape
+                          tile: int | None = None, query_rows: tuple[int, int] | None = None) -> Tensor:
+    """Same result as `reference_local_attention`; q, k, v: (B, heads, G + H*W, d), or q with the
+    image queries of rows [a, b) only (`query_rows`, see `clear.local_attention`)."""
+    B, nh, _, d = q.shape
     G, (H, W) = num_global, grid
+    a, b = query_rows or (0, H)
     BH = B * nh
     # Keys seen by every image query: global tokens, then pooled ones (channel d = 0: visible).
     candidates = ((k[:, :, :G], v[:, :, :G]), (extra_k, extra_v))
@@ -166,10 +190,12 @@ def tiled_local_attention(q: Tensor, k: Tensor, v: Tensor, grid: Grid, radius: f
         shared_k = F.pad(torch.cat([sk for sk, _ in shared], dim=-2), (0, 1)).reshape(BH, E, d + 1)
         shared_v = F.pad(torch.cat([sv for _, sv in shared], dim=-2), (0, 1)).reshape(BH, E, d + 1)
     T = tile or default_tile(radius)
-    geo = _Geometry(grid, radius, T, BH, E, d, q.element_size())
+    geo = _Geometry(grid, radius, T, BH, E, d, q.element_size(), (a, b))
     mask = _disc_mask(float(radius), T, geo.p, E, q.dtype, q.device)
-    maps = [x[:, :, G:].reshape(BH, H, W, d) for x in (q, k, v)]
-    image_out = _TiledAttention.apply(*maps, shared_k, shared_v, geo, mask).reshape(B, nh, H * W, d)
+    q_map = q[:, :, G:].reshape(BH, b - a, W, d)
+    k_map, v_map = (x[:, :, G:].reshape(BH, H, W, d) for x in (k, v))
+    image_out = _TiledAttention.apply(q_map, k_map, v_map, shared_k, shared_v, geo, mask)
+    image_out = image_out.reshape(B, nh, (b - a) * W, d)
     if not G:
         return image_out
     global_out = F.scaled_dot_product_attention(q[:, :, :G], k, v)  # global queries see every token
