@@ -56,6 +56,26 @@ def test_strips_with_text_tokens_equal_the_whole_grid(grid, radius, parts, down_
         torch.testing.assert_close(text, whole[..., :num_text, :], atol=1e-5, rtol=1e-5)
 
 
+def test_text_queries_scored_a_chunk_at_a_time_merge_to_the_same_outputs(monkeypatch, one_thread):
+    """A scores budget of 1,200 bytes: the 5 text queries are scored 2 or 3 at a time (2 x 2 heads x
+    24-29 keys x 4 bytes per query), with the same outputs as whole-grid attention."""
+    from ditkit.mixers import clear
+
+    monkeypatch.setattr(clear, "GLOBAL_SCORES_BUDGET", 3 * 4 * 2 * 2 * 25)
+    chunks = []
+    partial_attention = clear._partial_attention
+    monkeypatch.setattr(clear, "_partial_attention", lambda q, *kv: chunks.append(q.shape[-2]) or
+                        partial_attention(q, *kv))
+    grid, num_text = (8, 6), 5
+    q, k, v = (torch.randn(2, 2, num_text + 48, 8) * 2 for _ in range(3))
+    whole = local_attention(q, k, v, grid, 2, num_text, backend="reference")
+    texts, images = clear_on_thread_strips(q, k, v, grid, 2, num_text, 2, "halo")
+    assert chunks and max(chunks) < num_text  # split into chunks on both strips
+    torch.testing.assert_close(images, whole[..., num_text:, :], atol=1e-5, rtol=1e-5)
+    for text in texts:
+        torch.testing.assert_close(text, whole[..., :num_text, :], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("make", [tiny_flux, tiny_sd3, tiny_pixart], ids=["flux", "sd3", "pixart"])
 def test_one_process_is_one_strip_and_the_plain_clear_forward(make, one_thread):
     torch.manual_seed(0)
