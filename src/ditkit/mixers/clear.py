@@ -177,25 +177,32 @@ def strip_local_attention(q: Tensor, k: Tensor, v: Tensor, strip: Strip, radius:
     (`halo(r)` from the neighbours, point to point; every row with kv_exchange "allgather") and the
     pooled tokens (partial sums all-reduced). The neighbours' rows enter as keys and values only: the
     call's queries are this strip's rows (`query_rows`), so no attention is computed for rows another
-    strip owns. Global queries see every image token: read directly when every strip's region is the
-    whole grid, else merged across strips."""
+    strip owns. Global queries see every image token (not the pooled ones): attended directly when
+    every strip's region is the whole grid, else merged across strips."""
     G, W = num_global, strip.grid[1]
     reach = halo(radius, strip.grid) if strip.kv_exchange == "halo" else strip.grid[0]
     image_kv = torch.stack([k[..., G:, :], v[..., G:, :]])
-    extra_k = extra_v = None
-    if pool_weight is not None:
-        extra_k, extra_v = pooled_tokens_of_strip(image_kv, strip, pool_weight)
-    region_kv = strip.exchange_halo(image_kv, reach)
+    region_k, region_v = strip.exchange_halo(image_kv, reach)
     first, last = rows_needed(strip.bounds, strip.rank, reach)
-    region_k, region_v = (torch.cat([x[..., :G, :], r], dim=-2) for x, r in zip((k, v), region_kv, strict=True))
+    # Image queries see the global keys as they see the pooled ones (every image query, no disc), so
+    # both go in as extra keys and the call computes image queries only: the global queries' own
+    # attention is computed once, below, not also over this strip's region.
+    extra_k, extra_v = k[..., :G, :], v[..., :G, :]
+    if pool_weight is not None:
+        pooled_k, pooled_v = pooled_tokens_of_strip(image_kv, strip, pool_weight)
+        extra_k, extra_v = torch.cat([extra_k, pooled_k], dim=-2), torch.cat([extra_v, pooled_v], dim=-2)
     own_rows = (strip.rows[0] - first, strip.rows[1] - first)
-    # The global queries ride along: their output is right when the region is the whole grid (direct),
-    # and a few G x region scores otherwise, dropped for the merge.
-    out = local_attention(q, region_k, region_v, (last - first, W), radius, G, extra_k, extra_v, backend, own_rows)
-    if not G or every_strip_reads_every_row(strip, reach):
-        return out
-    global_out = global_attention_of_strips(q[..., :G, :], k, v, image_kv, strip)
-    return torch.cat([global_out, out[..., G:, :]], dim=-2)
+    image_out = local_attention(q[..., G:, :], region_k, region_v, (last - first, W), radius, 0,
+                                extra_k if extra_k.shape[-2] else None, extra_v if extra_v.shape[-2] else None,
+                                backend, own_rows)
+    if not G:
+        return image_out
+    if every_strip_reads_every_row(strip, reach):  # the region is the whole grid: attend it directly
+        global_out = F.scaled_dot_product_attention(q[..., :G, :], torch.cat([k[..., :G, :], region_k], dim=-2),
+                                                    torch.cat([v[..., :G, :], region_v], dim=-2))
+    else:
+        global_out = global_attention_of_strips(q[..., :G, :], k, v, image_kv, strip)
+    return torch.cat([global_out, image_out], dim=-2)
 
 
 def every_strip_reads_every_row(strip: Strip, reach: int) -> bool:
