@@ -67,6 +67,8 @@ def sampling_session(mode: str, device: str | None = None):
     device, formed = join_process_group(device)
     try:
         yield SamplingSession(mode, device, dist.get_rank(), dist.get_world_size())
+        if formed:  # leave together: a process tearing gloo down while its peer still talks to it can abort
+            dist.barrier()
     finally:
         if formed:
             dist.destroy_process_group()
