@@ -14,7 +14,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from ditkit.cli.main import main
-from ditkit.train import trainer
+from ditkit.train import sharding
 from helpers import tiny_run
 
 TRAIN = ["train.num_samples=0", "train.batch_size=2", "train.sharding=fsdp", "train.activation_checkpointing=true",
@@ -24,14 +24,14 @@ TRAIN = ["train.num_samples=0", "train.batch_size=2", "train.sharding=fsdp", "tr
 def die_while_writing_step_4():
     """Every process writes its step-4 shards into the staging folder, then is killed (no Python
     cleanup, no lock release but the kernel's), before the main process could rename the folder."""
-    write = trainer.save_sharded
+    write = sharding.save_sharded
 
     def write_then_die(folder, *args, **kwargs):
         write(folder, *args, **kwargs)
         if "step_0000004" in str(folder):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    trainer.save_sharded = write_then_die
+    sharding.save_sharded = write_then_die
 
 
 if __name__ == "__main__":

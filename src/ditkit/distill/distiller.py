@@ -42,7 +42,6 @@ from ..train.checkpoint import (
     load_torch_file,
     read_weights,
     save_checkpoint,
-    staging_folder,
 )
 from ..train.config import AT_LEAST_0, AT_LEAST_1, POSITIVE, check_ranges, check_sharding
 from ..train.loop import MetricsLog, StepBatchSampler, step_generator
@@ -54,10 +53,11 @@ from ..train.sharding import (
     broadcast_refusal,
     check_checkpoint_kind,
     checkpoint_activations,
+    from_main,
     full_tensors,
     load_sharded,
     require_process_group,
-    save_sharded,
+    save_staged_checkpoint,
     shard_model,
 )
 from .losses import AttentionTaps, LossWeights, PairedDenoiser, distillation_loss
@@ -306,9 +306,7 @@ class Distiller:
         agreement_path = self.out_dir / "agreement.json"
         agreement = read_json(agreement_path, "agreement report") if agreement_path.is_file() else {}
         if self.sharded:  # the main process's view decides whether the (collective) baseline runs
-            box = [agreement]
-            torch.distributed.broadcast_object_list(box, src=0)
-            agreement = box[0]
+            agreement = from_main(agreement)
         if "untuned" not in agreement:  # the baseline: attention swapped, nothing trained
             agreement = {"untuned": self.evaluate("untuned")}
             if self.is_main:
@@ -384,20 +382,12 @@ class Distiller:
     def _save_sharded(self, optimizer: torch.optim.Optimizer, step: int) -> None:
         """Every process writes its shards of the trained weights and their AdamW state; the main
         process adds the student's whole weights (what `student_state` saves) and completes it."""
-        root = self.out_dir / "checkpoints"
-        box = [staging_folder(root, step) if self.is_main else None]
-        torch.distributed.broadcast_object_list(box, src=0)
-        save_sharded(box[0] / SHARDED_STATE, self.student, optimizer, model_keys=self.trainable)
-        weights = full_tensors(self.teacher.student_state(self.student), keep=self.is_main)
-        refusal = None
-        if self.is_main:
-            try:
-                save_checkpoint(root, step, model=weights, ema=None, optimizer=None, record=self.record,
-                                train_state={"seed": self.cfg.seed, "num_processes": self.world, "sharding": "fsdp"},
-                                keep=self.cfg.keep_checkpoints, staged=box[0])
-            except DitkitError as error:
-                refusal = str(error)
-        broadcast_refusal(refusal)
+        save_staged_checkpoint(
+            self.out_dir / "checkpoints", step, self.student, optimizer, is_main=self.is_main,
+            model_keys=self.trainable,
+            full_weights=lambda: (full_tensors(self.teacher.student_state(self.student), self.is_main), None),
+            record=self.record, keep=self.cfg.keep_checkpoints,
+            train_state={"seed": self.cfg.seed, "num_processes": self.world, "sharding": "fsdp"})
 
 
 def format_agreement(agreement: dict, cfg: DistillConfig) -> str:

@@ -27,6 +27,7 @@ from ..diffusion.sampling import sample
 from ..errors import DitkitError
 from ..files import atomic_path, atomic_write_text, read_json
 from ..train.loop import step_generator
+from ..train.sharding import from_main
 from .teacher import Teacher
 
 CHUNK = 64
@@ -81,7 +82,7 @@ def teacher_samples(teacher: Teacher, folder: str | Path, num: int, seed: int = 
     sizes = [min(CHUNK, num - index * CHUNK) for index in range(count)]
     missing = [index for index in range(count) if not _chunk_path(folder, index).is_file()]
     if world > 1:
-        _generate_split(teacher, folder, seed, sizes, _from_main(missing), rank, world, progress)
+        _generate_split(teacher, folder, seed, sizes, from_main(missing), rank, world, progress)
     else:
         for index in tqdm(missing, desc="teacher samples", unit="chunk", disable=not progress, dynamic_ncols=True):
             _write_chunk(folder, index, *generate_chunk(teacher, seed, index, sizes[index]))
@@ -101,15 +102,6 @@ def _write_chunk(folder: Path, index: int, x0: Tensor, cond: Tensor | None) -> N
     tensors = {"x0": x0.contiguous()} | ({} if cond is None else {"cond": cond.contiguous()})
     with atomic_path(_chunk_path(folder, index)) as tmp:
         save_file(tensors, tmp)
-
-
-def _from_main(value):
-    """The main process's `value` on every process: all split the same list of missing chunks."""
-    import torch.distributed as dist
-
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _generate_split(teacher: Teacher, folder: Path, seed: int, sizes: list[int], missing: list[int], rank: int,

@@ -161,11 +161,40 @@ def check_checkpoint_kind(path: Path, sharded: bool, command: str) -> None:
                           "or start a sharded run afresh in another output folder")
 
 
+def from_main(value):
+    """The main process's `value` on every process (itself without a process group of several)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
 def broadcast_refusal(refusal: str | None) -> None:
     """Raise the main process's DitkitError message (None: no refusal) on every process."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [refusal]
-        dist.broadcast_object_list(box, src=0)
-        refusal = box[0]
+    refusal = from_main(refusal)
     if refusal is not None:
         raise DitkitError(refusal)
+
+
+def save_staged_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                           is_main: bool, full_weights: Callable[[], tuple[dict, dict | None]],
+                           extra: dict[str, dict[str, Tensor]] | None = None,
+                           model_keys: Iterable[str] | None = None, **checkpoint) -> Path:
+    """A sharded checkpoint: every process writes its shards (model or its `model_keys`, optimizer,
+    `extra`) into the staging folder the main process makes; `full_weights()` (called on every
+    process: it gathers) gives the main process the whole (model, EMA) weights, which it saves and
+    completes the folder with (`save_checkpoint(**checkpoint)`); its refusal stops every process."""
+    from .checkpoint import save_checkpoint, staging_folder
+
+    staged = from_main(staging_folder(root, step) if is_main else None)
+    save_sharded(staged / SHARDED_STATE, model, optimizer, extra, model_keys)
+    weights, ema = full_weights()
+    refusal = None
+    if is_main:
+        try:
+            save_checkpoint(root, step, model=weights, ema=ema, optimizer=None, staged=staged, **checkpoint)
+        except DitkitError as error:
+            refusal = str(error)
+    broadcast_refusal(refusal)
+    return root / f"step_{step:07d}"

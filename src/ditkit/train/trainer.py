@@ -42,21 +42,19 @@ from .checkpoint import (
     read_header,
     read_weights,
     save_checkpoint,
-    staging_folder,
 )
 from .config import TrainConfig
 from .loop import MetricsLog, StepBatchSampler, step_generator
 from .runfolder import TRAIN_OUTPUTS, own_run_folder
 from .sharding import (
     SHARDED_STATE,
-    broadcast_refusal,
     check_checkpoint_kind,
     checkpoint_activations,
     ema_state,
     full_tensors,
     load_sharded,
     require_process_group,
-    save_sharded,
+    save_staged_checkpoint,
     shard_model,
     sharded_ema,
     update_sharded_ema,
@@ -416,25 +414,15 @@ class Trainer:
         restore_group_settings(optimizer, groups)
 
     def _save_sharded(self, model, ema: dict, optimizer, step: int) -> Path:
-        """Every process writes its shards (weights, EMA, optimizer) into the staging folder; the main
-        process adds the full weights as safetensors and renames the folder into place."""
-        acc, root = self.accelerator, self.out_dir / "checkpoints"
-        staged = [staging_folder(root, step) if acc.is_main_process else None]
-        staged = broadcast_object_list(staged)[0]
-        save_sharded(staged / SHARDED_STATE, model, optimizer, {"ema": ema})
-        weights = full_tensors(model.state_dict(), keep=acc.is_main_process)
-        ema_weights = full_tensors(ema_state(model, ema), keep=acc.is_main_process)
-        refusal = None
-        if acc.is_main_process:
-            try:
-                save_checkpoint(root, step, model=weights, ema=ema_weights, optimizer=None, record=self.record,
-                                train_state={"seed": self.cfg.train.seed, "num_processes": acc.num_processes,
-                                             "sharding": "fsdp", "param_groups": len(optimizer.param_groups)},
-                                keep=self.cfg.train.keep_checkpoints, staged=staged)
-            except DitkitError as error:
-                refusal = str(error)
-        broadcast_refusal(refusal)
-        return root / f"step_{step:07d}"
+        """Every process writes its shards (weights, EMA, optimizer); the main process adds the full
+        weights as safetensors and renames the folder into place."""
+        acc, main = self.accelerator, self.accelerator.is_main_process
+        return save_staged_checkpoint(
+            self.out_dir / "checkpoints", step, model, optimizer, is_main=main, extra={"ema": ema},
+            full_weights=lambda: (full_tensors(model.state_dict(), main), full_tensors(ema_state(model, ema), main)),
+            record=self.record, keep=self.cfg.train.keep_checkpoints,
+            train_state={"seed": self.cfg.train.seed, "num_processes": acc.num_processes, "sharding": "fsdp",
+                         "param_groups": len(optimizer.param_groups)})
 
     def _ema_model(self, ema: dict) -> nn.Module | None:
         """A whole EMA model on the main process (None elsewhere) for the sample grids; every process
