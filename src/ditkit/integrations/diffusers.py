@@ -180,7 +180,7 @@ def qkv_projections(attn, hidden_states: Tensor, encoder_hidden_states: Tensor |
     return tuple(torch.cat([c, i], dim=1) for c, i in zip(context, image, strict=True))
 
 
-def _grid_from_inputs(transformer: nn.Module, args: tuple, kwargs: dict) -> Grid:
+def grid_from_inputs(transformer: nn.Module, args: tuple, kwargs: dict) -> Grid:
     """The image-token grid of one transformer call, read from its inputs."""
     if type(transformer).__name__ == "FluxTransformer2DModel":
         ids = kwargs.get("img_ids", args[4] if len(args) > 4 else None)
@@ -217,7 +217,7 @@ def apply_clear(transformer: nn.Module, radius: float, down_factor: int = 0, bac
         attn.set_processor(processor.to(device=ref.device, dtype=ref.dtype))
 
     def record_grid(module, args, kwargs):
-        layout.grid = _grid_from_inputs(module, args, kwargs)
+        layout.grid = grid_from_inputs(module, args, kwargs)
 
     hook = transformer.register_forward_pre_hook(record_grid, with_kwargs=True)
     transformer._ditkit_clear = (originals, hook)
@@ -399,7 +399,7 @@ def _size_recorder(options: SizeOptions, layers: list[nn.Module]):
     def record(module, args, kwargs):
         if any(getattr(attn, "fused_projections", False) for attn in layers):
             raise DitkitError("size options need unfused projections: call unfuse_qkv_projections() first")
-        grid = _grid_from_inputs(module, args, kwargs)
+        grid = grid_from_inputs(module, args, kwargs)
         stretch = (grid[0] / options.train_grid[0], grid[1] / options.train_grid[1])
         options.grid = grid
         options.current = Extrapolation(stretch=stretch, attention_scale=options.attention_scale,

@@ -223,9 +223,12 @@ def diffusers_subject(config_file: Path, text_tokens: int | None = None) -> Subj
 # -- state: weights, gradients, optimizer, EMA --------------------------------------------------
 def shard_numel(p: Tensor, processes: int) -> int:
     """Elements of rank 0's FSDP2 shard: dim 0 split into chunks of ceil(rows / P)."""
+    from ..train.sharding import shard_rows
+
     if p.dim() == 0:
         return p.numel()
-    return math.ceil(p.shape[0] / processes) * math.prod(p.shape[1:])
+    start, stop = shard_rows(p.shape[0], processes, 0)
+    return (stop - start) * math.prod(p.shape[1:])
 
 
 @dataclass

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import DitkitError
-from ..integrations.diffusers import SUPPORTED, _grid_from_inputs, self_attention_layers
+from ..integrations.diffusers import SUPPORTED, grid_from_inputs, self_attention_layers
 from ..mixers.strip import KV_EXCHANGES
 from .comm import ProcessStrip, world
 from .strips import strip_bounds
@@ -124,7 +124,7 @@ def patch_parallel(transformer: nn.Module, kv_exchange: str = "halo"):
 
 def _call_starter(state: PatchState):
     def start(module, args, kwargs):
-        grid = _grid_from_inputs(module, args, kwargs)
+        grid = grid_from_inputs(module, args, kwargs)
         rank, size = world()
         state.strip = ProcessStrip(grid, strip_bounds(grid[0], size), rank, state.kv_exchange)
         for processor in strip_processors(module):  # looked up per call: CLEAR may have been reapplied

@@ -25,7 +25,6 @@ DitkitError before anything is allocated.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ..errors import DitkitError
+from .sharding import shard_rows
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = DIFFUSERS_WEIGHTS + ".index.json"
@@ -175,10 +175,8 @@ def local_rows(param: Tensor) -> tuple[int, int] | None:
     if len(placements) != 1 or placements[0] != Shard(0):
         raise DitkitError(f"cannot stream weights into placements {placements}: ditkit shards with one Shard(0) "
                           "(FSDP2's default); load the model with sharding=none")
-    rows, processes = param.shape[0], param.device_mesh.size()
-    chunk = math.ceil(rows / processes)
-    start = min(param.device_mesh.get_local_rank() * chunk, rows)
-    stop = min(start + chunk, rows)
+    rows = param.shape[0]
+    start, stop = shard_rows(rows, param.device_mesh.size(), param.device_mesh.get_local_rank())
     if param.to_local().shape[0] != stop - start:  # FSDP2 changed how it cuts: refuse rather than misplace rows
         raise DitkitError(f"this process's shard holds {param.to_local().shape[0]} of {rows} rows where ditkit "
                           f"expects {stop - start}: this PyTorch shards differently; load with sharding=none")

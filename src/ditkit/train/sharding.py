@@ -77,6 +77,14 @@ def checkpoint_activations(model: nn.Module) -> int:
     return len(blocks)
 
 
+def shard_rows(rows: int, processes: int, rank: int) -> tuple[int, int]:
+    """The rows [start, stop) of a tensor's dim 0 that process `rank` holds under FSDP2's Shard(0)
+    (torch.chunk: chunks of ceil(rows / P), the last ones shorter or empty)."""
+    chunk = -(-rows // processes)
+    start = min(rank * chunk, rows)
+    return start, min(start + chunk, rows)
+
+
 def shard_model(model: nn.Module, device: torch.device, first_units: Iterable[nn.Module] = (),
                 compute_dtype: torch.dtype | None = None) -> nn.Module:
     """fully_shard `first_units` (modules whose dtype differs from their block's), then every
