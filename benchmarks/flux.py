@@ -29,7 +29,7 @@ import statistics
 import torch
 from tables import step_row, write_results
 
-from ditkit.integrations.diffusers import apply_clear, remove_clear
+from ditkit.diffusers.clear import apply_clear, remove_clear
 from ditkit.metrics.bench import device_name, timed_runs
 from ditkit.metrics.flops import EXTRA_FLOP_FORMULAS
 from ditkit.metrics.memory import largest_tensor, peak_memory
@@ -160,8 +160,9 @@ def attention_pairs(side: int, options: dict | None) -> int:
 
 def counted_stock_step(px: int) -> tuple[int, int]:
     """FlopCounterMode on the meta device: (whole step, attention) FLOPs of stock FLUX.1-dev at px."""
-    from diffusers import FluxTransformer2DModel
     from torch.utils.flop_counter import FlopCounterMode
+
+    from diffusers import FluxTransformer2DModel
 
     with torch.device("meta"):
         model = FluxTransformer2DModel(**FLUX_DEV)

@@ -12,7 +12,7 @@ import argparse
 import shlex
 from pathlib import Path
 
-from ditkit.metrics.train_memory import format_plan, load_subject, plan_memory
+from ditkit.study.memory_plan import format_plan, load_subject, plan_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 FLUX = "configs/flux1-dev-transformer.json"
@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory-plan.md"))
     args = parser.parse_args()
     sections = ["# Memory plans (`ditkit info --train-memory`)", "",
-                "Computed on the meta device by `ditkit.metrics.train_memory` (see its docstring and the README's "
+                "Computed on the meta device by `ditkit.study.memory_plan` (see its docstring and the README's "
                 "'Planning memory'); regenerate with `python benchmarks/memory_plan.py`.", ""]
     for model, resolution, regime, precision in CASES:
         plan = plan_memory(load_subject(str(ROOT / model) if model == FLUX else model), resolution, resolution,

@@ -37,10 +37,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ditkit.distributed import STATS, PatchParallelDiT, strip_bounds
 from ditkit.metrics.bench import device_name, timed_runs, write_csv
 from ditkit.mixers.clear import halo
 from ditkit.models import build_model, model_config
-from ditkit.parallel import STATS, PatchParallelDiT, strip_bounds
 
 
 class DiTWorkload:
@@ -82,8 +82,7 @@ class FluxWorkload:
 
     def __init__(self, args, device):
         from diffusers import FluxTransformer2DModel
-
-        from ditkit.integrations.diffusers import apply_clear
+        from ditkit.diffusers.clear import apply_clear
 
         torch.manual_seed(0)  # the same weights in every process
         self.model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4,
@@ -110,7 +109,7 @@ class FluxWorkload:
         return self.model(**inputs, return_dict=False)[0]
 
     def parallel_step(self, exchange: str):
-        from ditkit.parallel.diffusers_patch import patch_parallel
+        from ditkit.diffusers.patch_parallel import patch_parallel
 
         def step(inputs: dict) -> Tensor:
             with patch_parallel(self.model, kv_exchange=exchange):

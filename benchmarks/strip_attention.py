@@ -6,7 +6,7 @@ A strip attends over its region (its rows plus `halo(r)` rows from each neighbou
 every region row, zero queries on the neighbours' rows and their outputs dropped, is what strips did
 before `local_attention(query_rows=...)`; with `query_rows` only the strip's own rows are queries.
 For each case it times both calls on the middle strip (the one with the most halo rows), batch 1,
-4 heads of 64 and 64 text tokens as the FLUX transformer of `parallel.py --flux`, and checks that the
+4 heads of 64 and 64 text tokens as the FLUX transformer of `distributed.py --flux`, and checks that the
 own rows agree. Narrow grids stand for wide ones: the saving depends on the rows, not the columns.
 A script, not a test: numbers depend on the machine and its load; the CPU time (this process's
 work) is steadier than the wall time on shared cores.
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
+from ditkit.distributed import strip_bounds
 from ditkit.metrics.bench import write_csv
 from ditkit.mixers.clear import halo, local_attention
 from ditkit.mixers.strip import rows_needed
-from ditkit.parallel import strip_bounds
 
 CASES = [  # (label, token grid, radius, strips)
     ("FLUX 1024 px, 2 strips", (64, 64), 8, 2),

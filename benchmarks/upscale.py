@@ -95,9 +95,9 @@ def options(args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ditkit.checkpoint import load_checkpoint
     from ditkit.data.images import image_grid
     from ditkit.diffusion.pipeline import generate, generate_upscaled, upsample
-    from ditkit.train.checkpoint import load_checkpoint
 
     teacher, teacher_record = load_checkpoint(args.teacher)
     student, record = load_checkpoint(args.student)

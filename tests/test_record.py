@@ -88,7 +88,7 @@ def test_class_labels_by_index_or_name_cycle_over_the_images():
 def test_a_diffusers_student_record_round_trips_and_is_not_loaded_as_a_ditkit_model(tmp_path):
     from safetensors.torch import save_file
 
-    from ditkit.train.checkpoint import load_checkpoint
+    from ditkit.checkpoint import load_checkpoint
 
     values = {"model": {"diffusers": "FluxTransformer2DModel", "path": "/models/flux/transformer"},
               "diffusion": {"objective": "flow", "sampler": "euler", "sample_steps": 28, "cfg_scale": 1.0},

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ditkit.distributed import strip_bounds
 from ditkit.mixers import Grid, Strip
 from ditkit.mixers.strip import rows_needed
-from ditkit.parallel import strip_bounds
 
 
 class Board:

@@ -161,7 +161,7 @@ class RunRecord:
     diffusion: DiffusionSettings
     data: DataSettings
     distill: dict | None = None
-    origin: dict | None = None  # converted weights: the source format and file (integrations.pretrained)
+    origin: dict | None = None  # converted weights: the source format and file (convert.pretrained)
 
     # -- reading and writing -------------------------------------------------------------------
     @classmethod

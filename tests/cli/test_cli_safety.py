@@ -96,7 +96,7 @@ def test_distill_folders_are_owned_like_training_folders(tiny_ckpt, tmp_path, ca
 
 def test_a_truncated_quickstart_settings_file_is_one_line(tmp_path):
     from ditkit import DitkitError
-    from ditkit.quickstart.runner import StageRunner
+    from ditkit.study.stages import StageRunner
 
     (tmp_path / "quickstart.json").write_text('{"teacher_steps": 4, "dis')
     with pytest.raises(DitkitError, match="quickstart settings file .*quickstart.json is not valid JSON"):

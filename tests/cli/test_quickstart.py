@@ -7,7 +7,7 @@ import torch
 
 from ditkit import DitkitError
 from ditkit.cli.main import main
-from ditkit.quickstart import STAGES, quickstart_settings
+from ditkit.study.quickstart import STAGES, quickstart_settings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,7 +68,7 @@ def test_the_report_and_every_file_it_links_exist(finished):
 
 
 def test_legibility_is_measured_for_every_grid_row_and_the_fid_samples(finished):
-    from ditkit.quickstart.stages import SAMPLE_SETS
+    from ditkit.study.quickstart import SAMPLE_SETS
 
     legibility = json.loads((finished / "quality.json").read_text())["legibility"]
     assert {s.name for s in SAMPLE_SETS} | {"teacher-fid", "student-fid"} <= set(legibility)

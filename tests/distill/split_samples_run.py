@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from ditkit.distill import samples
 from ditkit.distill.diffusers_teacher import DiffusersTeacher
-from ditkit.train.sharding import shard_model
+from ditkit.distributed.sharding import shard_model
 
 if __name__ == "__main__":
     teacher_folder, out = Path(sys.argv[1]), Path(sys.argv[2])

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from ditkit.checkpoint import find_checkpoint, load_checkpoint, read_weights, save_checkpoint
 from ditkit.cli.main import main
 from ditkit.distill import (
     AttentionTaps,
@@ -16,7 +17,6 @@ from ditkit.distill import (
 )
 from ditkit.errors import DitkitError
 from ditkit.mixers.clear import local_pairs
-from ditkit.train.checkpoint import find_checkpoint, load_checkpoint, read_weights, save_checkpoint
 from helpers import tiny_run
 
 
@@ -165,7 +165,6 @@ def test_sharded_processes_split_the_teacher_samples(tmp_path, monkeypatch):
     from pathlib import Path
 
     from diffusers import FluxTransformer2DModel
-
     from ditkit.distill import samples
     from ditkit.distill.diffusers_teacher import DiffusersTeacher
 

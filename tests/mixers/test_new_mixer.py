@@ -6,9 +6,9 @@ tests/parallel/test_patch.py (its worker imports the same file)."""
 import pytest
 import torch
 
+from ditkit.distributed import PatchParallelDiT
 from ditkit.mixers.base import Extrapolation
 from ditkit.models.extrapolation import set_extrapolation
-from ditkit.parallel import PatchParallelDiT
 from helpers import tiny_backbone
 from mixers.windowed_mixer import WindowedAttention
 

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from ditkit import DitkitError
+from ditkit.distributed.strips import strip_bounds
 from ditkit.mixers import clear
 from ditkit.mixers.clear import local_attention, pool_tokens, reference_local_attention, strip_local_attention
 from ditkit.mixers.flex import block_density, flex_local_attention
 from ditkit.mixers.tiled import tiled_local_attention
-from ditkit.parallel.strips import strip_bounds
 from thread_strips import on_thread_strips
 
 BANDS = [  # (H, W, radius, global tokens, pooled tokens, tile, query rows)

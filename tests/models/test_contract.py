@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from ditkit import DitkitError
+from ditkit.checkpoint import load_checkpoint, save_checkpoint
 from ditkit.models import NAMED_MODELS, build_model, config_from_dict, config_to_dict, model_config
 from ditkit.record import DataSettings, DiffusionSettings, RunRecord
-from ditkit.train.checkpoint import load_checkpoint, save_checkpoint
 from helpers import tiny_backbone
 
 RECORD_KEYS = {  # a checkpoint's model record per backbone: old checkpoints must keep loading

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from ditkit.cli.main import main
-from ditkit.train import sharding
+from ditkit.distributed import sharding
 from helpers import tiny_run
 
 TRAIN = ["train.num_samples=0", "train.batch_size=2", "train.sharding=fsdp", "train.activation_checkpointing=true",

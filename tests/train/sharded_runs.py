@@ -96,9 +96,8 @@ def make_teachers(out: Path) -> None:
     (FLUX.1's layout), an SD3 folder (a persistent position buffer), and ditkit DiT (5 class rows:
     a shard with padding) and U-DiT checkpoints."""
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
-
+    from ditkit.checkpoint import save_checkpoint
     from ditkit.record import DataSettings, DiffusionSettings, RunRecord
-    from ditkit.train.checkpoint import save_checkpoint
     from helpers import tiny_backbone
 
     torch.manual_seed(0)
@@ -159,8 +158,8 @@ def load_differences(teacher: Path, down_factor: int) -> dict[str, list[str]]:
 def teacher_load_differences(checkpoint: Path) -> list[str]:
     """A teacher alone (U-DiT: CLEAR cannot take over its mixers) sharded and loaded in fp32."""
     from ditkit.distill import DitkitTeacher
-    from ditkit.train.sharded_load import load_shards, materialize
-    from ditkit.train.sharding import shard_model
+    from ditkit.distributed.sharded_load import load_shards, materialize
+    from ditkit.distributed.sharding import shard_model
 
     empty = DitkitTeacher(checkpoint, empty=True)
     shard_model(empty.model, torch.device("cpu"))

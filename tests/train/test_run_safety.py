@@ -12,9 +12,10 @@ import time
 import pytest
 import torch
 
-import ditkit.train.checkpoint as checkpoint_module
+import ditkit.checkpoint as checkpoint_module
 from ditkit import DitkitError
-from ditkit.train import load_checkpoint, load_config, save_checkpoint, train
+from ditkit.checkpoint import load_checkpoint, save_checkpoint
+from ditkit.train import load_config, train
 from ditkit.train.loop import MetricsLog
 from helpers import tiny_run
 

@@ -1,4 +1,4 @@
-"""Sharded training and distillation (FSDP2, train/sharding.py): config errors, activation
+"""Sharded training and distillation (FSDP2, distributed/sharding.py): config errors, activation
 checkpointing, staged checkpoints, and real 2-process and 1-process gloo runs under torchrun."""
 
 import copy
@@ -14,10 +14,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ditkit import DitkitError
+from ditkit.checkpoint import find_checkpoint, load_checkpoint, remove_orphans, save_checkpoint, staging_folder
 from ditkit.distill import DistillConfig, Distiller
-from ditkit.train import load_checkpoint, load_config, train
-from ditkit.train.checkpoint import find_checkpoint, remove_orphans, save_checkpoint, staging_folder
-from ditkit.train.sharding import (
+from ditkit.distributed.sharding import (
     SHARDED_STATE,
     check_checkpoint_kind,
     checkpoint_activations,
@@ -25,6 +24,7 @@ from ditkit.train.sharding import (
     repeated_blocks,
     save_sharded,
 )
+from ditkit.train import load_config, train
 from ditkit.train.trainer import Trainer
 from helpers import tiny_backbone, tiny_run
 
@@ -219,8 +219,7 @@ def test_a_sharded_run_killed_while_checkpointing_resumes_to_the_same_weights(sh
 
 def test_sharded_distillation_saves_a_student_that_loads_in_one_process(sharded_runs):
     from diffusers import FluxTransformer2DModel
-
-    from ditkit.integrations.pipelines import load_student
+    from ditkit.diffusers.pipelines import load_student
 
     straight, halves = sharded_runs / "student", sharded_runs / "student-halves"
     gradients = json.loads((sharded_runs / "gradients.json").read_text())

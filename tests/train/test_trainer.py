@@ -5,10 +5,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import ditkit.train.checkpoint as checkpoint_module
+import ditkit.checkpoint as checkpoint_module
 from ditkit import DitkitError
+from ditkit.checkpoint import load_checkpoint
 from ditkit.diffusion.pipeline import generate
-from ditkit.train import load_checkpoint, load_config, train
+from ditkit.train import load_config, train
 from ditkit.train.loop import StepBatchSampler
 from ditkit.train.trainer import Trainer, lr_at, parameter_groups
 from helpers import tiny_run
@@ -185,8 +186,8 @@ def test_checkpoint_loads_with_a_swapped_mixer(tmp_path, scratch_mixers):
 
 
 def test_weights_that_do_not_fit_the_config_are_a_clear_error(tmp_path):
+    from ditkit.checkpoint import load_state
     from ditkit.models import build_model, model_config
-    from ditkit.train.checkpoint import load_state
 
     small = build_model(model_config("DiT-Nano/4", depth=1, hidden_size=32, num_heads=2))
     wide = build_model(model_config("DiT-Nano/4", depth=1, hidden_size=64, num_heads=2))

@@ -28,8 +28,8 @@ def add_parsers(sub, shared: SharedFlags) -> None:
 
 
 def run_convert(args) -> None:
-    from ..integrations.pretrained import ConvertOptions, convert_to_checkpoint
-    from ..train.checkpoint import load_checkpoint
+    from ..checkpoint import load_checkpoint
+    from ..convert.pretrained import ConvertOptions, convert_to_checkpoint
 
     options = ConvertOptions(vae=args.vae, resolution=args.resolution, num_heads=args.num_heads)
     folder = convert_to_checkpoint(args.source, args.out, options)
@@ -44,7 +44,7 @@ def run_convert(args) -> None:
 def run_export(args) -> None:
     import json
 
-    from ..integrations.diffusers_dit import export_diffusers
+    from ..convert.diffusers_dit import export_diffusers
 
     out = export_diffusers(args.ckpt, args.out, ema=not args.no_ema, approximate_timesteps=args.approximate_timesteps)
     print(f"wrote {out}")

@@ -39,7 +39,7 @@ def add_parser(sub, shared: SharedFlags) -> None:
 
 
 def run(args) -> None:
-    from ..parallel import sampling_session
+    from ..distributed import sampling_session
 
     if args.strength is not None and not args.upscale_from:
         raise DitkitError("--strength belongs to the upscale chain: give --upscale-from SIZE too")
@@ -50,7 +50,7 @@ def run(args) -> None:
         images, settings = generate_images(args, session.device, session.mode == "patch", session.is_main)
         if not session.is_main:  # every process holds the same images; one writes them
             return
-    from ..integrations.pipelines import save_images
+    from ..diffusers.pipelines import save_images
 
     paths = save_images(images, args.out, settings)
     print(f"wrote {', '.join(map(str, paths))} ({args.height}x{args.width})")
@@ -58,7 +58,7 @@ def run(args) -> None:
 
 def generate_images(args, device: str, patch: bool, progress: bool) -> tuple[list, list[dict]]:
     """The images of the command line, and their PNG settings."""
-    from ..integrations import pipelines as lib
+    from ..diffusers import pipelines as lib
 
     pipe = lib.load_pipeline(args.pipeline, args.dtype, device, args.cpu_offload, args.vae_tiling)
     embeddings = lib.read_prompt_embeddings(args.prompt_embeds, pipe) if args.prompt_embeds else None

@@ -2,7 +2,7 @@
 generate, study.
 
 The CLI only parses and calls the library. Each subcommand's parser sits beside its handler
-(`train.py`, `sample.py`, `measure.py`, `quickstart.py`, `convert.py`, `generate.py`, `study.py`);
+(`train.py`, `sample.py`, `measure.py`, `study/quickstart.py`, `convert.py`, `generate.py`, `study.py`);
 flags that mean the same everywhere
 (--device, --mixer, --no-ema, --seed, --no-progress, the sampling settings) are written once in
 `args.py` and shared through argparse `parents=`.

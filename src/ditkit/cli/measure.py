@@ -94,8 +94,8 @@ def run_info(args) -> None:
     if args.model in NAMED_MODELS:
         model, default_resolution = shapes_only_model(args.model, args.mixer, options), 256
     elif Path(args.model).exists():
-        from ..metrics.train_memory import diffusers_config_file
-        from ..train.checkpoint import load_checkpoint
+        from ..checkpoint import load_checkpoint
+        from ..study.memory_plan import diffusers_config_file
 
         if diffusers_config_file(Path(args.model)) is not None:
             raise DitkitError(f"{args.model} is a diffusers transformer: ditkit info counts ditkit models; plan its "
@@ -111,7 +111,7 @@ def run_info(args) -> None:
 
 
 def train_memory_table(args, mixer_options: dict | None) -> str:
-    from ..metrics.train_memory import format_plan, load_subject, plan_memory
+    from ..study.memory_plan import format_plan, load_subject, plan_memory
 
     if args.text_tokens is not None and args.text_tokens < 1:
         raise DitkitError(f"--text-tokens must be at least 1, got {args.text_tokens}")
@@ -125,6 +125,7 @@ def train_memory_table(args, mixer_options: dict | None) -> str:
 
 def run_eval(args) -> None:
     from ..data.images import save_image_folder
+    from ..distributed.launch import default_device
     from ..metrics.quality import (
         evaluate,
         folder_agreement,
@@ -135,7 +136,6 @@ def run_eval(args) -> None:
         sample_checkpoint,
         write_scores,
     )
-    from ..parallel.launch import default_device
     from ..record import Sampling
 
     if bool(args.ckpt) == bool(args.samples):
@@ -172,8 +172,8 @@ def run_eval(args) -> None:
 def run_bench(args) -> None:
     import torch
 
+    from ..distributed.launch import default_device
     from ..metrics.bench import device_name, run_bench, write_report
-    from ..parallel.launch import default_device
 
     check_output_folder(args.out)
     if args.threads:

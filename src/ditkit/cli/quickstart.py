@@ -6,7 +6,7 @@ from .args import SharedFlags
 
 
 def add_parser(sub, shared: SharedFlags) -> None:
-    from ..quickstart import SCALES
+    from ..study.quickstart import SCALES
 
     quick = sub.add_parser("quickstart", parents=[shared.progress],
                            help="train a digits teacher, distil a CLEAR student, sample, score and benchmark both, "
@@ -25,8 +25,8 @@ def add_parser(sub, shared: SharedFlags) -> None:
 
 
 def run(args) -> None:
-    from ..parallel.launch import default_device
-    from ..quickstart import quickstart, quickstart_settings
+    from ..distributed.launch import default_device
+    from ..study.quickstart import quickstart, quickstart_settings
 
     settings = quickstart_settings(args.scale, teacher_steps=args.teacher_steps, distill_steps=args.distill_steps)
     report = quickstart(args.out, settings, device=default_device(args.device), features_path=args.features_path,

@@ -32,11 +32,11 @@ def add_parser(sub, shared: SharedFlags) -> None:
 
 
 def run(args) -> None:
+    from ..checkpoint import load_checkpoint
     from ..data.images import save_grid
     from ..diffusion.pipeline import generate, generate_upscaled
-    from ..parallel import sampling_session
+    from ..distributed import sampling_session
     from ..record import Sampling
-    from ..train.checkpoint import load_checkpoint
 
     if args.base_ckpt and not args.upscale_from:
         raise DitkitError("--base-ckpt needs --upscale-from (the size the base checkpoint samples at)")
@@ -64,8 +64,8 @@ def run(args) -> None:
 
 def upscale_chain(args, device: str):
     """--upscale-from and its options; --base-ckpt loads another checkpoint for the base size."""
+    from ..checkpoint import load_checkpoint
     from ..diffusion.pipeline import UpscaleChain
-    from ..train.checkpoint import load_checkpoint
 
     base_model = base_record = None
     if args.base_ckpt:

@@ -23,7 +23,7 @@ def add_parser(sub, shared: SharedFlags) -> None:
 
 
 def run(args) -> None:
-    from ..parallel.launch import default_device
+    from ..distributed.launch import default_device
     from ..study import StudyConfig, run_study
     from ..train.config import load_config
 

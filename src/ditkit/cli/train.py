@@ -98,7 +98,7 @@ def distill_processes(cfg, device: str | None):
 
     import torch.distributed as dist
 
-    from ..parallel.launch import default_device, join_process_group
+    from ..distributed.launch import default_device, join_process_group
 
     if cfg.sharding != "fsdp" or "WORLD_SIZE" not in os.environ:  # the Distiller names the fix without torchrun
         yield default_device(device), True

@@ -13,8 +13,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDPMScheduler
 from torch import Tensor
+
+from diffusers import DDPMScheduler
 
 from ..errors import DitkitError
 

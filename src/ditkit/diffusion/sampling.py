@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import inspect
 
-import diffusers
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from torch import Tensor
 from tqdm.auto import tqdm
+
+import diffusers
+from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 from ..errors import DitkitError
 from ..record import check_sampler

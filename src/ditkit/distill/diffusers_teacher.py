@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..diffusers.clear import SUPPORTED, apply_clear, attention_taps
+from ..distributed.sharded_load import diffusers_weight_files, empty_model
 from ..errors import DitkitError
-from ..integrations.diffusers import SUPPORTED, apply_clear, attention_taps
 from ..record import DataSettings, DiffusersModel, DiffusionSettings, RunRecord
-from ..train.sharded_load import diffusers_weight_files, empty_model
 from .teacher import Teacher
 
 FLOW_MODELS = ("FluxTransformer2DModel", "SD3Transformer2DModel")

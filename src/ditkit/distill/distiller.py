@@ -10,10 +10,10 @@
    distilled one, with side-by-side PNGs.
 
 With `sharding: fsdp` (under torchrun) teacher and student are sharded per block with FSDP2
-(train/sharding.py): their frozen weights in `frozen_dtype` (bf16), the trained projections fp32
+(distributed/sharding.py): their frozen weights in `frozen_dtype` (bf16), the trained projections fp32
 units of their own (computing in bf16) whose AdamW state is sharded too. A teacher from
 `load_teacher` is then built on the meta device, its student too, and each process reads only its
-shards of the weights (train/sharded_load.py): a 12B teacher never sits whole on any process.
+shards of the weights (distributed/sharded_load.py): a 12B teacher never sits whole on any process.
 Every process samples and evaluates together (the sharded forwards are collective) and trains on
 its own slice of each batch; the main process writes the reports and the checkpoints' safetensors.
 """
@@ -31,23 +31,17 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..data.images import image_grid, save_image
-from ..diffusion.sampling import sample
-from ..errors import DitkitError
-from ..files import atomic_path, atomic_write_text, read_json
-from ..mixers.clear import initial_added_parameters, local_pairs
-from ..train.checkpoint import (
+from ..checkpoint import (
     find_checkpoint,
     list_checkpoints,
     load_torch_file,
     read_weights,
     save_checkpoint,
 )
-from ..train.config import AT_LEAST_0, AT_LEAST_1, POSITIVE, check_ranges, check_sharding
-from ..train.loop import MetricsLog, StepBatchSampler, step_generator
-from ..train.runfolder import own_run_folder
-from ..train.sharded_load import check_weights, load_shards, materialize
-from ..train.sharding import (
+from ..data.images import image_grid, save_image
+from ..diffusion.sampling import sample
+from ..distributed.sharded_load import check_weights, load_shards, materialize
+from ..distributed.sharding import (
     DTYPES,
     SHARDED_STATE,
     broadcast_refusal,
@@ -60,6 +54,12 @@ from ..train.sharding import (
     save_staged_checkpoint,
     shard_model,
 )
+from ..errors import DitkitError
+from ..files import atomic_path, atomic_write_text, read_json
+from ..mixers.clear import initial_added_parameters, local_pairs
+from ..train.config import AT_LEAST_0, AT_LEAST_1, POSITIVE, check_ranges, check_sharding
+from ..train.loop import MetricsLog, StepBatchSampler, step_generator
+from ..train.runfolder import own_run_folder
 from .losses import AttentionTaps, LossWeights, PairedDenoiser, distillation_loss
 from .samples import teacher_samples
 from .teacher import Teacher
@@ -192,7 +192,7 @@ class Distiller:
 
     def _load_shards(self) -> None:
         """Teacher and student built on the meta device, now sharded: each process allocates its
-        shards and reads its rows of the teacher's weights into both (train/sharded_load.py); the
+        shards and reads its rows of the teacher's weights into both (distributed/sharded_load.py); the
         student's CLEAR additions take their initial values. Both are checked against the files
         before anything is allocated."""
         files = self.teacher.pending_weights

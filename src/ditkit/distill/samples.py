@@ -24,10 +24,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..diffusion.sampling import sample
+from ..distributed.sharding import from_main
 from ..errors import DitkitError
 from ..files import atomic_path, atomic_write_text, read_json
 from ..train.loop import step_generator
-from ..train.sharding import from_main
 from .teacher import Teacher
 
 CHUNK = 64

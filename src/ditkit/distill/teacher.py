@@ -17,9 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from ..diffusion.pipeline import input_size
+from ..distributed.sharded_load import WeightFiles, empty_model, single_weight_file
 from ..mixers import TokenMixer, swap_mixers
 from ..record import RunRecord
-from ..train.sharded_load import WeightFiles, empty_model, single_weight_file
 
 
 class Teacher:
@@ -81,7 +81,7 @@ class DitkitTeacher(Teacher):
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", ema: bool = True, empty: bool = False):
         """`empty`: build the model on the meta device and leave its weights in the file
         (`pending_weights`) for a sharded distillation to load shard by shard."""
-        from ..train.checkpoint import load_checkpoint
+        from ..checkpoint import load_checkpoint
 
         self.path = str(path)
         if empty:
@@ -103,8 +103,8 @@ class DitkitTeacher(Teacher):
     def _empty_model(path: str | Path, ema: bool) -> tuple[nn.Module, RunRecord, WeightFiles]:
         """The model of the file `load_checkpoint` would read (EMA or raw weights), built from its
         record with meta parameters, and that file."""
+        from ..checkpoint import find_checkpoint, read_record, weights_file
         from ..models import build_model
-        from ..train.checkpoint import find_checkpoint, read_record, weights_file
 
         found = find_checkpoint(path)
         file = weights_file(found, ema) if found.is_dir() else found

@@ -152,8 +152,8 @@ def sample_checkpoint(ckpt: str | Path, sampling: Sampling | None = None, *, bat
     from the checkpoint's record."""
     from tqdm.auto import tqdm
 
+    from ..checkpoint import load_checkpoint
     from ..diffusion.pipeline import check_labels, generate
-    from ..train.checkpoint import load_checkpoint
 
     model, record = load_checkpoint(ckpt, ema=ema, mixer=mixer, mixer_options=mixer_options, device=device)
     sampling = record.sampling(sampling, **changes)

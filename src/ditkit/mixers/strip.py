@@ -10,7 +10,7 @@ and the collectives of the `Strip` it is handed:
   all_reduce_max the largest value over strips (the shift that merges partial softmaxes of text
                  queries exactly: `clear.global_attention_of_strips`)
 
-This module only describes them, so mixers stay below `parallel`: `ditkit.parallel` implements
+This module only describes them, so mixers stay below `parallel`: `ditkit.distributed` implements
 them on torch.distributed (one process per strip), and tests implement them in one process.
 """
 

@@ -92,7 +92,7 @@ def teacher_model(teacher: str, plans: dict[str, ArmPlan]):
     """(model config, resolution) of a teacher arm (as it will be trained) or of a checkpoint."""
     if teacher in plans:
         return plans[teacher].model_config, plans[teacher].resolution
-    from ..train.checkpoint import load_checkpoint
+    from ..checkpoint import load_checkpoint
 
     _, record = load_checkpoint(teacher)
     return record.model, record.resolution

@@ -23,10 +23,10 @@ import torch
 
 from ..errors import DitkitError
 from ..files import atomic_write_text, read_json
-from ..quickstart.runner import Stage, StageRunner, format_seconds
 from ..train.runfolder import own_run_folder
 from .config import StudyConfig
 from .plan import ArmPlan, forward_gflops, plan_study
+from .stages import Stage, StageRunner, format_seconds
 
 # What a study writes in its out folder (the outputs --overwrite removes).
 STUDY_OUTPUTS = ("study.json", "arms", "report", ".stages")
@@ -92,8 +92,8 @@ class Study:
 
     def train_to(self, plan: ArmPlan, seed: int, step: int) -> Path:
         """Train the arm's run up to `step` (from its last checkpoint); returns that step's checkpoint."""
+        from ..checkpoint import list_checkpoints
         from ..train import train
-        from ..train.checkpoint import list_checkpoints
 
         cfg = copy.deepcopy(plan.train_config)
         run_dir = self.arm_dir(plan.name, seed) / "run"
@@ -105,7 +105,7 @@ class Study:
     def teacher_checkpoint(self, plan: ArmPlan) -> tuple[Path, str]:
         """(the teacher's checkpoint, the name the distillation records for it). A teacher arm's is named
         relative to the out folder: the same teacher must stay the same when the folder moves."""
-        from ..train.checkpoint import find_checkpoint
+        from ..checkpoint import find_checkpoint
 
         if plan.teacher in self.plans:
             checkpoint = find_checkpoint(self.arm_dir(plan.teacher, self.plans[plan.teacher].seeds[0]) / "run")
@@ -153,7 +153,7 @@ class Study:
                 agreement: dict) -> list[dict]:
         """One row per eval scale: FID/KID, legibility, agreement with the teacher (distillations),
         the sampling cost (counted GFLOPs per image, measured time and peak memory of one forward)."""
-        from ..train.checkpoint import load_checkpoint
+        from ..checkpoint import load_checkpoint
 
         model, record = load_checkpoint(checkpoint, device=self.device)
         base = {"arm": plan.name, "label": plan.label, "kind": plan.kind, "seed": seed, "fraction": fraction,

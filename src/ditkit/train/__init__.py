@@ -1,7 +1,6 @@
-"""Training: typed config, the Accelerate loop, and atomic safetensors checkpoints."""
+"""Training: the typed train config and the Accelerate loop (checkpoints: `ditkit.checkpoint`)."""
 
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, load_config
 from .trainer import Trainer, train
 
-__all__ = ["find_checkpoint", "load_checkpoint", "save_checkpoint", "TrainConfig", "load_config", "Trainer", "train"]
+__all__ = ["TrainConfig", "load_config", "Trainer", "train"]

@@ -48,7 +48,7 @@ AT_LEAST_0, AT_LEAST_1 = Range(0), Range(1)
 POSITIVE = Range(0, open_low=True)
 FRACTION = Range(0, 1)  # a decay: 1 would never move
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
-SHARDINGS = ("none", "fsdp")  # fsdp: train/sharding.py
+SHARDINGS = ("none", "fsdp")  # fsdp: distributed/sharding.py
 
 # field -> allowed range, per section (None values of optional fields are not checked).
 RANGES = {

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..checkpoint import remove_orphans
 from ..errors import DitkitError
 from ..files import FolderLock, remove_temporary_files
-from .checkpoint import remove_orphans
 
 # What a training run writes in its folder (the outputs --overwrite removes).
 TRAIN_OUTPUTS = ("checkpoints", "metrics.jsonl", "loss.png", "samples", "tensorboard", "config.json")

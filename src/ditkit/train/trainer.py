@@ -26,14 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..data import build_dataset, cached_latents
-from ..data.images import save_grid
-from ..diffusion.pipeline import generate, input_size
-from ..errors import DitkitError
-from ..files import atomic_write_text, is_disk_full, read_json
-from ..models import build_model, model_config
-from ..record import DataSettings, RunRecord
-from .checkpoint import (
+from ..checkpoint import (
     META_KEY,
     find_checkpoint,
     last_checkpoint,
@@ -43,10 +36,10 @@ from .checkpoint import (
     read_weights,
     save_checkpoint,
 )
-from .config import TrainConfig
-from .loop import MetricsLog, StepBatchSampler, step_generator
-from .runfolder import TRAIN_OUTPUTS, own_run_folder
-from .sharding import (
+from ..data import build_dataset, cached_latents
+from ..data.images import save_grid
+from ..diffusion.pipeline import generate, input_size
+from ..distributed.sharding import (
     SHARDED_STATE,
     check_checkpoint_kind,
     checkpoint_activations,
@@ -59,6 +52,13 @@ from .sharding import (
     sharded_ema,
     update_sharded_ema,
 )
+from ..errors import DitkitError
+from ..files import atomic_write_text, is_disk_full, read_json
+from ..models import build_model, model_config
+from ..record import DataSettings, RunRecord
+from .config import TrainConfig
+from .loop import MetricsLog, StepBatchSampler, step_generator
+from .runfolder import TRAIN_OUTPUTS, own_run_folder
 
 # A step loss this many times the run's first one means training diverges (warned once).
 EXPLODING_LOSS = 1000.0

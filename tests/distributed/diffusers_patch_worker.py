@@ -8,14 +8,14 @@ from pathlib import Path
 
 import torch
 
-from ditkit.integrations.diffusers import apply_clear, set_size_options
-from ditkit.parallel import STATS
-from ditkit.parallel.diffusers_patch import patch_parallel
+from ditkit.diffusers.clear import apply_clear, set_size_options
+from ditkit.diffusers.patch_parallel import patch_parallel
+from ditkit.distributed import STATS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, as pytest's pythonpath has it
 from worker_cases import run_cases  # noqa: E402  (this script's folder, first on sys.path)
 
-from integrations.test_diffusers import flux_ids, run, tiny_flux, tiny_pixart, tiny_sd3  # noqa: E402
+from tiny_diffusers import flux_ids, run, tiny_flux, tiny_pixart, tiny_sd3  # noqa: E402
 
 CASES = {  # name: (model, CLEAR options, token grid)
     "flux": ("flux", {"radius": 2}, (8, 6)),

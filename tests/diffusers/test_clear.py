@@ -5,10 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
 
-from ditkit.errors import DitkitError
-from ditkit.integrations.diffusers import (
+from ditkit.diffusers.clear import (
     apply_clear,
     attention_taps,
     flux_rotary,
@@ -17,54 +15,13 @@ from ditkit.integrations.diffusers import (
     sd3_interpolated_pos_embed,
     set_size_options,
 )
+from ditkit.errors import DitkitError
 from ditkit.metrics.memory import largest_tensor
 from ditkit.mixers.base import Extrapolation
 from ditkit.mixers.clear import _reference_mask
-
-GRID, TEXT = (6, 5), 7  # 6x5 image tokens (not square, not a tile multiple), 7 text tokens
-
-
-def flux_ids(grid):
-    ys, xs = torch.meshgrid(torch.arange(grid[0]).float(), torch.arange(grid[1]).float(), indexing="ij")
-    return torch.stack([torch.zeros_like(ys), ys, xs], -1).reshape(-1, 3)
-
-
-def tiny_flux():
-    model = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
-                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                   pooled_projection_dim=32, axes_dims_rope=[4, 6, 6])
-    inputs = dict(hidden_states=torch.randn(2, GRID[0] * GRID[1], 4), encoder_hidden_states=torch.randn(2, TEXT, 32),
-                  pooled_projections=torch.randn(2, 32), timestep=torch.tensor([0.5, 0.2]), img_ids=flux_ids(GRID),
-                  txt_ids=torch.zeros(TEXT, 3))
-    return model, inputs, "text_first"
-
-
-def tiny_sd3():
-    model = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
-                                  num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
-                                  pooled_projection_dim=16, out_channels=4, pos_embed_max_size=32)
-    inputs = dict(hidden_states=torch.randn(2, 4, 2 * GRID[0], 2 * GRID[1]),
-                  encoder_hidden_states=torch.randn(2, TEXT, 32), pooled_projections=torch.randn(2, 16),
-                  timestep=torch.tensor([500, 200]))
-    return model, inputs, "image_first"
-
-
-def tiny_pixart():
-    model = PixArtTransformer2DModel(sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-                                     patch_size=2, in_channels=4, out_channels=8, cross_attention_dim=16,
-                                     caption_channels=32, norm_type="ada_norm_single")
-    inputs = dict(hidden_states=torch.randn(2, 4, 2 * GRID[0], 2 * GRID[1]),
-                  encoder_hidden_states=torch.randn(2, TEXT, 32), timestep=torch.tensor([500, 200]),
-                  added_cond_kwargs={"resolution": None, "aspect_ratio": None})
-    return model, inputs, "image_only"
-
+from tiny_diffusers import GRID, TEXT, flux_ids, run, tiny_flux, tiny_pixart, tiny_sd3
 
 MODELS = [tiny_flux, tiny_sd3, tiny_pixart]
-
-
-def run(model, inputs):
-    with torch.no_grad():
-        return model(**inputs, return_dict=False)[0]
 
 
 def stock_with_disc_mask(model, inputs, layout, radius):
@@ -164,8 +121,8 @@ def test_distill_with_a_diffusers_teacher_folder(make, tmp_path, capsys):
 
     from safetensors import safe_open
 
+    from ditkit.checkpoint import find_checkpoint
     from ditkit.cli.main import main
-    from ditkit.train.checkpoint import find_checkpoint
 
     torch.manual_seed(0)
     model, _, _ = make()

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import DitkitError
 from ..files import FolderLock, atomic_path, atomic_write_text
-from .runner import Stage, StageRunner, format_seconds
+from .stages import Stage, StageRunner, format_seconds
 
 DIGITS_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
 SEED = 0
@@ -148,7 +148,7 @@ class Quickstart:
 
     def model(self, name: str):
         """(model, record) of the teacher or the student checkpoint, loaded once."""
-        from ..train.checkpoint import load_checkpoint
+        from ..checkpoint import load_checkpoint
 
         if name not in self._models:
             folder = self.teacher_dir if name == "teacher" else self.student_dir / "checkpoints"
@@ -172,8 +172,8 @@ class Quickstart:
         return cfg
 
     def train_teacher(self) -> None:
+        from ..checkpoint import list_checkpoints
         from ..train import train
-        from ..train.checkpoint import list_checkpoints
 
         resume = bool(list_checkpoints(self.teacher_dir / "checkpoints"))
         # Without a checkpoint, what an interrupted stage left (config, metrics) is the stage's own: replaced.
@@ -190,8 +190,8 @@ class Quickstart:
                              log_every=min(10, s.distill_steps), eval_num=8 if s.scale != "tiny" else 2)
 
     def distill_student(self) -> None:
+        from ..checkpoint import find_checkpoint
         from ..distill import Distiller, DitkitTeacher
-        from ..train.checkpoint import find_checkpoint
 
         checkpoint = find_checkpoint(self.teacher_dir)
         teacher = DitkitTeacher(checkpoint, device=self.device)
@@ -321,7 +321,7 @@ class Quickstart:
 
     # -- 6 report ------------------------------------------------------------------------------
     def write_report_md(self) -> None:
-        from .report import quickstart_report
+        from .quickstart_report import quickstart_report
 
         copies = {"teacher/loss.png": "teacher-loss.png", "student/loss.png": "distill-loss.png",
                   f"student/compare-{self.resolution}.png": "distill-compare.png", "bench/bench.png": "bench.png"}

@@ -15,7 +15,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ditkit.metrics.memory import peak_memory, retained_memory
-from ditkit.metrics.train_memory import (
+from ditkit.study.memory_plan import (
     ditkit_subject,
     load_subject,
     measure_activations,

@@ -414,7 +414,7 @@ def export_diffusers(ckpt: str | Path, out: str | Path, ema: bool = True, approx
     the trained one's (`timestep_approximation`)."""
     from safetensors.torch import save_file
 
-    from ..train.checkpoint import load_checkpoint
+    from ..checkpoint import load_checkpoint
 
     model, record = load_checkpoint(ckpt, ema=ema)
     cfg = _check_exportable(record, approximate_timesteps)

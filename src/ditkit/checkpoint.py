@@ -4,7 +4,7 @@ A checkpoint is a folder `checkpoints/step_0001000/` holding
   model.safetensors  training weights    } both with metadata "ditkit": JSON record of the
   ema.safetensors    EMA weights         } model config, diffusion settings and data
   optimizer.pt       optimizer state, and training_state.json (step, seed, ...)
-Sharded runs (train/sharding.py) write `sharded/`, a torch.distributed.checkpoint folder of
+Sharded runs (distributed/sharding.py) write `sharded/`, a torch.distributed.checkpoint folder of
 weights, EMA and optimizer state, in place of optimizer.pt; their safetensors are full weights.
 It is written into a hidden temporary folder and renamed into place, so a crash never
 leaves a half-written checkpoint; `checkpoints/latest` names the newest one.
@@ -27,11 +27,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..errors import DitkitError
-from ..files import atomic_path, atomic_write_text, fsync_file, is_disk_full, read_json, remove_temporary_files
-from ..mixers import swap_mixers
-from ..models import build_model
-from ..record import RunRecord
+from .errors import DitkitError
+from .files import atomic_path, atomic_write_text, fsync_file, is_disk_full, read_json, remove_temporary_files
+from .mixers import swap_mixers
+from .models import build_model
+from .record import RunRecord
 
 META_KEY = "ditkit"
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -221,7 +221,7 @@ def read_record(file: Path) -> RunRecord:
     record = RunRecord.from_json(metadata[META_KEY], source=str(file))
     if not hasattr(record.model, "backbone"):
         raise DitkitError(f"{file} holds a diffusers student ({record.model.diffusers}): run it in its pipeline "
-                          "(ditkit generate --student, or ditkit.integrations.pipelines.load_student)")
+                          "(ditkit generate --student, or ditkit.diffusers.pipelines.load_student)")
     return record
 
 
@@ -282,7 +282,7 @@ def load_checkpoint(path: str | Path, *, ema: bool = True, mixer: str | None = N
                           "use an earlier checkpoint")
     if not hasattr(record.model, "backbone"):
         raise DitkitError(f"{file} holds a diffusers student ({record.model.diffusers}): run it in its pipeline "
-                          "(ditkit generate --student, or ditkit.integrations.pipelines.load_student)")
+                          "(ditkit generate --student, or ditkit.diffusers.pipelines.load_student)")
     model = build_model(record.model)
     load_state(model, tensors, file)
     if mixer is not None or mixer_options:

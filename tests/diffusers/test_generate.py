@@ -1,9 +1,5 @@
-"""`ditkit generate` over tiny random diffusers pipelines, built and saved in the test (offline).
-
-Text encoders are tiny random CLIP / T5 models; their tokenizers are made from a vocabulary of
-single letters (CLIP: a byte-pair model without merges; T5: a unigram model), so a prompt reaches
-the transformer without any download.
-"""
+"""`ditkit generate` over tiny random diffusers pipelines (`tiny_diffusers`), built and saved in the
+test (offline)."""
 
 import numpy as np
 import pytest
@@ -12,76 +8,7 @@ from PIL import Image
 
 from ditkit.cli.main import main
 from ditkit.errors import DitkitError
-
-LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-
-
-def clip_parts(hidden: int, projection: bool):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    vocab |= {token: len(vocab) + i for i, token in enumerate(LETTERS + [c + "</w>" for c in LETTERS])}
-    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
-                            num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77,
-                            projection_dim=hidden, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
-    return model, CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-
-
-def t5_parts(width: int):
-    from transformers import T5Config, T5EncoderModel, T5Tokenizer
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)] + [(c, -3.0) for c in LETTERS]
-    model = T5EncoderModel(T5Config(vocab_size=len(pieces), d_model=width, d_ff=2 * width, d_kv=8, num_layers=1,
-                                    num_heads=2))
-    return model, T5Tokenizer(vocab=pieces, extra_ids=0)
-
-
-def tiny_vae(shift_factor=None):
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-                         up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 8], latent_channels=4,
-                         norm_num_groups=4, layers_per_block=1, scaling_factor=0.5, shift_factor=shift_factor)
-
-
-def flux_pipeline(encoders: bool):
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                         pooled_projection_dim=32, axes_dims_rope=[4, 6, 6], guidance_embeds=True)
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16,
-                                                max_image_seq_len=256)
-    (clip, clip_tokens), (t5, t5_tokens) = (clip_parts(32, False), t5_parts(32)) if encoders else ((None,) * 2,) * 2
-    return FluxPipeline(scheduler=scheduler, vae=tiny_vae(shift_factor=0.1), text_encoder=clip, tokenizer=clip_tokens,
-                        text_encoder_2=t5, tokenizer_2=t5_tokens, transformer=transformer)
-
-
-def sd3_pipeline():
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-
-    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=2,
-                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
-                                        caption_projection_dim=16, pooled_projection_dim=32, out_channels=4,
-                                        pos_embed_max_size=32)
-    (clip, clip_tokens), (clip_2, clip_tokens_2) = clip_parts(16, True), clip_parts(16, True)
-    t5, t5_tokens = t5_parts(32)
-    return StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=tiny_vae(0.1),
-                                    text_encoder=clip, tokenizer=clip_tokens, text_encoder_2=clip_2,
-                                    tokenizer_2=clip_tokens_2, text_encoder_3=t5, tokenizer_3=t5_tokens,
-                                    transformer=transformer)
-
-
-def pixart_pipeline():
-    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
-
-    transformer = PixArtTransformer2DModel(sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-                                           patch_size=2, in_channels=4, out_channels=8, cross_attention_dim=16,
-                                           caption_channels=32, norm_type="ada_norm_single")
-    t5, t5_tokens = t5_parts(32)
-    return PixArtSigmaPipeline(tokenizer=t5_tokens, text_encoder=t5, vae=tiny_vae(), transformer=transformer,
-                               scheduler=DPMSolverMultistepScheduler())
+from tiny_diffusers import flux_pipeline, pixart_pipeline, sd3_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +72,7 @@ def distil_student(folders, out):
 
 
 def test_flux_student_loads_and_changes_the_picture(folders, tmp_path):
-    from ditkit.integrations.pipelines import Attention, load_pipeline
+    from ditkit.diffusers.pipelines import Attention, load_pipeline
 
     student = distil_student(folders, tmp_path / "student")
     untuned, _ = generate(folders, tmp_path / "untuned.png", "--clear", "radius=1")
@@ -165,8 +92,9 @@ def test_flux_student_loads_and_changes_the_picture(folders, tmp_path):
 def stock_base_upsampled(folders, size, base_size) -> np.ndarray:
     """What the chain at strength 0 must return, with diffusers alone: the stock FLUX pipeline's latents
     at the base size, upsampled bicubically, decoded."""
-    from diffusers import FluxPipeline
     from safetensors.torch import load_file
+
+    from diffusers import FluxPipeline
 
     pipe = FluxPipeline.from_pretrained(folders / "flux_bare", text_encoder=None, tokenizer=None,
                                         text_encoder_2=None, tokenizer_2=None)
@@ -207,8 +135,8 @@ def refusal(capsys, *argv) -> str:
 
 
 def test_bad_input_is_refused_in_one_line(folders, tmp_path, capsys):
+    from ditkit.checkpoint import save_weights
     from ditkit.record import DataSettings, DiffusersModel, DiffusionSettings, RunRecord
-    from ditkit.train.checkpoint import save_weights
 
     bare = ["--pipeline", str(folders / "flux_bare")]
     embeds = ["--prompt-embeds", str(folders / "embeds.safetensors")]
@@ -230,7 +158,7 @@ def test_bad_input_is_refused_in_one_line(folders, tmp_path, capsys):
         capsys, *bare, *embeds, "--student", student("sd3", (32, 32), "SD3Transformer2DModel"))
     assert "does not fit this transformer" in refusal(capsys, *bare, *embeds, "--student", student("wide", (64, 32)))
     with pytest.raises(DitkitError, match="strength must be between 0 and 1"):
-        from ditkit.integrations.pipelines import UpscaleChain
+        from ditkit.diffusers.pipelines import UpscaleChain
 
         UpscaleChain(16, 16, 1.5)
 
@@ -239,7 +167,7 @@ def test_clear_pipeline_builds_no_n_by_n_tensor(folders):
     """64 x 64 image tokens (256 px): an N x N boolean mask would be 16 MiB, fp32 scores 32 MiB a head.
     With CLEAR the pipeline's denoising (latent output: the tiny VAE's own mid-block attention is
     not the transformer's) creates nothing quadratic."""
-    from ditkit.integrations.pipelines import Attention, load_pipeline, read_prompt_embeddings
+    from ditkit.diffusers.pipelines import Attention, load_pipeline, read_prompt_embeddings
     from ditkit.metrics.memory import largest_tensor
 
     pipe = load_pipeline(folders / "flux_bare", device="cpu")

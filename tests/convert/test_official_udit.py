@@ -12,9 +12,9 @@ import re
 import pytest
 import torch
 
+from ditkit.convert import official_udit
+from ditkit.convert.pretrained import ConvertOptions, convert_pretrained, load_pretrained
 from ditkit.errors import DitkitError
-from ditkit.integrations import official_udit
-from ditkit.integrations.pretrained import ConvertOptions, convert_pretrained, load_pretrained
 from ditkit.models import build_model, model_config
 from helpers import run_cli
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ditkit import DitkitError
-from ditkit.integrations.pretrained import ConvertOptions, convert_pretrained, load_pretrained
+from ditkit.convert.pretrained import ConvertOptions, convert_pretrained, load_pretrained
 from ditkit.models.layers import sincos_pos_embed_2d
 from helpers import run_cli
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
+from ditkit.distributed import STATS, PatchParallelDiT
 from ditkit.models import build_model, model_config
 from ditkit.models.extrapolation import set_extrapolation
-from ditkit.parallel import STATS, PatchParallelDiT
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, as pytest's pythonpath has it
 from worker_cases import run_cases  # noqa: E402  (this script's folder, first on sys.path)

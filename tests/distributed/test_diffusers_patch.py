@@ -10,15 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
+from distributed.test_patch import torchrun
 from ditkit.cli.main import main
+from ditkit.diffusers.clear import apply_clear
+from ditkit.diffusers.patch_parallel import enable_patch_parallel, patch_parallel
 from ditkit.errors import DitkitError
-from ditkit.integrations.diffusers import apply_clear
 from ditkit.mixers.clear import local_attention, pool_tokens, strip_local_attention
-from ditkit.parallel.diffusers_patch import enable_patch_parallel, patch_parallel
-from integrations.test_diffusers import run, tiny_flux, tiny_pixart, tiny_sd3
-from integrations.test_generate import flux_pipeline
-from parallel.test_patch import torchrun
 from thread_strips import on_thread_strips
+from tiny_diffusers import flux_pipeline, run, tiny_flux, tiny_pixart, tiny_sd3
 
 HERE = Path(__file__).resolve().parent
 

@@ -140,8 +140,8 @@ def attach_vae(record: RunRecord, folder: str | Path) -> None:
 
 def build_converted(converted: Converted) -> nn.Module:
     """The model of a conversion with its weights loaded (every key must fit: strict)."""
+    from ..checkpoint import load_state
     from ..models import build_model
-    from ..train.checkpoint import load_state
 
     model = build_model(converted.record.model)
     source = converted.record.origin["path"] if converted.record.origin else "the converted weights"
@@ -165,7 +165,7 @@ def check_keys(expected: set[str], found: set[str], source: str, source_key: Cal
 def load_pretrained(path: str | Path, options: ConvertOptions | None = None, device: str | torch.device = "cpu",
                     **option_fields):
     """(model, record) from a ditkit checkpoint or any published format a converter reads."""
-    from ..train.checkpoint import load_checkpoint
+    from ..checkpoint import load_checkpoint
 
     path = Path(path)
     if is_ditkit_checkpoint(path):
@@ -177,7 +177,7 @@ def load_pretrained(path: str | Path, options: ConvertOptions | None = None, dev
 
 def convert_to_checkpoint(path: str | Path, out: str | Path, options: ConvertOptions | None = None) -> Path:
     """Convert published weights and write them as a ditkit checkpoint folder `out`."""
-    from ..train.checkpoint import save_weights
+    from ..checkpoint import save_weights
 
     converted = convert_pretrained(path, options)
     build_converted(converted)  # every tensor fits the inferred config before anything is written
@@ -186,7 +186,7 @@ def convert_to_checkpoint(path: str | Path, out: str | Path, options: ConvertOpt
 
 def is_ditkit_checkpoint(path: Path) -> bool:
     """A ditkit run, checkpoint folder or safetensors file with a ditkit record."""
-    from ..train.checkpoint import META_KEY, read_header
+    from ..checkpoint import META_KEY, read_header
 
     try:
         file, metadata, _ = read_header(path)

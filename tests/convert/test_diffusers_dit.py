@@ -7,16 +7,16 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 from PIL import Image
 
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
+from ditkit.checkpoint import load_checkpoint, save_weights
+from ditkit.convert.diffusers_dit import export_diffusers
+from ditkit.convert.pretrained import ConvertOptions, build_converted, convert_pretrained, load_pretrained
 from ditkit.diffusion.pipeline import generate
 from ditkit.errors import DitkitError
-from ditkit.integrations.diffusers_dit import export_diffusers
-from ditkit.integrations.pretrained import ConvertOptions, build_converted, convert_pretrained, load_pretrained
 from ditkit.models import config_from_dict, config_to_dict, model_config
 from ditkit.record import DataSettings, DiffusionSettings, RunRecord
-from ditkit.train.checkpoint import load_checkpoint, save_weights
 from helpers import run_cli, tiny_backbone
 
 SAMPLE_SIZE = 8  # latent side: a 4x4 token grid with patch 2

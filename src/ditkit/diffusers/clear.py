@@ -1,6 +1,6 @@
 """CLEAR local attention inside diffusers transformers: FLUX, SD3 and PixArt.
 
-    from ditkit.integrations.diffusers import apply_clear, remove_clear
+    from .clear import apply_clear, remove_clear
     apply_clear(pipe.transformer, radius=16, down_factor=4)   # every self-attention becomes CLEAR
     remove_clear(pipe.transformer)                           # the stock processors are back
 
@@ -20,7 +20,7 @@ scales every self-attention's queries by sqrt(log N / log N_train) and rescales 
 axes (SD3: interpolates its cropped sin-cos positions), as `ditkit.models.extrapolation` does for DiT.
 
 Distilling with a diffusers transformer as the teacher is `ditkit.distill.diffusers_teacher`;
-patch-parallel sampling with these processors (`set_strip`) is `ditkit.parallel.diffusers_patch`.
+patch-parallel sampling with these processors (`set_strip`) is `ditkit.diffusers.patch_parallel`.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ SUPPORTED = ("FluxTransformer2DModel", "SD3Transformer2DModel", "PixArtTransform
 @dataclass
 class TokenLayout:
     """The image-token grid of the forward call in progress; shared by one transformer's processors.
-    Under patch-parallel sampling (`ditkit.parallel.diffusers_patch`) the call holds only `strip`'s
+    Under patch-parallel sampling (`ditkit.diffusers.patch_parallel`) the call holds only `strip`'s
     rows of that grid."""
 
     grid: Grid | None = None

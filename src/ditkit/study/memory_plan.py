@@ -43,7 +43,7 @@ measured with bf16 weights and inputs; autocast's fp32 islands (norms, softmax s
 not modelled. Not included: the CUDA context, NCCL buffers, the allocator's fragmentation and
 cached blocks, which come on top. Loading adds no peak of its own under FSDP: a sharded
 distillation builds teacher and student on the meta device and reads each process's shards
-straight from the files (train/sharded_load.py), one tensor's rows in flight.
+straight from the files (distributed/sharded_load.py), one tensor's rows in flight.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def load_subject(source: str, mixer: str | None = None, mixer_options: dict | No
     from ..models import NAMED_MODELS
 
     if source in NAMED_MODELS:
-        from .flops import shapes_only_model
+        from ..metrics.flops import shapes_only_model
 
         return ditkit_subject(shapes_only_model(source, mixer, mixer_options), source, resolution=256)
     path = Path(source)
@@ -112,10 +112,10 @@ def load_subject(source: str, mixer: str | None = None, mixer_options: dict | No
 def checkpoint_on_meta(path: Path, mixer: str | None, mixer_options: dict | None) -> tuple[nn.Module, int]:
     """The model a ditkit checkpoint describes, built from its header on the meta device, and its
     training resolution."""
+    from ..checkpoint import META_KEY, read_header
     from ..mixers import swap_mixers
     from ..models import build_model
     from ..record import RunRecord
-    from ..train.checkpoint import META_KEY, read_header
 
     file, metadata, _ = read_header(path)
     if META_KEY not in metadata:
@@ -180,8 +180,8 @@ def diffusers_subject(config_file: Path, text_tokens: int | None = None) -> Subj
     drives it (`FlowDenoiser`), with `text_tokens` prompt tokens (default: FLUX 512, SD3 333)."""
     import diffusers
 
+    from ..diffusers.clear import apply_clear, attention_taps, remove_clear
     from ..distill.diffusers_teacher import FLOW_MODELS, DiffusersTeacher, FlowDenoiser
-    from ..integrations.diffusers import apply_clear, attention_taps, remove_clear
 
     config = json.loads(config_file.read_text())
     class_name = config["_class_name"]
@@ -223,7 +223,7 @@ def diffusers_subject(config_file: Path, text_tokens: int | None = None) -> Subj
 # -- state: weights, gradients, optimizer, EMA --------------------------------------------------
 def shard_numel(p: Tensor, processes: int) -> int:
     """Elements of rank 0's FSDP2 shard: dim 0 split into chunks of ceil(rows / P)."""
-    from ..train.sharding import shard_rows
+    from ..distributed.sharding import shard_rows
 
     if p.dim() == 0:
         return p.numel()
@@ -453,7 +453,7 @@ def measure_activations(subject: Subject, height: int, width: int, role: Roles, 
                         distill: bool = False) -> Activations:
     """Saved-for-backward bytes of one image's training forward, and the peaks of its training step
     with and without checkpointing, all on the meta device (see the module docstring)."""
-    from .memory import peak_memory
+    from ..metrics.memory import peak_memory
 
     try:
         with training_setup(subject, height, width, role, precision) as inputs, fused_attention():

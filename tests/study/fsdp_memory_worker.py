@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
-from ditkit.metrics.train_memory import ditkit_subject  # noqa: E402
+from ditkit.study.memory_plan import ditkit_subject  # noqa: E402
 from helpers import tiny_backbone  # noqa: E402
 
 

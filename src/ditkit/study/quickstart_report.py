@@ -11,8 +11,8 @@ from pathlib import Path
 import yaml
 
 from ..files import read_jsonl
-from .runner import format_seconds
-from .stages import SAMPLE_SETS, STAGES, UPSCALE_STRENGTH, Quickstart, SampleSet, load_images
+from .quickstart import SAMPLE_SETS, STAGES, UPSCALE_STRENGTH, Quickstart, SampleSet, load_images
+from .stages import format_seconds
 
 
 def bench_rows(path: Path) -> list[dict]:

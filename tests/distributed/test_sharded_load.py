@@ -1,4 +1,4 @@
-"""Loading a teacher onto the meta device for sharded distillation (train/sharded_load.py): what it
+"""Loading a teacher onto the meta device for sharded distillation (distributed/sharded_load.py): what it
 refuses, in one process and without a process group (the 2-process loads are in test_sharding.py)."""
 
 import json
@@ -6,14 +6,14 @@ import shutil
 
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel
 from safetensors import safe_open
 
+from diffusers import FluxTransformer2DModel
 from ditkit import DitkitError
 from ditkit.distill import DistillConfig, Distiller, DitkitTeacher
 from ditkit.distill.diffusers_teacher import DiffusersTeacher
+from ditkit.distributed.sharded_load import check_weights, diffusers_weight_files, read_rows, single_weight_file
 from ditkit.mixers.clear import initial_added_parameters
-from ditkit.train.sharded_load import check_weights, diffusers_weight_files, read_rows, single_weight_file
 
 FLUX = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 6, 6])
@@ -100,8 +100,8 @@ def test_the_student_takes_clears_pooling_weights_and_nothing_else_missing(split
 
 
 def test_a_ditkit_teacher_builds_empty_from_its_checkpoint(tmp_path):
+    from ditkit.checkpoint import save_checkpoint
     from ditkit.record import DataSettings, DiffusionSettings, RunRecord
-    from ditkit.train.checkpoint import save_checkpoint
     from helpers import tiny_backbone
 
     model = tiny_backbone("dit", randomize=0.1)

@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 
 from ditkit import DitkitError
 from ditkit.cli.main import main
+from ditkit.distributed import PatchParallelDiT, halo_plan, rows_needed, strip_bounds
 from ditkit.models import build_model, model_config
-from ditkit.parallel import PatchParallelDiT, halo_plan, rows_needed, strip_bounds
 from ditkit.train import load_config
 from ditkit.train.trainer import Trainer
 from helpers import tiny_run

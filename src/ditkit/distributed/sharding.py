@@ -193,7 +193,7 @@ def save_staged_checkpoint(root: Path, step: int, model: nn.Module, optimizer: t
     `extra`) into the staging folder the main process makes; `full_weights()` (called on every
     process: it gathers) gives the main process the whole (model, EMA) weights, which it saves and
     completes the folder with (`save_checkpoint(**checkpoint)`); its refusal stops every process."""
-    from .checkpoint import save_checkpoint, staging_folder
+    from ..checkpoint import save_checkpoint, staging_folder
 
     staged = from_main(staging_folder(root, step) if is_main else None)
     save_sharded(staged / SHARDED_STATE, model, optimizer, extra, model_keys)

@@ -16,7 +16,7 @@ picture of plain generation at the full size with the same seed.
 PixArt has no img2img pipeline in diffusers; its chain is refused rather than re-implemented.
 
 `patch=True` runs the CLEAR transformer patch-parallel: under torchrun each process computes one
-strip of image rows (`ditkit.parallel.diffusers_patch`) and every process gets the same images.
+strip of image rows (`ditkit.diffusers.patch_parallel`) and every process gets the same images.
 In the chain only the full-size pass is split; the base (stock attention, at a trained size) is
 computed whole by every process.
 
@@ -136,8 +136,8 @@ def check_size(pipe, height: int, width: int) -> None:
 # -- attention: CLEAR, students -----------------------------------------------------------------------
 def read_student_header(ckpt: str | Path):
     """A student's run record and tensor shapes, from the file's header (no weights loaded)."""
+    from ..checkpoint import META_KEY, read_header
     from ..record import DiffusersModel, RunRecord
-    from ..train.checkpoint import META_KEY, read_header
 
     file, metadata, shapes = read_header(ckpt)
     if META_KEY not in metadata:
@@ -171,8 +171,8 @@ def load_student(transformer: nn.Module, ckpt: str | Path, backend: str = "auto"
     """Put a `ditkit distill` student into a pipeline's transformer: CLEAR with the student's radius and
     down_factor, then its trained weights (image-stream projections, pooling weights). Returns its
     distill settings."""
-    from ..train.checkpoint import read_header, read_weights
-    from .diffusers import apply_clear
+    from ..checkpoint import read_header, read_weights
+    from .clear import apply_clear
 
     distill = check_student(transformer, ckpt)
     apply_clear(transformer, distill["radius"], distill.get("down_factor", 0), backend)
@@ -211,7 +211,7 @@ class Attention:
             check_clear_options(clear["radius"], clear.get("down_factor", 0), clear.get("backend", "auto"))
 
     def apply(self, transformer: nn.Module) -> None:
-        from .diffusers import apply_clear
+        from .clear import apply_clear
 
         self.check(transformer)
         clear = self.clear or {}
@@ -332,7 +332,7 @@ def set_progress(pipe, progress: bool, label: str) -> None:
 
 def on_strips(transformer: nn.Module, patch: bool):
     """Patch-parallel execution of the (CLEAR) transformer for a with-block, when `patch`."""
-    from ..parallel.diffusers_patch import patch_parallel
+    from .patch_parallel import patch_parallel
 
     return patch_parallel(transformer) if patch else nullcontext()
 

@@ -39,11 +39,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..distributed.comm import ProcessStrip, world
+from ..distributed.strips import strip_bounds
 from ..errors import DitkitError
-from ..integrations.diffusers import SUPPORTED, grid_from_inputs, self_attention_layers
 from ..mixers.strip import KV_EXCHANGES
-from .comm import ProcessStrip, world
-from .strips import strip_bounds
+from .clear import SUPPORTED, grid_from_inputs, self_attention_layers
 
 
 @dataclass
