@@ -20,8 +20,8 @@ def site_path(path: Path) -> str:
 
 def on_config(config):
     pages = sorted(RESULTS.rglob("*.md"))
-    titles = [p.parent.name if p.name == "report.md" else p.stem for p in pages]
-    config["nav"].append({"Measured results": [{t: site_path(p)} for t, p in zip(titles, pages)]})
+    entries = [{p.parent.name if p.name == "report.md" else p.stem: site_path(p)} for p in pages]
+    config["nav"].append({"Measured results": entries})
     return config
 
 
