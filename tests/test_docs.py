@@ -174,6 +174,8 @@ def test_a_retyped_measurement_fails_and_settings_pass(sources):
 def test_a_measurement_from_a_results_file_passes(sources):
     quoted = "CLEAR r=8 at 2048 px: 5.29x faster than full attention, a step in 1.428 s and 144 MiB at its peak."
     assert unsourced(quoted, *sources) == []
+    assert unsourced("at 4096 px a clear step peaked at 2557 MiB", *sources) == []  # a "peak MiB" column
+    assert unsourced("at 4096 px a clear step peaked at 2557 GiB", *sources) == ["2557 GiB"]
     assert unsourced("a step in 1.429 s", *sources) == ["1.429 s"]
 
 
