@@ -233,12 +233,12 @@ class Quickstart:
         labels for both; `pair_with`: the teacher's, for the agreement). The samples are kept, so an
         interrupted stage samples only what it has not."""
         path = self.out / "quality" / f"{name}-fid.safetensors"
-        options = dict(extractor=extractor, pair_with=pair_with, device=self.device, seed=SEED, progress=False)
+        options = dict(extractor=extractor, pair_with=pair_with, device=self.device, seed=SEED)
         if path.is_file():
-            return score_images(load_images(path)[0], reference, record=self.model(name)[1], **options)
+            return score_images(load_images(path)[0], reference, record=self.model(name)[1], progress=False, **options)
         folder = self.teacher_dir if name == "teacher" else self.student_dir / "checkpoints"
         sampling = Sampling(num=self.settings.fid_num, seed=SEED + 1)
-        scores = score_checkpoint(folder, sampling, reference, **options)
+        scores = score_checkpoint(folder, sampling, reference, progress=self.progress, **options)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_images(path, scores.images, scores.seconds)
         return scores
