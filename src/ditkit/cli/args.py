@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from ..data.images import image_format
 from ..errors import DitkitError
 
 BUILTIN_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -161,8 +162,6 @@ def check_output_folder(folder: str | Path) -> Path:
 def check_output_file(path: str | Path, image: bool = False) -> Path:
     """Fail before the work, not after it: `path` must be a writable file name (with an image
     extension PIL writes, for an image)."""
-    from ..data.images import image_format
-
     path = Path(path)
     if path.is_dir():
         raise DitkitError(f"output {path} is a folder: give a file name")

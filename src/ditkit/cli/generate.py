@@ -3,6 +3,8 @@ with CLEAR also patch-parallel under torchrun (`--parallel patch`)."""
 
 from __future__ import annotations
 
+from ..diffusers import pipelines as lib
+from ..distributed.launch import sampling_session
 from ..errors import DitkitError
 from .args import SharedFlags, parse_options, parse_size
 
@@ -39,8 +41,6 @@ def add_parser(sub, shared: SharedFlags) -> None:
 
 
 def run(args) -> None:
-    from ..distributed import sampling_session
-
     if args.strength is not None and not args.upscale_from:
         raise DitkitError("--strength belongs to the upscale chain: give --upscale-from SIZE too")
     if args.parallel == "patch" and not (args.clear or args.student):
@@ -50,16 +50,12 @@ def run(args) -> None:
         images, settings = generate_images(args, session.device, session.mode == "patch", session.is_main)
         if not session.is_main:  # every process holds the same images; one writes them
             return
-    from ..diffusers.pipelines import save_images
-
-    paths = save_images(images, args.out, settings)
+    paths = lib.save_images(images, args.out, settings)
     print(f"wrote {', '.join(map(str, paths))} ({args.height}x{args.width})")
 
 
 def generate_images(args, device: str, patch: bool, progress: bool) -> tuple[list, list[dict]]:
     """The images of the command line, and their PNG settings."""
-    from ..diffusers import pipelines as lib
-
     pipe = lib.load_pipeline(args.pipeline, args.dtype, device, args.cpu_offload, args.vae_tiling)
     embeddings = lib.read_prompt_embeddings(args.prompt_embeds, pipe) if args.prompt_embeds else None
     request = lib.Request(height=args.height, width=args.width, prompt=args.prompt, embeddings=embeddings,

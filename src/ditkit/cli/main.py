@@ -1,9 +1,9 @@
 """The `ditkit` command line: info, train, sample, distill, eval, bench, quickstart, convert, export,
 generate, study.
 
-The CLI only parses and calls the library. Each subcommand's parser sits beside its handler
-(`train.py`, `sample.py`, `measure.py`, `study/quickstart.py`, `convert.py`, `generate.py`, `study.py`);
-flags that mean the same everywhere
+The CLI only parses and calls the library. Each subcommand is one module named after it (`info.py`,
+`train.py`, `eval.py`, ...), holding its argument declarations and its call; flags that mean the same
+everywhere
 (--device, --mixer, --no-ema, --seed, --no-progress, the sampling settings) are written once in
 `args.py` and shared through argparse `parents=`.
 """
@@ -15,7 +15,8 @@ import sys
 
 from .. import __version__
 from ..errors import DitkitError
-from . import convert, generate, measure, quickstart, sample, study, train
+from . import bench, convert, distill, export, generate, info, quickstart, sample, study, train
+from . import eval as eval_command
 from .args import parse_options, parse_size, resolve_config, shared_flags
 
 __all__ = ["build_parser", "main", "parse_options", "parse_size", "resolve_config"]
@@ -26,13 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ditkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     shared = shared_flags()
-    measure.add_parsers(sub, shared)
-    train.add_parsers(sub, shared)
-    sample.add_parser(sub, shared)
-    quickstart.add_parser(sub, shared)
-    convert.add_parsers(sub, shared)
-    generate.add_parser(sub, shared)
-    study.add_parser(sub, shared)
+    for command in (info, eval_command, bench, train, distill, sample, quickstart, convert, export, generate, study):
+        command.add_parser(sub, shared)  # in the order `ditkit --help` lists them
     return parser
 
 

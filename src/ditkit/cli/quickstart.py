@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from ..distributed.launch import default_device
+from ..study.quickstart import SCALES, quickstart, quickstart_settings
 from .args import SharedFlags
 
 
 def add_parser(sub, shared: SharedFlags) -> None:
-    from ..study.quickstart import SCALES
-
     quick = sub.add_parser("quickstart", parents=[shared.progress],
                            help="train a digits teacher, distil a CLEAR student, sample, score and benchmark both, "
                                 "and write a report folder (resumable)")
@@ -25,9 +25,6 @@ def add_parser(sub, shared: SharedFlags) -> None:
 
 
 def run(args) -> None:
-    from ..distributed.launch import default_device
-    from ..study.quickstart import quickstart, quickstart_settings
-
     settings = quickstart_settings(args.scale, teacher_steps=args.teacher_steps, distill_steps=args.distill_steps)
     report = quickstart(args.out, settings, device=default_device(args.device), features_path=args.features_path,
                         progress=not args.no_progress)

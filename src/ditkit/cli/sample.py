@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from ..checkpoint import load_checkpoint
+from ..data.images import save_grid
+from ..diffusion.pipeline import UpscaleChain, generate, generate_upscaled
+from ..distributed.launch import sampling_session
 from ..errors import DitkitError
+from ..record import Sampling
 from .args import SharedFlags, check_output_file, optional_size, parse_options, parse_size
 
 
@@ -32,12 +37,6 @@ def add_parser(sub, shared: SharedFlags) -> None:
 
 
 def run(args) -> None:
-    from ..checkpoint import load_checkpoint
-    from ..data.images import save_grid
-    from ..diffusion.pipeline import generate, generate_upscaled
-    from ..distributed import sampling_session
-    from ..record import Sampling
-
     if args.base_ckpt and not args.upscale_from:
         raise DitkitError("--base-ckpt needs --upscale-from (the size the base checkpoint samples at)")
     check_output_file(args.out, image=True)
@@ -64,9 +63,6 @@ def run(args) -> None:
 
 def upscale_chain(args, device: str):
     """--upscale-from and its options; --base-ckpt loads another checkpoint for the base size."""
-    from ..checkpoint import load_checkpoint
-    from ..diffusion.pipeline import UpscaleChain
-
     base_model = base_record = None
     if args.base_ckpt:
         base_model, base_record = load_checkpoint(args.base_ckpt, ema=not args.no_ema, device=device)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..distributed.launch import default_device
 from ..errors import DitkitError
+from ..study import StudyConfig, run_study
+from ..train.config import load_config
 from .args import SharedFlags, check_output_folder, overrides_anywhere, resolve_config
 
 
@@ -23,10 +26,6 @@ def add_parser(sub, shared: SharedFlags) -> None:
 
 
 def run(args) -> None:
-    from ..distributed.launch import default_device
-    from ..study import StudyConfig, run_study
-    from ..train.config import load_config
-
     if args.resume not in (None, True):
         raise DitkitError(f"ditkit study --resume takes no checkpoint (got {args.resume}): it continues the study "
                           "in --out")

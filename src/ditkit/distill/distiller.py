@@ -40,6 +40,7 @@ from ..checkpoint import (
 )
 from ..data.images import image_grid, save_image
 from ..diffusion.sampling import sample
+from ..distributed.launch import require_process_group
 from ..distributed.sharded_load import check_weights, load_shards, materialize
 from ..distributed.sharding import (
     DTYPES,
@@ -50,7 +51,6 @@ from ..distributed.sharding import (
     from_main,
     full_tensors,
     load_sharded,
-    require_process_group,
     save_staged_checkpoint,
     shard_model,
 )

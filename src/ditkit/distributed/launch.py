@@ -1,17 +1,23 @@
-"""Process-group setup for `ditkit sample --parallel patch` under torchrun.
+"""The process-group lifecycle, written once: a process started by torchrun joins the group
+(`process_group`), works, and leaves it together with the others. `ditkit sample/generate
+--parallel patch` (one strip per process) and sharded `ditkit distill` run inside it; sharded
+training checks for it (`require_process_group`).
 
-torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous address; without it (or with
-one process) sampling runs as a single strip and no process group is formed.
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous address; without it a command runs
+in this process alone and no group is formed.
 """
 
 from __future__ import annotations
 
+import gc
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from accelerate import PartialState
 from torch import nn
 
 from ..errors import DitkitError
@@ -21,8 +27,9 @@ MODES = ("none", "patch")
 
 
 @dataclass(frozen=True)
-class SamplingSession:
-    mode: str
+class Processes:
+    """This process's place among the ones torchrun started (one process: rank 0 of 1)."""
+
     device: str
     rank: int = 0
     world_size: int = 1
@@ -32,12 +39,22 @@ class SamplingSession:
         """The process that prints and writes files."""
         return self.rank == 0
 
+
+@dataclass(frozen=True)
+class SamplingSession(Processes):
+    mode: str = "none"
+
     def wrap(self, model: nn.Module) -> nn.Module:
         return PatchParallelDiT(model) if self.mode == "patch" else model
 
 
 def default_device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def torchrun_processes() -> int:
+    """How many processes torchrun started (WORLD_SIZE); 0 without torchrun."""
+    return int(os.environ.get("WORLD_SIZE", 0))
 
 
 def join_process_group(device: str | None) -> tuple[str, bool]:
@@ -56,19 +73,52 @@ def join_process_group(device: str | None) -> tuple[str, bool]:
     return device, True
 
 
+def leave_process_group() -> None:
+    """Leave together: the models (and the communication they hold) go while the group still lives,
+    and a process tearing gloo down while its peer still talks to it can abort."""
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 @contextmanager
-def sampling_session(mode: str, device: str | None = None):
+def process_group(device: str | None, join: bool = True) -> Iterator[Processes]:
+    """Yields this process's Processes: with `join`, in the process group torchrun set up (joined
+    here, and left after, unless it already existed), otherwise in this process alone. After an
+    error the group is not torn down: the other processes may be inside a collective, and torchrun
+    stops them when this one exits."""
+    if not join:
+        yield Processes(default_device(device))
+        return
+    device, formed = join_process_group(device)
+    yield Processes(device, dist.get_rank(), dist.get_world_size())
+    if formed:
+        leave_process_group()
+
+
+@contextmanager
+def sampling_session(mode: str, device: str | None = None) -> Iterator[SamplingSession]:
     """Yields a SamplingSession; with mode "patch" under torchrun, one process per strip."""
     if mode not in MODES:
         raise DitkitError(f"unknown --parallel {mode!r}: choose one of {', '.join(MODES)}")
-    if mode == "none" or int(os.environ.get("WORLD_SIZE", 1)) <= 1:
-        yield SamplingSession(mode, default_device(device))
-        return
-    device, formed = join_process_group(device)
-    try:
-        yield SamplingSession(mode, device, dist.get_rank(), dist.get_world_size())
-        if formed:  # leave together: a process tearing gloo down while its peer still talks to it can abort
-            dist.barrier()
-    finally:
-        if formed:
-            dist.destroy_process_group()
+    with process_group(device, join=mode == "patch" and torchrun_processes() > 1) as processes:
+        yield SamplingSession(processes.device, processes.rank, processes.world_size, mode=mode)
+
+
+def sharded_processes(sharding: str, device: str | None = None):
+    """The processes of a `sharding: fsdp` run started by torchrun (one process is a group too);
+    an unsharded run, or one without torchrun (the sharded code then names the fix), runs alone."""
+    return process_group(device, join=sharding == "fsdp" and torchrun_processes() > 0)
+
+
+def require_process_group(command: str) -> tuple[int, int]:
+    """(rank, world size) of the process group torchrun made; sharding cannot start without one."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise DitkitError(f"sharding=fsdp needs a process group: start with torchrun --nproc_per_node N -m "
+                          f"ditkit.cli.main {command} ... (N = 1 works too)")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_main_process() -> bool:
+    """Whether this is the process that prints: accelerate's view, which `ditkit train` runs under."""
+    return PartialState().is_main_process

@@ -36,14 +36,6 @@ SHARDED_STATE = "sharded"  # the DCP folder inside a checkpoint folder
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def require_process_group(command: str) -> tuple[int, int]:
-    """(rank, world size) of the process group torchrun made; sharding cannot start without one."""
-    if not (dist.is_available() and dist.is_initialized()):
-        raise DitkitError(f"sharding=fsdp needs a process group: start with torchrun --nproc_per_node N -m "
-                          f"ditkit.cli.main {command} ... (N = 1 works too)")
-    return dist.get_rank(), dist.get_world_size()
-
-
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     """The outermost transformer blocks: the items of ditkit's ConditionedBlocks lists and of
     diffusers' *transformer_blocks, leaving out blocks nested in another (U-DiT's pairs). They are

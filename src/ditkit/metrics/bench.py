@@ -24,6 +24,8 @@ import torch
 
 from ..errors import DitkitError
 from ..files import atomic_path, atomic_write_text
+from ..mixers.registry import mixer_class, mixer_options
+from ..models import build_model, model_config
 from .flops import config_cost, count_parameters
 from .memory import peak_memory
 
@@ -86,8 +88,6 @@ def series_label(row: dict) -> str:
 
 def mixer_overrides(mixer: str, options: dict) -> dict:
     """The config fields for `mixer`, with the given options that this mixer accepts."""
-    from ..mixers.registry import mixer_options
-
     accepted = mixer_options(mixer)
     return {"mixer": mixer, "mixer_options": {k: v for k, v in options.items() if k in accepted}}
 
@@ -120,9 +120,6 @@ def run_bench(models: list[str], mixers: list[str], resolutions: list[int], *, m
     config fields of every model (e.g. in_channels=1, vae_scale=1 for a pixel-space model)."""
     from tqdm.auto import tqdm
 
-    from ..mixers.registry import mixer_class
-    from ..models import model_config
-
     for name in models:  # a typo fails at once, not after an hour of measuring
         model_config(name, **(model_args or {}))
     for name in mixers:
@@ -138,8 +135,6 @@ def run_bench(models: list[str], mixers: list[str], resolutions: list[int], *, m
 
 def _run_series(model_name, mixer, options, resolutions, device, max_seconds, max_memory_mib, repeats, memory, log,
                 model_args):
-    from ..models import build_model, model_config
-
     overrides = mixer_overrides(mixer, options)
     base = {"model": model_name, "mixer": describe_mixer(mixer, overrides["mixer_options"])}
     try:  # a model may not take every mixer (e.g. a backbone without attention)

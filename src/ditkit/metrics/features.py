@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data import DigitsDataset
 from ..errors import DitkitError
 from ..files import atomic_path
 
@@ -139,9 +140,6 @@ class DigitsNet(nn.Module):
 def train_digits_net(epochs: int = 12, seed: int = 0, progress: bool = False) -> tuple[DigitsNet, float]:
     """Train on 1,500 of sklearn's digits (random 1 px shifts), return the net and its accuracy
     on the other 297. A few seconds on one CPU core."""
-
-    from ..data import DigitsDataset
-
     generator = torch.Generator().manual_seed(seed)
     data = DigitsDataset(DigitsNet.side)
     order = torch.randperm(len(data), generator=generator)

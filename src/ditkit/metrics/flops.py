@@ -21,6 +21,10 @@ from torch import nn
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..diffusion.pipeline import input_size
+from ..mixers import TokenMixer
+from ..models import build_model, model_config
+
 _aten = torch.ops.aten
 
 
@@ -105,8 +109,6 @@ def model_cost(model: nn.Module, height: int, width: int) -> ModelCost:
 
 def config_cost(config, height: int, width: int) -> ModelCost:
     """Cost of a model config without allocating it: built and run on the meta device."""
-    from ..models import build_model
-
     with torch.device("meta"):
         model = build_model(config)
     return model_cost(model, height, width)
@@ -114,8 +116,6 @@ def config_cost(config, height: int, width: int) -> ModelCost:
 
 def shapes_only_model(name: str, mixer: str | None = None, mixer_options: dict | None = None) -> nn.Module:
     """A named model on the meta device (counting needs shapes only: no memory, no init time)."""
-    from ..models import build_model, model_config
-
     overrides = {"mixer": mixer} if mixer else {}
     if mixer_options:
         overrides["mixer_options"] = mixer_options
@@ -125,8 +125,6 @@ def shapes_only_model(name: str, mixer: str | None = None, mixer_options: dict |
 
 def describe_cost(model: nn.Module, label: str, height: int, width: int) -> str:
     """`ditkit info`'s lines: the model, its input at height x width pixels, parameters and forward FLOPs."""
-    from ..diffusion.pipeline import input_size
-
     cfg = model.config
     h, w = input_size(model, height, width)
     cost = model_cost(model, h, w)
@@ -145,8 +143,6 @@ def describe_cost(model: nn.Module, label: str, height: int, width: int) -> str:
 def attention_line(model: nn.Module, h: int, w: int) -> str | None:
     """How much of full attention's (query, key) image pairs the first block's mixer scores, on the
     token grid of a model that has one (DiT); None where nothing is saved or there is no attention."""
-    from ..mixers import TokenMixer
-
     mixer = next((m for m in model.modules() if isinstance(m, TokenMixer)), None)
     if mixer is None or not hasattr(model, "token_grid"):
         return None

@@ -18,8 +18,15 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..checkpoint import load_checkpoint
+from ..data import build_dataset
+from ..data.folder import IMAGE_EXTENSIONS, ImageFolderDataset
+from ..data.latents import load_vae
+from ..diffusion.pipeline import check_labels, cycled_labels, generate
 from ..errors import DitkitError
+from ..files import atomic_write_text
 from ..record import RunRecord, Sampling
+from .agreement import agreement
 from .features import build_features
 
 
@@ -110,8 +117,6 @@ def evaluate(generated: Tensor, reference: Tensor, features: str | nn.Module = "
 def load_reference(source: str, num: int, resolution: int | None = None, seed: int = 0) -> Tensor:
     """`num` images (at most all there are) of a built-in dataset (digits, photos) or an image folder,
     in [-1, 1], as a random subset fixed by `seed`."""
-    from ..data import build_dataset
-
     if resolution is None:
         resolution = first_image_size(source) if Path(source).is_dir() else 32
     dataset = build_dataset(source, resolution, photos_length=max(num, 1), seed=seed)
@@ -123,7 +128,6 @@ def first_image_size(folder: str | Path) -> int:
     """Short side of the first image in a folder (reference images are center-cropped to it)."""
     from PIL import Image
 
-    from ..data.folder import IMAGE_EXTENSIONS
 
     if not Path(folder).is_dir():
         raise DitkitError(f"image folder {folder} does not exist or is not a folder")
@@ -137,8 +141,6 @@ def first_image_size(folder: str | Path) -> int:
 def load_samples(folder: str | Path, num: int | None = None, resolution: int | None = None) -> Tensor:
     """Already generated images from a folder (sorted by name), center-cropped to `resolution`
     (default: the first image's short side)."""
-    from ..data.folder import ImageFolderDataset
-
     dataset = ImageFolderDataset(folder, resolution or first_image_size(folder))
     count = len(dataset) if num is None else min(num, len(dataset))
     return torch.stack([dataset[i][0] for i in range(count)])
@@ -152,17 +154,10 @@ def sample_checkpoint(ckpt: str | Path, sampling: Sampling | None = None, *, bat
     from the checkpoint's record."""
     from tqdm.auto import tqdm
 
-    from ..checkpoint import load_checkpoint
-    from ..diffusion.pipeline import check_labels, generate
-
     model, record = load_checkpoint(ckpt, ema=ema, mixer=mixer, mixer_options=mixer_options, device=device)
     sampling = record.sampling(sampling, **changes)
     labels = check_labels(model, sampling.labels, sampling.num)
-    vae = None
-    if record.vae:
-        from ..data.latents import load_vae
-
-        vae = load_vae(record.vae, device)
+    vae = load_vae(record.vae, device) if record.vae else None
     batches = []
     for start in tqdm(range(0, sampling.num, batch_size), desc="sampling", disable=not progress):
         count = min(batch_size, sampling.num - start)
@@ -178,21 +173,20 @@ def reads_its_classes(record: RunRecord, features: str) -> bool:
 
 
 def legibility(images: Tensor, record: RunRecord, features: str, *, features_path: str | None = None,
-               batch_size: int = 64, device: str = "cpu") -> float | None:
+               batch_size: int = 64, device: str = "cpu", classifier: nn.Module | None = None) -> float | None:
     """Share of samples the digits classifier behind the features reads as the class they were asked
-    for (classes cycled as `sample_checkpoint` draws them); None where that question has no answer."""
+    for (classes cycled as `sample_checkpoint` draws them); None where that question has no answer.
+    `classifier`: the `features` network, where the caller has built it already."""
     if not reads_its_classes(record, features):
         return None
-    from ..diffusion.pipeline import cycled_labels
-
-    classifier = build_features(features, features_path=features_path, progress=False).to(device)
+    if classifier is None:
+        classifier = build_features(features, features_path=features_path, progress=False)
+    classifier = classifier.to(device)
     return label_accuracy(classifier, images, cycled_labels(len(images), record.num_classes), batch_size)
 
 
 def folder_agreement(images: Tensor, folder: str | Path) -> dict:
     """PSNR/SSIM of each image against the same-index image of `folder` (sorted by name)."""
-    from .agreement import agreement
-
     others = load_samples(folder, len(images), resolution=images.shape[-2])
     if len(others) < len(images):
         raise DitkitError(f"--pair-with {folder} has {len(others)} images for {len(images)} samples: "
@@ -212,8 +206,6 @@ def strict_json(value):
 
 
 def write_scores(result: dict, out: str | Path) -> Path:
-    from ..files import atomic_write_text
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(strict_json(result), indent=2, allow_nan=False) + "\n")

@@ -62,7 +62,18 @@ import torch.utils._pytree
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..checkpoint import META_KEY, read_header
+from ..diffusion.pipeline import input_size
+from ..distill.losses import AttentionTaps
+from ..distill.teacher import DitkitTeacher
+from ..distributed.sharding import shard_rows
 from ..errors import DitkitError
+from ..metrics.flops import shapes_only_model
+from ..metrics.memory import peak_memory
+from ..mixers import swap_mixers
+from ..models import NAMED_MODELS, build_model
+from ..models.layers import ConditionedBlocks
+from ..record import RunRecord
 
 GIB = 2 ** 30
 REGIMES = ("train", "distill")
@@ -92,10 +103,7 @@ def load_subject(source: str, mixer: str | None = None, mixer_options: dict | No
                  text_tokens: int | None = None) -> Subject:
     """A named ditkit model, a ditkit checkpoint, or a diffusers transformer (its config.json, its
     folder, or a pipeline folder with a transformer/ subfolder), built on the meta device."""
-    from ..models import NAMED_MODELS
-
     if source in NAMED_MODELS:
-        from ..metrics.flops import shapes_only_model
 
         return ditkit_subject(shapes_only_model(source, mixer, mixer_options), source, resolution=256)
     path = Path(source)
@@ -112,11 +120,6 @@ def load_subject(source: str, mixer: str | None = None, mixer_options: dict | No
 def checkpoint_on_meta(path: Path, mixer: str | None, mixer_options: dict | None) -> tuple[nn.Module, int]:
     """The model a ditkit checkpoint describes, built from its header on the meta device, and its
     training resolution."""
-    from ..checkpoint import META_KEY, read_header
-    from ..mixers import swap_mixers
-    from ..models import build_model
-    from ..record import RunRecord
-
     file, metadata, _ = read_header(path)
     if META_KEY not in metadata:
         raise DitkitError(f"{file} is not a ditkit checkpoint (no model config in its metadata): give a named model, "
@@ -145,10 +148,6 @@ def diffusers_config_file(path: Path) -> Path | None:
 
 
 def ditkit_subject(model: nn.Module, label: str, resolution: int = 256) -> Subject:
-    from ..diffusion.pipeline import input_size
-    from ..distill.teacher import DitkitTeacher
-    from ..models.layers import ConditionedBlocks
-
     cfg = model.config
 
     def make_inputs(height: int, width: int) -> tuple:
@@ -223,8 +222,6 @@ def diffusers_subject(config_file: Path, text_tokens: int | None = None) -> Subj
 # -- state: weights, gradients, optimizer, EMA --------------------------------------------------
 def shard_numel(p: Tensor, processes: int) -> int:
     """Elements of rank 0's FSDP2 shard: dim 0 split into chunks of ceil(rows / P)."""
-    from ..distributed.sharding import shard_rows
-
     if p.dim() == 0:
         return p.numel()
     start, stop = shard_rows(p.shape[0], processes, 0)
@@ -429,8 +426,6 @@ def training_step(subject: Subject, inputs: tuple, distill: bool) -> None:
     """One image's forward and backward. The loss stands in for the objective: an MSE of the output
     (training), or distillation's output and attention matching against the frozen teacher's
     outputs, computed first without grad (the same meta weights play teacher and student)."""
-    from ..distill.losses import AttentionTaps
-
     model = subject.model
     if not distill:
         model(*inputs).float().square().mean().backward()
@@ -453,8 +448,6 @@ def measure_activations(subject: Subject, height: int, width: int, role: Roles, 
                         distill: bool = False) -> Activations:
     """Saved-for-backward bytes of one image's training forward, and the peaks of its training step
     with and without checkpointing, all on the meta device (see the module docstring)."""
-    from ..metrics.memory import peak_memory
-
     try:
         with training_setup(subject, height, width, role, precision) as inputs, fused_attention():
             model = subject.model
@@ -482,8 +475,6 @@ def measure_activations(subject: Subject, height: int, width: int, role: Roles, 
 def teacher_target_bytes(subject: Subject, inputs: tuple) -> int:
     """Bytes of what the frozen teacher hands the distillation loss: its attention outputs at every
     tapped layer (`attention_every` 1) and its prediction."""
-    from ..distill.losses import AttentionTaps
-
     taps = AttentionTaps(subject.taps)
     try:
         out = subject.model(*inputs)

@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..checkpoint import load_checkpoint
+from ..diffusion.pipeline import input_size
+from ..distill import DistillConfig
 from ..errors import DitkitError
+from ..metrics.flops import config_cost
+from ..models import build_model
+from ..train import Trainer
+from ..train.config import config_from_dict, load_config
 from .config import ArmConfig, BudgetSection, StudyConfig
 
 TRAIN_PASSES = 3  # forward + backward, in forwards
@@ -55,24 +62,18 @@ class ArmPlan:
 
 
 def forward_gflops(model_config, height: int, width: int) -> float:
-    from ..metrics.flops import config_cost
-
     return config_cost(model_config, height, width).flops / 1e9
 
 
 def train_config(study: StudyConfig, arm: ArmConfig):
     """The arm's TrainConfig: its config file, the study's train_overrides, then the arm's own."""
     from ..cli.args import resolve_config
-    from ..train.config import load_config
 
     return load_config(resolve_config(arm.train), [*study.train_overrides, *arm.overrides])
 
 
 def training_model(cfg):
     """(model config, model input height, width) exactly as `ditkit train` builds them for `cfg`."""
-    from ..diffusion.pipeline import input_size
-    from ..train import Trainer
-
     trainer = Trainer(cfg, progress=False)
     side = cfg.data.resolution
     return trainer.model_config, *input_size(trainer.model, side, side)
@@ -92,18 +93,12 @@ def teacher_model(teacher: str, plans: dict[str, ArmPlan]):
     """(model config, resolution) of a teacher arm (as it will be trained) or of a checkpoint."""
     if teacher in plans:
         return plans[teacher].model_config, plans[teacher].resolution
-    from ..checkpoint import load_checkpoint
 
     _, record = load_checkpoint(teacher)
     return record.model, record.resolution
 
 
 def plan_distill_arm(name: str, arm: ArmConfig, study: StudyConfig, plans: dict[str, ArmPlan]) -> ArmPlan:
-    from ..diffusion.pipeline import input_size
-    from ..distill import DistillConfig
-    from ..models import build_model
-    from ..train.config import config_from_dict
-
     values = {**study.distill, **arm.distill}
     cfg = config_from_dict(values, DistillConfig, f"arms.{name}.distill.")  # checks every key and value
     teacher_config, teacher_resolution = teacher_model(arm.teacher, plans)

@@ -1,4 +1,7 @@
-"""The quickstart's stages: the settings and the body of each stage (`runner.py` runs them).
+"""The quickstart, a built-in study of one teacher and its student: the settings and the body of each
+stage, run by the stage runner `ditkit study` runs on (`stages.StageRunner`), with the same training
+and distillation stages (`train_stage`, `distill_stage`) and the same scoring (`score_checkpoint`).
+Its report (`quickstart_report.py`) tells the story of one pair rather than comparing arms.
 
   1 teacher   a small full-attention DiT trained on the digits (`ditkit train digits`)
   2 student   CLEAR local attention distilled from it (`ditkit distill`, output-heavy loss weights)
@@ -20,10 +23,23 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from ..checkpoint import find_checkpoint, load_checkpoint
+from ..data.images import image_grid, save_image
+from ..diffusion.pipeline import UpscaleChain, default_labels, generate, generate_upscaled
+from ..distill import DistillConfig
 from ..errors import DitkitError
 from ..files import FolderLock, atomic_path, atomic_write_text
-from .stages import Stage, StageRunner, format_seconds
+from ..metrics.agreement import agreement
+from ..metrics.bench import device_name, run_bench, write_report
+from ..metrics.features import build_features
+from ..metrics.quality import label_accuracy, load_reference
+from ..metrics.score import Scores, score_checkpoint, score_images
+from ..record import Sampling
+from ..train import load_config
+from .stages import Stage, StageRunner, distill_stage, format_seconds, train_stage
 
 DIGITS_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
 SEED = 0
@@ -79,16 +95,12 @@ def quickstart_settings(scale: str = "default", **overrides) -> QuickstartSettin
 # ---------------------------------------------------------------- small helpers
 
 def save_images(path: Path, images: torch.Tensor, seconds: float) -> None:
-    from safetensors.torch import save_file
-
     with atomic_path(path) as tmp:
         save_file({"images": images.contiguous()}, tmp, metadata={"seconds": f"{seconds:.4f}"})
 
 
 def load_images(path: Path) -> tuple[torch.Tensor, float]:
     """(images, seconds it took to make them)."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         return f.get_tensor("images"), float((f.metadata() or {}).get("seconds", "nan"))
 
@@ -148,8 +160,6 @@ class Quickstart:
 
     def model(self, name: str):
         """(model, record) of the teacher or the student checkpoint, loaded once."""
-        from ..checkpoint import load_checkpoint
-
         if name not in self._models:
             folder = self.teacher_dir if name == "teacher" else self.student_dir / "checkpoints"
             self._models[name] = load_checkpoint(folder, device=self.device)
@@ -161,8 +171,6 @@ class Quickstart:
 
     # -- 1 teacher -----------------------------------------------------------------------------
     def teacher_config(self):
-        from ..train import load_config
-
         tiny = self.settings.scale == "tiny"
         cfg = load_config(DIGITS_CONFIG, TINY_TEACHER if tiny else [])
         steps = self.settings.teacher_steps
@@ -172,17 +180,10 @@ class Quickstart:
         return cfg
 
     def train_teacher(self) -> None:
-        from ..checkpoint import list_checkpoints
-        from ..train import train
-
-        resume = bool(list_checkpoints(self.teacher_dir / "checkpoints"))
-        # Without a checkpoint, what an interrupted stage left (config, metrics) is the stage's own: replaced.
-        train(self.teacher_config(), resume=resume or None, overwrite=not resume, progress=self.progress)
+        train_stage(self.teacher_config(), progress=self.progress)
 
     # -- 2 student -----------------------------------------------------------------------------
     def distill_config(self):
-        from ..distill import DistillConfig
-
         s = self.settings
         return DistillConfig(out_dir=str(self.student_dir), radius=s.radius, num_samples=s.distill_samples,
                              steps=s.distill_steps, batch_size=s.distill_batch, lr=DISTILL_LR,
@@ -190,15 +191,9 @@ class Quickstart:
                              log_every=min(10, s.distill_steps), eval_num=8 if s.scale != "tiny" else 2)
 
     def distill_student(self) -> None:
-        from ..checkpoint import find_checkpoint
-        from ..distill import Distiller, DitkitTeacher
-
         checkpoint = find_checkpoint(self.teacher_dir)
-        teacher = DitkitTeacher(checkpoint, device=self.device)
-        # Named relative to the out folder: distillation refuses to resume with "another" teacher, and
-        # the same teacher must stay the same when the folder moves (or the run goes on from another cwd).
-        teacher.path = str(checkpoint.relative_to(self.out))
-        Distiller(teacher, self.distill_config(), device=self.device, progress=self.progress).run(resume=True)
+        distill_stage(checkpoint, str(checkpoint.relative_to(self.out)), self.distill_config(), device=self.device,
+                      progress=self.progress)
         self._models.pop("student", None)
 
     # -- 3 samples -----------------------------------------------------------------------------
@@ -207,9 +202,6 @@ class Quickstart:
 
     def draw(self, sample_set: SampleSet) -> torch.Tensor:
         """The grid row of one sample set: classes 0, 1, 2, ..., the same noise for every set."""
-        from ..diffusion.pipeline import UpscaleChain, generate, generate_upscaled
-        from ..record import Sampling
-
         model, record = self.model(sample_set.model)
         size = sample_set.scale * self.resolution
         sampling = Sampling(num=self.settings.grid_num, height=size, width=size, seed=SEED)  # the rest: the run's
@@ -222,8 +214,6 @@ class Quickstart:
                                  progress=self.progress).cpu()
 
     def make_samples(self) -> None:
-        from ..data.images import image_grid, save_image
-
         (self.out / "samples").mkdir(parents=True, exist_ok=True)
         for sample_set in SAMPLE_SETS:
             path = self.sample_path(sample_set)
@@ -238,56 +228,49 @@ class Quickstart:
             save_image(grid, self.out / f"samples-{scale * self.resolution}.png")
 
     # -- 4 quality -----------------------------------------------------------------------------
-    def fid_samples(self, name: str) -> torch.Tensor:
-        """`fid_num` samples of the teacher or the student (same seeds and labels for both), cached."""
-        from ..metrics.quality import sample_checkpoint
-
+    def fid_scores(self, name: str, reference: torch.Tensor, extractor, pair_with=None) -> Scores:
+        """FID/KID and legibility of `fid_num` samples of the teacher or the student (same seeds and
+        labels for both; `pair_with`: the teacher's, for the agreement). The samples are kept, so an
+        interrupted stage samples only what it has not."""
         path = self.out / "quality" / f"{name}-fid.safetensors"
+        options = dict(extractor=extractor, pair_with=pair_with, device=self.device, seed=SEED)
         if path.is_file():
-            return load_images(path)[0]
+            return score_images(load_images(path)[0], reference, record=self.model(name)[1], progress=False, **options)
         folder = self.teacher_dir if name == "teacher" else self.student_dir / "checkpoints"
-        began = time.perf_counter()
-        images, _ = sample_checkpoint(folder, num=self.settings.fid_num, seed=SEED + 1, device=self.device,
-                                      progress=self.progress)
+        sampling = Sampling(num=self.settings.fid_num, seed=SEED + 1)
+        scores = score_checkpoint(folder, sampling, reference, progress=self.progress, **options)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_images(path, images, time.perf_counter() - began)
-        return images
+        save_images(path, scores.images, scores.seconds)
+        return scores
 
     def measure_quality(self) -> None:
-        from ..metrics.agreement import agreement
-        from ..metrics.features import build_features
-        from ..metrics.quality import evaluate, load_reference
-
         s = self.settings
         real = load_reference("digits", s.fid_ref + s.fid_num, resolution=self.resolution, seed=SEED)
         reference, held_out = real[:s.fid_ref], real[s.fid_ref:]
         extractor = build_features("ditkit-digits", features_path=self.features_path, progress=self.progress)
-
-        def score(images: torch.Tensor) -> dict:
-            return evaluate(images, reference, extractor, device=self.device, progress=False, seed=SEED)
-
-        samples = {name: self.fid_samples(name) for name in ("teacher", "student")}
-        scores = {name: score(images) for name, images in samples.items()}
+        teacher = self.fid_scores("teacher", reference, extractor)
+        student = self.fid_scores("student", reference, extractor, pair_with=teacher.images)
+        scores = {"teacher": teacher.quality, "student": student.quality}
         if len(held_out) >= 2:  # the floor: real digits the reference does not hold, as many as the samples
-            scores["real digits"] = score(held_out)
+            scores["real digits"] = score_images(held_out, reference, extractor=extractor, device=self.device,
+                                                 seed=SEED, progress=False).quality
         result = {"fid": scores, "agreement": {str(self.resolution): mean_agreement(
-            agreement(samples["teacher"], samples["student"]), len(samples["teacher"]))}}
+            student.agreement, len(teacher.images))}}
         for scale in sorted({x.scale for x in SAMPLE_SETS} - {1}):
             pair = [load_images(self.sample_path(SampleSet(m, scale)))[0] for m in ("teacher", "student")]
             result["agreement"][str(scale * self.resolution)] = mean_agreement(agreement(*pair), len(pair[0]))
-        result["legibility"] = self.legibility(extractor, samples)
+        result["legibility"] = self.legibility(extractor, {"teacher": teacher, "student": student})
         atomic_write_text(self.out / "quality.json", json.dumps(result, indent=2) + "\n")
 
-    def legibility(self, classifier, fid_samples: dict[str, torch.Tensor]) -> dict:
+    def legibility(self, classifier, fid_scores: dict[str, Scores]) -> dict:
         """How often the ditkit-digits classifier reads the class each image was sampled for: for
-        the FID samples, for every grid row (at 4x too, where FID's features do not apply), and for
-        held-out real digits (the classifier's own accuracy, the ceiling)."""
-        from ..diffusion.pipeline import default_labels
-
+        the FID samples (scored with them), for every grid row (at 4x too, where FID's features do
+        not apply), and for held-out real digits (the classifier's own accuracy, the ceiling)."""
         if default_labels(self.model("teacher")[0], 1) is None:
             return {}
-        rows = {f"{name}-fid": self._legible(classifier, images, f"{name}, FID samples")
-                for name, images in fid_samples.items()}
+        rows = {f"{name}-fid": {"label": f"{name}, FID samples", "accuracy": scores.legibility,
+                                "num": len(scores.images), "size": scores.images.shape[-1]}
+                for name, scores in fid_scores.items()}
         for sample_set in SAMPLE_SETS:
             images = load_images(self.sample_path(sample_set))[0]
             rows[sample_set.name] = self._legible(classifier, images, f"{sample_set.label}, grid row")
@@ -297,9 +280,6 @@ class Quickstart:
         return rows
 
     def _legible(self, classifier, images: torch.Tensor, label: str) -> dict:
-        from ..diffusion.pipeline import default_labels
-        from ..metrics.quality import label_accuracy
-
         labels = default_labels(self.model("teacher")[0], len(images))
         return {"label": label, "accuracy": label_accuracy(classifier, images, labels), "num": len(images),
                 "size": images.shape[-1]}
@@ -308,8 +288,6 @@ class Quickstart:
     def benchmark(self) -> None:
         """The teacher's architecture (random weights: time does not depend on them) with full and
         clear attention; the student is exactly that model with clear."""
-        from ..metrics.bench import device_name, run_bench, write_report
-
         record = self.model("teacher")[1]
         fields = {k: v for k, v in record.model_dict().items() if k not in ("backbone", "mixer", "mixer_options")}
         name = self.teacher_config().model.name
@@ -321,7 +299,7 @@ class Quickstart:
 
     # -- 6 report ------------------------------------------------------------------------------
     def write_report_md(self) -> None:
-        from .quickstart_report import quickstart_report
+        from .quickstart_report import quickstart_report  # it reads this module's sample sets and stages
 
         copies = {"teacher/loss.png": "teacher-loss.png", "student/loss.png": "distill-loss.png",
                   f"student/compare-{self.resolution}.png": "distill-compare.png", "bench/bench.png": "bench.png"}

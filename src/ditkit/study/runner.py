@@ -1,5 +1,5 @@
 """`ditkit study`: every arm x seed trained (or distilled) and measured at its evaluation points, one
-resumable stage each (`quickstart.runner.StageRunner`), then the report. The out folder holds:
+resumable stage each (`stages.StageRunner`), then the report. The out folder holds:
 
     study.json                                the settings it was made with (another config is refused)
     arms/ARM/seed-S/run/                      the arm's training or distillation run (checkpoints, metrics)
@@ -21,12 +21,22 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import find_checkpoint, load_checkpoint
+from ..diffusion.pipeline import input_size
+from ..distill import DistillConfig
 from ..errors import DitkitError
 from ..files import atomic_write_text, read_json
+from ..metrics.bench import measure_point
+from ..metrics.features import build_features
+from ..metrics.quality import load_reference
+from ..metrics.score import score_checkpoint
+from ..record import Sampling
+from ..train.config import config_from_dict
 from ..train.runfolder import own_run_folder
 from .config import StudyConfig
 from .plan import ArmPlan, forward_gflops, plan_study
-from .stages import Stage, StageRunner, format_seconds
+from .report import write_report
+from .stages import Stage, StageRunner, distill_stage, format_seconds, train_stage
 
 # What a study writes in its out folder (the outputs --overwrite removes).
 STUDY_OUTPUTS = ("study.json", "arms", "report", ".stages")
@@ -92,21 +102,13 @@ class Study:
 
     def train_to(self, plan: ArmPlan, seed: int, step: int) -> Path:
         """Train the arm's run up to `step` (from its last checkpoint); returns that step's checkpoint."""
-        from ..checkpoint import list_checkpoints
-        from ..train import train
-
         cfg = copy.deepcopy(plan.train_config)
-        run_dir = self.arm_dir(plan.name, seed) / "run"
-        cfg.train.out_dir, cfg.train.steps, cfg.train.seed = str(run_dir), step, seed
-        resume = bool(list_checkpoints(run_dir / "checkpoints"))
-        # Without a checkpoint, what an interrupted start left (config, metrics) is the stage's own: replaced.
-        return train(cfg, resume=resume or None, overwrite=not resume, progress=self.progress)
+        cfg.train.out_dir, cfg.train.steps, cfg.train.seed = str(self.arm_dir(plan.name, seed) / "run"), step, seed
+        return train_stage(cfg, progress=self.progress)
 
     def teacher_checkpoint(self, plan: ArmPlan) -> tuple[Path, str]:
         """(the teacher's checkpoint, the name the distillation records for it). A teacher arm's is named
         relative to the out folder: the same teacher must stay the same when the folder moves."""
-        from ..checkpoint import find_checkpoint
-
         if plan.teacher in self.plans:
             checkpoint = find_checkpoint(self.arm_dir(plan.teacher, self.plans[plan.teacher].seeds[0]) / "run")
             return checkpoint, str(checkpoint.relative_to(self.out))
@@ -116,30 +118,21 @@ class Study:
     def distill_to(self, plan: ArmPlan, seed: int, step: int) -> tuple[Path, dict]:
         """Distil the arm's student up to `step`; returns (its checkpoints folder, its agreement with the
         teacher per resolution)."""
-        from ..distill import DistillConfig, Distiller, DitkitTeacher
-        from ..train.config import config_from_dict
-
         checkpoint, recorded = self.teacher_checkpoint(plan)
-        teacher = DitkitTeacher(checkpoint, device=self.device)
-        teacher.path = recorded
         run_dir = self.arm_dir(plan.name, seed) / "run"
         cfg = config_from_dict({**plan.distill_values, "teacher": recorded, "out_dir": str(run_dir), "steps": step,
                                 "seed": seed}, DistillConfig)
-        agreement = Distiller(teacher, cfg, device=self.device, progress=self.progress).run(resume=True)
+        agreement = distill_stage(checkpoint, recorded, cfg, device=self.device, progress=self.progress)
         return run_dir / "checkpoints", agreement["student"]
 
     # -- measuring -----------------------------------------------------------------------------
     def extractor(self):
-        from ..metrics.features import build_features
-
         if self._extractor is None:
             self._extractor = build_features(self.config.eval.features, features_path=self.features_path,
                                              progress=self.progress)
         return self._extractor
 
     def reference(self, record, size: int) -> torch.Tensor:
-        from ..metrics.quality import load_reference
-
         source = self.config.eval.reference or record.data.source
         if source is None:
             raise DitkitError("the arm's data has no source to compare with: set eval.reference (digits, photos or "
@@ -153,8 +146,6 @@ class Study:
                 agreement: dict) -> list[dict]:
         """One row per eval scale: FID/KID, legibility, agreement with the teacher (distillations),
         the sampling cost (counted GFLOPs per image, measured time and peak memory of one forward)."""
-        from ..checkpoint import load_checkpoint
-
         model, record = load_checkpoint(checkpoint, device=self.device)
         base = {"arm": plan.name, "label": plan.label, "kind": plan.kind, "seed": seed, "fraction": fraction,
                 "step": step, "train_gflops": step * plan.step_gflops}
@@ -162,16 +153,11 @@ class Study:
                 for scale in self.config.eval.scales]
 
     def measure_scale(self, model, record, checkpoint: Path, size: int, agreement: dict) -> dict:
-        from ..diffusion.pipeline import input_size
-        from ..metrics.bench import measure_point
-        from ..metrics.quality import evaluate, legibility, sample_checkpoint
-        from ..record import Sampling
-
         e = self.config.eval
         asked = Sampling(num=e.num, height=size, width=size, steps=e.sample_steps, seed=e.seed)
-        images, _ = sample_checkpoint(checkpoint, asked, batch_size=e.batch_size, device=self.device, progress=False)
-        scores = evaluate(images, self.reference(record, size), self.extractor(), batch_size=e.batch_size,
-                          device=self.device, seed=e.seed, progress=False)
+        scores = score_checkpoint(checkpoint, asked, self.reference(record, size), e.features,
+                                  extractor=self.extractor(), features_path=self.features_path,
+                                  batch_size=e.batch_size, device=self.device, seed=e.seed, progress=False)
         sampling = record.sampling(asked)
         height, width = input_size(model, size, size)
         forward = forward_gflops(record.model, height, width)
@@ -179,12 +165,10 @@ class Study:
         timing = measure_point(model, record.model, height, width, torch.device(self.device), e.bench_repeats,
                                memory=True)
         paired = agreement.get(str(size), {})
-        return {"resolution": size, "fid": scores["fid"], "kid": scores["kid_mean"],
-                "legibility": legibility(images, record, e.features, features_path=self.features_path,
-                                         batch_size=e.batch_size, device=self.device),
-                "psnr": paired.get("psnr"), "ssim": paired.get("ssim"), "forward_gflops": forward,
-                "sampling_gflops": forward * sampling.steps * guided, "step_ms": timing["step_ms"],
-                "peak_mib": timing["peak_mib"]}
+        return {"resolution": size, "fid": scores.quality["fid"], "kid": scores.quality["kid_mean"],
+                "legibility": scores.legibility, "psnr": paired.get("psnr"), "ssim": paired.get("ssim"),
+                "forward_gflops": forward, "sampling_gflops": forward * sampling.steps * guided,
+                "step_ms": timing["step_ms"], "peak_mib": timing["peak_mib"]}
 
     def rows(self) -> list[dict]:
         """Every measurement the stages wrote, in arm, seed and step order."""
@@ -197,8 +181,6 @@ class Study:
 
     # -- the report ----------------------------------------------------------------------------
     def write_report(self) -> None:
-        from .report import write_report
-
         write_report(self.out / "report", self.config, self.plans, self.rows())
 
 

@@ -1,5 +1,6 @@
-"""A resumable run of stages in one out folder: each stage runs once, and again only when a stage
-it reads from ran again.
+"""The orchestration that `ditkit study` and `ditkit quickstart` share: a resumable run of stages in
+one out folder (`StageRunner`: each stage runs once, and again only when a stage it reads from ran
+again), and the bodies of their training and distillation stages (`train_stage`, `distill_stage`).
 
 A stage writes its outputs, then its marker `.stages/NAME.json` (atomically, with its time). A rerun
 skips a stage that has a marker, unless a stage it reads from ran again: then its old outputs are
@@ -18,8 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import list_checkpoints
+from ..distill import DistillConfig, Distiller, DitkitTeacher
 from ..errors import DitkitError
 from ..files import atomic_write_text, read_json
+from ..train import TrainConfig, train
 
 
 @dataclass(frozen=True)
@@ -98,3 +102,24 @@ class StageRunner:
             else:
                 path.unlink(missing_ok=True)
         self.forget()
+
+
+# ---------------------------------------------------------------- stage bodies
+
+def train_stage(cfg: TrainConfig, progress: bool = True) -> Path:
+    """Train `cfg` into its out folder, from its last checkpoint where there is one; returns the final
+    checkpoint. Without a checkpoint, what an interrupted start left (config, metrics) is the stage's
+    own: replaced."""
+    resume = bool(list_checkpoints(Path(cfg.train.out_dir) / "checkpoints"))
+    return train(cfg, resume=resume or None, overwrite=not resume, progress=progress)
+
+
+def distill_stage(checkpoint: Path, recorded: str, cfg: DistillConfig, device: str = "cpu",
+                  progress: bool = True) -> dict:
+    """Distil the teacher `checkpoint` into `cfg`'s out folder (resuming what is there); returns the
+    agreement report. `recorded` is the name the run keeps for the teacher: distillation refuses to
+    resume with "another" teacher, so one inside the out folder is named relative to it (the same
+    teacher stays the same when the folder moves, or the run goes on from another cwd)."""
+    teacher = DitkitTeacher(checkpoint, device=device)
+    teacher.path = recorded
+    return Distiller(teacher, cfg, device=device, progress=progress).run(resume=True)

@@ -39,6 +39,7 @@ from ..checkpoint import (
 from ..data import build_dataset, cached_latents
 from ..data.images import save_grid
 from ..diffusion.pipeline import generate, input_size
+from ..distributed.launch import require_process_group
 from ..distributed.sharding import (
     SHARDED_STATE,
     check_checkpoint_kind,
@@ -46,7 +47,6 @@ from ..distributed.sharding import (
     ema_state,
     full_tensors,
     load_sharded,
-    require_process_group,
     save_staged_checkpoint,
     shard_model,
     sharded_ema,
