@@ -33,3 +33,28 @@ def test_missing_and_invalid_files(tmp_path):
     bad.write_text("model: [unclosed")
     with pytest.raises(DitkitError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_ranges_are_declared_on_the_fields_and_checked_on_direct_construction():
+    from ditkit.train.config import TrainSection
+
+    with pytest.raises(DitkitError, match=r"config key train.steps must be at least 1, got 0"):
+        TrainSection(steps=0)
+    with pytest.raises(DitkitError, match=r"config key train.sharding must be one of none, fsdp, got 'zero'"):
+        TrainSection(sharding="zero")
+
+
+def test_a_range_error_names_where_the_section_sits_in_a_larger_config():
+    from ditkit.config import config_from_dict
+    from ditkit.distill import DistillConfig
+
+    with pytest.raises(DitkitError, match=r"config key arms.r2.distill.radius must be greater than 0, got -1.0"):
+        config_from_dict({"radius": -1}, DistillConfig, "arms.r2.distill.")
+
+
+def test_builtin_configs_resolve_by_name_on_the_ground_floor(tmp_path):
+    from ditkit.config import BUILTIN_CONFIGS, resolve_config
+
+    assert resolve_config("digits") == BUILTIN_CONFIGS / "digits.yaml"
+    with pytest.raises(DitkitError, match="neither a file nor a built-in config .*digits"):
+        resolve_config(str(tmp_path / "nope"))

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from ..config import resolve_config  # noqa: F401  (the commands resolve config names through here)
 from ..errors import DitkitError
-
-BUILTIN_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def flag_group(*flags: tuple[tuple[str, ...], dict]) -> argparse.ArgumentParser:
@@ -106,18 +105,6 @@ def parse_options(items: list[str] | None) -> dict:
             raise DitkitError(f"mixer option {item!r} is not key=value (e.g. radius=8)")
         options[key] = parse_value(value)
     return options
-
-
-def resolve_config(name: str) -> Path:
-    """A config path, or the name of a config that ships with ditkit (e.g. `digits`)."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    builtin = BUILTIN_CONFIGS / f"{name}.yaml"
-    if builtin.is_file():
-        return builtin
-    shipped = ", ".join(sorted(p.stem for p in BUILTIN_CONFIGS.glob("*.yaml")))
-    raise DitkitError(f"config {name!r} is neither a file nor a built-in config ({shipped})")
 
 
 def split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:

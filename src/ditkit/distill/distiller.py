@@ -38,6 +38,7 @@ from ..checkpoint import (
     read_weights,
     save_checkpoint,
 )
+from ..config import AT_LEAST_0, AT_LEAST_1, POSITIVE, check_fields, one_of, ranged
 from ..data.images import image_grid, save_image
 from ..diffusion.sampling import sample
 from ..distributed.sharded_load import check_weights, load_shards, materialize
@@ -56,8 +57,9 @@ from ..distributed.sharding import (
 )
 from ..errors import DitkitError
 from ..files import atomic_path, atomic_write_text, read_json
+from ..metrics.agreement import agreement
 from ..mixers.clear import initial_added_parameters, local_pairs
-from ..train.config import AT_LEAST_0, AT_LEAST_1, POSITIVE, check_ranges, check_sharding
+from ..train.config import SHARDINGS
 from ..train.loop import MetricsLog, StepBatchSampler, step_generator
 from ..train.runfolder import own_run_folder
 from .losses import AttentionTaps, LossWeights, PairedDenoiser, distillation_loss
@@ -68,11 +70,6 @@ OPTIMIZERS = ("adamw", "prodigy")
 # What a distillation writes in its folder (the outputs --overwrite removes).
 DISTILL_OUTPUTS = ("checkpoints", "metrics.jsonl", "loss.png", "tensorboard", "distill.json", "teacher_samples", "eval",
                    "agreement.json", "compare-*.png")
-RANGES = {"resolution": AT_LEAST_1, "teacher_steps": AT_LEAST_1, "radius": POSITIVE, "down_factor": AT_LEAST_0,
-          "num_samples": AT_LEAST_1, "steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "lr": POSITIVE,
-          "weight_decay": AT_LEAST_0, "grad_clip": AT_LEAST_0, "attention_every": AT_LEAST_1, "seed": AT_LEAST_0,
-          "log_every": AT_LEAST_1, "ckpt_every": AT_LEAST_1, "keep_checkpoints": AT_LEAST_0, "eval_num": AT_LEAST_1,
-          "eval_steps": AT_LEAST_1}
 
 
 @dataclass
@@ -81,30 +78,33 @@ class DistillConfig:
     like training configs (`ditkit distill CONFIG.yaml key=value ...`); unset values have defaults."""
 
     teacher: str | None = None  # a ditkit checkpoint, or a diffusers transformer folder
-    resolution: int | None = None  # training resolution in pixels (default: the teacher's; 512 for diffusers)
-    teacher_steps: int | None = None  # sampling steps of the teacher's samples (default: its own; 28 for diffusers)
+    resolution: int | None = ranged(None, AT_LEAST_1)  # training pixels (default: the teacher's; 512 for diffusers)
+    # sampling steps of the teacher's samples (default: its own; 28 for diffusers)
+    teacher_steps: int | None = ranged(None, AT_LEAST_1)
     prompt_embeds: str | None = None  # diffusers teachers: safetensors of prompt embeddings (default: random)
     out_dir: str = "runs/distill"
-    radius: float = 8
-    down_factor: int = 0
+    radius: float = ranged(8, POSITIVE)
+    down_factor: int = ranged(0, AT_LEAST_0)
     backend: str = "auto"
-    num_samples: int = 1024  # teacher samples to train on (CLEAR: 10K)
-    steps: int = 500
-    batch_size: int = 32
+    num_samples: int = ranged(1024, AT_LEAST_1)  # teacher samples to train on (CLEAR: 10K)
+    steps: int = ranged(500, AT_LEAST_1)
+    batch_size: int = ranged(32, AT_LEAST_1)
     optimizer: str = "adamw"  # or "prodigy" (CLEAR's choice)
-    lr: float | None = None  # default: 1e-4 for adamw, 1.0 for prodigy (it adapts the step size itself)
-    weight_decay: float = 1e-4
-    grad_clip: float = 1.0
+    lr: float | None = ranged(None, POSITIVE)  # default: 1e-4 for adamw, 1.0 for prodigy (it adapts the step size)
+    weight_decay: float = ranged(1e-4, AT_LEAST_0)
+    grad_clip: float = ranged(1.0, AT_LEAST_0)
     weights: LossWeights = field(default_factory=LossWeights)
-    attention_every: int = 1  # match attention outputs of every k-th attention layer (CLEAR: every 4th)
-    seed: int = 0
-    log_every: int = 10
-    ckpt_every: int = 250
-    keep_checkpoints: int = 2
-    eval_num: int = 8  # held-out samples for the agreement report
-    eval_steps: int | None = None  # sampling steps for the report (default: the teacher's)
-    sharding: str = "none"  # none, or fsdp: FSDP2 under torchrun (teacher and student sharded per block)
-    frozen_dtype: str | None = None  # sharded runs: bf16 (default) or fp32 for every frozen weight
+    # match attention outputs of every k-th attention layer (CLEAR: every 4th)
+    attention_every: int = ranged(1, AT_LEAST_1)
+    seed: int = ranged(0, AT_LEAST_0)
+    log_every: int = ranged(10, AT_LEAST_1)
+    ckpt_every: int = ranged(250, AT_LEAST_1)
+    keep_checkpoints: int = ranged(2, AT_LEAST_0)
+    eval_num: int = ranged(8, AT_LEAST_1)  # held-out samples for the agreement report
+    eval_steps: int | None = ranged(None, AT_LEAST_1)  # sampling steps for the report (default: the teacher's)
+    # none, or fsdp: FSDP2 under torchrun (teacher and student sharded per block)
+    sharding: str = one_of("none", SHARDINGS)
+    frozen_dtype: str | None = one_of(None, tuple(DTYPES))  # sharded runs: bf16 (default) or fp32, every frozen weight
     activation_checkpointing: bool = False  # recompute the student's block activations in backward
 
     def __post_init__(self):
@@ -114,12 +114,9 @@ class DistillConfig:
             raise DitkitError(f"unknown optimizer {self.optimizer!r}: use {' or '.join(OPTIMIZERS)}")
         if self.lr is None:
             self.lr = 1.0 if self.optimizer == "prodigy" else 1e-4
-        check_ranges(self, RANGES, "distill ")
-        check_sharding(self.sharding, "sharding")
         if self.frozen_dtype is None:
             self.frozen_dtype = "bf16" if self.sharding == "fsdp" else "fp32"
-        if self.frozen_dtype not in DTYPES:
-            raise DitkitError(f"config key frozen_dtype must be one of {', '.join(DTYPES)}, got {self.frozen_dtype!r}")
+        check_fields(self, "")
         if self.frozen_dtype != "fp32" and self.sharding != "fsdp":
             raise DitkitError(f"frozen_dtype={self.frozen_dtype} needs sharding=fsdp (its units compute the fp32 "
                               "projections in that dtype): set sharding=fsdp, or frozen_dtype=fp32")
@@ -137,8 +134,6 @@ def build_optimizer(cfg: DistillConfig, params: list[nn.Parameter]) -> torch.opt
 
 def images_agreement(reference: Tensor, images: Tensor) -> dict[str, float]:
     """Mean PSNR (dB) and SSIM of `images` against `reference`, both (B, C, H, W) in [-1, 1]."""
-    from ..metrics.agreement import agreement
-
     result = agreement(reference, images)
     return {"psnr": result["psnr"], "ssim": result["ssim"]}
 

@@ -62,7 +62,7 @@ def forward_gflops(model_config, height: int, width: int) -> float:
 
 def train_config(study: StudyConfig, arm: ArmConfig):
     """The arm's TrainConfig: its config file, the study's train_overrides, then the arm's own."""
-    from ..cli.args import resolve_config
+    from ..config import resolve_config
     from ..train.config import load_config
 
     return load_config(resolve_config(arm.train), [*study.train_overrides, *arm.overrides])
