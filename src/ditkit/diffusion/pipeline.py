@@ -18,6 +18,7 @@ from torch import Tensor
 from ..errors import DitkitError
 from ..models.extrapolation import set_extrapolation
 from ..record import RunRecord, Sampling
+from .objectives import build_objective
 from .sampling import sample
 
 
@@ -66,7 +67,7 @@ def sample_inputs(model, record: RunRecord, sampling: Sampling, init: Tensor | N
     set_extrapolation(model, (h, w), train_input_size(model, record), attention_scale=s.attention_scale,
                       positions=s.positions)
     try:
-        return sample(model, record.objective(), (s.num, model.config.in_channels, h, w),
+        return sample(model, build_objective(record.diffusion), (s.num, model.config.in_channels, h, w),
                       labels=check_labels(model, s.labels, s.num), steps=s.steps, cfg_scale=s.cfg_scale, seed=s.seed,
                       sampler=s.sampler, progress=progress, init=init, strength=strength,
                       guidance_channels=record.diffusion.guidance_channels,
