@@ -58,3 +58,47 @@ def test_builtin_configs_resolve_by_name_on_the_ground_floor(tmp_path):
     assert resolve_config("digits") == BUILTIN_CONFIGS / "digits.yaml"
     with pytest.raises(DitkitError, match="neither a file nor a built-in config .*digits"):
         resolve_config(str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.mixer=clear:radius=8,down_factor=2"],
+    ["model.mixer=clear", "model.mixer_options={radius: 8, down_factor: 2}"],
+    ["model.mixer=clear:radius=3,down_factor=2", "model.mixer_options.radius=8"],  # the options win
+])
+def test_model_mixer_takes_a_spec_meaning_the_same_as_mixer_and_mixer_options(overrides):
+    from ditkit.mixers import MixerSpec
+
+    model = load_config(None, overrides).model
+    assert (model.mixer, model.mixer_options) == ("clear", {"radius": 8, "down_factor": 2})
+    assert model.mixer_spec() == MixerSpec.parse("clear:radius=8,down_factor=2")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.mixer=clear:radius=0", "config key model.mixer: clear radius must be at least 1 token, got 0"),
+    ("model.mixer=clear:window=2", "config key model.mixer: mixer 'clear' has no option window: it accepts"),
+    ("model.mixer=nope", "config key model.mixer: unknown mixer 'nope': choose one of"),
+    ("model.args.mixer=clear", "config key model.args.mixer would set the mixer in a second place: set model.mixer"),
+    ("model.args.mixer_options={radius: 2}", "config key model.args.mixer_options would set the mixer in a second"),
+])
+def test_the_mixer_is_validated_when_the_config_is_read_and_set_in_one_place(override, message):
+    with pytest.raises(DitkitError, match=message):
+        load_config(None, [override])
+
+
+def test_distill_takes_its_clear_settings_as_a_spec_or_as_fields():
+    from ditkit.config import config_from_dict
+    from ditkit.distill import DistillConfig
+    from ditkit.mixers import MixerSpec
+
+    spec = config_from_dict({"mixer": "clear:radius=4,down_factor=2"}, DistillConfig)
+    fields = config_from_dict({"radius": 4, "down_factor": 2}, DistillConfig)
+    assert (spec.radius, spec.down_factor, spec.backend) == (fields.radius, fields.down_factor, fields.backend)
+    assert spec.mixer_spec() == fields.mixer_spec() == MixerSpec("clear", {"radius": 4, "down_factor": 2,
+                                                                           "backend": "auto"})
+    assert config_from_dict({"mixer": "clear:radius=4", "radius": 4}, DistillConfig).radius == 4  # agree: fine
+    for values, message in (({"mixer": "clear:radius=4", "radius": 3}, "give the CLEAR settings once"),
+                            ({"mixer": "full"}, "config key mixer must be clear"),
+                            ({"down_factor": 1}, "clear down_factor must be 0 \\(off\\) or >= 2"),
+                            ({"backend": "cuda"}, "unknown clear backend 'cuda'")):
+        with pytest.raises(DitkitError, match=message):
+            config_from_dict(values, DistillConfig)

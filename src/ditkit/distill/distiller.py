@@ -20,6 +20,7 @@ its own slice of each batch; the main process writes the reports and the checkpo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from contextlib import ExitStack
@@ -58,6 +59,7 @@ from ..distributed.sharding import (
 from ..errors import DitkitError
 from ..files import atomic_path, atomic_write_text, read_json
 from ..metrics.agreement import agreement
+from ..mixers import MixerSpec
 from ..mixers.clear import initial_added_parameters, local_pairs
 from ..train.config import SHARDINGS
 from ..train.loop import MetricsLog, StepBatchSampler, step_generator
@@ -67,6 +69,7 @@ from .samples import teacher_samples
 from .teacher import Teacher
 
 OPTIMIZERS = ("adamw", "prodigy")
+STUDENT_OPTIONS = ("radius", "down_factor", "backend")  # the clear options a distillation sets
 # What a distillation writes in its folder (the outputs --overwrite removes).
 DISTILL_OUTPUTS = ("checkpoints", "metrics.jsonl", "loss.png", "tensorboard", "distill.json", "teacher_samples", "eval",
                    "agreement.json", "compare-*.png")
@@ -83,6 +86,9 @@ class DistillConfig:
     teacher_steps: int | None = ranged(None, AT_LEAST_1)
     prompt_embeds: str | None = None  # diffusers teachers: safetensors of prompt embeddings (default: random)
     out_dir: str = "runs/distill"
+    # The student's CLEAR settings: a MixerSpec of clear (clear:radius=8,down_factor=4), or the three
+    # fields below; either fills the other (they must agree where both are given).
+    mixer: str | None = None
     radius: float = ranged(8, POSITIVE)
     down_factor: int = ranged(0, AT_LEAST_0)
     backend: str = "auto"
@@ -117,9 +123,40 @@ class DistillConfig:
         if self.frozen_dtype is None:
             self.frozen_dtype = "bf16" if self.sharding == "fsdp" else "fp32"
         check_fields(self, "")
+        self._read_mixer()
         if self.frozen_dtype != "fp32" and self.sharding != "fsdp":
             raise DitkitError(f"frozen_dtype={self.frozen_dtype} needs sharding=fsdp (its units compute the fp32 "
                               "projections in that dtype): set sharding=fsdp, or frozen_dtype=fp32")
+
+
+    def _read_mixer(self) -> None:
+        """Fill radius, down_factor and backend from `mixer` (or check them as a spec of clear)."""
+        fields = {key: getattr(self, key) for key in STUDENT_OPTIONS}
+        if self.mixer is None:
+            self.mixer_spec()  # the three fields, validated as clear's options
+            return
+        try:
+            spec = MixerSpec.parse(self.mixer)
+        except DitkitError as error:
+            raise DitkitError(f"config key mixer: {error}") from error
+        if spec.name != "clear" or set(spec.options) - set(STUDENT_OPTIONS):
+            raise DitkitError(f"config key mixer must be clear with options among {', '.join(STUDENT_OPTIONS)} "
+                              f"(the student's CLEAR), got {self.mixer!r}")
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in STUDENT_OPTIONS}
+        for key, value in spec.options.items():
+            if fields[key] not in (defaults[key], value):
+                raise DitkitError(f"config key mixer sets {key}={value} and config key {key} sets {fields[key]}: "
+                                  "give the CLEAR settings once")
+            setattr(self, key, value)
+        self.mixer = str(spec)
+        self.mixer_spec()  # with the fields the spec left out
+
+    def mixer_spec(self) -> MixerSpec:
+        """The student's mixer: clear with this distillation's radius, down_factor and backend, validated."""
+        try:
+            return MixerSpec("clear", {key: getattr(self, key) for key in STUDENT_OPTIONS})
+        except DitkitError as error:
+            raise DitkitError(f"distill config: {error}") from error
 
 
 def build_optimizer(cfg: DistillConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:

@@ -20,6 +20,7 @@ from typing import Any
 from .. import config as loader
 from ..config import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, check_fields, one_of, ranged
 from ..errors import DitkitError
+from ..mixers import MixerSpec
 from ..record import DiffusionSettings
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -28,10 +29,34 @@ SHARDINGS = ("none", "fsdp")  # fsdp: distributed/sharding.py
 
 @dataclass
 class ModelSection:
+    """The model: a named config, its mixer (the one place that sets it) and field overrides."""
+
     name: str = "DiT-Nano/4"  # a named config: `ditkit info --list` shows them
-    mixer: str | None = None  # default: the backbone's own (full for DiT, downsampled for U-DiT)
-    mixer_options: dict | None = None
-    args: dict = field(default_factory=dict)  # overrides of the backbone's config fields
+    # A MixerSpec: clear, or clear:radius=8,down_factor=4. Default: the backbone's own (full for DiT,
+    # downsampled for U-DiT). Read as its name here and its options in mixer_options.
+    mixer: str | None = None
+    mixer_options: dict | None = None  # options merged into the spec's (they win)
+    args: dict = field(default_factory=dict)  # overrides of the backbone's config fields, but for the mixer
+
+    def __post_init__(self):
+        for key in ("mixer", "mixer_options"):
+            if key in self.args:
+                raise DitkitError(f"config key model.args.{key} would set the mixer in a second place: set "
+                                  f"model.{key} instead (e.g. model.mixer=clear:radius=8)")
+        if self.mixer is not None:
+            spec = self.mixer_spec()
+            self.mixer = spec.name
+            if spec.options or self.mixer_options is not None:
+                self.mixer_options = dict(spec.options)
+
+    def mixer_spec(self) -> MixerSpec | None:
+        """The mixer that `mixer` and `mixer_options` name, validated (None: the backbone's own)."""
+        if self.mixer is None:
+            return None
+        try:
+            return MixerSpec.parse(self.mixer).merged(self.mixer_options)
+        except DitkitError as error:
+            raise DitkitError(f"config key model.mixer: {error}") from error
 
 
 @dataclass
