@@ -79,3 +79,18 @@ def test_swap_mixers_takes_a_spec_its_text_or_a_name_and_options(one_thread):
         swap_mixers(model, mixer, **options)
         mixers = [m for m in model.modules() if isinstance(m, TokenMixer)]
         assert mixers and all(isinstance(m, ClearAttention) and m.radius == 2 for m in mixers)
+
+
+def test_a_registered_mixer_is_scoped_to_its_block_and_never_registered_twice():
+    from ditkit.mixers import MIXERS, registered_mixer, unregister_mixer
+    from mixers.windowed_mixer import NAME, WindowedAttention
+
+    with registered_mixer(NAME, WindowedAttention):
+        assert MixerSpec.parse(f"{NAME}:window=4").option("window") == 4
+        with pytest.raises(ValueError, match=f"mixer '{NAME}' is registered twice"):
+            registered_mixer(NAME, WindowedAttention).__enter__()
+    assert NAME not in MIXERS
+    with pytest.raises(DitkitError, match=f"unknown mixer '{NAME}'"):
+        MixerSpec.parse(NAME)
+    with pytest.raises(DitkitError, match="is not registered"):
+        unregister_mixer(NAME)
