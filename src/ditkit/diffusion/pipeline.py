@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..data.latents import decode, load_vae
 from ..errors import DitkitError
 from ..models.extrapolation import set_extrapolation
 from ..record import RunRecord, Sampling
@@ -87,8 +88,6 @@ def check_decodable(model, record: RunRecord, vae=None) -> None:
 def to_images(x: Tensor, record: RunRecord, vae=None) -> Tensor:
     """Model inputs -> images in [-1, 1]: decoded by the run's VAE, or clamped pixels."""
     if record.vae:
-        from ..data.latents import decode, load_vae
-
         vae = vae or load_vae(record.vae, x.device)
         return decode(vae, x)
     return x.clamp(-1, 1)
