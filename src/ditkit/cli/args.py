@@ -16,7 +16,7 @@ from pathlib import Path
 from ..config import resolve_config  # noqa: F401  (the commands resolve config names through here)
 from ..errors import DitkitError
 from ..mixers import MixerSpec
-from ..mixers.spec import parse_items, parse_value  # noqa: F401  (parse_value: a value of KEY=VALUE flags)
+from ..mixers.spec import parse_items
 
 
 def flag_group(*flags: tuple[tuple[str, ...], dict]) -> argparse.ArgumentParser:
