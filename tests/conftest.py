@@ -2,7 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from ditkit.mixers import MIXERS, AttentionMixer, TokenMixer, register_mixer
+from ditkit.mixers import MIXERS, AttentionMixer, TokenMixer, registered_mixer
+from ditkit.models import BACKBONES, NAMED_MODELS
+from mixers import windowed_mixer as windowed
 
 
 @pytest.fixture(autouse=True)
@@ -11,28 +13,51 @@ def _seed():
     yield
 
 
+class ScaledAttention(AttentionMixer):
+    """`test-scaled`: the projections of `full` plus one extra parameter."""
+
+    def __init__(self, dim, num_heads, qkv_bias=True):
+        super().__init__(dim, num_heads, qkv_bias)
+        self.gain = nn.Parameter(torch.full((1,), 2.0))
+
+    def attend(self, q, k, v, grid, num_global):
+        return self.gain * torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+class Identity(TokenMixer):
+    """`test-identity`: no weights at all."""
+
+    def forward(self, x, grid, num_global=0):
+        return x
+
+
 @pytest.fixture
 def scratch_mixers():
-    """Register mixers for one test and remove them afterwards."""
-    before = dict(MIXERS)
+    """Register test-scaled and test-identity for one test and remove them afterwards."""
+    with registered_mixer("test-scaled", ScaledAttention), registered_mixer("test-identity", Identity):
+        yield
 
-    @register_mixer("test-scaled")
-    class ScaledAttention(AttentionMixer):  # same projections plus one extra parameter
-        def __init__(self, dim, num_heads, qkv_bias=True):
-            super().__init__(dim, num_heads, qkv_bias)
-            self.gain = nn.Parameter(torch.full((1,), 2.0))
 
-        def attend(self, q, k, v, grid, num_global):
-            return self.gain * torch.nn.functional.scaled_dot_product_attention(q, k, v)
+@pytest.fixture
+def windowed_mixer():
+    """Register `test-windowed` (tests/mixers/windowed_mixer.py) for one test."""
+    with windowed.registered():
+        yield
 
-    @register_mixer("test-identity")
-    class Identity(TokenMixer):  # no weights at all
-        def forward(self, x, grid, num_global=0):
-            return x
 
+def registries() -> dict:
+    return {"mixers": dict(MIXERS), "backbones": dict(BACKBONES), "models": dict(NAMED_MODELS)}
+
+
+@pytest.fixture(autouse=True)
+def _registries_unchanged():
+    """A test's own mixers and models stay its own: every registry is as it was when the test ends
+    (so nothing test-only shows in `ditkit info --list` of a later test)."""
+    before = registries()
     yield
-    MIXERS.clear()
-    MIXERS.update(before)
+    after = registries()
+    leaked = {kind: sorted(set(after[kind]) ^ set(before[kind])) for kind in before if after[kind] != before[kind]}
+    assert not leaked, f"the test left the registries changed: {leaked} (register with registered_mixer)"
 
 
 @pytest.fixture(scope="session")

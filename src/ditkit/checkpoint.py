@@ -29,7 +29,7 @@ from torch import nn
 
 from .errors import DitkitError
 from .files import atomic_path, atomic_write_text, fsync_file, is_disk_full, read_json, remove_temporary_files
-from .mixers import swap_mixers
+from .mixers import MixerSpec, swap_mixers
 from .models import build_model
 from .record import RunRecord
 
@@ -268,12 +268,15 @@ def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path)
                           "load it with the config it was trained with") from error
 
 
-def load_checkpoint(path: str | Path, *, ema: bool = True, mixer: str | None = None,
+def load_checkpoint(path: str | Path, *, ema: bool = True, mixer: str | MixerSpec | None = None,
                     mixer_options: dict | None = None, device: str | torch.device = "cpu"):
     """Rebuild the model a checkpoint was trained with and load its weights.
 
-    `mixer` swaps the token mixer at load time (shared weights kept). Returns (model, record).
+    `mixer` (a MixerSpec, or its text: "clear:radius=8") swaps the token mixer at load time, shared
+    weights kept; `mixer_options` are merged into it (alone, they rebuild the checkpoint's own mixer
+    with those options). Returns (model, record).
     """
+    spec = None if mixer is None else MixerSpec.parse(mixer).merged(mixer_options)  # a bad spec fails first
     found = find_checkpoint(path)
     file = weights_file(found, ema) if found.is_dir() else found
     tensors, record = read_weights(file)
@@ -285,10 +288,10 @@ def load_checkpoint(path: str | Path, *, ema: bool = True, mixer: str | None = N
                           "(ditkit generate --student, or ditkit.diffusers.pipelines.load_student)")
     model = build_model(record.model)
     load_state(model, tensors, file)
-    if mixer is not None or mixer_options:
-        name = mixer or model.config.mixer
-        options = dict(mixer_options or {})
-        swap_mixers(model, name, **options)
-        model.config = dataclasses.replace(model.config, mixer=name, mixer_options=options)
+    if spec is None and mixer_options:
+        spec = MixerSpec(model.config.mixer, mixer_options)
+    if spec is not None:
+        swap_mixers(model, spec)
+        model.config = dataclasses.replace(model.config, mixer=spec.name, mixer_options=dict(spec.options))
         record = record.with_model(model.config)
     return model.to(device).eval(), record

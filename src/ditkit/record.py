@@ -29,14 +29,18 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .errors import DitkitError
+from .models.registry import config_from_dict, config_to_dict
 
 FORMAT = 1
 OBJECTIVES = ("flow", "ddpm")
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
 POSITION_SCALINGS = ("none", "ntk", "interpolate")
+# The samplers of each objective, the first its default (diffusion/sampling.py builds them).
+SAMPLERS = {"ddpm": ("ddpm", "ddim"), "flow": ("euler",)}
 
 
 @dataclass
@@ -75,12 +79,6 @@ class DiffusionSettings:
             raise DitkitError("diffusion.scheduler must be a diffusers scheduler config with its _class_name "
                               "(e.g. a pipeline's scheduler/scheduler_config.json), or null")
 
-    def objective_module(self):
-        """The training objective (loss, noise schedule) these settings describe."""
-        from .diffusion.objectives import build_objective
-
-        return build_objective(self.objective, learn_sigma=self.learn_sigma, timestep_sampling=self.timestep_sampling)
-
 
 def check_sampling_numbers(steps: int, cfg_scale: float, steps_name: str = "steps", cfg_name: str = "cfg") -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -93,8 +91,6 @@ def check_sampler(objective: str, sampler: str | None, name: str = "sampler") ->
     """A sampler that does not fit the objective fails here, not at the first sample of a run."""
     if sampler is None:
         return
-    from .diffusion.sampling import SAMPLERS
-
     if sampler not in SAMPLERS[objective]:
         raise DitkitError(f"{name} {sampler!r} does not fit the {objective} objective: "
                           f"use {' or '.join(SAMPLERS[objective])}")
@@ -212,8 +208,6 @@ class RunRecord:
         """The model section as stored: equal dicts mean the same architecture."""
         if isinstance(self.model, DiffusersModel):
             return dataclasses.asdict(self.model)
-        from .models.registry import config_to_dict
-
         return config_to_dict(self.model)
 
     def with_model(self, config) -> RunRecord:
@@ -233,9 +227,6 @@ class RunRecord:
     def num_classes(self) -> int:
         return getattr(self.model, "num_classes", 0)
 
-    def objective(self):
-        return self.diffusion.objective_module()
-
     def sampling(self, sampling: Sampling | None = None, **changes) -> Sampling:
         """`sampling` (with `changes`) with every unset field filled from this run's defaults."""
         sampling = dataclasses.replace(sampling or Sampling(), **changes)
@@ -250,8 +241,6 @@ class RunRecord:
 
     def class_labels(self, text: str | None, num: int) -> Tensor | None:
         """Parse "3,7" or "cat,dog" (indices or this run's class names), cycled to `num` labels."""
-        import torch
-
         if text is None:
             return None
         labels = []
@@ -282,6 +271,4 @@ def _section(cls, values: dict, name: str, source: str):
 def _model_from_dict(values: dict, source: str):
     if "diffusers" in values:
         return _section(DiffusersModel, values, "model", source)
-    from .models.registry import config_from_dict
-
     return config_from_dict(values)

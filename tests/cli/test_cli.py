@@ -5,7 +5,8 @@ import pytest
 from PIL import Image
 
 from ditkit import DitkitError
-from ditkit.cli.main import main, parse_size
+from ditkit.cli.args import parse_size
+from ditkit.cli.main import main
 from helpers import run_cli, tiny_run
 
 

@@ -3,7 +3,7 @@ and `ditkit distill` reads a config file + key=value like `ditkit train`."""
 
 import pytest
 
-from ditkit.cli.args import parse_options, split_config_and_overrides
+from ditkit.cli.args import mixer_spec, parse_options, split_config_and_overrides
 from ditkit.cli.main import build_parser
 from ditkit.distill import DistillConfig, LossWeights
 from ditkit.train import load_config
@@ -27,6 +27,25 @@ def test_shared_flags_mean_the_same_in_every_command():
                                   if argv[0] == "eval" else "--seed=0"])
         assert (args.device, args.mixer, args.mixer_opt, args.no_ema) == ("cpu", "clear", ["radius=3"], True)
         assert (args.steps, args.cfg, args.sampler) == (4, 2.0, "euler")
+
+
+@pytest.mark.parametrize("flags,name,options", [
+    (["--mixer", "clear:radius=8,down_factor=4"], "clear", {"radius": 8, "down_factor": 4}),
+    (["--mixer", "clear:radius=8,down_factor=4", "--mixer-opt", "radius=3"], "clear", {"radius": 3, "down_factor": 4}),
+    (["--mixer-opt", "radius=3", "--mixer", "clear:radius=8"], "clear", {"radius": 3}),  # --mixer-opt wins
+    (["--mixer", "full", "--mixer", "clear:radius=2"], "clear", {"radius": 2}),  # the last --mixer
+])
+def test_a_mixer_spec_flag_merges_with_mixer_opt(flags, name, options):
+    from ditkit.mixers import MixerSpec
+
+    args = build_parser().parse_args(["sample", "--ckpt", "x", *flags])
+    assert (args.mixer, parse_options(args.mixer_opt)) == (name, options)  # what the commands read
+    assert mixer_spec(args) == MixerSpec(name, options)
+
+
+def test_a_bad_mixer_spec_flag_is_one_line_when_the_command_reads_it(tiny_ckpt, capsys):
+    code, _, err = run_cli(capsys, "sample", "--ckpt", str(tiny_ckpt), "--mixer", "clear:radius=8,rad=2")
+    assert code == 2 and "mixer 'clear' has no option rad: it accepts" in err and err.count("\n") == 1
 
 
 def test_mixer_option_numbers_are_numbers_even_where_yaml_reads_a_string():

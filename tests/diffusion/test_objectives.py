@@ -2,8 +2,9 @@ import math
 
 import torch
 
-from ditkit.diffusion import DDPMObjective, FlowMatchingObjective
+from ditkit.diffusion import DDPMObjective, FlowMatchingObjective, build_objective
 from ditkit.diffusion.objectives import discretized_gaussian_log_likelihood, normal_kl
+from ditkit.record import DiffusionSettings
 
 
 class Recorder(torch.nn.Module):
@@ -80,3 +81,10 @@ def test_normal_kl_and_discretized_likelihood():
     probs = discretized_gaussian_log_likelihood(centers, torch.full_like(centers, 0.1),
                                                 torch.full_like(centers, math.log(0.3))).exp()
     assert abs(probs.sum().item() - 1) < 1e-4
+
+
+def test_a_runs_diffusion_settings_build_its_objective():
+    ddpm = build_objective(DiffusionSettings(objective="ddpm", learn_sigma=False))
+    flow = build_objective(DiffusionSettings(objective="flow", timestep_sampling="logit_normal"))
+    assert isinstance(ddpm, DDPMObjective) and not ddpm.learn_sigma
+    assert isinstance(flow, FlowMatchingObjective) and flow.timestep_sampling == "logit_normal"

@@ -8,13 +8,16 @@ from pathlib import Path
 import torch
 
 from ditkit.distributed import STATS, PatchParallelDiT
+from ditkit.mixers import register_mixer
 from ditkit.models import build_model, model_config
 from ditkit.models.extrapolation import set_extrapolation
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, as pytest's pythonpath has it
 from worker_cases import run_cases  # noqa: E402  (this script's folder, first on sys.path)
 
-from mixers import windowed_mixer  # noqa: E402, F401  (registers test-windowed: a mixer in one file)
+from mixers import windowed_mixer  # noqa: E402  (test-windowed: a mixer in one file)
+
+register_mixer(windowed_mixer.NAME)(windowed_mixer.WindowedAttention)  # this worker process's own registry
 
 CASES = {  # name: (mixer, options, token grid, batch)
     "clear": ("clear", {"radius": 2}, (8, 8), 2),

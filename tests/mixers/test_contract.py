@@ -8,19 +8,20 @@ with a barrier (`thread_strips.ThreadStrip`), so no process is started per mixer
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import pytest
 import torch
 from torch import Tensor, nn
 
 from ditkit import DitkitError
-from ditkit.mixers import MIXERS, Grid, TokenMixer, build_mixer, register_mixer, swap_mixers
-from mixers import windowed_mixer  # noqa: F401  (registers test-windowed)
+from ditkit.mixers import MIXERS, Grid, TokenMixer, build_mixer, registered_mixer, swap_mixers
+from mixers import windowed_mixer
 from thread_strips import on_thread_strips
 
 DIM, HEADS = 16, 2
 
 
-@register_mixer("test-row-mean")
 class RowMean(TokenMixer):
     """Not attention: each image token plus the mean of its row, then `proj` (a name `full` has too)."""
 
@@ -34,8 +35,19 @@ class RowMean(TokenMixer):
         return self.proj(torch.cat([x[:, :num_global], image.flatten(1, 2)], dim=1))
 
 
-CASES = [(name, {}) for name in sorted(MIXERS)] + [("clear", {"radius": 2, "down_factor": 2})]
+TEST_MIXERS = {windowed_mixer.NAME: windowed_mixer.WindowedAttention, "test-row-mean": RowMean}
+CASES = ([(name, {}) for name in sorted(MIXERS)] + [(name, {}) for name in TEST_MIXERS]
+         + [("clear", {"radius": 2, "down_factor": 2})])
 CASE_IDS = [name + "".join(f"-{k}{v}" for k, v in options.items()) for name, options in CASES]
+
+
+@pytest.fixture(autouse=True)
+def test_mixers():
+    """The test mixers are registered for each test of the contract, and removed after it."""
+    with ExitStack() as stack:
+        for name, cls in TEST_MIXERS.items():
+            stack.enter_context(registered_mixer(name, cls))
+        yield
 
 
 def multiple(name: str, options: dict) -> int:

@@ -10,9 +10,10 @@ from ditkit.distributed import PatchParallelDiT
 from ditkit.mixers.base import Extrapolation
 from ditkit.models.extrapolation import set_extrapolation
 from helpers import tiny_backbone
+from mixers.windowed_mixer import NAME as MIXER
 from mixers.windowed_mixer import WindowedAttention
 
-MIXER = "test-windowed"
+pytestmark = pytest.mark.usefixtures("windowed_mixer")  # registered for each test, removed after it
 
 
 def inputs(batch=2, side=16):

@@ -1,9 +1,10 @@
 """`test-windowed`: a new attention mixer written in this one file and nowhere else.
 
-It shows that registering a mixer is the only step: importing this file makes it available to
-DiT and U-DiT (by name), to patch-parallel sampling (through the default `forward_strip`, exact)
-and to sampling beyond the training size (attention scale from `AttentionMixer`, rotary positions
-through `encodes_positions`), with no edit to the library.
+It shows that registering a mixer is the only step: registered under `NAME` (`registered()`, for
+one test: the `windowed_mixer` fixture; or `register_mixer(NAME)` in a worker process) it is
+available to DiT and U-DiT (by name), to patch-parallel sampling (through the default
+`forward_strip`, exact) and to sampling beyond the training size (attention scale from
+`AttentionMixer`, rotary positions through `encodes_positions`), with no edit to the library.
 
 Each image query sees the keys of its own `window` x `window` block of the grid; global tokens
 see, and are seen by, every token. Queries and keys of image tokens are rotated by 2D rotary
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ditkit import DitkitError
-from ditkit.mixers import AttentionMixer, Grid, register_mixer
+from ditkit.mixers import AttentionMixer, Grid, registered_mixer
 from ditkit.mixers.downsampled import apply_rope, rope_2d_angles
 
 
@@ -32,7 +33,9 @@ def window_mask(grid: Grid, window: int, num_global: int, device: torch.device) 
     return mask
 
 
-@register_mixer("test-windowed")
+NAME = "test-windowed"
+
+
 class WindowedAttention(AttentionMixer):
     """Attention within non-overlapping window x window blocks, with 2D rotary positions."""
 
@@ -57,3 +60,8 @@ class WindowedAttention(AttentionMixer):
         q = torch.cat([q[..., :G, :], apply_rope(q[..., G:, :], angles)], dim=-2)
         k = torch.cat([k[..., :G, :], apply_rope(k[..., G:, :], angles)], dim=-2)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(grid, self.window, G, q.device))
+
+
+def registered():
+    """A context in which `test-windowed` is registered (a test's own mixer stays out of the registry)."""
+    return registered_mixer(NAME, WindowedAttention)

@@ -98,3 +98,32 @@ def test_config_record_round_trips(name):
     assert config_from_dict(record) == config
     with pytest.raises(DitkitError, match="has no field depht"):
         model_config(name, depht=3)
+
+
+def test_load_checkpoint_swaps_to_a_mixer_spec_or_its_text(tmp_path):
+    from ditkit.mixers import MixerSpec
+
+    config = tiny_backbone("dit").config
+    save_checkpoint(tmp_path, 1, model=build_model(config), ema=None, optimizer=None, record=training_record(config),
+                    train_state={})
+    loaded = [load_checkpoint(tmp_path, ema=False, mixer=mixer, mixer_options=options)
+              for mixer, options in ((MixerSpec("clear", {"radius": 2}), None), ("clear:radius=5", {"radius": 2}))]
+    for model, record in loaded:
+        assert (record.model.mixer, record.model.mixer_options) == ("clear", {"radius": 2})
+        assert all(m.radius == 2 for m in model.modules() if getattr(m, "name", "") == "clear")
+    with pytest.raises(DitkitError, match="mixer 'clear' has no option rad"):
+        load_checkpoint(tmp_path / "missing", mixer="clear:rad=2")  # the spec fails before the file is read
+
+
+def test_the_registries_refuse_a_second_registration():
+    from ditkit.models import DiT, DiTConfig
+    from ditkit.models.registry import register_backbone, register_model
+
+    before = dict(NAMED_MODELS)
+    with pytest.raises(ValueError, match="model 'DiT-XL/2' is registered twice"):
+        register_model("DiT-XL/2", "dit", depth=1)
+    with pytest.raises(ValueError, match="backbone 'dit' is registered twice"):
+        register_backbone("dit", DiTConfig)(DiT)
+    with pytest.raises(ValueError, match="names backbone 'unet', which is not registered"):
+        register_model("UNet-S", "unet")
+    assert NAMED_MODELS == before and NAMED_MODELS["DiT-XL/2"][1]["depth"] == 28

@@ -33,3 +33,72 @@ def test_missing_and_invalid_files(tmp_path):
     bad.write_text("model: [unclosed")
     with pytest.raises(DitkitError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_ranges_are_declared_on_the_fields_and_checked_on_direct_construction():
+    from ditkit.train.config import TrainSection
+
+    with pytest.raises(DitkitError, match=r"config key train.steps must be at least 1, got 0"):
+        TrainSection(steps=0)
+    with pytest.raises(DitkitError, match=r"config key train.sharding must be one of none, fsdp, got 'zero'"):
+        TrainSection(sharding="zero")
+
+
+def test_a_range_error_names_where_the_section_sits_in_a_larger_config():
+    from ditkit.config import config_from_dict
+    from ditkit.distill import DistillConfig
+
+    with pytest.raises(DitkitError, match=r"config key arms.r2.distill.radius must be greater than 0, got -1.0"):
+        config_from_dict({"radius": -1}, DistillConfig, "arms.r2.distill.")
+
+
+def test_builtin_configs_resolve_by_name_on_the_ground_floor(tmp_path):
+    from ditkit.config import BUILTIN_CONFIGS, resolve_config
+
+    assert resolve_config("digits") == BUILTIN_CONFIGS / "digits.yaml"
+    with pytest.raises(DitkitError, match="neither a file nor a built-in config .*digits"):
+        resolve_config(str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.mixer=clear:radius=8,down_factor=2"],
+    ["model.mixer=clear", "model.mixer_options={radius: 8, down_factor: 2}"],
+    ["model.mixer=clear:radius=3,down_factor=2", "model.mixer_options.radius=8"],  # the options win
+])
+def test_model_mixer_takes_a_spec_meaning_the_same_as_mixer_and_mixer_options(overrides):
+    from ditkit.mixers import MixerSpec
+
+    model = load_config(None, overrides).model
+    assert (model.mixer, model.mixer_options) == ("clear", {"radius": 8, "down_factor": 2})
+    assert model.mixer_spec() == MixerSpec.parse("clear:radius=8,down_factor=2")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.mixer=clear:radius=0", "config key model.mixer: clear radius must be at least 1 token, got 0"),
+    ("model.mixer=clear:window=2", "config key model.mixer: mixer 'clear' has no option window: it accepts"),
+    ("model.mixer=nope", "config key model.mixer: unknown mixer 'nope': choose one of"),
+    ("model.args.mixer=clear", "config key model.args.mixer would set the mixer in a second place: set model.mixer"),
+    ("model.args.mixer_options={radius: 2}", "config key model.args.mixer_options would set the mixer in a second"),
+])
+def test_the_mixer_is_validated_when_the_config_is_read_and_set_in_one_place(override, message):
+    with pytest.raises(DitkitError, match=message):
+        load_config(None, [override])
+
+
+def test_distill_takes_its_clear_settings_as_a_spec_or_as_fields():
+    from ditkit.config import config_from_dict
+    from ditkit.distill import DistillConfig
+    from ditkit.mixers import MixerSpec
+
+    spec = config_from_dict({"mixer": "clear:radius=4,down_factor=2"}, DistillConfig)
+    fields = config_from_dict({"radius": 4, "down_factor": 2}, DistillConfig)
+    assert (spec.radius, spec.down_factor, spec.backend) == (fields.radius, fields.down_factor, fields.backend)
+    assert spec.mixer_spec() == fields.mixer_spec() == MixerSpec("clear", {"radius": 4, "down_factor": 2,
+                                                                           "backend": "auto"})
+    assert config_from_dict({"mixer": "clear:radius=4", "radius": 4}, DistillConfig).radius == 4  # agree: fine
+    for values, message in (({"mixer": "clear:radius=4", "radius": 3}, "give the CLEAR settings once"),
+                            ({"mixer": "full"}, "config key mixer must be clear"),
+                            ({"down_factor": 1}, "clear down_factor must be 0 \\(off\\) or >= 2"),
+                            ({"backend": "cuda"}, "unknown clear backend 'cuda'")):
+        with pytest.raises(DitkitError, match=message):
+            config_from_dict(values, DistillConfig)

@@ -7,19 +7,16 @@ Each shared flag is written once here; a subcommand names the groups it takes, e
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from ..data.images import image_format
 from ..errors import DitkitError
-
-BUILTIN_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+from ..mixers import MixerSpec
+from ..mixers.spec import parse_items
 
 
 def flag_group(*flags: tuple[tuple[str, ...], dict]) -> argparse.ArgumentParser:
@@ -27,6 +24,31 @@ def flag_group(*flags: tuple[tuple[str, ...], dict]) -> argparse.ArgumentParser:
     for names, options in flags:
         parent.add_argument(*names, **options)
     return parent
+
+
+class MixerFlag(argparse.Action):
+    """--mixer SPEC (a MixerSpec: `clear` or `clear:radius=8,down_factor=4`), split for the commands: its
+    name goes to `args.mixer` and its options to the front of `args.mixer_opt`, before the --mixer-opt
+    items, which win. A spec that does not parse stays as given, for the command to refuse in one line
+    when it reads it (`mixer_spec`, `load_checkpoint`): argparse would print its usage too."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        given = list(namespace.mixer_opt or [])[len(getattr(namespace, "mixer_spec_items", [])):]
+        try:
+            own = MixerSpec.parse(value)
+        except DitkitError:
+            own = None
+        namespace.mixer = value if own is None else own.name
+        namespace.mixer_spec_items = [] if own is None else own.items()
+        namespace.mixer_opt = [*namespace.mixer_spec_items, *given] or None
+
+
+def mixer_spec(args: argparse.Namespace) -> MixerSpec | None:
+    """The mixer that `--mixer SPEC --mixer-opt KEY=VALUE ...` name, validated (None without --mixer: a
+    command then keeps the checkpoint's own mixer, with the --mixer-opt options if any)."""
+    if args.mixer is None:
+        return None
+    return MixerSpec.parse(args.mixer).merged(parse_options(args.mixer_opt))
 
 
 @dataclass(frozen=True)
@@ -45,9 +67,12 @@ class SharedFlags:
 def shared_flags() -> SharedFlags:
     return SharedFlags(
         device=flag_group((("--device",), dict(help="cpu, cuda, ... (default: cuda when available)"))),
-        mixer=flag_group((("--mixer",), dict(help="swap the token mixer at load time (e.g. clear)")),
+        mixer=flag_group((("--mixer",), dict(action=MixerFlag, metavar="SPEC",
+                                             help="swap the token mixer at load time: a name and its options, "
+                                                  "e.g. clear or clear:radius=8,down_factor=4")),
                          (("--mixer-opt",), dict(action="append", metavar="KEY=VALUE",
-                                                 help="mixer option, e.g. radius=8 (repeatable)"))),
+                                                 help="mixer option, e.g. radius=8 (repeatable; merged into "
+                                                      "--mixer's, over them)"))),
         weights=flag_group((("--no-ema",), dict(action="store_true",
                                                 help="use the raw training weights, not the EMA"))),
         seed=flag_group((("--seed",), dict(type=int, default=0, help="random seed (default 0)"))),
@@ -84,41 +109,9 @@ def optional_size(text: str | None) -> tuple[int | None, int | None]:
     return parse_size(text) if text else (None, None)
 
 
-def parse_value(text: str):
-    """A YAML value; numbers YAML leaves as strings (1e9, 1e-4: no dot) become floats."""
-    value = yaml.safe_load(text)
-    if isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            return value
-        if not math.isfinite(number):
-            raise DitkitError(f"option value {text!r} is not a finite number")
-        return number
-    return value
-
-
 def parse_options(items: list[str] | None) -> dict:
-    """--mixer-opt KEY=VALUE items -> {key: value}."""
-    options = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise DitkitError(f"mixer option {item!r} is not key=value (e.g. radius=8)")
-        options[key] = parse_value(value)
-    return options
-
-
-def resolve_config(name: str) -> Path:
-    """A config path, or the name of a config that ships with ditkit (e.g. `digits`)."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    builtin = BUILTIN_CONFIGS / f"{name}.yaml"
-    if builtin.is_file():
-        return builtin
-    shipped = ", ".join(sorted(p.stem for p in BUILTIN_CONFIGS.glob("*.yaml")))
-    raise DitkitError(f"config {name!r} is neither a file nor a built-in config ({shipped})")
+    """--mixer-opt KEY=VALUE items -> {key: value} (values as in a MixerSpec: YAML scalars, finite numbers)."""
+    return parse_items(list(items or []))
 
 
 def split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:

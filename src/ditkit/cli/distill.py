@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..config import resolve_config
 from ..distill import DistillConfig, Distiller, format_agreement, load_teacher
 from ..distributed.launch import sharded_processes
 from ..train import load_config
-from .args import SharedFlags, overrides_anywhere, resolve_config, split_config_and_overrides
+from .args import SharedFlags, overrides_anywhere, split_config_and_overrides
 
 # `ditkit distill` flags that set a DistillConfig key (flag dest -> config key); unset flags leave the
 # config's value. The config's own defaults live in DistillConfig.

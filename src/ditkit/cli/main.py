@@ -17,9 +17,9 @@ from .. import __version__
 from ..errors import DitkitError
 from . import bench, convert, distill, export, generate, info, quickstart, sample, study, train
 from . import eval as eval_command
-from .args import parse_options, parse_size, resolve_config, shared_flags
+from .args import shared_flags
 
-__all__ = ["build_parser", "main", "parse_options", "parse_size", "resolve_config"]
+__all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:

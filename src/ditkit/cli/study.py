@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..config import resolve_config
 from ..distributed.launch import default_device
 from ..errors import DitkitError
 from ..study import StudyConfig, run_study
 from ..train.config import load_config
-from .args import SharedFlags, check_output_folder, overrides_anywhere, resolve_config
+from .args import SharedFlags, check_output_folder, overrides_anywhere
 
 
 def add_parser(sub, shared: SharedFlags) -> None:

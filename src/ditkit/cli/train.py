@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..config import resolve_config
 from ..distributed.launch import is_main_process
 from ..train import load_config, train
-from .args import SharedFlags, overrides_anywhere, resolve_config
+from .args import SharedFlags, overrides_anywhere
 
 
 def add_parser(sub, shared: SharedFlags) -> None:

@@ -389,9 +389,10 @@ def _write_scheduler(record: RunRecord, folder: Path) -> str:
     if record.diffusion.scheduler is not None:
         _write_json(folder / "scheduler_config.json", record.diffusion.scheduler)
         return record.diffusion.scheduler["_class_name"]
+    from ..diffusion.objectives import build_objective
     from ..diffusion.sampling import make_scheduler
 
-    scheduler = make_scheduler(record.objective(), "ddim")
+    scheduler = make_scheduler(build_objective(record.diffusion), "ddim")
     scheduler.save_config(folder)
     return type(scheduler).__name__
 

@@ -18,6 +18,7 @@ from torch import Tensor
 from diffusers import DDPMScheduler
 
 from ..errors import DitkitError
+from ..record import DiffusionSettings
 
 
 def mean_flat(x: Tensor) -> Tensor:
@@ -133,9 +134,10 @@ class FlowMatchingObjective:
         return mean_flat((v.float() - (noise - x0).float()) ** 2).mean()
 
 
-def build_objective(name: str, learn_sigma: bool = True, timestep_sampling: str = "uniform"):
-    if name == "ddpm":
-        return DDPMObjective(learn_sigma=learn_sigma)
-    if name == "flow":
-        return FlowMatchingObjective(timestep_sampling=timestep_sampling)
-    raise DitkitError(f"unknown objective {name!r}: use ddpm or flow")
+def build_objective(settings: DiffusionSettings) -> DDPMObjective | FlowMatchingObjective:
+    """The training objective (loss, noise schedule) that a run's diffusion settings describe."""
+    if settings.objective == "ddpm":
+        return DDPMObjective(learn_sigma=settings.learn_sigma)
+    if settings.objective == "flow":
+        return FlowMatchingObjective(timestep_sampling=settings.timestep_sampling)
+    raise DitkitError(f"unknown objective {settings.objective!r}: use ddpm or flow")

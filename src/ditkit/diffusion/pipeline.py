@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..data.latents import decode, load_vae
 from ..errors import DitkitError
 from ..models.extrapolation import set_extrapolation
 from ..record import RunRecord, Sampling
+from .objectives import build_objective
 from .sampling import sample
 
 
@@ -66,7 +68,7 @@ def sample_inputs(model, record: RunRecord, sampling: Sampling, init: Tensor | N
     set_extrapolation(model, (h, w), train_input_size(model, record), attention_scale=s.attention_scale,
                       positions=s.positions)
     try:
-        return sample(model, record.objective(), (s.num, model.config.in_channels, h, w),
+        return sample(model, build_objective(record.diffusion), (s.num, model.config.in_channels, h, w),
                       labels=check_labels(model, s.labels, s.num), steps=s.steps, cfg_scale=s.cfg_scale, seed=s.seed,
                       sampler=s.sampler, progress=progress, init=init, strength=strength,
                       guidance_channels=record.diffusion.guidance_channels,
@@ -86,8 +88,6 @@ def check_decodable(model, record: RunRecord, vae=None) -> None:
 def to_images(x: Tensor, record: RunRecord, vae=None) -> Tensor:
     """Model inputs -> images in [-1, 1]: decoded by the run's VAE, or clamped pixels."""
     if record.vae:
-        from ..data.latents import decode, load_vae
-
         vae = vae or load_vae(record.vae, x.device)
         return decode(vae, x)
     return x.clamp(-1, 1)

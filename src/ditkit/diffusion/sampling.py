@@ -18,10 +18,8 @@ import diffusers
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 from ..errors import DitkitError
-from ..record import check_sampler
+from ..record import SAMPLERS, check_sampler
 from .objectives import DDPMObjective, FlowMatchingObjective
-
-SAMPLERS = {"ddpm": ("ddpm", "ddim"), "flow": ("euler",)}
 
 
 def default_sampler(objective) -> str:

@@ -20,6 +20,7 @@ its own slice of each batch; the main process writes the reports and the checkpo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from contextlib import ExitStack
@@ -38,6 +39,7 @@ from ..checkpoint import (
     read_weights,
     save_checkpoint,
 )
+from ..config import AT_LEAST_0, AT_LEAST_1, POSITIVE, check_fields, one_of, ranged
 from ..data.images import image_grid, save_image
 from ..diffusion.sampling import sample
 from ..distributed.launch import require_process_group
@@ -56,8 +58,10 @@ from ..distributed.sharding import (
 )
 from ..errors import DitkitError
 from ..files import atomic_path, atomic_write_text, read_json
+from ..metrics.agreement import agreement
+from ..mixers import MixerSpec
 from ..mixers.clear import initial_added_parameters, local_pairs
-from ..train.config import AT_LEAST_0, AT_LEAST_1, POSITIVE, check_ranges, check_sharding
+from ..train.config import SHARDINGS
 from ..train.loop import MetricsLog, StepBatchSampler, step_generator
 from ..train.runfolder import own_run_folder
 from .losses import AttentionTaps, LossWeights, PairedDenoiser, distillation_loss
@@ -65,14 +69,10 @@ from .samples import teacher_samples
 from .teacher import Teacher
 
 OPTIMIZERS = ("adamw", "prodigy")
+STUDENT_OPTIONS = ("radius", "down_factor", "backend")  # the clear options a distillation sets
 # What a distillation writes in its folder (the outputs --overwrite removes).
 DISTILL_OUTPUTS = ("checkpoints", "metrics.jsonl", "loss.png", "tensorboard", "distill.json", "teacher_samples", "eval",
                    "agreement.json", "compare-*.png")
-RANGES = {"resolution": AT_LEAST_1, "teacher_steps": AT_LEAST_1, "radius": POSITIVE, "down_factor": AT_LEAST_0,
-          "num_samples": AT_LEAST_1, "steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "lr": POSITIVE,
-          "weight_decay": AT_LEAST_0, "grad_clip": AT_LEAST_0, "attention_every": AT_LEAST_1, "seed": AT_LEAST_0,
-          "log_every": AT_LEAST_1, "ckpt_every": AT_LEAST_1, "keep_checkpoints": AT_LEAST_0, "eval_num": AT_LEAST_1,
-          "eval_steps": AT_LEAST_1}
 
 
 @dataclass
@@ -81,30 +81,36 @@ class DistillConfig:
     like training configs (`ditkit distill CONFIG.yaml key=value ...`); unset values have defaults."""
 
     teacher: str | None = None  # a ditkit checkpoint, or a diffusers transformer folder
-    resolution: int | None = None  # training resolution in pixels (default: the teacher's; 512 for diffusers)
-    teacher_steps: int | None = None  # sampling steps of the teacher's samples (default: its own; 28 for diffusers)
+    resolution: int | None = ranged(None, AT_LEAST_1)  # training pixels (default: the teacher's; 512 for diffusers)
+    # sampling steps of the teacher's samples (default: its own; 28 for diffusers)
+    teacher_steps: int | None = ranged(None, AT_LEAST_1)
     prompt_embeds: str | None = None  # diffusers teachers: safetensors of prompt embeddings (default: random)
     out_dir: str = "runs/distill"
-    radius: float = 8
-    down_factor: int = 0
+    # The student's CLEAR settings: a MixerSpec of clear (clear:radius=8,down_factor=4), or the three
+    # fields below; either fills the other (they must agree where both are given).
+    mixer: str | None = None
+    radius: float = ranged(8, POSITIVE)
+    down_factor: int = ranged(0, AT_LEAST_0)
     backend: str = "auto"
-    num_samples: int = 1024  # teacher samples to train on (CLEAR: 10K)
-    steps: int = 500
-    batch_size: int = 32
+    num_samples: int = ranged(1024, AT_LEAST_1)  # teacher samples to train on (CLEAR: 10K)
+    steps: int = ranged(500, AT_LEAST_1)
+    batch_size: int = ranged(32, AT_LEAST_1)
     optimizer: str = "adamw"  # or "prodigy" (CLEAR's choice)
-    lr: float | None = None  # default: 1e-4 for adamw, 1.0 for prodigy (it adapts the step size itself)
-    weight_decay: float = 1e-4
-    grad_clip: float = 1.0
+    lr: float | None = ranged(None, POSITIVE)  # default: 1e-4 for adamw, 1.0 for prodigy (it adapts the step size)
+    weight_decay: float = ranged(1e-4, AT_LEAST_0)
+    grad_clip: float = ranged(1.0, AT_LEAST_0)
     weights: LossWeights = field(default_factory=LossWeights)
-    attention_every: int = 1  # match attention outputs of every k-th attention layer (CLEAR: every 4th)
-    seed: int = 0
-    log_every: int = 10
-    ckpt_every: int = 250
-    keep_checkpoints: int = 2
-    eval_num: int = 8  # held-out samples for the agreement report
-    eval_steps: int | None = None  # sampling steps for the report (default: the teacher's)
-    sharding: str = "none"  # none, or fsdp: FSDP2 under torchrun (teacher and student sharded per block)
-    frozen_dtype: str | None = None  # sharded runs: bf16 (default) or fp32 for every frozen weight
+    # match attention outputs of every k-th attention layer (CLEAR: every 4th)
+    attention_every: int = ranged(1, AT_LEAST_1)
+    seed: int = ranged(0, AT_LEAST_0)
+    log_every: int = ranged(10, AT_LEAST_1)
+    ckpt_every: int = ranged(250, AT_LEAST_1)
+    keep_checkpoints: int = ranged(2, AT_LEAST_0)
+    eval_num: int = ranged(8, AT_LEAST_1)  # held-out samples for the agreement report
+    eval_steps: int | None = ranged(None, AT_LEAST_1)  # sampling steps for the report (default: the teacher's)
+    # none, or fsdp: FSDP2 under torchrun (teacher and student sharded per block)
+    sharding: str = one_of("none", SHARDINGS)
+    frozen_dtype: str | None = one_of(None, tuple(DTYPES))  # sharded runs: bf16 (default) or fp32, every frozen weight
     activation_checkpointing: bool = False  # recompute the student's block activations in backward
 
     def __post_init__(self):
@@ -114,15 +120,43 @@ class DistillConfig:
             raise DitkitError(f"unknown optimizer {self.optimizer!r}: use {' or '.join(OPTIMIZERS)}")
         if self.lr is None:
             self.lr = 1.0 if self.optimizer == "prodigy" else 1e-4
-        check_ranges(self, RANGES, "distill ")
-        check_sharding(self.sharding, "sharding")
         if self.frozen_dtype is None:
             self.frozen_dtype = "bf16" if self.sharding == "fsdp" else "fp32"
-        if self.frozen_dtype not in DTYPES:
-            raise DitkitError(f"config key frozen_dtype must be one of {', '.join(DTYPES)}, got {self.frozen_dtype!r}")
+        check_fields(self, "")
+        self._read_mixer()
         if self.frozen_dtype != "fp32" and self.sharding != "fsdp":
             raise DitkitError(f"frozen_dtype={self.frozen_dtype} needs sharding=fsdp (its units compute the fp32 "
                               "projections in that dtype): set sharding=fsdp, or frozen_dtype=fp32")
+
+
+    def _read_mixer(self) -> None:
+        """Fill radius, down_factor and backend from `mixer` (or check them as a spec of clear)."""
+        fields = {key: getattr(self, key) for key in STUDENT_OPTIONS}
+        if self.mixer is None:
+            self.mixer_spec()  # the three fields, validated as clear's options
+            return
+        try:
+            spec = MixerSpec.parse(self.mixer)
+        except DitkitError as error:
+            raise DitkitError(f"config key mixer: {error}") from error
+        if spec.name != "clear" or set(spec.options) - set(STUDENT_OPTIONS):
+            raise DitkitError(f"config key mixer must be clear with options among {', '.join(STUDENT_OPTIONS)} "
+                              f"(the student's CLEAR), got {self.mixer!r}")
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in STUDENT_OPTIONS}
+        for key, value in spec.options.items():
+            if fields[key] not in (defaults[key], value):
+                raise DitkitError(f"config key mixer sets {key}={value} and config key {key} sets {fields[key]}: "
+                                  "give the CLEAR settings once")
+            setattr(self, key, value)
+        self.mixer = str(spec)
+        self.mixer_spec()  # with the fields the spec left out
+
+    def mixer_spec(self) -> MixerSpec:
+        """The student's mixer: clear with this distillation's radius, down_factor and backend, validated."""
+        try:
+            return MixerSpec("clear", {key: getattr(self, key) for key in STUDENT_OPTIONS})
+        except DitkitError as error:
+            raise DitkitError(f"distill config: {error}") from error
 
 
 def build_optimizer(cfg: DistillConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -137,8 +171,6 @@ def build_optimizer(cfg: DistillConfig, params: list[nn.Parameter]) -> torch.opt
 
 def images_agreement(reference: Tensor, images: Tensor) -> dict[str, float]:
     """Mean PSNR (dB) and SSIM of `images` against `reference`, both (B, C, H, W) in [-1, 1]."""
-    from ..metrics.agreement import agreement
-
     result = agreement(reference, images)
     return {"psnr": result["psnr"], "ssim": result["ssim"]}
 

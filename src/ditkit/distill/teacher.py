@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..diffusion.objectives import build_objective
 from ..diffusion.pipeline import input_size
 from ..distributed.sharded_load import WeightFiles, empty_model, single_weight_file
 from ..mixers import TokenMixer, swap_mixers
@@ -89,7 +90,7 @@ class DitkitTeacher(Teacher):
         else:
             self.model, self.record = load_checkpoint(path, ema=ema, device=device)
         self.model.requires_grad_(False)
-        self.objective = self.record.objective()
+        self.objective = build_objective(self.record.diffusion)
         d = self.record.diffusion
         self.resolution = self.record.resolution
         self.sampler, self.steps, self.cfg_scale = d.sampler, d.sample_steps, d.cfg_scale

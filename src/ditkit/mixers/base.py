@@ -15,6 +15,7 @@ know about a mixer, it asks the mixer, never its class:
   encodes_positions            holds a position encoding that `Extrapolation.positions` rescales
   accepts_global_tokens        takes global tokens (num_global > 0)
   grid_multiple(**options)     the token grid's sides must be multiples of this
+  check_options(**options)     refuses option values it cannot be built with (when a MixerSpec is read)
   attention_work(grid)         share of full attention's (query, key) pairs it scores (ditkit info)
 """
 
@@ -75,6 +76,12 @@ class TokenMixer(nn.Module):
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.dim = dim
         self.num_heads = num_heads
+
+    @classmethod
+    def check_options(cls, **options) -> None:
+        """Raise a one-line DitkitError for option values this mixer cannot be built with. Called with
+        every option (defaults filled in) when a `MixerSpec` is made, so a config or flag fails when it is
+        read; type errors are caught before, from the constructor's annotations."""
 
     @classmethod
     def grid_multiple(cls, **options) -> int:

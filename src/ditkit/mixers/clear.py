@@ -31,8 +31,10 @@ from torch import Tensor, nn
 
 from ..errors import DitkitError
 from .base import AttentionMixer, Grid
+from .flex import flex_local_attention
 from .registry import register_mixer
-from .strip import Strip, rows_needed
+from .strip import Strip, halo, rows_needed
+from .tiled import tiled_local_attention
 
 BACKENDS = ("auto", "reference", "tiled", "flex")
 
@@ -50,11 +52,6 @@ def local_pairs(grid: Grid, radius: float) -> int:
     h = math.ceil(radius) - 1
     return sum(max(0, H - abs(dy)) * max(0, W - abs(dx)) for dy in range(-h, h + 1) for dx in range(-h, h + 1)
                if dy * dy + dx * dx < radius * radius)
-
-
-def halo(radius: float, grid: Grid) -> int:
-    """How far (in tokens) a query can see along one axis, capped by the grid."""
-    return max(0, min(math.ceil(radius) - 1, max(grid) - 1))
 
 
 Rows = tuple[int, int]  # [start, stop) rows of a grid, as in `local_attention(query_rows=...)`
@@ -125,12 +122,8 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, grid: Grid, radius: float, 
     if backend == "reference":
         return reference_local_attention(q, k, v, grid, radius, num_global, extra_k, extra_v, query_rows)
     if backend == "tiled":
-        from .tiled import tiled_local_attention
-
         return tiled_local_attention(q, k, v, grid, radius, num_global, extra_k, extra_v, query_rows=query_rows)
     if backend == "flex":
-        from .flex import flex_local_attention
-
         return flex_local_attention(q, k, v, grid, radius, num_global, extra_k, extra_v, query_rows=query_rows)
     raise DitkitError(f"unknown clear backend {backend!r}: choose one of {', '.join(BACKENDS)}")
 
@@ -282,6 +275,10 @@ class ClearAttention(AttentionMixer):
         self.radius, self.down_factor, self.backend = radius, down_factor, backend
         if down_factor:
             self.pool_weight = initial_pool_weight(down_factor)
+
+    @classmethod
+    def check_options(cls, radius: float = 8, down_factor: int = 0, backend: str = "auto", **_) -> None:
+        check_clear_options(radius, down_factor, backend)
 
     @classmethod
     def grid_multiple(cls, down_factor: int = 0, **_) -> int:

@@ -16,6 +16,7 @@ them on torch.distributed (one process per strip), and tests implement them in o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -24,6 +25,12 @@ from .base import Grid
 
 Bounds = list[tuple[int, int]]  # [start, stop) token rows of each strip, in rank order
 KV_EXCHANGES = ("halo", "allgather")
+
+
+def halo(radius: float, grid: Grid) -> int:
+    """How far (in tokens) a CLEAR query of `radius` can see along one axis, capped by the grid: the
+    rows a strip reads from its neighbours."""
+    return max(0, min(math.ceil(radius) - 1, max(grid) - 1))
 
 
 def rows_needed(bounds: Bounds, rank: int, halo: int) -> tuple[int, int]:

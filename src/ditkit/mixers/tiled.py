@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Grid
-from .clear import halo
+from .strip import halo
 
 # Bytes of key/value windows built per attention call: inputs run in chunks of tile rows.
 WINDOW_BUDGET = 8 * 2**20  # measured: one tile row at a time stays in cache, ~1.7x faster than 256 MiB

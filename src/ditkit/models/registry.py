@@ -63,6 +63,8 @@ class BackboneConfig:
 
 def register_backbone(name: str, config_class: type[BackboneConfig]):
     def decorate(model_class: type[nn.Module]) -> type[nn.Module]:
+        if name in BACKBONES:
+            raise ValueError(f"backbone {name!r} is registered twice")
         BACKBONES[name] = (config_class, model_class)
         config_class.backbone = name
         return model_class
@@ -71,6 +73,11 @@ def register_backbone(name: str, config_class: type[BackboneConfig]):
 
 
 def register_model(name: str, backbone: str, **fields: Any) -> None:
+    """Name a config of a registered backbone (e.g. "DiT-XL/2": dit with these fields)."""
+    if name in NAMED_MODELS:
+        raise ValueError(f"model {name!r} is registered twice")
+    if backbone not in BACKBONES:
+        raise ValueError(f"model {name!r} names backbone {backbone!r}, which is not registered: register it first")
     NAMED_MODELS[name] = (backbone, fields)
 
 

@@ -23,8 +23,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from ..config import config_from_dict
 from ..errors import DitkitError
-from ..train.config import config_from_dict
 
 ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # arm names become folder names
 # DistillConfig keys the study sets itself (the teacher, the folder, the budget, the seeds).

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..checkpoint import load_checkpoint
+from ..config import resolve_config
 from ..diffusion.pipeline import input_size
 from ..distill import DistillConfig
 from ..errors import DitkitError
@@ -67,8 +68,6 @@ def forward_gflops(model_config, height: int, width: int) -> float:
 
 def train_config(study: StudyConfig, arm: ArmConfig):
     """The arm's TrainConfig: its config file, the study's train_overrides, then the arm's own."""
-    from ..cli.args import resolve_config
-
     return load_config(resolve_config(arm.train), [*study.train_overrides, *arm.overrides])
 
 

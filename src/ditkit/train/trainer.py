@@ -38,6 +38,7 @@ from ..checkpoint import (
 )
 from ..data import build_dataset, cached_latents
 from ..data.images import save_grid
+from ..diffusion.objectives import build_objective
 from ..diffusion.pipeline import generate, input_size
 from ..distributed.launch import require_process_group
 from ..distributed.sharding import (
@@ -157,7 +158,7 @@ class Trainer:
         if self.sharded:
             require_process_group("train")
         self.dataset, self.vae_path, scale = self._prepare_data()
-        self.objective = cfg.diffusion.objective_module()
+        self.objective = build_objective(cfg.diffusion)
         mixer = {key: value for key, value in (("mixer", cfg.model.mixer), ("mixer_options", cfg.model.mixer_options))
                  if value is not None}
         self.model_config = model_config(
