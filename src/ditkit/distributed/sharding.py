@@ -30,7 +30,9 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
+from ..checkpoint import save_checkpoint, staging_folder
 from ..errors import DitkitError
+from ..models.layers import ConditionedBlocks
 
 SHARDED_STATE = "sharded"  # the DCP folder inside a checkpoint folder
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -40,8 +42,6 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     """The outermost transformer blocks: the items of ditkit's ConditionedBlocks lists and of
     diffusers' *transformer_blocks, leaving out blocks nested in another (U-DiT's pairs). They are
     the FSDP units and the activation-checkpointing units."""
-    from ..models.layers import ConditionedBlocks
-
     found = {}
     for name, module in model.named_modules():
         if isinstance(module, ConditionedBlocks) or (isinstance(module, nn.ModuleList)
@@ -185,8 +185,6 @@ def save_staged_checkpoint(root: Path, step: int, model: nn.Module, optimizer: t
     `extra`) into the staging folder the main process makes; `full_weights()` (called on every
     process: it gathers) gives the main process the whole (model, EMA) weights, which it saves and
     completes the folder with (`save_checkpoint(**checkpoint)`); its refusal stops every process."""
-    from ..checkpoint import save_checkpoint, staging_folder
-
     staged = from_main(staging_folder(root, step) if is_main else None)
     save_sharded(staged / SHARDED_STATE, model, optimizer, extra, model_keys)
     weights, ema = full_weights()

@@ -23,8 +23,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..checkpoint import find_checkpoint, load_checkpoint
 from ..data.images import image_grid, save_image
@@ -39,6 +37,8 @@ from ..metrics.quality import label_accuracy, load_reference
 from ..metrics.score import Scores, score_checkpoint, score_images
 from ..record import Sampling
 from ..train import load_config
+from .quickstart_report import quickstart_report
+from .quickstart_samples import SAMPLE_SETS, UPSCALE_STRENGTH, SampleSet, load_images, save_images
 from .stages import Stage, StageRunner, distill_stage, format_seconds, train_stage
 
 DIGITS_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
@@ -49,7 +49,6 @@ DISTILL_WEIGHTS = {"task": 0.1, "output": 1.0, "attention": 0.5}
 DISTILL_LR = 5e-4
 BENCH_SECONDS = 10.0  # a bench series stops after a step slower than this (or projected to be)
 # The chain's settings: at 4x the digits models need interpolated positions (README, upscale chain).
-UPSCALE_STRENGTH = 0.5
 # "tiny": a one-layer model at 16 px and a handful of steps, the whole chain in seconds (tests, trials).
 SCALES = {
     "default": {},
@@ -94,46 +93,8 @@ def quickstart_settings(scale: str = "default", **overrides) -> QuickstartSettin
 
 # ---------------------------------------------------------------- small helpers
 
-def save_images(path: Path, images: torch.Tensor, seconds: float) -> None:
-    with atomic_path(path) as tmp:
-        save_file({"images": images.contiguous()}, tmp, metadata={"seconds": f"{seconds:.4f}"})
-
-
-def load_images(path: Path) -> tuple[torch.Tensor, float]:
-    """(images, seconds it took to make them)."""
-    with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor("images"), float((f.metadata() or {}).get("seconds", "nan"))
-
-
 def mean_agreement(result: dict, count: int) -> dict:
     return {"psnr": result["psnr"], "ssim": result["ssim"], "num": count}
-
-
-# ---------------------------------------------------------------- the sample sets
-
-@dataclass(frozen=True)
-class SampleSet:
-    """One row of a sample grid: `model`'s samples at `scale` x the training resolution, from
-    noise, or (`upscaled`) by the high-resolution chain from the teacher's 1x samples."""
-
-    model: str  # "teacher" or "student"
-    scale: int
-    upscaled: bool = False
-
-    @property
-    def name(self) -> str:
-        return f"{self.model}-{self.scale}x" + ("-upscaled" if self.upscaled else "")
-
-    @property
-    def label(self) -> str:
-        if self.upscaled:
-            return (f"{self.model}, upscaled from the teacher's 1x (strength {UPSCALE_STRENGTH}, "
-                    "interpolated positions)")
-        return self.model
-
-
-SAMPLE_SETS = (SampleSet("teacher", 1), SampleSet("student", 1), SampleSet("teacher", 4), SampleSet("student", 4),
-               SampleSet("student", 4, upscaled=True))
 
 
 # ---------------------------------------------------------------- the stages' bodies
@@ -299,15 +260,13 @@ class Quickstart:
 
     # -- 6 report ------------------------------------------------------------------------------
     def write_report_md(self) -> None:
-        from .quickstart_report import quickstart_report  # it reads this module's sample sets and stages
-
         copies = {"teacher/loss.png": "teacher-loss.png", "student/loss.png": "distill-loss.png",
                   f"student/compare-{self.resolution}.png": "distill-compare.png", "bench/bench.png": "bench.png"}
         for source, target in copies.items():
             if (self.out / source).is_file():
                 with atomic_path(self.out / target) as tmp:
                     shutil.copyfile(self.out / source, tmp)
-        atomic_write_text(self.out / "report.md", quickstart_report(self))
+        atomic_write_text(self.out / "report.md", quickstart_report(self, STAGES))
 
 
 STAGES = (

@@ -6,13 +6,18 @@ from __future__ import annotations
 import csv
 import json
 import math
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from ..files import read_jsonl
-from .quickstart import SAMPLE_SETS, STAGES, UPSCALE_STRENGTH, Quickstart, SampleSet, load_images
-from .stages import format_seconds
+from .quickstart_samples import SAMPLE_SETS, UPSCALE_STRENGTH, SampleSet, load_images
+from .stages import Stage, format_seconds
+
+if TYPE_CHECKING:  # the quickstart hands itself to the report; only its type is named here
+    from .quickstart import Quickstart
 
 
 def bench_rows(path: Path) -> list[dict]:
@@ -48,10 +53,10 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def timing_section(qs: Quickstart) -> list[str]:
+def timing_section(qs: Quickstart, stages: tuple[Stage, ...]) -> list[str]:
     lines = ["## Time per stage", "", "| stage | time |", "|---|---|"]
     total = 0.0
-    for number_, stage in enumerate(STAGES, 1):
+    for number_, stage in enumerate(stages, 1):
         marker = qs.runner.marker(stage)
         if stage.name == "report" or not marker.is_file():
             continue
@@ -280,12 +285,13 @@ def flops_ratio(pair: dict) -> float:
     return float(pair["full"]["gflops"]) / float(pair["clear"]["gflops"])
 
 
-def quickstart_report(qs: Quickstart) -> str:
+def quickstart_report(qs: Quickstart, stages: tuple[Stage, ...]) -> str:
+    """report.md of the quickstart `qs`, whose `stages` ran (their times are in the runner's markers)."""
     lines = ["# ditkit quickstart", "",
              "A full-attention DiT trained on the built-in digits (the teacher), a CLEAR local-attention student "
              "distilled from it, both sampled at 1x and 4x the training size, scored and benchmarked. "
              "Made by `ditkit quickstart`; every file linked here is in this folder.", ""]
-    for section in (reading_section, settings_section, timing_section, teacher_section, distill_section,
-                    samples_section, quality_section, bench_section):
+    for section in (reading_section, settings_section, partial(timing_section, stages=stages), teacher_section,
+                    distill_section, samples_section, quality_section, bench_section):
         lines += section(qs)
     return "\n".join(lines)
