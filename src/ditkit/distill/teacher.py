@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..diffusers.folders import is_model_folder
 from ..diffusion.pipeline import input_size
 from ..distributed.sharded_load import WeightFiles, empty_model, single_weight_file
 from ..mixers import TokenMixer, swap_mixers
@@ -165,14 +166,6 @@ class DitkitTeacher(Teacher):
         return {"kind": "ditkit", "path": self.path}
 
 
-def is_diffusers_folder(path: str | Path) -> bool:
-    """A diffusers model folder: its config.json names a `_class_name`."""
-    import json
-
-    config = Path(path) / "config.json"
-    return config.is_file() and "_class_name" in json.loads(config.read_text())
-
-
 def load_teacher(cfg, device: str | torch.device = "cpu") -> Teacher:
     """The teacher a `DistillConfig` names: a ditkit checkpoint or a diffusers transformer folder,
     with the config's resolution and sampling steps where it sets them. Under sharding=fsdp it is
@@ -184,7 +177,7 @@ def load_teacher(cfg, device: str | torch.device = "cpu") -> Teacher:
     if not cfg.teacher:
         raise DitkitError("no teacher: give --teacher PATH (a ditkit checkpoint or a diffusers transformer folder) "
                           "or teacher: in the config")
-    if is_diffusers_folder(cfg.teacher):
+    if is_model_folder(cfg.teacher):  # a diffusers transformer folder
         from .diffusers_teacher import DiffusersTeacher
 
         return DiffusersTeacher(cfg.teacher, device=device, resolution=cfg.resolution,

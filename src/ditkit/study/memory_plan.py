@@ -62,6 +62,7 @@ import torch.utils._pytree
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..diffusers.folders import diffusers_config_file
 from ..errors import DitkitError
 
 GIB = 2 ** 30
@@ -131,19 +132,6 @@ def checkpoint_on_meta(path: Path, mixer: str | None, mixer_options: dict | None
     return model, record.resolution
 
 
-def diffusers_config_file(path: Path) -> Path | None:
-    """The transformer config.json at or under `path`, or None when `path` is not a diffusers model."""
-    for candidate in (path, path / "config.json", path / "transformer" / "config.json"):
-        if candidate.is_file() and candidate.suffix == ".json":
-            try:
-                if "_class_name" in json.loads(candidate.read_text()):
-                    return candidate
-            except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                raise DitkitError(f"{candidate} is not a JSON config ({error}): give a diffusers config.json") \
-                    from error
-    return None
-
-
 def ditkit_subject(model: nn.Module, label: str, resolution: int = 256) -> Subject:
     from ..diffusion.pipeline import input_size
     from ..distill.teacher import DitkitTeacher
@@ -181,19 +169,19 @@ def diffusers_subject(config_file: Path, text_tokens: int | None = None) -> Subj
     import diffusers
 
     from ..diffusers.clear import apply_clear, attention_taps, remove_clear
-    from ..distill.diffusers_teacher import FLOW_MODELS, DiffusersTeacher, FlowDenoiser
+    from ..distill.diffusers_teacher import DiffusersTeacher, FlowDenoiser, flow_models
 
     config = json.loads(config_file.read_text())
     class_name = config["_class_name"]
-    if class_name not in FLOW_MODELS:
-        raise DitkitError(f"memory planning drives the transformers {', '.join(FLOW_MODELS)}, not {class_name}: "
+    if class_name not in flow_models():
+        raise DitkitError(f"memory planning drives the transformers {', '.join(flow_models())}, not {class_name}: "
                           "give one of those configs")
     with torch.device("meta"):
         transformer = getattr(diffusers, class_name).from_config(config)
     tokens = text_tokens or TEXT_TOKENS[class_name]
     denoiser = FlowDenoiser(transformer, torch.zeros(1, tokens, transformer.config.joint_attention_dim, device="meta"),
                             torch.zeros(1, transformer.config.pooled_projection_dim, device="meta"))
-    patch = 2 if denoiser.is_flux else transformer.config.patch_size
+    patch = denoiser.token_patch
     multiple = DIFFUSERS_VAE_SCALE * patch
 
     def latent_size(height: int, width: int) -> tuple[int, int]:
