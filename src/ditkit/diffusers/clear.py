@@ -181,11 +181,6 @@ def qkv_projections(attn, hidden_states: Tensor, encoder_hidden_states: Tensor |
     return tuple(torch.cat([c, i], dim=1) for c, i in zip(context, image, strict=True))
 
 
-def grid_from_inputs(transformer: nn.Module, args: tuple, kwargs: dict) -> Grid:
-    """The image-token grid of one transformer call, read from its inputs (by its adapter)."""
-    return adapter_for(transformer, "reading the token grid").grid(transformer, args, kwargs)
-
-
 def self_attention_layers(transformer: nn.Module) -> list[tuple[str, nn.Module, str]]:
     """(path, attention module, kind) of every self-attention layer (the ones `apply_clear` switches);
     none in a transformer ditkit has no adapter for."""

@@ -35,12 +35,6 @@ class SizeOptions:
     grid: Grid | None = None
 
 
-def default_train_grid(transformer: nn.Module) -> Grid:
-    """The token grid a transformer was trained at: SD3 / PixArt's `sample_size / patch_size`
-    (their PatchEmbed's base size), FLUX.1's 64 x 64 (1024 px; FLUX has no size in its config)."""
-    return adapter_for(transformer, "default_train_grid").default_train_grid(transformer)
-
-
 def _query_modules(attn: nn.Module) -> list[nn.Module]:
     """The modules whose outputs are the final (QK-normed) queries of a layer, per token stream.
     Scaling them equals scaling q before the softmax: RoPE after them is a rotation (linear)."""
@@ -56,7 +50,8 @@ def set_size_options(transformer: nn.Module, *, train_grid: Grid | None = None, 
     `apply_clear`.
 
     train_grid: the image-token grid (rows, columns) the model was trained at; tokens are pixels / 16
-      for all three (VAE /8, then 2x2 patches or packing). Default `default_train_grid`.
+      for all three (VAE /8, then 2x2 patches or packing). Default: the adapter's `default_train_grid`
+      (SD3 / PixArt: sample_size / patch_size; FLUX.1: 64 x 64, i.e. 1024 px).
     attention_scale: proportional attention scale: every self-attention layer's queries times
       sqrt(log N / log N_train), N the image tokens of the call (below 1 below the training size).
     positions: "none"; "ntk" or "interpolate" (FLUX's rotary image axes, see `flux_rotary`); for SD3
