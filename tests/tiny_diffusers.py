@@ -1,5 +1,6 @@
 """Tiny random diffusers transformers and pipelines, built offline (no downloads), shared by the tests
-of `ditkit.diffusers` and of patch-parallel sampling.
+of `ditkit.diffusers` and of patch-parallel sampling; `TINY` maps each supported transformer class
+to its tiny factory.
 
 Text encoders are tiny random CLIP / T5 models; their tokenizers are made from a vocabulary of
 single letters (CLIP: a byte-pair model without merges; T5: a unigram model), so a prompt reaches
@@ -18,34 +19,40 @@ def flux_ids(grid):
     return torch.stack([torch.zeros_like(ys), ys, xs], -1).reshape(-1, 3)
 
 
-def tiny_flux():
+def tiny_flux(grid=GRID):
     model = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
                                    attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                                    pooled_projection_dim=32, axes_dims_rope=[4, 6, 6])
-    inputs = dict(hidden_states=torch.randn(2, GRID[0] * GRID[1], 4), encoder_hidden_states=torch.randn(2, TEXT, 32),
-                  pooled_projections=torch.randn(2, 32), timestep=torch.tensor([0.5, 0.2]), img_ids=flux_ids(GRID),
+    inputs = dict(hidden_states=torch.randn(2, grid[0] * grid[1], 4), encoder_hidden_states=torch.randn(2, TEXT, 32),
+                  pooled_projections=torch.randn(2, 32), timestep=torch.tensor([0.5, 0.2]), img_ids=flux_ids(grid),
                   txt_ids=torch.zeros(TEXT, 3))
     return model, inputs, "text_first"
 
 
-def tiny_sd3():
+def tiny_sd3(grid=GRID):
     model = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
                                   num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
                                   pooled_projection_dim=16, out_channels=4, pos_embed_max_size=32)
-    inputs = dict(hidden_states=torch.randn(2, 4, 2 * GRID[0], 2 * GRID[1]),
+    inputs = dict(hidden_states=torch.randn(2, 4, 2 * grid[0], 2 * grid[1]),
                   encoder_hidden_states=torch.randn(2, TEXT, 32), pooled_projections=torch.randn(2, 16),
                   timestep=torch.tensor([500, 200]))
     return model, inputs, "image_first"
 
 
-def tiny_pixart():
+def tiny_pixart(grid=GRID):
     model = PixArtTransformer2DModel(sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=2,
                                      patch_size=2, in_channels=4, out_channels=8, cross_attention_dim=16,
                                      caption_channels=32, norm_type="ada_norm_single")
-    inputs = dict(hidden_states=torch.randn(2, 4, 2 * GRID[0], 2 * GRID[1]),
+    inputs = dict(hidden_states=torch.randn(2, 4, 2 * grid[0], 2 * grid[1]),
                   encoder_hidden_states=torch.randn(2, TEXT, 32), timestep=torch.tensor([500, 200]),
                   added_cond_kwargs={"resolution": None, "aspect_ratio": None})
     return model, inputs, "image_only"
+
+
+# One tiny factory per supported transformer class (a `ditkit.diffusers.adapters` adapter): the
+# contract test (tests/diffusers/test_contract.py) runs over every registered adapter and finds its
+# model here. factory(grid) -> (model, inputs of one call at that token grid, self-attention layout).
+TINY = {"FluxTransformer2DModel": tiny_flux, "SD3Transformer2DModel": tiny_sd3, "PixArtTransformer2DModel": tiny_pixart}
 
 
 def run(model, inputs):

@@ -6,15 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ditkit.diffusers.clear import (
-    apply_clear,
-    attention_taps,
-    flux_rotary,
-    remove_clear,
-    remove_size_options,
-    sd3_interpolated_pos_embed,
-    set_size_options,
-)
+from ditkit.diffusers.adapters.flux import flux_rotary
+from ditkit.diffusers.adapters.sd3 import sd3_interpolated_pos_embed
+from ditkit.diffusers.clear import apply_clear, attention_taps, remove_clear
+from ditkit.diffusers.size_options import remove_size_options, set_size_options
 from ditkit.errors import DitkitError
 from ditkit.metrics.memory import largest_tensor
 from ditkit.mixers.base import Extrapolation

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
-from ditkit.diffusers.clear import apply_clear, set_size_options
+from ditkit.diffusers.clear import apply_clear
 from ditkit.diffusers.patch_parallel import patch_parallel
+from ditkit.diffusers.size_options import set_size_options
 from ditkit.distributed import STATS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, as pytest's pythonpath has it

@@ -10,9 +10,10 @@ from safetensors import safe_open
 
 from diffusers import FluxTransformer2DModel
 from ditkit import DitkitError
+from ditkit.diffusers.folders import diffusers_weight_files
 from ditkit.distill import DistillConfig, Distiller, DitkitTeacher
 from ditkit.distill.diffusers_teacher import DiffusersTeacher
-from ditkit.distributed.sharded_load import check_weights, diffusers_weight_files, read_rows, single_weight_file
+from ditkit.distributed.sharded_load import check_weights, read_rows, single_weight_file
 from ditkit.mixers.clear import initial_added_parameters
 
 FLUX = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,

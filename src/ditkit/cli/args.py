@@ -18,6 +18,26 @@ from ..errors import DitkitError
 from ..mixers import MixerSpec
 from ..mixers.spec import parse_items
 
+# Every command and the line `ditkit --help` shows for it, in that order. A command's module (named
+# after it) is imported only when that command runs (`main.build_parser`): `ditkit --help` stays fast.
+COMMANDS = {
+    "info": "parameters and forward GFLOPs of a named model or a checkpoint",
+    "eval": "FID, KID and Inception Score of samples against reference images",
+    "bench": "parameters, GFLOPs, time per sampling step and peak memory vs resolution",
+    "train": "train a model from a YAML config (output folder: train.out_dir)",
+    "distill": "CLEAR linearization: distil a full-attention teacher into a local-attention student (flags "
+               "override the config; defaults are DistillConfig's)",
+    "sample": "sample an image grid from a checkpoint",
+    "quickstart": "train a digits teacher, distil a CLEAR student, sample, score and benchmark both, and write a "
+                  "report folder (resumable)",
+    "convert": "published weights (facebookresearch DiT .pt, diffusers DiT folders, official U-DiT) -> a ditkit "
+               "checkpoint folder",
+    "export": "a ditkit checkpoint -> a diffusers DiTPipeline folder",
+    "generate": "generate with a diffusers pipeline folder (FLUX, SD3, PixArt)",
+    "study": "train (or distil) every arm of a study on the same compute, over seeds, measure them at points of "
+             "the budget, and write a report folder (resumable)",
+}
+
 
 def flag_group(*flags: tuple[tuple[str, ...], dict]) -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)

@@ -6,11 +6,11 @@ import torch
 
 from ..distributed.launch import default_device
 from ..metrics.bench import device_name, run_bench, write_report
-from .args import SharedFlags, check_output_folder, parse_options
+from .args import COMMANDS, SharedFlags, check_output_folder, parse_options
 
 
 def add_parser(sub, shared: SharedFlags) -> None:
-    bench = sub.add_parser("bench", help="parameters, GFLOPs, time per sampling step and peak memory vs resolution",
+    bench = sub.add_parser("bench", help=COMMANDS["bench"],
                            parents=[shared.device])
     bench.add_argument("--models", nargs="+", default=["DiT-S/2", "U-DiT-S"], help="named models (ditkit info --list)")
     bench.add_argument("--mixers", nargs="+", default=["full", "clear", "downsampled"], help="token mixers")

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from ..checkpoint import load_checkpoint
 from ..convert.pretrained import ConvertOptions, convert_to_checkpoint
-from .args import SharedFlags
+from .args import COMMANDS, SharedFlags
 
 
 def add_parser(sub, shared: SharedFlags) -> None:
-    convert = sub.add_parser("convert", help="published weights (facebookresearch DiT .pt, diffusers DiT folders, "
-                                             "official U-DiT) -> a ditkit checkpoint folder")
+    convert = sub.add_parser("convert", help=COMMANDS["convert"])
     convert.add_argument("source", help="the published checkpoint file or folder")
     convert.add_argument("--out", required=True, help="the ditkit checkpoint folder to write")
     convert.add_argument("--vae", help="a diffusers AutoencoderKL folder (latent-space models decode with it)")

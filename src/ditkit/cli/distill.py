@@ -8,7 +8,7 @@ from ..config import resolve_config
 from ..distill import DistillConfig, Distiller, format_agreement, load_teacher
 from ..distributed.launch import sharded_processes
 from ..train import load_config
-from .args import SharedFlags, overrides_anywhere, split_config_and_overrides
+from .args import COMMANDS, SharedFlags, overrides_anywhere, split_config_and_overrides
 
 # `ditkit distill` flags that set a DistillConfig key (flag dest -> config key); unset flags leave the
 # config's value. The config's own defaults live in DistillConfig.
@@ -25,8 +25,7 @@ DISTILL_FLAGS = {
 
 def add_parser(sub, shared: SharedFlags) -> None:
     distill = sub.add_parser("distill", parents=[shared.run_folder, shared.device, shared.progress],
-                             help="CLEAR linearization: distil a full-attention teacher into a local-attention "
-                                  "student (flags override the config; defaults are DistillConfig's)")
+                             help=COMMANDS["distill"])
     distill.add_argument("items", nargs="*", metavar="[CONFIG] KEY=VALUE",
                          help="a YAML file of DistillConfig keys, then overrides, e.g. radius=8 weights.task=1")
     distill.add_argument("--teacher", help="ditkit checkpoint, or a diffusers transformer folder")

@@ -10,11 +10,19 @@ from ..metrics.features import FEATURES
 from ..metrics.quality import format_scores, load_samples, write_scores
 from ..metrics.score import score_checkpoint, score_images
 from ..record import Sampling
-from .args import SharedFlags, check_output_file, check_output_folder, optional_size, parse_options, parse_size
+from .args import (
+    COMMANDS,
+    SharedFlags,
+    check_output_file,
+    check_output_folder,
+    optional_size,
+    parse_options,
+    parse_size,
+)
 
 
 def add_parser(sub, shared: SharedFlags) -> None:
-    evaluate = sub.add_parser("eval", help="FID, KID and Inception Score of samples against reference images",
+    evaluate = sub.add_parser("eval", help=COMMANDS["eval"],
                               parents=[shared.sampling, shared.mixer, shared.weights, shared.device,
                                        shared.progress])
     evaluate.add_argument("--ckpt", help="a checkpoint to sample (run folder, checkpoint folder or .safetensors)")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 from ..convert.diffusers_dit import export_diffusers
-from .args import SharedFlags
+from .args import COMMANDS, SharedFlags
 
 
 def add_parser(sub, shared: SharedFlags) -> None:
-    export = sub.add_parser("export", help="a ditkit checkpoint -> a diffusers DiTPipeline folder")
+    export = sub.add_parser("export", help=COMMANDS["export"])
     export.add_argument("ckpt", help="run folder, checkpoint folder or .safetensors file")
     export.add_argument("--to", choices=["diffusers"], default="diffusers", help="the target format")
     export.add_argument("out", help="the folder to write")

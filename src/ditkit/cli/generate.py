@@ -6,11 +6,11 @@ from __future__ import annotations
 from ..diffusers import pipelines as lib
 from ..distributed.launch import sampling_session
 from ..errors import DitkitError
-from .args import SharedFlags, parse_options, parse_size
+from .args import COMMANDS, SharedFlags, parse_options, parse_size
 
 
 def add_parser(sub, shared: SharedFlags) -> None:
-    generate = sub.add_parser("generate", help="generate with a diffusers pipeline folder (FLUX, SD3, PixArt)",
+    generate = sub.add_parser("generate", help=COMMANDS["generate"],
                               parents=[shared.seed, shared.device, shared.progress])
     generate.add_argument("--pipeline", required=True, help="diffusers pipeline folder (holds model_index.json)")
     generate.add_argument("--prompt", help="the text prompt")

@@ -10,11 +10,11 @@ from ..metrics.flops import describe_cost, shapes_only_model
 from ..mixers import MIXERS
 from ..models import NAMED_MODELS
 from ..study.memory_plan import diffusers_config_file, format_plan, load_subject, plan_memory
-from .args import SharedFlags, parse_options, parse_size
+from .args import COMMANDS, SharedFlags, parse_options, parse_size
 
 
 def add_parser(sub, shared: SharedFlags) -> None:
-    info = sub.add_parser("info", help="parameters and forward GFLOPs of a named model or a checkpoint",
+    info = sub.add_parser("info", help=COMMANDS["info"],
                           parents=[shared.mixer])
     info.add_argument("model", nargs="?", help="a named model (e.g. DiT-XL/2) or a checkpoint path")
     info.add_argument("--resolution", help="pixels, e.g. 256 or 256x512 (default: 256, or the checkpoint's)")

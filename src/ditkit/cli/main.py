@@ -11,29 +11,36 @@ everywhere
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from .. import __version__
 from ..errors import DitkitError
-from . import bench, convert, distill, export, generate, info, quickstart, sample, study, train
-from . import eval as eval_command
-from .args import shared_flags
+from .args import COMMANDS, shared_flags
 
 __all__ = ["build_parser", "main"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every command's parser (`command` None), or `command`'s in full and only the name and summary of
+    the others (all `ditkit --help` lists). A command's module imports the library it calls (torch,
+    diffusers, ...), so only the command that runs is imported."""
     parser = argparse.ArgumentParser(prog="ditkit", description="Efficient diffusion backbones for high resolution.")
     parser.add_argument("--version", action="version", version=f"ditkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     shared = shared_flags()
-    for command in (info, eval_command, bench, train, distill, sample, quickstart, convert, export, generate, study):
-        command.add_parser(sub, shared)  # in the order `ditkit --help` lists them
+    for name, summary in COMMANDS.items():
+        if command is None or command == name:
+            importlib.import_module(f"{__package__}.{name}").add_parser(sub, shared)
+        else:
+            sub.add_parser(name, help=summary)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((item for item in argv if not item.startswith("-")), "")  # the top level has no valued flags
+    args = build_parser(command if command in COMMANDS else "").parse_args(argv)
     try:
         args.func(args)
     except DitkitError as error:

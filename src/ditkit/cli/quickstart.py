@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from ..distributed.launch import default_device
 from ..study.quickstart import SCALES, quickstart, quickstart_settings
-from .args import SharedFlags
+from .args import COMMANDS, SharedFlags
 
 
 def add_parser(sub, shared: SharedFlags) -> None:
     quick = sub.add_parser("quickstart", parents=[shared.progress],
-                           help="train a digits teacher, distil a CLEAR student, sample, score and benchmark both, "
-                                "and write a report folder (resumable)")
+                           help=COMMANDS["quickstart"])
     quick.add_argument("--out", default="runs/quickstart", help="the report folder (run it again to resume)")
     quick.add_argument("--scale", default="default", choices=list(SCALES),
                        help="default (about 7.5 min on 2 CPU cores) or tiny (a 1-layer model: about a minute, "

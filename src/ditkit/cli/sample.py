@@ -8,11 +8,11 @@ from ..diffusion.pipeline import UpscaleChain, generate, generate_upscaled
 from ..distributed.launch import sampling_session
 from ..errors import DitkitError
 from ..record import Sampling
-from .args import SharedFlags, check_output_file, optional_size, parse_options, parse_size
+from .args import COMMANDS, SharedFlags, check_output_file, optional_size, parse_options, parse_size
 
 
 def add_parser(sub, shared: SharedFlags) -> None:
-    sample = sub.add_parser("sample", help="sample an image grid from a checkpoint",
+    sample = sub.add_parser("sample", help=COMMANDS["sample"],
                             parents=[shared.sampling, shared.seed, shared.mixer, shared.weights, shared.device])
     sample.add_argument("--ckpt", required=True, help="run folder, checkpoint folder or .safetensors file")
     sample.add_argument("-n", "--num", type=int, default=16,

@@ -9,13 +9,12 @@ from ..distributed.launch import default_device
 from ..errors import DitkitError
 from ..study import StudyConfig, run_study
 from ..train.config import load_config
-from .args import SharedFlags, check_output_folder, overrides_anywhere
+from .args import COMMANDS, SharedFlags, check_output_folder, overrides_anywhere
 
 
 def add_parser(sub, shared: SharedFlags) -> None:
     study = sub.add_parser("study", parents=[shared.run_folder, shared.device, shared.progress],
-                           help="train (or distil) every arm of a study on the same compute, over seeds, measure "
-                                "them at points of the budget, and write a report folder (resumable)")
+                           help=COMMANDS["study"])
     study.add_argument("config", help="a study YAML, or a built-in one (study-backbones, study-distillation)")
     study.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="config overrides, e.g. budget.gflops=500 seeds=[0] arms.udit=null")

@@ -7,11 +7,11 @@ from pathlib import Path
 from ..config import resolve_config
 from ..distributed.launch import is_main_process
 from ..train import load_config, train
-from .args import SharedFlags, overrides_anywhere
+from .args import COMMANDS, SharedFlags, overrides_anywhere
 
 
 def add_parser(sub, shared: SharedFlags) -> None:
-    train = sub.add_parser("train", help="train a model from a YAML config (output folder: train.out_dir)",
+    train = sub.add_parser("train", help=COMMANDS["train"],
                            parents=[shared.run_folder, shared.progress])
     train.add_argument("config", help="a YAML file, or a built-in config name (e.g. digits)")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=100")

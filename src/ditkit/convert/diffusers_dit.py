@@ -45,6 +45,8 @@ converted pipeline's record carries its scheduler config and `step_like_dit_pipe
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import inspect
 import json
 import shutil
@@ -53,9 +55,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..checkpoint import load_checkpoint
+from ..diffusion.objectives import build_objective
+from ..diffusion.sampling import make_scheduler, scheduler_from_config
 from ..errors import DitkitError
 from ..files import atomic_path
 from ..models.dit import DiTConfig
+from ..models.layers import sincos_pos_embed_2d
 from ..record import DataSettings, DiffusionSettings, RunRecord
 from .pretrained import Converted, ConvertOptions, register_converter
 
@@ -202,7 +208,6 @@ def _take_embedder(tensors: dict[str, Tensor], depth: int, source: Path) -> dict
 def _check_position_table(table: Tensor | None, config: dict, source: Path) -> None:
     """Some saves hold PatchEmbed's fixed sin-cos table (`pos_embed.pos_embed`); ditkit computes its own, so
     a stored one must be that table."""
-    from ..models.layers import sincos_pos_embed_2d
 
     grid = config["sample_size"] // config["patch_size"]
     expected = sincos_pos_embed_2d(config["num_attention_heads"] * config["attention_head_dim"], (grid, grid))
@@ -279,7 +284,6 @@ def _scheduler_config(pipeline: Path) -> dict:
         raise DitkitError(f"no scheduler/scheduler_config.json in {pipeline}: a DiTPipeline folder holds one "
                           "(or convert its transformer/ folder alone)")
     config = _read_json(file)
-    from ..diffusion.sampling import scheduler_from_config
 
     scheduler = scheduler_from_config(config).config  # with the class's defaults for keys the file leaves out
     for key, value in DDPM_SCHEDULE.items():
@@ -389,9 +393,6 @@ def _write_scheduler(record: RunRecord, folder: Path) -> str:
     if record.diffusion.scheduler is not None:
         _write_json(folder / "scheduler_config.json", record.diffusion.scheduler)
         return record.diffusion.scheduler["_class_name"]
-    from ..diffusion.objectives import build_objective
-    from ..diffusion.sampling import make_scheduler
-
     scheduler = make_scheduler(build_objective(record.diffusion), "ddim")
     scheduler.save_config(folder)
     return type(scheduler).__name__
@@ -415,7 +416,6 @@ def export_diffusers(ckpt: str | Path, out: str | Path, ema: bool = True, approx
     the trained one's (`timestep_approximation`)."""
     from safetensors.torch import save_file
 
-    from ..checkpoint import load_checkpoint
 
     model, record = load_checkpoint(ckpt, ema=ema)
     cfg = _check_exportable(record, approximate_timesteps)
@@ -442,8 +442,6 @@ def timestep_approximation(model, record: RunRecord, num: int = 8) -> dict:
     """How much the outputs move when a model trained with the official timestep frequencies runs with
     diffusers' (shift 1): max and mean absolute difference over a probe batch (noise at the trained size,
     timesteps spread over the schedule, classes cycled), next to the outputs' standard deviation."""
-    import copy
-    import dataclasses
 
     shifted = copy.deepcopy(model)
     shifted.config = dataclasses.replace(model.config, timestep_freq_shift=1)

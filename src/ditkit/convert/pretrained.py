@@ -23,7 +23,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..checkpoint import META_KEY, load_checkpoint, load_state, read_header, save_weights
+from ..data.latents import load_vae, vae_scale
 from ..errors import DitkitError
+from ..models import build_model
 from ..record import RunRecord
 
 
@@ -102,12 +105,9 @@ def _is_zip(path: Path) -> bool:
         return f.read(4) == b"PK\x03\x04"
 
 
-def _register_builtin_converters() -> None:
-    from . import diffusers_dit, official_dit, official_udit  # noqa: F401  (each registers its converters)
-
-
 def find_converter(path: Path) -> Converter:
-    _register_builtin_converters()
+    """The registered converter that accepts `path` (the built-in ones register when `ditkit.convert`
+    is imported, which importing this module does first)."""
     if not path.exists():
         raise DitkitError(f"{path} does not exist: give a published checkpoint file or folder")
     for converter in CONVERTERS.values():
@@ -128,7 +128,6 @@ def convert_pretrained(path: str | Path, options: ConvertOptions | None = None) 
 def attach_vae(record: RunRecord, folder: str | Path) -> None:
     """Latent-space weights decode with the VAE at `folder`: the record names it, and the model's
     pixels per latent cell follow the VAE's."""
-    from ..data.latents import load_vae, vae_scale
 
     vae = load_vae(folder)
     if vae.config.latent_channels != record.model.in_channels:
@@ -140,8 +139,6 @@ def attach_vae(record: RunRecord, folder: str | Path) -> None:
 
 def build_converted(converted: Converted) -> nn.Module:
     """The model of a conversion with its weights loaded (every key must fit: strict)."""
-    from ..checkpoint import load_state
-    from ..models import build_model
 
     model = build_model(converted.record.model)
     source = converted.record.origin["path"] if converted.record.origin else "the converted weights"
@@ -165,7 +162,6 @@ def check_keys(expected: set[str], found: set[str], source: str, source_key: Cal
 def load_pretrained(path: str | Path, options: ConvertOptions | None = None, device: str | torch.device = "cpu",
                     **option_fields):
     """(model, record) from a ditkit checkpoint or any published format a converter reads."""
-    from ..checkpoint import load_checkpoint
 
     path = Path(path)
     if is_ditkit_checkpoint(path):
@@ -177,7 +173,6 @@ def load_pretrained(path: str | Path, options: ConvertOptions | None = None, dev
 
 def convert_to_checkpoint(path: str | Path, out: str | Path, options: ConvertOptions | None = None) -> Path:
     """Convert published weights and write them as a ditkit checkpoint folder `out`."""
-    from ..checkpoint import save_weights
 
     converted = convert_pretrained(path, options)
     build_converted(converted)  # every tensor fits the inferred config before anything is written
@@ -186,7 +181,6 @@ def convert_to_checkpoint(path: str | Path, out: str | Path, options: ConvertOpt
 
 def is_ditkit_checkpoint(path: Path) -> bool:
     """A ditkit run, checkpoint folder or safetensors file with a ditkit record."""
-    from ..checkpoint import META_KEY, read_header
 
     try:
         file, metadata, _ = read_header(path)

@@ -11,13 +11,15 @@ whole latents, and every process holds the whole model:
                      (`strip_bounds`) and hands this process's strip to every self-attention
                      processor through its `set_strip` capability hook (CLEAR's processors have it;
                      stock processors do not, and are refused with the fix).
-  image embedding    FLUX: the packed tokens entering `x_embedder` and the position ids entering
+  image embedding    (the adapter's `install_strip_cutters`)
+                     FLUX: the packed tokens entering `x_embedder` and the position ids entering
                      `pos_embed` are cut to the strip's rows (the text ids kept), so the rotary
                      positions are the strip's own rows of the whole image. SD3 / PixArt: their
                      PatchEmbed embeds the whole latent with the whole grid's positions (SD3's
                      interpolated ones from `set_size_options` included) and its output is cut to
                      the strip: the positions are exactly those of one process.
-  proj_out (post)    the strips' outputs all-gathered: every process returns the whole output and
+  proj_out (post)    (the adapter's `output_module`)
+                     the strips' outputs all-gathered: every process returns the whole output and
                      takes the identical scheduler step.
 
 Between these, everything but self-attention works token by token (AdaLN, norms, MLPs, the caption
@@ -29,35 +31,60 @@ text tokens are whole on every process; their queries see every image token, so 
 attends them to its own rows and the partial softmaxes are merged by their log-sum-exps
 (`clear.global_attention_of_strips`): text x heads x (d + 2) values per layer instead of the
 image's keys and values. `kv_exchange="allgather"` gathers every row instead (the baseline).
+
+In one process (no process group, or a group of one) the single strip is the whole grid: nothing
+is cut, so the transformer runs exactly the plain CLEAR forward, bit for bit.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, nn
 
 from ..distributed.comm import ProcessStrip, world
 from ..distributed.strips import strip_bounds
 from ..errors import DitkitError
-from ..mixers.strip import KV_EXCHANGES
-from .clear import SUPPORTED, grid_from_inputs, self_attention_layers
+from ..mixers.base import Grid
+from ..mixers.strip import KV_EXCHANGES, Strip
+from .adapters import DiffusersAdapter, adapter_for
+from .clear import self_attention_layers
+from .hooks import HookSet, install, uninstall
+
+PATCH_SLOT = "_ditkit_patch"  # the transformer attribute holding what enable_patch_parallel installed
+
+
+def process_strip(grid: Grid, kv_exchange: str) -> Strip:
+    """This process's strip of `grid`, its collectives on torch.distributed."""
+    rank, size = world()
+    return ProcessStrip(grid, strip_bounds(grid[0], size), rank, kv_exchange)
 
 
 @dataclass
 class PatchState:
-    """One transformer's patch-parallel settings and the strip of the call in progress."""
+    """One transformer's patch-parallel settings and the strip of the call in progress (per
+    thread: strips simulated by threads in one process run the same transformer at once)."""
 
     kv_exchange: str
-    strip: ProcessStrip | None = None
+    strip_of: Callable[[Grid, str], Strip] = process_strip  # the strip of a call's grid
+    strips: dict[int, Strip] = field(default_factory=dict)  # thread id -> the strip of its call
 
-    def current(self) -> ProcessStrip:
-        if self.strip is None:
+    def start(self, grid: Grid) -> Strip:
+        strip = self.strips[threading.get_ident()] = self.strip_of(grid, self.kv_exchange)
+        return strip
+
+    def end(self) -> None:
+        self.strips.pop(threading.get_ident(), None)
+
+    def current(self) -> Strip:
+        strip = self.strips.get(threading.get_ident())
+        if strip is None:
             raise DitkitError("a patch-parallel transformer's submodule ran outside a transformer call: "
                               "call the transformer itself")
-        return self.strip
+        return strip
 
 
 def strip_processors(transformer: nn.Module) -> list:
@@ -72,37 +99,35 @@ def strip_processors(transformer: nn.Module) -> list:
     return processors
 
 
-def enable_patch_parallel(transformer: nn.Module, kv_exchange: str = "halo") -> None:
+def enable_patch_parallel(transformer: nn.Module, kv_exchange: str = "halo",
+                          strip_of: Callable[[Grid, str], Strip] | None = None) -> None:
     """Run every call of `transformer` on this process's strip of image rows (see the module doc);
-    without a process group, on one strip holding every row. `disable_patch_parallel` undoes it."""
-    name = type(transformer).__name__
-    if name not in SUPPORTED:
-        raise DitkitError(f"patch-parallel sampling supports {', '.join(SUPPORTED)}, not {name}")
+    without a process group, on one strip holding every row: the plain forward, nothing installed.
+    `strip_of(grid, kv_exchange)` gives the calling thread's strip instead (strips simulated in one
+    process). `disable_patch_parallel` undoes it."""
+    adapter = adapter_for(transformer, "patch-parallel sampling")
     if kv_exchange not in KV_EXCHANGES:
         raise DitkitError(f"unknown kv_exchange {kv_exchange!r}: choose one of {', '.join(KV_EXCHANGES)}")
     strip_processors(transformer)  # refused now, not at the first step
     disable_patch_parallel(transformer)
-    state = PatchState(kv_exchange)
-    hooks = [transformer.register_forward_pre_hook(_call_starter(state), with_kwargs=True),
-             transformer.register_forward_hook(_call_ender(state), always_call=True),
-             transformer.proj_out.register_forward_hook(_output_gatherer(state))]
-    if name == "FluxTransformer2DModel":
-        hooks += [transformer.x_embedder.register_forward_pre_hook(_token_cutter(state)),
-                  transformer.pos_embed.register_forward_pre_hook(_position_cutter(state))]
-    else:
-        hooks.append(transformer.pos_embed.register_forward_hook(_embedding_cutter(state)))
-    transformer._ditkit_patch = (state, hooks)
+    hooks = HookSet(PatchState(kv_exchange, strip_of or process_strip))
+    if strip_of is not None or world()[1] > 1:
+        _install_strips(adapter, transformer, hooks)
+    install(transformer, PATCH_SLOT, hooks)
+
+
+def _install_strips(adapter: DiffusersAdapter, transformer: nn.Module, hooks: HookSet) -> None:
+    state = hooks.state
+    hooks.pre_hook(transformer, _call_starter(adapter, state), with_kwargs=True)
+    hooks.post_hook(transformer, _call_ender(state), always_call=True)
+    adapter.install_strip_cutters(transformer, state, hooks)
+    hooks.post_hook(adapter.output_module(transformer), _output_gatherer(state))
+    hooks.on_remove(lambda: forget_strip(transformer))
 
 
 def disable_patch_parallel(transformer: nn.Module) -> None:
     """Undo `enable_patch_parallel`: whole-grid calls again."""
-    if not hasattr(transformer, "_ditkit_patch"):
-        return
-    _, hooks = transformer._ditkit_patch
-    for hook in hooks:
-        hook.remove()
-    forget_strip(transformer)
-    del transformer._ditkit_patch
+    uninstall(transformer, PATCH_SLOT)
 
 
 def forget_strip(transformer: nn.Module) -> None:
@@ -113,57 +138,33 @@ def forget_strip(transformer: nn.Module) -> None:
 
 
 @contextmanager
-def patch_parallel(transformer: nn.Module, kv_exchange: str = "halo"):
+def patch_parallel(transformer: nn.Module, kv_exchange: str = "halo",
+                   strip_of: Callable[[Grid, str], Strip] | None = None):
     """`enable_patch_parallel` for the length of a with-block."""
-    enable_patch_parallel(transformer, kv_exchange)
+    enable_patch_parallel(transformer, kv_exchange, strip_of)
     try:
         yield
     finally:
         disable_patch_parallel(transformer)
 
 
-def _call_starter(state: PatchState):
+def _call_starter(adapter: DiffusersAdapter, state: PatchState):
     def start(module, args, kwargs):
-        grid = grid_from_inputs(module, args, kwargs)
-        rank, size = world()
-        state.strip = ProcessStrip(grid, strip_bounds(grid[0], size), rank, state.kv_exchange)
+        strip = state.start(adapter.grid(module, args, kwargs))
         for processor in strip_processors(module):  # looked up per call: CLEAR may have been reapplied
-            processor.set_strip(state.strip)
+            processor.set_strip(strip)
     return start
 
 
 def _call_ender(state: PatchState):
     def end(module, args, output):  # also after a failed call (always_call)
-        state.strip = None
+        state.end()
         forget_strip(module)
     return end
 
 
-def _token_cutter(state: PatchState):
-    """FLUX: the packed image tokens (B, H*W, C) cut to the strip before `x_embedder` (per token)."""
-    def cut(module, args):
-        return (args[0][:, state.current().tokens], *args[1:])
-    return cut
-
-
-def _position_cutter(state: PatchState):
-    """FLUX: position ids [text | image] (S, 3) cut to the text and the strip's image rows."""
-    def cut(module, args):
-        strip, ids = state.current(), args[0]
-        num_text = ids.shape[0] - strip.grid[0] * strip.grid[1]
-        return (torch.cat([ids[:num_text], ids[num_text:][strip.tokens]]), *args[1:])
-    return cut
-
-
-def _embedding_cutter(state: PatchState):
-    """SD3 / PixArt: PatchEmbed's whole-grid tokens (B, H*W, D), positions added, cut to the strip."""
-    def cut(module, args, output: Tensor) -> Tensor:
-        return output[:, state.current().tokens]
-    return cut
-
-
 def _output_gatherer(state: PatchState):
-    """Every strip's `proj_out` tokens, in image order: the whole output on every process."""
+    """Every strip's output tokens, in image order: the whole output on every process."""
     def gather(module, args, output: Tensor) -> Tensor:
         return state.current().gather(output, dim=1)
     return gather

@@ -26,8 +26,8 @@ depend on how many are made with it.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
-import json
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,14 +36,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checkpoint import META_KEY, read_header, read_weights
 from ..errors import DitkitError
 from ..files import atomic_path
+from ..mixers.clear import check_clear_options
+from ..record import DiffusersModel, RunRecord
+from .adapters import DiffusersAdapter, adapter_for, pipeline_adapter, supported_pipelines
+from .clear import apply_clear, clear_is_on
+from .folders import pipeline_index
+from .patch_parallel import patch_parallel
+from .prompts import load_prompt_embeds
 
-PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3", "PixArtAlphaPipeline": "pixart",
-             "PixArtSigmaPipeline": "pixart"}
-# The encoders a pipeline cannot encode a prompt without (SD3 runs without its T5, text_encoder_3).
-NEEDED_ENCODERS = {"flux": ("text_encoder", "text_encoder_2"), "sd3": ("text_encoder", "text_encoder_2"),
-                   "pixart": ("text_encoder",)}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EMBEDDING_KEYS = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds",
                   "prompt_attention_mask", "negative_prompt_attention_mask")
@@ -55,14 +58,10 @@ OPTIONAL_COMPONENTS = ("text_encoder", "tokenizer", "image_encoder", "feature_ex
 # -- loading ------------------------------------------------------------------------------------------
 def pipeline_class(folder: str | Path) -> tuple[str, dict]:
     """The pipeline class named by a folder's model_index.json, and the index itself."""
-    index_file = Path(folder) / "model_index.json"
-    if not index_file.is_file():
-        raise DitkitError(f"{folder} is not a diffusers pipeline folder (no model_index.json): pass the folder "
-                          "that holds model_index.json (e.g. a FLUX.1-dev download)")
-    index = json.loads(index_file.read_text())
+    index = pipeline_index(folder)
     name = index.get("_class_name")
-    if name not in PIPELINES:
-        raise DitkitError(f"{folder} holds a {name}: ditkit generate runs {', '.join(PIPELINES)}")
+    if pipeline_adapter(name) is None:
+        raise DitkitError(f"{folder} holds a {name}: ditkit generate runs {', '.join(supported_pipelines())}")
     return name, index
 
 
@@ -77,8 +76,6 @@ def load_pipeline(folder: str | Path, dtype: str = "fp32", device: str | None = 
                   vae_tiling: bool = False):
     """A FLUX / SD3 / PixArt pipeline from a local folder. `cpu_offload` keeps each component on the CPU
     until it runs (diffusers' `enable_model_cpu_offload`); `vae_tiling` decodes large images in tiles."""
-    import importlib.util
-
     import diffusers
 
     if importlib.util.find_spec("transformers") is None:
@@ -114,16 +111,15 @@ def dtype_keyword() -> str:
     return "dtype"
 
 
-def pipeline_kind(pipe) -> str:
-    """flux, sd3 or pixart: what decides packing, encoders and the chain."""
-    return PIPELINES[type(pipe).__name__]
+def transformer_adapter(pipe) -> DiffusersAdapter:
+    """The adapter of the pipeline's transformer: what decides packing, encoders and the chain."""
+    return adapter_for(pipe.transformer, "ditkit generate")
 
 
 def size_multiple(pipe) -> int:
     """Image sides must be multiples of this: the VAE's downsampling times the transformer's patch
     (FLUX packs 2x2 latent pixels into a token)."""
-    patch = 2 if pipeline_kind(pipe) == "flux" else pipe.transformer.config.patch_size
-    return pipe.vae_scale_factor * patch
+    return pipe.vae_scale_factor * transformer_adapter(pipe).token_patch(pipe.transformer)
 
 
 def check_size(pipe, height: int, width: int) -> None:
@@ -136,9 +132,6 @@ def check_size(pipe, height: int, width: int) -> None:
 # -- attention: CLEAR, students -----------------------------------------------------------------------
 def read_student_header(ckpt: str | Path):
     """A student's run record and tensor shapes, from the file's header (no weights loaded)."""
-    from ..checkpoint import META_KEY, read_header
-    from ..record import DiffusersModel, RunRecord
-
     file, metadata, shapes = read_header(ckpt)
     if META_KEY not in metadata:
         raise DitkitError(f"{file} is not a ditkit checkpoint (no model config in its metadata): give a "
@@ -171,9 +164,6 @@ def load_student(transformer: nn.Module, ckpt: str | Path, backend: str = "auto"
     """Put a `ditkit distill` student into a pipeline's transformer: CLEAR with the student's radius and
     down_factor, then its trained weights (image-stream projections, pooling weights). Returns its
     distill settings."""
-    from ..checkpoint import read_header, read_weights
-    from .clear import apply_clear
-
     distill = check_student(transformer, ckpt)
     apply_clear(transformer, distill["radius"], distill.get("down_factor", 0), backend)
     tensors, _ = read_weights(read_header(ckpt)[0])
@@ -195,8 +185,6 @@ class Attention:
 
     def check(self, transformer: nn.Module) -> None:
         """Refuse bad options or a student that does not fit, before anything runs."""
-        from ..mixers.clear import check_clear_options
-
         clear = self.clear or {}
         unknown = sorted(set(clear) - set(CLEAR_KEYS))
         if unknown:
@@ -211,8 +199,6 @@ class Attention:
             check_clear_options(clear["radius"], clear.get("down_factor", 0), clear.get("backend", "auto"))
 
     def apply(self, transformer: nn.Module) -> None:
-        from .clear import apply_clear
-
         self.check(transformer)
         clear = self.clear or {}
         if self.student is not None:
@@ -265,13 +251,11 @@ def read_prompt_embeddings(path: str | Path, pipe) -> dict[str, Tensor]:
     `pooled_prompt_embeds` (P, D'); optional negatives and (PixArt) attention masks."""
     from safetensors.torch import load_file
 
-    from ..distill.diffusers_teacher import load_prompt_embeds
-
     if not Path(path).is_file():
         raise DitkitError(f"prompt embeddings file {path} does not exist: save the pipeline's encode_prompt "
                           "outputs there with safetensors")
     tensors = load_file(str(path))
-    if pipeline_kind(pipe) == "pixart":
+    if not transformer_adapter(pipe).pooled_prompts:
         if "prompt_embeds" not in tensors:
             raise DitkitError(f"{path} lacks prompt_embeds: save the outputs of the pipeline's encode_prompt")
         for prefix in ("", "negative_"):  # PixArt wants a mask with given embeddings; all tokens count
@@ -289,14 +273,14 @@ def check_request(pipe, request: Request) -> None:
     check_size(pipe, request.height, request.width)
     if (request.prompt is None) == (request.embeddings is None):
         raise DitkitError("give a prompt or prompt embeddings (--prompt or --prompt-embeds), one of the two")
-    kind = pipeline_kind(pipe)
-    missing = [name for name in NEEDED_ENCODERS[kind] if getattr(pipe, name, None) is None]
+    adapter = transformer_adapter(pipe)
+    missing = [name for name in adapter.needed_encoders if getattr(pipe, name, None) is None]
     if not missing:
         return
     if request.prompt is not None:
         raise DitkitError(f"this pipeline folder has no {', '.join(missing)}: pass --prompt-embeds FILE (the "
                           "outputs of encode_prompt) instead of --prompt")
-    guided = kind != "flux" and request.resolved(pipe).guidance > 1  # SD3 / PixArt encode "" for guidance
+    guided = adapter.guidance_needs_negatives and request.resolved(pipe).guidance > 1  # SD3 / PixArt encode ""
     if guided and "negative_prompt_embeds" not in request.embeddings:
         raise DitkitError(f"guidance needs negative prompt embeddings and this pipeline has no {missing[0]}: "
                           "add negative_prompt_embeds to the embeddings file, or use --guidance 1")
@@ -312,8 +296,7 @@ def call_arguments(pipe, request: Request, prompt_index: int) -> dict:
                                                                   else value.dtype)
                      for key, value in request.embeddings.items()}
     arguments.update(num_inference_steps=request.steps, guidance_scale=request.guidance)
-    if pipeline_kind(pipe) == "pixart":
-        arguments["use_resolution_binning"] = False  # binning would snap 4096 px to a ~1024 px bin
+    arguments.update(transformer_adapter(pipe).pipeline_arguments())  # PixArt: no resolution binning
     return arguments
 
 
@@ -332,8 +315,6 @@ def set_progress(pipe, progress: bool, label: str) -> None:
 
 def on_strips(transformer: nn.Module, patch: bool):
     """Patch-parallel execution of the (CLEAR) transformer for a with-block, when `patch`."""
-    from .patch_parallel import patch_parallel
-
     return patch_parallel(transformer) if patch else nullcontext()
 
 
@@ -375,9 +356,7 @@ def base_latents(pipe, request: Request, chain: UpscaleChain, prompt_index: int,
     """The stock pipeline's latents (B, C, h, w), as the VAE sees them scaled, at the base size."""
     latents = pipe(**call_arguments(pipe, request, prompt_index), height=chain.base_height,
                    width=chain.base_width, generator=seeded(seed), output_type="latent").images
-    if pipeline_kind(pipe) == "flux":  # FLUX returns its packed 2x2-patch tokens
-        latents = pipe._unpack_latents(latents, chain.base_height, chain.base_width, pipe.vae_scale_factor)
-    return latents
+    return transformer_adapter(pipe).unpack_latents(pipe, latents, chain.base_height, chain.base_width)
 
 
 def upsample_latents(latents: Tensor, height: int, width: int, vae_scale_factor: int) -> Tensor:
@@ -397,9 +376,10 @@ def img2img_pipeline(pipe):
     """The img2img counterpart built from the loaded components (nothing reloaded)."""
     from diffusers import AutoPipelineForImage2Image
 
-    if pipeline_kind(pipe) == "pixart":
-        raise DitkitError("diffusers has no img2img pipeline for PixArt, so ditkit has no upscale chain for it: "
-                          "generate PixArt directly at the full size")
+    adapter = transformer_adapter(pipe)
+    if not adapter.img2img:
+        raise DitkitError(f"diffusers has no img2img pipeline for {adapter.label}, so ditkit has no upscale chain "
+                          f"for it: generate {adapter.label} directly at the full size")
     img2img = AutoPipelineForImage2Image.from_pipe(pipe)
     if getattr(pipe, "_offload_device", None) is not None:  # offload hooks are set per pipeline
         img2img.enable_model_cpu_offload(device=pipe._offload_device)
@@ -415,7 +395,7 @@ def generate_upscaled(pipe, request: Request, chain: UpscaleChain, attention: At
     still be stock."""
     check_request(pipe, request)
     check_size(pipe, chain.base_height, chain.base_width)
-    if hasattr(pipe.transformer, "_ditkit_clear"):
+    if clear_is_on(pipe.transformer):
         raise DitkitError("the chain's base needs the stock transformer: pass CLEAR or the student as "
                           "`attention`, not applied beforehand")
     if attention is not None:

@@ -7,74 +7,62 @@ of prompt embeddings; the student is the same transformer with CLEAR processors 
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from ..diffusers.clear import SUPPORTED, apply_clear, attention_taps
-from ..distributed.sharded_load import diffusers_weight_files, empty_model
+from ..diffusers.adapters import ADAPTERS, DiffusersAdapter, find_adapter
+from ..diffusers.clear import apply_clear, attention_taps, student_parameters
+from ..diffusers.folders import CONFIG, diffusers_weight_files, model_class_name
+from ..diffusers.prompts import load_prompt_embeds
+from ..diffusion.objectives import FlowMatchingObjective
+from ..distributed.sharded_load import empty_model
 from ..errors import DitkitError
 from ..record import DataSettings, DiffusersModel, DiffusionSettings, RunRecord
 from .teacher import Teacher
 
-FLOW_MODELS = ("FluxTransformer2DModel", "SD3Transformer2DModel")
+
+def flow_models() -> list[str]:
+    """The transformer classes `ditkit distill` takes as teachers: the flow-matching ones (FLUX, SD3)."""
+    return [name for name, adapter in ADAPTERS.items() if adapter.flow]
+
+
+def flow_adapter(class_name: str | None) -> DiffusersAdapter:
+    """The adapter of a flow-matching transformer class, or a one-line refusal."""
+    adapter = find_adapter(class_name or "")
+    if adapter is None or not adapter.flow:
+        raise DitkitError(f"distilling a {class_name} is not supported: ditkit distils the flow-matching "
+                          f"transformers {', '.join(flow_models())} (apply_clear works on {', '.join(ADAPTERS)})")
+    return adapter
 
 
 class FlowDenoiser(nn.Module):
     """A FLUX / SD3 transformer as a ditkit denoiser `model(x, t, cond)`: x is the latent
-    (B, C, h, w), t in [0, 1000] (1000 = noise), cond indexes a table of prompt embeddings."""
+    (B, C, h, w), t in [0, 1000] (1000 = noise), cond indexes a table of prompt embeddings.
+    How the transformer is called (FLUX's packing and position ids) is its adapter's `denoise`."""
 
     def __init__(self, transformer: nn.Module, prompt_embeds: Tensor, pooled_embeds: Tensor, guidance: float = 3.5):
         super().__init__()
         self.transformer = transformer
         self.register_buffer("prompt_embeds", prompt_embeds, persistent=False)
         self.register_buffer("pooled_embeds", pooled_embeds, persistent=False)
-        self.is_flux = type(transformer).__name__ == "FluxTransformer2DModel"
+        self.adapter = flow_adapter(type(transformer).__name__)
         self.guidance = guidance
 
     @property
     def latent_channels(self) -> int:
-        channels = self.transformer.config.in_channels
-        return channels // 4 if self.is_flux else channels  # FLUX packs 2x2 latent patches into tokens
+        return self.adapter.latent_channels(self.transformer)
+
+    @property
+    def token_patch(self) -> int:
+        """Latent pixels per token side (FLUX packs 2x2 latent patches into tokens)."""
+        return self.adapter.token_patch(self.transformer)
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         dtype = next(self.transformer.parameters()).dtype
         text, pooled = self.prompt_embeds[cond].to(dtype), self.pooled_embeds[cond].to(dtype)
-        if not self.is_flux:
-            return self.transformer(hidden_states=x.to(dtype), encoder_hidden_states=text, pooled_projections=pooled,
-                                    timestep=t, return_dict=False)[0]
-        B, C, h, w = x.shape
-        tokens = x.view(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w // 4, C * 4)
-        ys, xs = torch.meshgrid(torch.arange(h // 2, device=x.device), torch.arange(w // 2, device=x.device),
-                                indexing="ij")
-        img_ids = torch.stack([torch.zeros_like(ys), ys, xs], -1).reshape(-1, 3).to(dtype)
-        guidance = None
-        if self.transformer.config.guidance_embeds:
-            guidance = torch.full((B,), self.guidance, device=x.device, dtype=dtype)
-        out = self.transformer(hidden_states=tokens.to(dtype), encoder_hidden_states=text, pooled_projections=pooled,
-                               timestep=t / 1000, img_ids=img_ids, txt_ids=torch.zeros(text.shape[1], 3).to(img_ids),
-                               guidance=guidance, return_dict=False)[0]
-        return out.view(B, h // 2, w // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C, h, w)
-
-
-def load_prompt_embeds(path: str | None, transformer: nn.Module, num_prompts: int, seed: int) -> tuple[Tensor, Tensor]:
-    """Prompt embeddings: a safetensors file with `prompt_embeds` (P, T, D) and `pooled_prompt_embeds`
-    (P, D') as a diffusers pipeline's `encode_prompt` returns them, or (no file) random ones."""
-    if path:
-        from safetensors.torch import load_file
-
-        tensors = load_file(path)
-        missing = {"prompt_embeds", "pooled_prompt_embeds"} - set(tensors)
-        if missing:
-            raise DitkitError(f"{path} lacks {', '.join(sorted(missing))}: save the outputs of the pipeline's "
-                              "encode_prompt under those names")
-        return tensors["prompt_embeds"].float(), tensors["pooled_prompt_embeds"].float()
-    config = transformer.config
-    generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(num_prompts, 8, config.joint_attention_dim, generator=generator),
-            torch.randn(num_prompts, config.pooled_projection_dim, generator=generator))
+        return self.adapter.denoise(self.transformer, x, t, text, pooled, self.guidance)
 
 
 class DiffusersTeacher(Teacher):
@@ -89,14 +77,9 @@ class DiffusersTeacher(Teacher):
                  empty: bool = False):
         """`empty`: build the transformer from its config.json on the meta device and leave its
         weights in the folder's safetensors (`pending_weights`) for a sharded distillation."""
-        import diffusers
-
         self.path = str(path)
-        class_name = json.loads((Path(path) / "config.json").read_text())["_class_name"]
-        if class_name not in FLOW_MODELS:
-            raise DitkitError(f"distilling a {class_name} is not supported: ditkit distils the flow-matching "
-                              f"transformers {', '.join(FLOW_MODELS)} (apply_clear works on {', '.join(SUPPORTED)})")
-        model_class = getattr(diffusers, class_name)
+        class_name = model_class_name(Path(path) / CONFIG)
+        model_class = flow_adapter(class_name).model_class()
         if empty:
             transformer = empty_model(lambda: model_class.from_config(model_class.load_config(path))).eval()
             self.pending_weights = diffusers_weight_files(path, prefix="transformer.")  # FlowDenoiser's name
@@ -105,8 +88,6 @@ class DiffusersTeacher(Teacher):
         self.prompts_file = prompt_embeds
         text, pooled = load_prompt_embeds(prompt_embeds, transformer, num_prompts, seed)
         self.model = FlowDenoiser(transformer, text.to(device), pooled.to(device)).requires_grad_(False)
-        from ..diffusion.objectives import FlowMatchingObjective
-
         self.objective = FlowMatchingObjective()
         self.sampler, self.steps, self.cfg_scale, self.null_condition = "euler", steps, 1.0, None
         self.vae = self._load_vae(Path(path).parent / "vae", device)
@@ -127,7 +108,7 @@ class DiffusersTeacher(Teacher):
         return torch.randint(0, self.num_prompts, (num,), generator=generator)
 
     def input_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        multiple = self.vae_scale * (2 if self.model.is_flux else self.model.transformer.config.patch_size)
+        multiple = self.vae_scale * self.model.token_patch
         if height % multiple or width % multiple:
             raise DitkitError(f"resolution {height}x{width} does not fit this {self.class_name}: use multiples "
                               f"of {multiple}")
@@ -135,8 +116,7 @@ class DiffusersTeacher(Teacher):
 
     def token_grid(self, height: int, width: int) -> tuple[int, int]:
         _, h, w = self.input_shape(height, width)
-        patch = 2 if self.model.is_flux else self.model.transformer.config.patch_size
-        return h // patch, w // patch
+        return h // self.model.token_patch, w // self.model.token_patch
 
     @torch.no_grad()
     def decode(self, x: Tensor) -> Tensor:
@@ -153,11 +133,7 @@ class DiffusersTeacher(Teacher):
 
     def trainable_parameters(self, student: nn.Module) -> dict[str, nn.Parameter]:
         """CLEAR's choice: image-stream q/k/v/out projections of every switched layer, and pooling weights."""
-        names = ("to_q.", "to_k.", "to_v.", "to_out.0.", "processor.pool_weight")
-        switched = student.transformer._ditkit_clear[0]
-        return {f"transformer.{layer}.{name}": p for layer in switched
-                for name, p in student.transformer.get_submodule(layer).named_parameters()
-                if name.startswith(names)}
+        return {f"transformer.{name}": p for name, p in student_parameters(student.transformer).items()}
 
     def attention_taps(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
         return attention_taps(model.transformer)

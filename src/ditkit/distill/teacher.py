@@ -16,10 +16,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..checkpoint import find_checkpoint, load_checkpoint, read_record, weights_file
+from ..data.latents import decode, load_vae
 from ..diffusion.objectives import build_objective
 from ..diffusion.pipeline import input_size
 from ..distributed.sharded_load import WeightFiles, empty_model, single_weight_file
 from ..mixers import TokenMixer, swap_mixers
+from ..models import build_model
 from ..record import RunRecord
 
 
@@ -82,8 +85,6 @@ class DitkitTeacher(Teacher):
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", ema: bool = True, empty: bool = False):
         """`empty`: build the model on the meta device and leave its weights in the file
         (`pending_weights`) for a sharded distillation to load shard by shard."""
-        from ..checkpoint import load_checkpoint
-
         self.path = str(path)
         if empty:
             self.model, self.record, self.pending_weights = self._empty_model(path, ema)
@@ -104,9 +105,6 @@ class DitkitTeacher(Teacher):
     def _empty_model(path: str | Path, ema: bool) -> tuple[nn.Module, RunRecord, WeightFiles]:
         """The model of the file `load_checkpoint` would read (EMA or raw weights), built from its
         record with meta parameters, and that file."""
-        from ..checkpoint import find_checkpoint, read_record, weights_file
-        from ..models import build_model
-
         found = find_checkpoint(path)
         file = weights_file(found, ema) if found.is_dir() else found
         record = read_record(file)
@@ -134,8 +132,6 @@ class DitkitTeacher(Teacher):
         vae_path = self.record.vae
         if not vae_path:
             return x.clamp(-1, 1)
-        from ..data.latents import decode, load_vae
-
         self._vae = self._vae or load_vae(vae_path, x.device)
         return decode(self._vae, x)
 
@@ -164,36 +160,3 @@ class DitkitTeacher(Teacher):
 
     def describe(self) -> dict:
         return {"kind": "ditkit", "path": self.path}
-
-
-def is_diffusers_folder(path: str | Path) -> bool:
-    """A diffusers model folder: its config.json names a `_class_name`."""
-    import json
-
-    config = Path(path) / "config.json"
-    return config.is_file() and "_class_name" in json.loads(config.read_text())
-
-
-def load_teacher(cfg, device: str | torch.device = "cpu") -> Teacher:
-    """The teacher a `DistillConfig` names: a ditkit checkpoint or a diffusers transformer folder,
-    with the config's resolution and sampling steps where it sets them. Under sharding=fsdp it is
-    built on the meta device, its weights left for the `Distiller` to load into the shards."""
-    from ..errors import DitkitError
-
-    empty = cfg.sharding == "fsdp"
-
-    if not cfg.teacher:
-        raise DitkitError("no teacher: give --teacher PATH (a ditkit checkpoint or a diffusers transformer folder) "
-                          "or teacher: in the config")
-    if is_diffusers_folder(cfg.teacher):
-        from .diffusers_teacher import DiffusersTeacher
-
-        return DiffusersTeacher(cfg.teacher, device=device, resolution=cfg.resolution,
-                                steps=cfg.teacher_steps or 28, prompt_embeds=cfg.prompt_embeds, seed=cfg.seed,
-                                empty=empty)
-    if cfg.prompt_embeds:
-        raise DitkitError("prompt_embeds is for diffusers teachers; a ditkit teacher uses its class labels")
-    teacher = DitkitTeacher(cfg.teacher, device=device, empty=empty)
-    teacher.resolution = cfg.resolution or teacher.resolution
-    teacher.steps = cfg.teacher_steps or teacher.steps
-    return teacher

@@ -24,7 +24,6 @@ DitkitError before anything is allocated.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +35,6 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ..errors import DitkitError
 from .sharding import shard_rows
-
-DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
-DIFFUSERS_INDEX = DIFFUSERS_WEIGHTS + ".index.json"
 
 
 @dataclass(frozen=True)
@@ -73,31 +69,6 @@ def stored_tensors(file: Path, source: str) -> dict[str, StoredTensor]:
         raise DitkitError(f"weights file {file} of {source} is missing: download or copy it again") from error
     except (SafetensorError, OSError) as error:  # truncated, or not a safetensors file
         raise DitkitError(f"weights file {file} of {source} is damaged ({error}): download or copy it again") from error
-
-
-def diffusers_weight_files(folder: str | Path, prefix: str = "") -> WeightFiles:
-    """A diffusers model folder's weights: one diffusion_pytorch_model.safetensors, or several
-    listed in its .index.json (how save_pretrained splits a large model, FLUX.1's layout)."""
-    folder = Path(folder)
-    index = folder / DIFFUSERS_INDEX
-    if not index.is_file():
-        if not (folder / DIFFUSERS_WEIGHTS).is_file():
-            raise DitkitError(f"{folder} has no {DIFFUSERS_WEIGHTS} (nor {DIFFUSERS_INDEX}): save the model with "
-                              "save_pretrained (safetensors), or load it with sharding=none")
-        return single_weight_file(folder / DIFFUSERS_WEIGHTS, prefix)
-    weight_map = json.loads(index.read_text()).get("weight_map")
-    if not isinstance(weight_map, dict):
-        raise DitkitError(f"{index} has no weight_map: download the folder again")
-    tensors = {}
-    for file in sorted(set(weight_map.values())):
-        if not (folder / file).is_file():
-            raise DitkitError(f"{index} names {file}, which is missing from {folder}: download that file again")
-        held = stored_tensors(folder / file, str(folder))
-        for name in (n for n, f in weight_map.items() if f == file):
-            if name not in held:
-                raise DitkitError(f"{index} places {name} in {file}, which lacks it: download the folder again")
-            tensors[name] = held[name]
-    return WeightFiles(tensors, str(folder), prefix)
 
 
 def single_weight_file(file: str | Path, prefix: str = "", fix: str = WeightFiles.fix) -> WeightFiles:

@@ -63,7 +63,10 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import META_KEY, read_header
+from ..diffusers.clear import apply_clear, attention_taps, remove_clear
+from ..diffusers.folders import diffusers_config_file
 from ..diffusion.pipeline import input_size
+from ..distill.diffusers_teacher import DiffusersTeacher, FlowDenoiser, flow_models
 from ..distill.losses import AttentionTaps
 from ..distill.teacher import DitkitTeacher
 from ..distributed.sharding import shard_rows
@@ -134,19 +137,6 @@ def checkpoint_on_meta(path: Path, mixer: str | None, mixer_options: dict | None
     return model, record.resolution
 
 
-def diffusers_config_file(path: Path) -> Path | None:
-    """The transformer config.json at or under `path`, or None when `path` is not a diffusers model."""
-    for candidate in (path, path / "config.json", path / "transformer" / "config.json"):
-        if candidate.is_file() and candidate.suffix == ".json":
-            try:
-                if "_class_name" in json.loads(candidate.read_text()):
-                    return candidate
-            except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                raise DitkitError(f"{candidate} is not a JSON config ({error}): give a diffusers config.json") \
-                    from error
-    return None
-
-
 def ditkit_subject(model: nn.Module, label: str, resolution: int = 256) -> Subject:
     cfg = model.config
 
@@ -179,20 +169,17 @@ def diffusers_subject(config_file: Path, text_tokens: int | None = None) -> Subj
     drives it (`FlowDenoiser`), with `text_tokens` prompt tokens (default: FLUX 512, SD3 333)."""
     import diffusers
 
-    from ..diffusers.clear import apply_clear, attention_taps, remove_clear
-    from ..distill.diffusers_teacher import FLOW_MODELS, DiffusersTeacher, FlowDenoiser
-
     config = json.loads(config_file.read_text())
     class_name = config["_class_name"]
-    if class_name not in FLOW_MODELS:
-        raise DitkitError(f"memory planning drives the transformers {', '.join(FLOW_MODELS)}, not {class_name}: "
+    if class_name not in flow_models():
+        raise DitkitError(f"memory planning drives the transformers {', '.join(flow_models())}, not {class_name}: "
                           "give one of those configs")
     with torch.device("meta"):
         transformer = getattr(diffusers, class_name).from_config(config)
     tokens = text_tokens or TEXT_TOKENS[class_name]
     denoiser = FlowDenoiser(transformer, torch.zeros(1, tokens, transformer.config.joint_attention_dim, device="meta"),
                             torch.zeros(1, transformer.config.pooled_projection_dim, device="meta"))
-    patch = 2 if denoiser.is_flux else transformer.config.patch_size
+    patch = denoiser.token_patch
     multiple = DIFFUSERS_VAE_SCALE * patch
 
     def latent_size(height: int, width: int) -> tuple[int, int]:

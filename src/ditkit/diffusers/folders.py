@@ -1,0 +1,85 @@
+"""What a diffusers folder is, read in one place: a pipeline folder (model_index.json naming the
+pipeline class and its component folders) or a model folder (config.json naming the model class
+in `_class_name`, weights in diffusion_pytorch_model.safetensors, or split in several files listed
+by its .index.json)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..distributed.sharded_load import WeightFiles, single_weight_file, stored_tensors
+from ..errors import DitkitError
+
+MODEL_INDEX = "model_index.json"
+CONFIG = "config.json"
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX = WEIGHTS + ".index.json"
+
+
+def read_json(file: Path, what: str):
+    """The JSON value in `file`, or a one-line refusal naming `what` it should be."""
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DitkitError(f"{file} is not a JSON config ({error}): give {what}") from error
+
+
+def model_class_name(config_file: Path) -> str | None:
+    """The `_class_name` a diffusers config.json names, or None when the file is not one."""
+    if not (config_file.is_file() and config_file.suffix == ".json"):
+        return None
+    values = read_json(config_file, "a diffusers config.json")
+    return values.get("_class_name") if isinstance(values, dict) else None
+
+
+def is_model_folder(path: str | Path) -> bool:
+    """A diffusers model folder: its config.json names a `_class_name`."""
+    return model_class_name(Path(path) / CONFIG) is not None
+
+
+def diffusers_config_file(path: str | Path) -> Path | None:
+    """The model config.json at `path` (the file itself), in it, or in its transformer/ subfolder
+    (a pipeline folder); None when `path` is not a diffusers model."""
+    path = Path(path)
+    for candidate in (path, path / CONFIG, path / "transformer" / CONFIG):
+        if model_class_name(candidate) is not None:
+            return candidate
+    return None
+
+
+def pipeline_index(folder: str | Path) -> dict:
+    """A pipeline folder's model_index.json (its `_class_name` and components)."""
+    index_file = Path(folder) / MODEL_INDEX
+    if not index_file.is_file():
+        raise DitkitError(f"{folder} is not a diffusers pipeline folder (no {MODEL_INDEX}): pass the folder "
+                          f"that holds {MODEL_INDEX} (e.g. a FLUX.1-dev download)")
+    index = read_json(index_file, f"a diffusers {MODEL_INDEX}")
+    if not isinstance(index, dict):
+        raise DitkitError(f"{index_file} is not a JSON object: download the pipeline folder again")
+    return index
+
+
+def diffusers_weight_files(folder: str | Path, prefix: str = "") -> WeightFiles:
+    """A diffusers model folder's weights, for the sharded loader: one WEIGHTS file, or several
+    listed in its .index.json (how save_pretrained splits a large model, FLUX.1's layout)."""
+    folder = Path(folder)
+    index = folder / WEIGHTS_INDEX
+    if not index.is_file():
+        if not (folder / WEIGHTS).is_file():
+            raise DitkitError(f"{folder} has no {WEIGHTS} (nor {WEIGHTS_INDEX}): save the model with "
+                              "save_pretrained (safetensors), or load it with sharding=none")
+        return single_weight_file(folder / WEIGHTS, prefix)
+    weight_map = json.loads(index.read_text()).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise DitkitError(f"{index} has no weight_map: download the folder again")
+    tensors = {}
+    for file in sorted(set(weight_map.values())):
+        if not (folder / file).is_file():
+            raise DitkitError(f"{index} names {file}, which is missing from {folder}: download that file again")
+        held = stored_tensors(folder / file, str(folder))
+        for name in (n for n, f in weight_map.items() if f == file):
+            if name not in held:
+                raise DitkitError(f"{index} places {name} in {file}, which lacks it: download the folder again")
+            tensors[name] = held[name]
+    return WeightFiles(tensors, str(folder), prefix)
