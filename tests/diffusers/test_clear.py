@@ -271,3 +271,25 @@ def test_clear_flux_step_builds_no_n_by_n_tensor():
     largest = largest_tensor(lambda: run(model, inputs))
     assert dense >= N * N  # the tracker sees the reference backend's mask...
     assert largest <= N * 160 * 4 < N * N / 4  # ...and nothing quadratic on the default path
+
+
+def test_a_clear_spec_installs_the_same_processors_as_keywords():
+    """apply_clear takes the `clear` mixer's spec (the spelling of configs and flags) in place of the radius."""
+    from ditkit.diffusers.clear import clear_spec
+    from ditkit.mixers import MixerSpec
+
+    torch.manual_seed(0)
+    model, inputs, _ = tiny_flux()
+    apply_clear(model, radius=2, backend="reference")  # the 6x5 grid takes no down_factor
+    keywords = run(model, inputs)
+    apply_clear(model, radius=3)
+    assert not torch.equal(run(model, inputs), keywords)  # the radius reaches the processors
+    for spec in ("clear:radius=2,backend=reference", "radius=2,backend=reference",
+                 MixerSpec("clear", {"radius": 2, "backend": "reference"})):
+        apply_clear(model, spec)
+        assert torch.equal(run(model, inputs), keywords)
+    assert clear_spec({"radius": 3}) == MixerSpec.parse("clear:radius=3")
+    for bad, message in [("ssm", "not ssm"), ("clear:qkv_bias=true", "unknown CLEAR option qkv_bias"),
+                         ("radius=-1", "radius"), ("clear:radius=2,tile=3", "has no option tile")]:
+        with pytest.raises(DitkitError, match=message):
+            apply_clear(model, bad)

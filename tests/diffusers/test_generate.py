@@ -147,6 +147,11 @@ def test_bad_input_is_refused_in_one_line(folders, tmp_path, capsys):
     assert "no img2img pipeline for PixArt" in refusal(capsys, "--pipeline", str(folders / "pixart"), "--prompt",
                                                        "a", "--upscale-from", "16")
     assert "CLEAR needs a radius" in refusal(capsys, *bare, *embeds, "--clear", "down_factor=2")
+    # the clear mixer's spec, checked before the pipeline is read (this folder is no pipeline)
+    for bad, message in [("radius=abc", "option radius must be float"), ("radius=0", "radius"),
+                         ("qkv_bias=true,radius=2", "unknown CLEAR option qkv_bias"),
+                         ("full", "not full: give clear:radius=")]:
+        assert message in refusal(capsys, "--pipeline", str(tmp_path), "--prompt", "a", "--clear", bad)
 
     def student(name, shape, model="FluxTransformer2DModel"):
         record = RunRecord(DiffusersModel(model, "teacher"), DiffusionSettings(), DataSettings(resolution=32),

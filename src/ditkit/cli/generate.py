@@ -6,7 +6,7 @@ from __future__ import annotations
 from ..diffusers import pipelines as lib
 from ..distributed.launch import sampling_session
 from ..errors import DitkitError
-from .args import COMMANDS, SharedFlags, parse_options, parse_size
+from .args import COMMANDS, SharedFlags, parse_size
 
 
 def add_parser(sub, shared: SharedFlags) -> None:
@@ -22,8 +22,8 @@ def add_parser(sub, shared: SharedFlags) -> None:
     generate.add_argument("--num", type=int, default=1, help="images per prompt (seeds count up from --seed)")
     generate.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
     generate.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's)")
-    generate.add_argument("--clear", metavar="OPTIONS", help="training-free CLEAR local attention, e.g. "
-                          "radius=16,down_factor=4,backend=auto")
+    generate.add_argument("--clear", metavar="OPTIONS", help="training-free CLEAR local attention: the clear "
+                          "mixer's options, e.g. radius=16,down_factor=4,backend=auto (or clear:radius=16,...)")
     generate.add_argument("--student", metavar="CKPT", help="a `ditkit distill` student of this pipeline's "
                           "transformer (brings its own CLEAR settings)")
     generate.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weights' dtype")
@@ -56,11 +56,11 @@ def run(args) -> None:
 
 def generate_images(args, device: str, patch: bool, progress: bool) -> tuple[list, list[dict]]:
     """The images of the command line, and their PNG settings."""
+    attention = lib.Attention(args.clear, args.student)  # a bad --clear is refused before any weight loads
     pipe = lib.load_pipeline(args.pipeline, args.dtype, device, args.cpu_offload, args.vae_tiling)
     embeddings = lib.read_prompt_embeddings(args.prompt_embeds, pipe) if args.prompt_embeds else None
     request = lib.Request(height=args.height, width=args.width, prompt=args.prompt, embeddings=embeddings,
                           steps=args.steps, guidance=args.guidance, seed=args.seed, num=args.num)
-    attention = lib.Attention(parse_options(args.clear.split(",")) if args.clear else None, args.student)
     if args.upscale_from:
         base_height, base_width = parse_size(args.upscale_from)
         chain = lib.UpscaleChain(base_height, base_width, 0.7 if args.strength is None else args.strength)

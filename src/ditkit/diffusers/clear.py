@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import DitkitError
+from ..mixers import MixerSpec
 from ..mixers.base import Grid
 from ..mixers.clear import (
     check_clear_options,
@@ -40,6 +41,27 @@ from .adapters import adapter_for, find_adapter
 from .hooks import HookSet, install, installed, uninstall
 
 CLEAR_SLOT = "_ditkit_clear"  # the transformer attribute holding what apply_clear installed
+# The options of the `clear` mixer that apply inside a diffusers transformer (its qkv_bias does not:
+# the transformer's own projections keep theirs).
+CLEAR_KEYS = ("radius", "down_factor", "backend")
+
+
+def clear_spec(options: MixerSpec | str | dict) -> MixerSpec:
+    """CLEAR settings for a diffusers transformer as the `clear` mixer's spec, the one spelling of a
+    mixer ditkit's configs and flags use: a `MixerSpec`, its text (`clear:radius=16,down_factor=4`, or
+    `radius=16,down_factor=4` as `ditkit generate --clear` takes it) or a dict of options."""
+    if isinstance(options, dict):
+        spec = MixerSpec("clear", options)
+    else:
+        text = str(options).strip()
+        spec = MixerSpec.parse(f"clear:{text}" if "=" in text.partition(":")[0] else text)
+    if spec.name != "clear":
+        raise DitkitError(f"diffusers transformers take CLEAR's local attention, not {spec.name}: "
+                          "give clear:radius=... (e.g. clear:radius=16,down_factor=4)")
+    unknown = sorted(set(spec.options) - set(CLEAR_KEYS))
+    if unknown:
+        raise DitkitError(f"unknown CLEAR option {', '.join(unknown)}: use {', '.join(CLEAR_KEYS)}")
+    return spec
 
 
 @dataclass
@@ -188,9 +210,15 @@ def self_attention_layers(transformer: nn.Module) -> list[tuple[str, nn.Module, 
     return adapter.self_attention_layers(transformer) if adapter is not None else []
 
 
-def apply_clear(transformer: nn.Module, radius: float, down_factor: int = 0, backend: str = "auto") -> list[str]:
+def apply_clear(transformer: nn.Module, radius: float | MixerSpec | str, down_factor: int = 0,
+                backend: str = "auto") -> list[str]:
     """Switch every self-attention of a supported transformer (FLUX, SD3, PixArt: `ADAPTERS`) to
-    CLEAR local attention. Returns the names of the switched layers. `remove_clear` undoes it."""
+    CLEAR local attention: `apply_clear(t, 16, down_factor=4)`, or with a spec in place of the radius,
+    `apply_clear(t, "clear:radius=16,down_factor=4")` (`clear_spec`; options it leaves out take the
+    mixer's defaults). Returns the names of the switched layers. `remove_clear` undoes it."""
+    if isinstance(radius, MixerSpec | str):
+        spec = clear_spec(radius)
+        radius, down_factor, backend = (spec.option(key) for key in CLEAR_KEYS)
     adapter = adapter_for(transformer, "apply_clear")
     check_clear_options(radius, down_factor, backend)  # refused before anything changes
     remove_clear(transformer)

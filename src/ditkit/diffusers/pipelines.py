@@ -2,7 +2,7 @@
 
     pipe = load_pipeline("FLUX.1-dev", dtype="bf16", device="cuda")
     request = Request(height=4096, width=4096, prompt="a cat")
-    images = generate(pipe, request, Attention(clear={"radius": 16, "down_factor": 4}))  # training-free
+    images = generate(pipe, request, Attention(clear="radius=16,down_factor=4"))  # training-free CLEAR
     images = generate(pipe, request, Attention(student="runs/flux-student"))  # a `ditkit distill` student
 
 The high-resolution chain (`generate_upscaled`) is CLEAR's way to its 8K pictures: the stock
@@ -39,10 +39,10 @@ from torch import Tensor, nn
 from ..checkpoint import META_KEY, read_header, read_weights
 from ..errors import DitkitError
 from ..files import atomic_path
-from ..mixers.clear import check_clear_options
+from ..mixers import MixerSpec
 from ..record import DiffusersModel, RunRecord
 from .adapters import DiffusersAdapter, adapter_for, pipeline_adapter, supported_pipelines
-from .clear import apply_clear, clear_is_on
+from .clear import CLEAR_KEYS, apply_clear, clear_is_on, clear_spec
 from .folders import pipeline_index
 from .patch_parallel import patch_parallel
 from .prompts import load_prompt_embeds
@@ -50,7 +50,6 @@ from .prompts import load_prompt_embeds
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EMBEDDING_KEYS = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds",
                   "prompt_attention_mask", "negative_prompt_attention_mask")
-CLEAR_KEYS = ("radius", "down_factor", "backend")
 # Components a pipeline runs without (prompt embeddings stand in for the text encoders).
 OPTIONAL_COMPONENTS = ("text_encoder", "tokenizer", "image_encoder", "feature_extractor")
 
@@ -176,39 +175,37 @@ def load_student(transformer: nn.Module, ckpt: str | Path, backend: str = "auto"
 
 @dataclass(frozen=True)
 class Attention:
-    """How the transformer attends: stock (nothing set), training-free CLEAR (`clear`: radius,
-    down_factor, backend) or a distilled `student` (its own radius and down_factor; `clear` may name
-    the backend only)."""
+    """How the transformer attends: stock (nothing set), training-free CLEAR (`clear`: the `clear`
+    mixer's spec, its text `radius=16,down_factor=4` or a dict: `clear_spec`, parsed and validated when
+    made) or a distilled `student` (its own radius and down_factor; `clear` may name the backend only)."""
 
-    clear: dict | None = None
+    clear: MixerSpec | str | dict | None = None
     student: str | Path | None = None
+
+    def __post_init__(self):
+        if self.clear is not None:
+            object.__setattr__(self, "clear", clear_spec(self.clear))
 
     def check(self, transformer: nn.Module) -> None:
         """Refuse bad options or a student that does not fit, before anything runs."""
-        clear = self.clear or {}
-        unknown = sorted(set(clear) - set(CLEAR_KEYS))
-        if unknown:
-            raise DitkitError(f"unknown CLEAR option {', '.join(unknown)}: use {', '.join(CLEAR_KEYS)}")
+        clear = self.clear.options if self.clear is not None else {}
         if self.student is not None:
             if set(clear) - {"backend"}:
                 raise DitkitError("a student brings its own radius and down_factor: give --clear backend=... only")
             check_student(transformer, self.student)
-        elif clear and "radius" not in clear:
+        elif self.clear is not None and "radius" not in clear:
             raise DitkitError("CLEAR needs a radius: e.g. --clear radius=16,down_factor=4")
-        elif clear:
-            check_clear_options(clear["radius"], clear.get("down_factor", 0), clear.get("backend", "auto"))
 
     def apply(self, transformer: nn.Module) -> None:
         self.check(transformer)
-        clear = self.clear or {}
         if self.student is not None:
-            load_student(transformer, self.student, clear.get("backend", "auto"))
-        elif clear:
-            apply_clear(transformer, **clear)
+            load_student(transformer, self.student, self.clear.option("backend") if self.clear else "auto")
+        elif self.clear is not None:
+            apply_clear(transformer, self.clear)
 
     def settings(self) -> dict[str, str]:
         """The image metadata of these settings (a student's radius and down_factor from its record)."""
-        clear = self.clear or {}
+        clear = self.clear.options if self.clear is not None else {}
         if self.student is None:
             return {"clear": clear_text(clear)} if clear else {}
         distill = read_student_header(self.student)[0].distill
