@@ -56,6 +56,7 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import load_checkpoint
+from ..diffusers.folders import is_diffusers_folder
 from ..diffusion.objectives import build_objective
 from ..diffusion.sampling import make_scheduler, scheduler_from_config
 from ..errors import DitkitError
@@ -95,18 +96,6 @@ def _read_json(file: Path) -> dict:
     if not isinstance(values, dict):
         raise DitkitError(f"{file} is not a diffusers config (a JSON object is expected)")
     return values
-
-
-def _is_diffusers_folder(path: Path) -> bool:
-    """A pipeline (model_index.json), a model folder (config.json by diffusers) or bare model weights."""
-    if not path.is_dir():
-        return False
-    if (path / "model_index.json").is_file() or any(path.glob("diffusion_pytorch_model*")):
-        return True
-    try:
-        return "_class_name" in json.loads((path / "config.json").read_text())
-    except (OSError, ValueError, TypeError):
-        return False
 
 
 def _locate(path: Path) -> tuple[Path, Path | None]:
@@ -329,7 +318,7 @@ def _record(config: dict, source: Path, pipeline: Path | None, options: ConvertO
                      origin={"format": FORMAT, "path": str(source.resolve())})
 
 
-@register_converter(FORMAT, _is_diffusers_folder)
+@register_converter(FORMAT, is_diffusers_folder)
 def convert(path: Path, options: ConvertOptions) -> Converted:
     """A diffusers DiT folder (or the DiTPipeline around it) -> ditkit weights and their run record."""
     folder, pipeline = _locate(path)

@@ -38,6 +38,20 @@ def is_model_folder(path: str | Path) -> bool:
     return model_class_name(Path(path) / CONFIG) is not None
 
 
+def is_diffusers_folder(path: str | Path) -> bool:
+    """A pipeline folder (model_index.json), a model folder (its config.json names a `_class_name`) or
+    bare model weights: what a format check asks. A damaged config.json makes it False, not an error."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    if (path / MODEL_INDEX).is_file() or any(path.glob(WEIGHTS.removesuffix(".safetensors") + "*")):
+        return True
+    try:
+        return is_model_folder(path)
+    except DitkitError:
+        return False
+
+
 def diffusers_config_file(path: str | Path) -> Path | None:
     """The model config.json at `path` (the file itself), in it, or in its transformer/ subfolder
     (a pipeline folder); None when `path` is not a diffusers model."""
