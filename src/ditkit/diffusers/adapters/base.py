@@ -18,7 +18,7 @@ transformer's `DiffusersAdapter` instead of branching on its class name:
 
 Adapters are registered by transformer class name (`register_adapter`, refusing duplicates);
 `adapter_for` finds one or refuses with the supported names. A new transformer is one adapter file
-and one entry in tests/diffusers/test_contract.py.
+and one entry in `TINY` of tests/tiny_diffusers.py, which puts it under tests/diffusers/test_contract.py.
 """
 
 from __future__ import annotations
