@@ -23,7 +23,7 @@ def test_round_trip_keeps_every_field_and_marks_the_format():
     assert stored["format"] == FORMAT
     assert stored == {**LEGACY, "format": FORMAT, "data": {**LEGACY["data"], "prompt_embeds": None},
                       "diffusion": {**LEGACY["diffusion"], "guidance_channels": None, "scheduler": None,
-                                    "step_like_dit_pipeline": False}}
+                                    "step_like_dit_pipeline": False, "timestep_spacing": None}}
     assert RunRecord.from_json(record.to_json()).to_dict() == stored
     assert record.model == model_config("DiT-Nano/4", in_channels=1, num_classes=10, vae_scale=1)
 
@@ -34,6 +34,7 @@ def test_an_older_record_with_fewer_diffusion_keys_is_upgraded_with_the_defaults
     assert record.diffusion == DiffusionSettings(objective="ddpm", learn_sigma=True, timestep_sampling="uniform",
                                                  sampler=None, sample_steps=20, cfg_scale=4.0, guidance_channels=None,
                                                  scheduler=None, step_like_dit_pipeline=False)
+    assert record.diffusion.timestep_spacing == "trailing"  # what ditkit's DDPM runs sampled with before the key
 
 
 @pytest.mark.parametrize("change,message", [

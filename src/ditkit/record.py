@@ -17,8 +17,9 @@ never work them out again.
 
 Upgrade: records written before `format` existed (ditkit 0.1) have the same layout with fewer
 diffusion keys; they load with the missing keys at their defaults (learn_sigma true, uniform
-timesteps, the objective's own sampler). A record of a newer format, or one with keys this ditkit
-does not know, is refused in one line.
+timesteps, the objective's own sampler, and the timestep spacing they were sampled with: "trailing"
+for ditkit's DDPM runs, the carried diffusers scheduler config's own). A record of a newer format,
+or one with keys this ditkit does not know, is refused in one line.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .config import check_fields, one_of
 from .errors import DitkitError
 from .models.registry import config_from_dict, config_to_dict
 
@@ -41,6 +43,12 @@ TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
 POSITION_SCALINGS = ("none", "ntk", "interpolate")
 # The samplers of each objective, the first its default (diffusion/sampling.py builds them).
 SAMPLERS = {"ddpm": ("ddpm", "ddim"), "flow": ("euler",)}
+# How a DDPM sampler spaces its steps over the 1000 training steps: "official" is DiT / ADM's
+# `space_timesteps` respacing with the official posterior (ddpm sampler only; diffusion/respacing.py);
+# the others are diffusers' spacings ("trailing" starts at the last step, ditkit's own default).
+OFFICIAL_SPACING = "official"
+TIMESTEP_SPACINGS = (OFFICIAL_SPACING, "trailing", "leading", "linspace")
+DEFAULT_SPACING = "trailing"
 
 
 @dataclass
@@ -62,6 +70,8 @@ class DiffusionSettings:
     # own variance, not a learned one), on the batch doubled for guidance (a stochastic scheduler
     # draws the same noise), and guidance applies only when cfg_scale > 1.
     step_like_dit_pipeline: bool = False
+    # ddpm only (see TIMESTEP_SPACINGS). Unset: "trailing", or the carried scheduler config's own.
+    timestep_spacing: str | None = one_of(None, TIMESTEP_SPACINGS)
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -78,6 +88,11 @@ class DiffusionSettings:
         if self.scheduler is not None and not named:
             raise DitkitError("diffusion.scheduler must be a diffusers scheduler config with its _class_name "
                               "(e.g. a pipeline's scheduler/scheduler_config.json), or null")
+        check_fields(self, "diffusion.")  # the choices declared on the fields (timestep_spacing)
+        if self.timestep_spacing is None and self.objective == "ddpm":
+            self.timestep_spacing = (self.scheduler or {}).get("timestep_spacing") or DEFAULT_SPACING
+        check_spacing(self.objective, self.sampler, self.timestep_spacing, "diffusion.timestep_spacing",
+                      "diffusion.sampler")
 
 
 def check_sampling_numbers(steps: int, cfg_scale: float, steps_name: str = "steps", cfg_name: str = "cfg") -> None:
@@ -94,6 +109,21 @@ def check_sampler(objective: str, sampler: str | None, name: str = "sampler") ->
     if sampler not in SAMPLERS[objective]:
         raise DitkitError(f"{name} {sampler!r} does not fit the {objective} objective: "
                           f"use {' or '.join(SAMPLERS[objective])}")
+
+
+def check_spacing(objective: str, sampler: str | None, spacing: str | None, name: str = "timestep spacing",
+                  sampler_name: str = "sampler") -> None:
+    """A spacing that is unknown or does not fit the objective / sampler fails in one line."""
+    if spacing is None:
+        return
+    if spacing not in TIMESTEP_SPACINGS:
+        raise DitkitError(f"{name} must be one of {', '.join(TIMESTEP_SPACINGS)}, got {spacing!r}")
+    if objective != "ddpm":
+        raise DitkitError(f"{name} {spacing!r} applies to the ddpm objective only: the {objective} sampler "
+                          "has one spacing; leave it unset")
+    if spacing == OFFICIAL_SPACING and sampler not in (None, "ddpm"):
+        raise DitkitError(f"{name} official is DiT's DDPM sampler, not {sampler}: use {sampler_name} ddpm, "
+                          f"or another spacing ({', '.join(TIMESTEP_SPACINGS[1:])})")
 
 
 @dataclass
@@ -134,6 +164,7 @@ class Sampling:
     labels: Tensor | None = None  # class labels; default: 0, 1, 2, ... cycled
     attention_scale: bool = False  # proportional attention scale beyond the training size
     positions: str = "none"  # position scaling beyond the training size: none, ntk, interpolate
+    timestep_spacing: str | None = None  # default: diffusion.timestep_spacing
 
     def __post_init__(self):
         if isinstance(self.num, bool) or not isinstance(self.num, int) or self.num < 1:
@@ -147,6 +178,9 @@ class Sampling:
         if self.positions not in POSITION_SCALINGS:
             raise DitkitError(f"unknown position scaling {self.positions!r}: choose one of "
                               f"{', '.join(POSITION_SCALINGS)}")
+        if self.timestep_spacing is not None and self.timestep_spacing not in TIMESTEP_SPACINGS:
+            raise DitkitError(f"unknown timestep spacing {self.timestep_spacing!r}: choose one of "
+                              f"{', '.join(TIMESTEP_SPACINGS)}")
 
 
 @dataclass
@@ -232,12 +266,14 @@ class RunRecord:
         sampling = dataclasses.replace(sampling or Sampling(), **changes)
         d = self.diffusion
         check_sampler(d.objective, sampling.sampler)
-        return dataclasses.replace(
+        filled = dataclasses.replace(
             sampling,
             height=sampling.height or self.resolution, width=sampling.width or self.resolution,
             steps=sampling.steps or d.sample_steps,
             cfg_scale=d.cfg_scale if sampling.cfg_scale is None else sampling.cfg_scale,
-            sampler=sampling.sampler or d.sampler)
+            sampler=sampling.sampler or d.sampler, timestep_spacing=sampling.timestep_spacing or d.timestep_spacing)
+        check_spacing(d.objective, filled.sampler, filled.timestep_spacing)
+        return filled
 
     def class_labels(self, text: str | None, num: int) -> Tensor | None:
         """Parse "3,7" or "cat,dog" (indices or this run's class names), cycled to `num` labels."""

@@ -7,7 +7,7 @@ from ..data.images import save_grid
 from ..diffusion.pipeline import UpscaleChain, generate, generate_upscaled
 from ..distributed.launch import sampling_session
 from ..errors import DitkitError
-from ..record import Sampling
+from ..record import TIMESTEP_SPACINGS, Sampling
 from .args import COMMANDS, SharedFlags, check_output_file, optional_size, parse_options, parse_size
 
 
@@ -33,6 +33,9 @@ def add_parser(sub, shared: SharedFlags) -> None:
                         "sqrt(log N / log N_train) beyond the training size (off by default)")
     sample.add_argument("--position-scaling", default="none", choices=["none", "ntk", "interpolate"],
                         help="rescale position frequencies beyond the training size (off by default)")
+    sample.add_argument("--timestep-spacing", choices=TIMESTEP_SPACINGS,
+                        help="ddpm runs: how the steps are spaced (default: the run's; official = DiT's "
+                             "space_timesteps respacing and sampler, as the official sample.py)")
     sample.set_defaults(func=run)
 
 
@@ -46,7 +49,8 @@ def run(args) -> None:
         height, width = optional_size(args.resolution)
         asked = Sampling(num=args.num, height=height, width=width, steps=args.steps, cfg_scale=args.cfg,
                          sampler=args.sampler, seed=args.seed, labels=record.class_labels(args.labels, args.num),
-                         attention_scale=args.attention_scale, positions=args.position_scaling)
+                         attention_scale=args.attention_scale, positions=args.position_scaling,
+                         timestep_spacing=args.timestep_spacing)
         sampling = record.sampling(asked)  # unset values filled in, for the message below
         model = session.wrap(model)
         if args.upscale_from:  # the chain's base pass takes what `asked` leaves unset from its own run

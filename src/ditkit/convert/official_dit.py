@@ -15,8 +15,9 @@ Inferred from the tensors: depth, width, patch, input channels, MLP ratio, learn
 channels), classes and class dropout (the label table's extra null row), the input size (the
 position table's N); the heads from the published config of that width (`--num-heads` otherwise).
 The diffusion record is DiT's: linear betas over 1000 steps, epsilon prediction with learned range
-variance, sampled by 250 DDPM steps with guidance 4.0 on the first 3 latent channels, as the
-official sample.py does; latents of an SD VAE (x 0.18215: `--vae`).
+variance (fixed-large variance for a model without learned sigma), sampled by 250 DDPM steps over the
+official respacing (timestep_spacing "official": `space_timesteps`, no noise at t = 0) with guidance
+4.0 on the first 3 latent channels, as the official sample.py does; latents of an SD VAE (x 0.18215: `--vae`).
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from .pretrained import Converted, ConvertOptions, read_torch_file, register_con
 FORMAT = "facebookresearch-dit"
 HEADS_BY_WIDTH = {1152: 16, 1024: 16, 768: 12, 384: 6, 192: 3, 128: 4}  # the named DiT configs
 RENAMES = (("x_embedder.proj.", "x_embedder."), (".attn.", ".mixer."))
-SAMPLING = dict(objective="ddpm", learn_sigma=True, sampler="ddpm", sample_steps=250, cfg_scale=4.0,
-                guidance_channels=3)
+SAMPLING = dict(objective="ddpm", sampler="ddpm", sample_steps=250, cfg_scale=4.0, guidance_channels=3,
+                timestep_spacing="official")
 
 
 def official_state(obj: object, path: Path) -> tuple[dict[str, Tensor], str, dict]:
@@ -142,7 +143,7 @@ def convert(path: Path, options: ConvertOptions) -> Converted:
     if side is not None:
         check_positions(state, config.hidden_size, side // config.patch_size, path)
     resolution = options.resolution or args.get("image_size") or (side * 8 if side else 256)
-    record = RunRecord(model=config, diffusion=DiffusionSettings(**SAMPLING),
+    record = RunRecord(model=config, diffusion=DiffusionSettings(learn_sigma=config.learn_sigma, **SAMPLING),
                        data=DataSettings(resolution=resolution, source="imagenet" if config.num_classes == 1000
                                          else None),
                        origin={"format": FORMAT, "path": str(Path(path).resolve()), "weights": which})

@@ -46,8 +46,9 @@ classes and class dropout (the label table's extra null row; args.num_classes ==
 null row). Not in the tensors, taken from the released configs: 2x2 downsampled attention,
 down_shortcut=1, RoPE2D. The record is the official diffusion (DiT's `diffusion/`: linear betas
 over 1000 steps, epsilon with learned-range variance) with sample_ddp.py's defaults (250 DDPM
-steps, cfg 1.5 on the first 3 channels, as `forward_with_cfg` does); SD VAE latents (x 0.18215,
-`--vae`); the resolution from `--resolution`, else args.image_size, else 256.
+steps over the official respacing, timestep_spacing "official", cfg 1.5 on the first 3 channels, as
+`forward_with_cfg` does); SD VAE latents (x 0.18215, `--vae`); the resolution from `--resolution`, else
+args.image_size, else 256.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ FORMAT = "official-udit"
 STAGES = ("encoder_level_1", "encoder_level_2", "latent", "decoder_level_2", "decoder_level_1")
 STAGE_WIDTHS = (1, 2, 4, 2, 2)  # x hidden_size
 SIGNATURE = ("x_embedder.proj.weight", "y_embedder_1.embedding_table.weight", "final_layer.out_proj.weight")
-SAMPLING = dict(objective="ddpm", sampler="ddpm", sample_steps=250, cfg_scale=1.5)  # sample_ddp.py defaults
+SAMPLING = dict(objective="ddpm", sampler="ddpm", sample_steps=250, cfg_scale=1.5,  # sample_ddp.py defaults
+                timestep_spacing="official")
 GUIDED_CHANNELS = 3  # U_DiT.forward_with_cfg guides eps[:, :3]
 DEFAULT_RESOLUTION = 256
 

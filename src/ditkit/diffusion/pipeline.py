@@ -73,7 +73,8 @@ def sample_inputs(model, record: RunRecord, sampling: Sampling, init: Tensor | N
                       sampler=s.sampler, progress=progress, init=init, strength=strength,
                       guidance_channels=record.diffusion.guidance_channels,
                       scheduler_config=record.diffusion.scheduler,
-                      step_like_dit_pipeline=record.diffusion.step_like_dit_pipeline)
+                      step_like_dit_pipeline=record.diffusion.step_like_dit_pipeline,
+                      timestep_spacing=s.timestep_spacing)
     finally:
         set_extrapolation(model, (h, w), (h, w))  # back to the trained behaviour
 

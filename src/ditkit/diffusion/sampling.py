@@ -4,6 +4,10 @@
 clean inputs out. Samplers: "ddpm" and "ddim" for the DDPM objective, "euler" (flow-match
 Euler) for flow matching; or any diffusers scheduler from its saved config (`scheduler_config`,
 e.g. a DiTPipeline's), optionally stepped exactly as DiTPipeline steps it (`step_like_dit_pipeline`).
+
+The timestep spacing (`timestep_spacing`, from the run record): diffusers' "trailing" (ditkit's own
+runs), "leading" or "linspace", or "official": DiT's `space_timesteps` respacing and posterior
+(`respacing.RespacedDDPM`), the sampler of converted official DiT and U-DiT checkpoints.
 """
 
 from __future__ import annotations
@@ -18,35 +22,61 @@ import diffusers
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 from ..errors import DitkitError
-from ..record import SAMPLERS, check_sampler
+from ..record import OFFICIAL_SPACING, SAMPLERS, check_sampler, check_spacing
 from .objectives import DDPMObjective, FlowMatchingObjective
+from .respacing import RespacedDDPM
 
 
 def default_sampler(objective) -> str:
     return SAMPLERS[objective.name][0]
 
 
-def make_scheduler(objective, sampler: str):
-    """The diffusers scheduler for `sampler`, with the schedule `objective` was trained on."""
+def make_scheduler(objective, sampler: str, timestep_spacing: str | None = None):
+    """The scheduler for `sampler`, with the schedule `objective` was trained on and the spacing
+    `timestep_spacing` (default "trailing": it starts from the last step, pure noise)."""
     check_sampler(objective.name, sampler)
+    check_spacing(objective.name, sampler, timestep_spacing)
     if isinstance(objective, FlowMatchingObjective):
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
     assert isinstance(objective, DDPMObjective)
+    if timestep_spacing == OFFICIAL_SPACING:
+        return official_scheduler(objective)
     common = dict(num_train_timesteps=objective.num_train_timesteps, beta_schedule="linear",
                   beta_start=objective.beta_start, beta_end=objective.beta_end, clip_sample=False,
-                  timestep_spacing="trailing")  # "trailing" starts from the last step: pure noise
+                  timestep_spacing=timestep_spacing or "trailing")
     if sampler == "ddim":
         return DDIMScheduler(**common)
     return DDPMScheduler(**common, variance_type="learned_range" if objective.learn_sigma else "fixed_small")
 
 
-def scheduler_from_config(config: dict):
-    """The diffusers scheduler a saved config describes (its `_class_name`), built with `from_config`."""
+def official_scheduler(objective: DDPMObjective) -> RespacedDDPM:
+    """The official DiT sampler over the objective's betas (learned-range or fixed-large variance)."""
+    return RespacedDDPM(objective.num_train_timesteps, objective.beta_start, objective.beta_end,
+                        learn_sigma=objective.learn_sigma)
+
+
+def scheduler_from_config(config: dict, timestep_spacing: str | None = None):
+    """The diffusers scheduler a saved config describes (its `_class_name`), built with `from_config`;
+    a diffusers `timestep_spacing` replaces the config's own."""
     scheduler_class = getattr(diffusers, str(config.get("_class_name")), None)
     if scheduler_class is None or not hasattr(scheduler_class, "from_config"):
         raise DitkitError(f"diffusion.scheduler names {config.get('_class_name')!r}, which is no scheduler of "
                           f"diffusers {diffusers.__version__}: name a sampler (--sampler) or upgrade diffusers")
-    return scheduler_class.from_config(config)
+    if timestep_spacing is None or timestep_spacing == config.get("timestep_spacing"):
+        return scheduler_class.from_config(config)
+    return scheduler_class.from_config(config, timestep_spacing=timestep_spacing)
+
+
+def build_scheduler(objective, sampler: str | None, scheduler_config: dict | None, timestep_spacing: str | None):
+    """The scheduler `sample` steps: a named sampler, else the run's saved scheduler config, else the
+    objective's default; the official spacing is always the official sampler."""
+    if timestep_spacing == OFFICIAL_SPACING and isinstance(objective, DDPMObjective):
+        check_sampler(objective.name, sampler)
+        check_spacing(objective.name, sampler, timestep_spacing)
+        return official_scheduler(objective)
+    if scheduler_config is not None and sampler is None:
+        return scheduler_from_config(scheduler_config, timestep_spacing)
+    return make_scheduler(objective, sampler or default_sampler(objective), timestep_spacing)
 
 
 def guided_output(model, x: Tensor, t: Tensor, labels: Tensor | None, cfg_scale: float,
@@ -89,13 +119,20 @@ def step_options(scheduler, generator: torch.Generator) -> dict:
     return {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
 
 
+def uses_learned_variance(scheduler) -> bool:
+    """Whether the scheduler steps with a learned-sigma model's variance channels."""
+    if isinstance(scheduler, RespacedDDPM):
+        return scheduler.learn_sigma
+    return isinstance(scheduler, DDPMScheduler) and scheduler.variance_type == "learned_range"
+
+
 def denoise_step(scheduler, out: Tensor, t: Tensor, x: Tensor, channels: int, options: dict,
                  like_dit_pipeline: bool = False, paired: bool = False) -> Tensor:
     """One scheduler step from model output `out`. The variance channels of a learned-sigma model
     go to the scheduler only where it uses them (DDPM "learned_range"); DiTPipeline never gives
     them. `paired`: step the batch twice over, as DiTPipeline steps its guided (cond, uncond) pair,
     so that a stochastic scheduler draws its noise for 2B samples and uses the first B."""
-    learned = isinstance(scheduler, DDPMScheduler) and scheduler.variance_type == "learned_range"
+    learned = uses_learned_variance(scheduler)
     if like_dit_pipeline or not learned:
         out = out[:, :channels]
     if paired:
@@ -108,7 +145,7 @@ def sample(model, objective, shape: tuple[int, ...], *, labels: Tensor | None = 
            cfg_scale: float = 1.0, seed: int = 0, sampler: str | None = None, progress: bool = True,
            noise: Tensor | None = None, init: Tensor | None = None, strength: float = 1.0,
            guidance_channels: int | None = None, scheduler_config: dict | None = None,
-           step_like_dit_pipeline: bool = False) -> Tensor:
+           step_like_dit_pipeline: bool = False, timestep_spacing: str | None = None) -> Tensor:
     """Draw samples of `shape` (B, C, H, W) in the model's input space. Same seed, same result.
 
     With `init` (SDEdit / img2img): `init` is noised to `strength` (1 = pure noise: plain sampling;
@@ -120,6 +157,9 @@ def sample(model, objective, shape: tuple[int, ...], *, labels: Tensor | None = 
     `generator=torch.manual_seed(seed)`) the same latents, for schedulers whose `init_noise_sigma`
     is 1 and whose `scale_model_input` is the identity (DDPM, DDIM, DPM-Solver, UniPC, DEIS, PNDM):
     DiTPipeline neither scales the starting noise nor unscales the input it steps, where ditkit does.
+
+    `timestep_spacing`: see the module docstring; None keeps the sampler's own ("trailing" for
+    ditkit's samplers, the config's for `scheduler_config`).
     """
     if steps < 1:
         raise DitkitError(f"steps must be at least 1, got {steps}")
@@ -127,10 +167,7 @@ def sample(model, objective, shape: tuple[int, ...], *, labels: Tensor | None = 
     if init is not None and tuple(init.shape) != tuple(shape):
         raise DitkitError(f"init has shape {tuple(init.shape)}, expected {tuple(shape)}")
     param = next(model.parameters())
-    if scheduler_config is not None and sampler is None:
-        scheduler = scheduler_from_config(scheduler_config)
-    else:
-        scheduler = make_scheduler(objective, sampler or default_sampler(objective))
+    scheduler = build_scheduler(objective, sampler, scheduler_config, timestep_spacing)
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(seed)
     if noise is None:
