@@ -6,11 +6,13 @@ derived from ditkit's own keys, so a wrong mapping cannot pass by construction."
 import argparse
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from ditkit import DitkitError
 from ditkit.convert.pretrained import ConvertOptions, convert_pretrained, load_pretrained
+from ditkit.diffusion.pipeline import sample_inputs
 from ditkit.models.layers import sincos_pos_embed_2d
 from helpers import run_cli
 
@@ -154,3 +156,67 @@ def test_a_converted_dit_distils_into_clear_with_no_extra_step(converted_tiny, t
     assert code == 0 and "student PSNR" in stdout
     report = json.loads((out / "agreement.json").read_text())
     assert set(report["student"]) == {"16", "32"}
+
+
+# -- sampling as the official sample.py does ---------------------------------------------------------
+def official_respacing(steps: int) -> list[int]:
+    """space_timesteps(1000, [steps]): one section, a fractional stride, positions rounded (ascending)."""
+    stride = 999 / (steps - 1) if steps > 1 else 1
+    return sorted({round(position) for position in np.cumsum([0.0] + [stride] * (steps - 1))})
+
+
+def official_ddpm_loop(model, noise, labels, steps, cfg_scale, generator, learn_sigma):
+    """p_sample_loop of the official SpacedDiffusion, written from its formulas: float64 tables read
+    as float32, learned-range (or fixed-large) variance, forward_with_cfg guiding 3 channels, no noise at t=0."""
+    kept = official_respacing(steps)
+    train_alphas_cumprod = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
+    alphas_cumprod = train_alphas_cumprod[kept]
+    previous = np.append(1.0, alphas_cumprod[:-1])
+    betas = 1 - alphas_cumprod / previous
+    posterior_variance = betas * (1 - previous) / (1 - alphas_cumprod)
+    clipped_log = np.log(np.append(posterior_variance[1], posterior_variance[1:]))
+    fixed_large_log = np.log(np.append(posterior_variance[1], betas[1:]))
+    coef_x0 = betas * np.sqrt(previous) / (1 - alphas_cumprod)
+    coef_xt = (1 - previous) * np.sqrt(1 - betas) / (1 - alphas_cumprod)
+
+    def at(table, i):
+        return torch.from_numpy(table)[i].float()
+
+    x, C = noise, noise.shape[1]
+    for i in reversed(range(len(kept))):
+        t = torch.full((2 * len(x),), float(kept[i]))
+        out = model(torch.cat([x, x]), t, torch.cat([labels, torch.full_like(labels, 10)]))
+        cond, uncond = out.chunk(2)
+        eps = torch.cat([uncond[:, :3] + cfg_scale * (cond[:, :3] - uncond[:, :3]), cond[:, 3:C]], dim=1)
+        pred_x0 = at(np.sqrt(1 / alphas_cumprod), i) * x - at(np.sqrt(1 / alphas_cumprod - 1), i) * eps
+        mean = at(coef_x0, i) * pred_x0 + at(coef_xt, i) * x
+        if learn_sigma:
+            frac = (cond[:, C:] + 1) / 2
+            log_variance = frac * at(np.log(betas), i) + (1 - frac) * at(clipped_log, i)
+        else:
+            log_variance = at(fixed_large_log, i)
+        x = mean if i == 0 else mean + torch.exp(0.5 * log_variance) * torch.randn(x.shape, generator=generator)
+    return x
+
+
+def relative_difference(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("steps,learn_sigma", [(25, True), (250, True), (25, False)])
+def test_a_converted_dit_samples_as_the_official_sampler(tmp_path, steps, learn_sigma):
+    torch.save(official_state(depth=1, width=32, classes=10, side=4, learn_sigma=learn_sigma), tmp_path / "dit.pt")
+    model, record = load_pretrained(tmp_path / "dit.pt", num_heads=4)  # without learned sigma: issue 27 item 12
+    assert record.diffusion.timestep_spacing == "official" and record.diffusion.learn_sigma == learn_sigma
+    labels = torch.tensor([3, 8])
+    sampling = record.sampling(num=2, steps=steps, labels=labels, seed=5)
+    with torch.no_grad():
+        ours = sample_inputs(model.eval(), record, sampling, progress=False)
+        generator = torch.Generator().manual_seed(5)
+        noise = torch.randn((2, 4, 4, 4), generator=generator)
+        official = official_ddpm_loop(model, noise, labels, steps, 4.0, generator, learn_sigma)
+        trailing = sample_inputs(model, record, record.sampling(sampling, timestep_spacing="trailing"),
+                                 progress=False)
+    assert relative_difference(ours, official) < 1e-5
+    assert relative_difference(trailing, official) > 1e-4  # the spacing ditkit used before: not the official

@@ -81,7 +81,7 @@ class RespacedDDPM:
         channels = sample.shape[1]
         if self.learn_sigma and model_output.shape[1] != 2 * channels:
             raise DitkitError(f"the model outputs {model_output.shape[1]} channels, not the {2 * channels} of a "
-                              "learned-sigma model: set diffusion.learn_sigma to false in its record")
+                              "learned-sigma model: its record's diffusion.learn_sigma must be false")
         eps = model_output[:, :channels]
         pred_x0 = self._at("sqrt_recip_ac", index, sample) * sample - self._at("sqrt_recipm1_ac", index, sample) * eps
         mean = self._at("mean_coef_x0", index, sample) * pred_x0 + self._at("mean_coef_xt", index, sample) * sample

@@ -133,6 +133,9 @@ def denoise_step(scheduler, out: Tensor, t: Tensor, x: Tensor, channels: int, op
     them. `paired`: step the batch twice over, as DiTPipeline steps its guided (cond, uncond) pair,
     so that a stochastic scheduler draws its noise for 2B samples and uses the first B."""
     learned = uses_learned_variance(scheduler)
+    if learned and not like_dit_pipeline and out.shape[1] != 2 * channels:
+        raise DitkitError(f"the model outputs {out.shape[1]} channels, not the {2 * channels} of a learned-sigma "
+                          "model: its record's diffusion.learn_sigma must be false")
     if like_dit_pipeline or not learned:
         out = out[:, :channels]
     if paired:
