@@ -139,6 +139,21 @@ def test_a_converted_checkpoint_samples_and_counts_like_any_other(converted_tiny
     assert code == 0 and "mixer clear" in out and "16x16 px -> 4x8x8 latent (VAE /2) -> 16 tokens" in out
 
 
+def test_ditkit_sample_takes_another_timestep_spacing(converted_tiny, tmp_path, capsys):
+    ckpt = str(converted_tiny / "ckpt")
+    images = {}
+    for spacing in ("official", "trailing"):
+        out = tmp_path / f"{spacing}.png"
+        code, _, _ = run_cli(capsys, "sample", "--ckpt", ckpt, "-n", "1", "--steps", "3", "--timestep-spacing",
+                             spacing, "--out", str(out))
+        assert code == 0
+        images[spacing] = out.read_bytes()
+    assert images["official"] != images["trailing"]
+    code, _, err = run_cli(capsys, "sample", "--ckpt", ckpt, "--timestep-spacing", "official", "--sampler", "ddim",
+                           "--out", str(tmp_path / "g.png"))
+    assert code == 2 and "timestep spacing official is DiT's DDPM sampler, not ddim" in err
+
+
 def test_a_latent_checkpoint_without_a_vae_says_how_to_decode(tmp_path, capsys):
     torch.save(official_state(depth=1, width=64, classes=10, side=8), tmp_path / "dit.pt")
     code, _, _ = run_cli(capsys, "convert", str(tmp_path / "dit.pt"), "--out", str(tmp_path / "c"), "--num-heads", "4")
