@@ -130,6 +130,7 @@ def test_pipeline_folder_record_and_export_round_trip(tmp_path, capsys, pipeline
     d = record.diffusion
     assert (d.objective, d.scheduler["_class_name"], d.step_like_dit_pipeline, d.cfg_scale) == \
         ("ddpm", "DDIMScheduler", True, 4.0)
+    assert d.timestep_spacing == d.scheduler["timestep_spacing"]  # the pipeline's own spacing, kept
     assert record.vae == str((pipeline_folder / "vae").resolve()) and record.resolution == SAMPLE_SIZE * 2
     exported = tmp_path / "exported"
     code, _, err = run_cli(capsys, "export", str(tmp_path / "ckpt"), "--to", "diffusers", str(exported))

@@ -148,6 +148,7 @@ def test_bare_state_dict_converts_exactly(tmp_path):
     d = record.diffusion
     assert (d.objective, d.learn_sigma, d.sampler, d.sample_steps, d.cfg_scale, d.guidance_channels) == \
         ("ddpm", True, "ddpm", 250, 1.5, 3)
+    assert d.timestep_spacing == "official"  # the official DiT sampler, as sample_ddp.py
     assert record.resolution == 256 and record.data.source is None
     assert record.origin == {"format": "official-udit", "path": str((tmp_path / "U-DiT-Nano.pt").resolve()),
                              "weights": "state dict"}
