@@ -99,5 +99,7 @@ def claim_outputs(folder: Path, outputs: tuple[str, ...], *, resume, overwrite: 
                 shutil.rmtree(path)
             else:
                 path.unlink()
-    names = list(dict.fromkeys(own + outputs))
-    atomic_write_text(folder / RECORD_NAME, json.dumps({"command": command, "outputs": names}, indent=2) + "\n")
+    names = tuple(dict.fromkeys(own + outputs))
+    if (owner, recorded) != (command, names):  # a resumed run whose record says it all rewrites nothing
+        record = {"command": command, "outputs": list(names)}
+        atomic_write_text(folder / RECORD_NAME, json.dumps(record, indent=2) + "\n")
