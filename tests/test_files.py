@@ -67,3 +67,25 @@ def test_resuming_a_metrics_log_drops_later_records_and_a_torn_line(tmp_path):
         log.drop_after(2)
     log.close()
     assert read_jsonl(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.5}]
+
+
+@pytest.mark.parametrize("output,role_path,relation", [
+    ("run", "run", "is"),
+    ("run", "run/checkpoints/step_1", "contains"),
+    ("run/student", "run", "lies inside"),
+])
+def test_an_output_over_an_input_is_refused_naming_both(tmp_path, output, role_path, relation):
+    from ditkit.files import refuse_output_over_inputs
+
+    (tmp_path / "run" / "checkpoints" / "step_1").mkdir(parents=True)
+    with pytest.raises(DitkitError, match=f"output folder .*{output} {relation} the teacher .*{role_path}: give "
+                                          "an output folder outside the teacher"):
+        refuse_output_over_inputs(tmp_path / output, {"teacher": tmp_path / role_path})
+
+
+def test_outputs_beside_their_inputs_and_inputs_that_are_no_paths_pass(tmp_path):
+    from ditkit.files import refuse_output_over_inputs
+
+    (tmp_path / "teacher").mkdir()
+    refuse_output_over_inputs(tmp_path / "teacher-student", {"teacher": tmp_path / "teacher", "embeds": None,
+                                                             "hub model": "org/model"})

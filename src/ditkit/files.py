@@ -1,5 +1,5 @@
-"""Files that survive crashes: atomic writes, JSON-lines logs read back after a crash, and the
-lock that gives a run folder to one process at a time.
+"""Files that survive crashes: atomic writes, JSON-lines logs read back after a crash, the lock
+that gives a run folder to one process at a time, and the rule that keeps outputs off inputs.
 
 An atomic write goes to a hidden temporary file beside the target, which is flushed to disk and
 then renamed over the target: a reader (or a resumed run) sees the old file or the new one, never
@@ -133,6 +133,33 @@ def is_disk_full(error: BaseException, folder: str | Path | None = None) -> bool
         return shutil.disk_usage(folder).free < NEARLY_FULL_BYTES
     except OSError:
         return False
+
+
+def refuse_output_over_inputs(output: str | Path, inputs: dict[str, str | Path | None],
+                              what: str = "output folder") -> None:
+    """The input-ownership rule: an output that is, contains or lies inside one of `inputs` (role ->
+    path; missing paths and None are skipped) is refused before anything is written, since its writes,
+    its --overwrite or its cleaning would replace the input's files."""
+    out = Path(output).resolve()
+    for role, given in inputs.items():
+        if given is None or not Path(given).exists():
+            continue
+        source = Path(given).resolve()
+        relation = ("is" if out == source else "contains" if out in source.parents
+                    else "lies inside" if source in out.parents else None)
+        if relation is not None:
+            raise DitkitError(f"{what} {output} {relation} the {role} {given}: give an output folder outside "
+                              f"the {role} (and not holding it)")
+
+
+def refuse_non_empty_folder(folder: str | Path, what: str) -> None:
+    """An output folder that must be new: a file there, or a folder with anything in it, is refused
+    (writing into it would mix `what` with files it does not own, or silently replace an earlier one)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise DitkitError(f"{folder} is a file: give a new folder to write {what} to")
+    if folder.is_dir() and any(folder.iterdir()):
+        raise DitkitError(f"{folder} exists and is not empty: choose a new folder to write {what} to")
 
 
 LOCK_NAME = ".ditkit.lock"

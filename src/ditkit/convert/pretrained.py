@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from ..checkpoint import META_KEY, load_checkpoint, load_state, read_header, save_weights
 from ..data.latents import load_vae, vae_scale
 from ..errors import DitkitError
+from ..files import refuse_non_empty_folder, refuse_output_over_inputs
 from ..models import build_model
 from ..record import RunRecord
 
@@ -172,8 +173,12 @@ def load_pretrained(path: str | Path, options: ConvertOptions | None = None, dev
 
 
 def convert_to_checkpoint(path: str | Path, out: str | Path, options: ConvertOptions | None = None) -> Path:
-    """Convert published weights and write them as a ditkit checkpoint folder `out`."""
+    """Convert published weights and write them as a ditkit checkpoint folder `out`, which must be new
+    (or empty): in a run folder the conversion would take the place of the run's own checkpoints
+    wherever the folder is loaded, and in an earlier conversion's folder it would silently replace it."""
 
+    refuse_output_over_inputs(out, {"source": path}, what="--out")
+    refuse_non_empty_folder(out, "the converted checkpoint")
     converted = convert_pretrained(path, options)
     build_converted(converted)  # every tensor fits the inferred config before anything is written
     return save_weights(out, converted.state, converted.record)

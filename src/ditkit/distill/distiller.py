@@ -320,11 +320,16 @@ class Distiller:
             if self.is_main:  # one process holds the folder; all stop with its refusal
                 try:
                     stack.enter_context(own_run_folder(self.out_dir, DISTILL_OUTPUTS, resume=resume,
-                                                       overwrite=overwrite, command="ditkit distill"))
+                                                       overwrite=overwrite, command="ditkit distill",
+                                                       inputs=self.inputs()))
                 except DitkitError as error:
                     refusal = str(error)
             broadcast_refusal(refusal)
             return self._run(resume)
+
+    def inputs(self) -> dict[str, str | None]:
+        """What the distillation reads, which its output folder must keep clear of."""
+        return {"teacher": self.cfg.teacher, "prompt embeddings file": self.cfg.prompt_embeds}
 
     def _run(self, resume: str | bool | None) -> dict:
         cfg, teacher = self.cfg, self.teacher

@@ -174,34 +174,69 @@ def _train(net, optimizer, data, train_idx, epochs, generator, progress) -> None
             optimizer.step()
 
 
+CACHE_KIND = "ditkit-digits feature cache"  # what a cache file says it is (files from before this: see _is_cache)
+
+
 def digits_features(path: str | Path | None = None, progress: bool = True, epochs: int = 12) -> DigitsNet:
     """The cached ditkit-digits net (default: <cache>/features/ditkit-digits-v1.pt), trained on first use.
-    The cache is written atomically (a full disk leaves no truncated file for later runs to trip on),
-    and a damaged one is retrained, with a warning."""
+
+    The cache is written atomically (a full disk leaves no truncated file for later runs to trip on)
+    and says what it is (`CACHE_KIND`). A file at `path` that is not such a cache (a checkpoint, other
+    weights: anything ditkit did not write there as this cache) is refused, never replaced. A damaged
+    cache is trained again, with a warning; a torch file that cannot be read is first set aside as
+    PATH.damaged, since nothing shows who wrote it."""
     path = Path(path) if path else cache_dir() / "features" / "ditkit-digits-v1.pt"
+    if path.exists() and not path.is_file():
+        raise DitkitError(f"the ditkit-digits feature cache path {path} is a folder: give a file path")
     net = _cached_digits_net(path) if path.is_file() else None
     if net is None:
         net, accuracy = train_digits_net(epochs=epochs, progress=progress)
         net.accuracy = accuracy
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
-            torch.save({"state_dict": net.state_dict(), "accuracy": net.accuracy}, tmp)
+            torch.save({"kind": CACHE_KIND, "state_dict": net.state_dict(), "accuracy": net.accuracy}, tmp)
     net.name, net.comparable = "ditkit-digits", False
     return net.eval().requires_grad_(False)
 
 
 def _cached_digits_net(path: Path) -> DigitsNet | None:
-    """The net saved at `path`, or None (with a warning) when the file is damaged."""
-    net = DigitsNet()
+    """The net saved at `path`, or None (with a warning) when the cache is damaged; a DitkitError
+    when the file is not a ditkit-digits cache."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # torch.save's zip: a safetensors or other file is someone else's
+            raise _not_a_cache(path, "it is not a torch file")
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, refused pickle: damage, but nothing says it is ours
+        damaged = path.with_name(path.name + ".damaged")
+        path.replace(damaged)
+        warnings.warn(f"the ditkit-digits feature cache {path} is damaged ({type(error).__name__}; kept as "
+                      f"{damaged}): training it again", stacklevel=3)
+        return None
+    if not _is_cache(saved):
+        raise _not_a_cache(path, "it holds other tensors")
+    net = DigitsNet()
+    try:
         net.load_state_dict(saved["state_dict"])
-    except Exception as error:  # truncated zip, refused pickle, wrong keys: all mean "not this cache"
+    except (RuntimeError, TypeError, AttributeError) as error:  # ditkit's cache, with the wrong tensors
         warnings.warn(f"the ditkit-digits feature cache {path} is damaged ({type(error).__name__}): training it "
                       "again", stacklevel=3)
         return None
     net.accuracy = saved["accuracy"]
     return net
+
+
+def _is_cache(saved: object) -> bool:
+    """Whether a loaded file is a ditkit-digits cache: it says so, or (written before it did) holds
+    exactly the net's state and accuracy."""
+    if not isinstance(saved, dict):
+        return False
+    return saved.get("kind") == CACHE_KIND or set(saved) == {"state_dict", "accuracy"}
+
+
+def _not_a_cache(path: Path, why: str) -> DitkitError:
+    return DitkitError(f"{path} is not a ditkit-digits feature cache ({why}), so ditkit will not replace it: give "
+                       "--features-path a new file (the cache is trained there) or the cache ditkit wrote")
 
 
 def build_features(name: str, inception_weights: str | Path | None = None, features_path: str | Path | None = None,

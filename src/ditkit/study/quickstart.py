@@ -29,7 +29,7 @@ from ..data.images import image_grid, save_image
 from ..diffusion.pipeline import UpscaleChain, default_labels, generate, generate_upscaled
 from ..distill import DistillConfig
 from ..errors import DitkitError
-from ..files import FolderLock, atomic_path, atomic_write_text
+from ..files import atomic_path, atomic_write_text
 from ..metrics.agreement import agreement
 from ..metrics.bench import device_name, run_bench, write_report
 from ..metrics.features import build_features
@@ -37,6 +37,7 @@ from ..metrics.quality import label_accuracy, load_reference
 from ..metrics.score import Scores, score_checkpoint, score_images
 from ..record import Sampling
 from ..train import load_config
+from ..train.runfolder import own_run_folder
 from .quickstart_report import quickstart_report
 from .quickstart_samples import SAMPLE_SETS, UPSCALE_STRENGTH, SampleSet, load_images, save_images
 from .stages import Stage, StageRunner, distill_stage, format_seconds, train_stage
@@ -284,6 +285,11 @@ STAGES = (
 )
 
 
+# What the quickstart writes in its folder: its settings, the stages' outputs and markers, the report's copies.
+QUICKSTART_OUTPUTS = ("quickstart.json", ".stages", *(name for stage in STAGES for name in stage.outputs),
+                      "samples-*.png", "teacher-loss.png", "distill-loss.png", "distill-compare.png", "bench.png")
+
+
 def quickstart(out_dir: str | Path = "runs/quickstart", settings: QuickstartSettings | None = None, *,
                device: str = "cpu", features_path: str | Path | None = None, progress: bool = True,
                log=print) -> Path:
@@ -291,7 +297,8 @@ def quickstart(out_dir: str | Path = "runs/quickstart", settings: QuickstartSett
     returns the path of report.md."""
     qs = Quickstart(out_dir, settings or QuickstartSettings(), device=device, features_path=features_path,
                     progress=progress, log=log)
-    with FolderLock(qs.out, "ditkit quickstart"):  # one quickstart at a time in a folder
+    # One quickstart at a time in a folder, never mixed into another command's run; always resumed.
+    with own_run_folder(qs.out, QUICKSTART_OUTPUTS, resume=True, overwrite=False, command="ditkit quickstart"):
         qs.runner.check_settings(asdict(qs.settings))
         s = qs.settings
         log(f"ditkit quickstart in {qs.out} (scale {s.scale}: teacher {s.teacher_steps} steps, student "
