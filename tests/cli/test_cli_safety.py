@@ -210,3 +210,18 @@ def test_quickstart_refuses_a_training_run_folder(run_copy, monkeypatch):
     with pytest.raises(DitkitError, match="holds a `ditkit train` run: give `ditkit quickstart` another output"):
         quickstart_module.quickstart(run_copy, log=lambda _: None)
     assert tree(run_copy) == before
+
+
+def test_train_refuses_an_output_folder_inside_its_image_folder(tmp_path, capsys):
+    from PIL import Image
+
+    data = tmp_path / "images"
+    for label in ("a", "b"):
+        (data / label).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (16, 16), (60 * i, 90, 30)).save(data / label / f"{i}.png")
+    before = tree(data)
+    code, _, err = run_cli(capsys, "train", "digits", *tiny_run(data / "run"), f"data.source={data}",
+                           "--no-progress")
+    assert code == 2 and err.count("\n") == 1
+    assert f"the data.source {data}" in err and "outside" in err and tree(data) == before

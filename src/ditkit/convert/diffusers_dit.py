@@ -60,7 +60,7 @@ from ..diffusers.folders import is_diffusers_folder
 from ..diffusion.objectives import build_objective
 from ..diffusion.sampling import make_scheduler, scheduler_from_config
 from ..errors import DitkitError
-from ..files import atomic_path
+from ..files import atomic_path, refuse_non_empty_folder
 from ..models.dit import DiTConfig
 from ..models.layers import sincos_pos_embed_2d
 from ..record import DataSettings, DiffusionSettings, RunRecord
@@ -405,12 +405,10 @@ def export_diffusers(ckpt: str | Path, out: str | Path, ema: bool = True, approx
     the trained one's (`timestep_approximation`)."""
     from safetensors.torch import save_file
 
-
+    out = Path(out)
+    refuse_non_empty_folder(out, "the export")  # before the checkpoint is read
     model, record = load_checkpoint(ckpt, ema=ema)
     cfg = _check_exportable(record, approximate_timesteps)
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise DitkitError(f"{out} exists and is not empty: choose a new folder to export to")
     _write_json(out / "transformer" / "config.json", transformer_config(cfg, record.resolution))
     with atomic_path(out / "transformer" / WEIGHTS) as tmp:
         save_file(ditkit_to_diffusers(model.state_dict(), cfg.depth), tmp, metadata={"format": "pt"})

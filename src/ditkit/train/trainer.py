@@ -221,6 +221,11 @@ class Trainer:
                                   f"{last_checkpoint(self.out_dir / 'checkpoints') or 'none yet'}: free space, then "
                                   "run again with --resume") from error
 
+    def inputs(self) -> dict[str, str | None]:
+        """What the run reads, which its output folder must keep clear of (a built-in dataset's name is
+        no path and is skipped)."""
+        return {"data.source": self.cfg.data.source, "data.vae": self.cfg.data.vae}
+
     @contextmanager
     def _own_out_dir(self, resume, overwrite: bool) -> Iterator[None]:
         """The main process holds out_dir (runfolder.own_run_folder); every process stops with its refusal."""
@@ -230,7 +235,8 @@ class Trainer:
             if acc.is_main_process:
                 try:
                     stack.enter_context(own_run_folder(self.out_dir, TRAIN_OUTPUTS, resume=resume,
-                                                       overwrite=overwrite, command="ditkit train"))
+                                                       overwrite=overwrite, command="ditkit train",
+                                                       inputs=self.inputs()))
                 except DitkitError as error:
                     refusal = str(error)
             if acc.num_processes > 1:
