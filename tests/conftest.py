@@ -2,8 +2,10 @@ import pytest
 import torch
 from torch import nn
 
+from ditkit.cli.main import main
 from ditkit.mixers import MIXERS, AttentionMixer, TokenMixer, registered_mixer
 from ditkit.models import BACKBONES, NAMED_MODELS
+from helpers import tiny_run
 from mixers import windowed_mixer as windowed
 
 
@@ -83,3 +85,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A tiny digits run trained for 2 steps (helpers.tiny_run), once per test module."""
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    assert main(["train", "digits", *tiny_run(run, "train.steps=2"), "--no-progress"]) == 0
+    return run

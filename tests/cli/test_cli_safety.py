@@ -8,15 +8,6 @@ import pytest
 from helpers import run_cli, tiny_run
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    from ditkit.cli.main import main
-
-    run = tmp_path_factory.mktemp("cli") / "run"
-    assert main(["train", "digits", *tiny_run(run, "train.steps=2"), "--no-progress"]) == 0
-    return run
-
-
 def test_options_may_come_before_overrides_and_resume_takes_no_override(tmp_path, capsys):
     run = tmp_path / "run"
     code, _, err = run_cli(capsys, "train", "digits", "--no-progress", *tiny_run(run, "train.steps=2"))

@@ -6,25 +6,15 @@ import torch
 from ditkit.metrics.quality import evaluate, legibility, load_reference, sample_checkpoint
 from ditkit.metrics.score import score_checkpoint, score_images
 from ditkit.record import Sampling
-from helpers import tiny_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def digits_ckpt(tmp_path_factory):
-    from ditkit.cli.main import main
-
-    run = tmp_path_factory.mktemp("score") / "run"
-    assert main(["train", "digits", *tiny_run(run, "train.steps=2"), "--no-progress"]) == 0
-    return run
-
-
-def test_scoring_a_checkpoint_equals_sampling_then_evaluating(digits_ckpt, digits_features_path):
+def test_scoring_a_checkpoint_equals_sampling_then_evaluating(tiny_ckpt, digits_features_path):
     sampling = Sampling(num=6, seed=3)
-    scores = score_checkpoint(digits_ckpt, sampling, "digits", num_reference=12, features_path=digits_features_path,
+    scores = score_checkpoint(tiny_ckpt, sampling, "digits", num_reference=12, features_path=digits_features_path,
                               batch_size=4, seed=1, progress=False)
-    images, record = sample_checkpoint(digits_ckpt, sampling, batch_size=4, progress=False)
+    images, record = sample_checkpoint(tiny_ckpt, sampling, batch_size=4, progress=False)
     reference = load_reference("digits", 12, resolution=images.shape[-2], seed=1)
     assert torch.equal(scores.images, images) and scores.seconds > 0
     assert scores.quality == evaluate(images, reference, features_path=digits_features_path, batch_size=4, seed=1,
@@ -34,8 +24,8 @@ def test_scoring_a_checkpoint_equals_sampling_then_evaluating(digits_ckpt, digit
     assert scores.agreement is None
 
 
-def test_pairs_are_compared_and_the_summary_is_what_eval_writes(digits_ckpt, digits_features_path):
-    images, record = sample_checkpoint(digits_ckpt, Sampling(num=4, seed=0), progress=False)
+def test_pairs_are_compared_and_the_summary_is_what_eval_writes(tiny_ckpt, digits_features_path):
+    images, record = sample_checkpoint(tiny_ckpt, Sampling(num=4, seed=0), progress=False)
     reference = load_reference("digits", 8, resolution=images.shape[-2])
     scores = score_images(images, reference, features_path=digits_features_path, pair_with=images, progress=False)
     assert scores.legibility is None and scores.agreement["psnr"] == float("inf")  # no record: no classes asked

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..distributed.sharded_load import WeightFiles, single_weight_file, stored_tensors
 from ..errors import DitkitError
+from ..files import read_json
 
 MODEL_INDEX = "model_index.json"
 CONFIG = "config.json"
@@ -17,19 +18,11 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX = WEIGHTS + ".index.json"
 
 
-def read_json(file: Path, what: str):
-    """The JSON value in `file`, or a one-line refusal naming `what` it should be."""
-    try:
-        return json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DitkitError(f"{file} is not a JSON config ({error}): give {what}") from error
-
-
 def model_class_name(config_file: Path) -> str | None:
     """The `_class_name` a diffusers config.json names, or None when the file is not one."""
     if not (config_file.is_file() and config_file.suffix == ".json"):
         return None
-    values = read_json(config_file, "a diffusers config.json")
+    values = read_json(config_file, "diffusers config")
     return values.get("_class_name") if isinstance(values, dict) else None
 
 
@@ -68,7 +61,7 @@ def pipeline_index(folder: str | Path) -> dict:
     if not index_file.is_file():
         raise DitkitError(f"{folder} is not a diffusers pipeline folder (no {MODEL_INDEX}): pass the folder "
                           f"that holds {MODEL_INDEX} (e.g. a FLUX.1-dev download)")
-    index = read_json(index_file, f"a diffusers {MODEL_INDEX}")
+    index = read_json(index_file, f"diffusers {MODEL_INDEX}")
     if not isinstance(index, dict):
         raise DitkitError(f"{index_file} is not a JSON object: download the pipeline folder again")
     return index
