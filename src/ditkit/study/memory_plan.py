@@ -63,6 +63,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import META_KEY, read_header
+from ..diffusers.adapters import adapter_for
 from ..diffusers.clear import apply_clear, attention_taps, remove_clear
 from ..diffusers.folders import diffusers_config_file
 from ..diffusion.pipeline import input_size
@@ -83,7 +84,6 @@ REGIMES = ("train", "distill")
 PRECISIONS = ("fp32", "bf16")
 STRATEGIES = ("DDP", "FSDP")
 BYTES = {"fp32": 4, "bf16": 2}
-TEXT_TOKENS = {"FluxTransformer2DModel": 512, "SD3Transformer2DModel": 333}  # T5 512; SD3: 77 CLIP + 256 T5
 DIFFUSERS_VAE_SCALE = 8
 
 
@@ -176,7 +176,7 @@ def diffusers_subject(config_file: Path, text_tokens: int | None = None) -> Subj
                           "give one of those configs")
     with torch.device("meta"):
         transformer = getattr(diffusers, class_name).from_config(config)
-    tokens = text_tokens or TEXT_TOKENS[class_name]
+    tokens = text_tokens or adapter_for(transformer, "memory planning").prompt_tokens
     denoiser = FlowDenoiser(transformer, torch.zeros(1, tokens, transformer.config.joint_attention_dim, device="meta"),
                             torch.zeros(1, transformer.config.pooled_projection_dim, device="meta"))
     patch = denoiser.token_patch

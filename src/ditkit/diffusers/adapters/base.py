@@ -45,6 +45,7 @@ class DiffusersAdapter(ABC):
     pooled_prompts = True  # encode_prompt gives pooled embeddings too (else attention masks)
     img2img = True  # diffusers has an img2img pipeline for it (the upscale chain's second pass)
     flow = False  # a flow-matching model `ditkit distill` can take as its teacher (`denoise`)
+    prompt_tokens = 0  # text tokens of its pipeline's prompt embeddings (flow models: what memory plans assume)
 
     # -- the model ------------------------------------------------------------------------------
     def model_class(self) -> type[nn.Module]:

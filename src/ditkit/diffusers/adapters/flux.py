@@ -53,6 +53,7 @@ class FluxAdapter(DiffusersAdapter):
     needed_encoders = ("text_encoder", "text_encoder_2")
     guidance_needs_negatives = False  # FLUX.1-dev's guidance is an input of the transformer
     flow = True
+    prompt_tokens = 512  # T5's sequence length in FluxPipeline
 
     def token_patch(self, transformer: nn.Module) -> int:
         return 2  # FluxPipeline packs 2x2 latent pixels into a token (its config's patch_size is 1)

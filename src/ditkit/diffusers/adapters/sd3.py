@@ -50,6 +50,7 @@ class SD3Adapter(PatchEmbedAdapter):
     pipelines = ("StableDiffusion3Pipeline",)
     needed_encoders = ("text_encoder", "text_encoder_2")  # SD3 runs without its T5 (text_encoder_3)
     flow = True
+    prompt_tokens = 333  # 77 CLIP + 256 T5 tokens in StableDiffusion3Pipeline
 
     def check_positions(self, positions: str) -> None:
         if positions == "ntk":
