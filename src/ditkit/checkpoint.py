@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import DitkitError
-from .files import atomic_path, atomic_write_text, fsync_file, is_disk_full, read_json, remove_temporary_files
+from .files import atomic_path, atomic_write_text, fsync_file, read_json, remove_temporary_files, writing
 from .mixers import MixerSpec, swap_mixers
 from .models import build_model
 from .record import RunRecord
@@ -103,15 +103,19 @@ def save_checkpoint(root: Path, step: int, *, model: nn.Module | dict[str, torch
 
 
 def _write_durably(write, path: Path, shown: Path, root: Path) -> None:
-    """`write(path)`, synced to disk; a full disk becomes a one-line error naming `shown`."""
-    try:
+    """`write(path)`, synced to disk; a storage fault becomes a one-line error naming `shown`."""
+    with writing(shown, folder=root, after=resume_advice(root)):
         write(path)
         fsync_file(path)
-    except (OSError, RuntimeError) as error:
-        if not is_disk_full(error, root):
-            raise
-        raise DitkitError(f"disk full while writing {shown}; the last complete checkpoint is "
-                          f"{last_checkpoint(root) or 'none yet'}: free space, then run again with --resume") from error
+
+
+def resume_advice(root: Path) -> str:
+    """What works after a run under `root` (its checkpoints folder) stopped: resume from its last
+    complete checkpoint, or, when it has none, start it again."""
+    last = last_checkpoint(root)
+    if last is None:
+        return "no checkpoint was written yet: then start again with --overwrite"
+    return f"the last complete checkpoint is {last}: then run again with --resume"
 
 
 def last_checkpoint(root: Path) -> Path | None:

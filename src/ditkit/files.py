@@ -58,9 +58,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        yield tmp
-        fsync_file(tmp)
-        os.replace(tmp, path)
+        with writing(path):
+            yield tmp
+            fsync_file(tmp)
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # gone after the rename; only a failed write leaves it
     _fsync_folder(path.parent)
@@ -119,20 +120,93 @@ def read_json(path: str | Path, what: str = "file") -> object:
 # writer called its error (torch.save and safetensors report a failed write without an errno).
 NEARLY_FULL_BYTES = 1 << 20
 
+# What a failed write means, by errno, and what the user can do about it.
+STORAGE_ERRNOS = {
+    errno.ENOSPC: ("the disk is full", "free space or write elsewhere"),
+    errno.EDQUOT: ("the disk quota is used up", "free space or write elsewhere"),
+    errno.EROFS: ("the location is read-only", "write to a writable folder"),
+    errno.EACCES: ("permission denied", "write to a folder you may write in"),
+    errno.EPERM: ("permission denied", "write to a folder you may write in"),
+    errno.EFBIG: ("the file is larger than the file system (or a size limit) allows", "write elsewhere"),
+}
+# Writers that report a failed write without an errno (safetensors' Rust code, torch.save's zip
+# writer) still name the cause in their message.
+STORAGE_MESSAGES = {
+    "No space left on device": errno.ENOSPC, "os error 28": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+    "Read-only file system": errno.EROFS, "os error 30": errno.EROFS, "Permission denied": errno.EACCES,
+    "File too large": errno.EFBIG, "os error 27": errno.EFBIG,
+}
+
+
+def storage_errno(error: BaseException, folder: str | Path | None = None) -> int | None:
+    """The errno of the storage fault behind `error` (raised while writing in `folder`), looking
+    through its causes and messages; None when `error` is not a storage fault."""
+    causes, cause = [], error
+    while cause is not None and len(causes) < 8:
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    for cause in causes:
+        if isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS:
+            return cause.errno
+        for text, number in STORAGE_MESSAGES.items():
+            if text in str(cause):
+                return number
+    if folder is not None and isinstance(error, OSError | RuntimeError):  # torch's zip writer: "enforce fail"
+        try:
+            if shutil.disk_usage(folder).free < NEARLY_FULL_BYTES:
+                return errno.ENOSPC
+        except OSError:
+            pass
+    return None
+
 
 def is_disk_full(error: BaseException, folder: str | Path | None = None) -> bool:
     """Whether `error`, raised while writing in `folder`, means the disk (or quota) is full."""
-    for cause in (error, error.__cause__, error.__context__):
-        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if cause is not None and ("No space left on device" in str(cause) or "os error 28" in str(cause)):
-            return True
-    if folder is None or not isinstance(error, OSError | RuntimeError):
-        return False
+    return storage_errno(error, folder) in (errno.ENOSPC, errno.EDQUOT)
+
+
+def storage_failure(error: BaseException, path: str | Path, folder: str | Path | None = None,
+                    after: str = "") -> DitkitError | None:
+    """A one-line error for a storage fault behind `error` while writing `path` (None when it is
+    some other error): what went wrong, where, what to do, and `after` (what then, e.g. how to
+    resume)."""
+    number = storage_errno(error, folder if folder is not None else Path(path).parent)
+    if number is None:
+        return None
+    why, fix = STORAGE_ERRNOS[number]
+    path = _named_file(error) or path
+    return DitkitError(f"could not write {path}: {why}; {fix}" + (f"; {after}" if after else ""))
+
+
+def _is_temporary(path: str) -> bool:
+    """An atomic write's temporary file (.NAME.tmpPID) or a file in a checkpoint's staging folder."""
+    return any(part.startswith(".") and ".tmp" in part for part in Path(path).parts)
+
+
+def _named_file(error: BaseException) -> str | None:
+    """The file an OSError in `error`'s chain names (an open or a rename says which; a failed
+    write() does not), so that a message names the file rather than its folder; a temporary file
+    of an atomic write is not named (its caller names the file it stands for)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.filename and not _is_temporary(str(error.filename)):
+            return str(error.filename)
+        error = error.__cause__ or error.__context__
+    return None
+
+
+@contextmanager
+def writing(path: str | Path, folder: str | Path | None = None, after: str = "") -> Iterator[None]:
+    """Run a write of `path`; a storage fault (full disk, read-only location, no permission, any
+    writer's way of saying so) becomes a one-line DitkitError naming `path` (see storage_failure)."""
     try:
-        return shutil.disk_usage(folder).free < NEARLY_FULL_BYTES
-    except OSError:
-        return False
+        yield
+    except DitkitError:
+        raise
+    except Exception as error:
+        failure = storage_failure(error, path, folder, after)
+        if failure is None:
+            raise
+        raise failure from error
 
 
 def refuse_output_over_inputs(output: str | Path, inputs: dict[str, str | Path | None],

@@ -162,8 +162,9 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_orphan(tmp_pa
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint_module, "save_file", full_disk)
-    with pytest.raises(DitkitError, match=r"disk full while writing .*step_0000004/model.safetensors; the last "
-                                          r"complete checkpoint is .*step_0000002: free space, then run again"):
+    with pytest.raises(DitkitError, match=r"could not write .*step_0000004/model.safetensors: the disk is full; "
+                                          r"free space .*; the last complete checkpoint is .*step_0000002: then run "
+                                          r"again with --resume"):
         train(load_config(None, tiny_run(run)), resume=True, progress=False)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_0000002"]
 
@@ -173,8 +174,8 @@ def test_a_full_disk_elsewhere_in_the_run_is_one_line(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
 
     monkeypatch.setattr(MetricsLog, "write", full_disk)
-    with pytest.raises(DitkitError, match="disk full while writing .*metrics.jsonl; the last complete checkpoint is "
-                                          "none yet"):
+    with pytest.raises(DitkitError, match="could not write .*metrics.jsonl: the disk is full; .*no checkpoint was "
+                                          "written yet: then start again with --overwrite"):
         train(load_config(None, tiny_run(tmp_path / "run")), progress=False)
 
 

@@ -298,7 +298,8 @@ def quickstart(out_dir: str | Path = "runs/quickstart", settings: QuickstartSett
     qs = Quickstart(out_dir, settings or QuickstartSettings(), device=device, features_path=features_path,
                     progress=progress, log=log)
     # One quickstart at a time in a folder, never mixed into another command's run; always resumed.
-    with own_run_folder(qs.out, QUICKSTART_OUTPUTS, resume=True, overwrite=False, command="ditkit quickstart"):
+    with own_run_folder(qs.out, QUICKSTART_OUTPUTS, resume=True, overwrite=False, command="ditkit quickstart",
+                        checkpointed=False):
         qs.runner.check_settings(asdict(qs.settings))
         s = qs.settings
         log(f"ditkit quickstart in {qs.out} (scale {s.scale}: teacher {s.teacher_steps} steps, student "

@@ -192,7 +192,8 @@ def run_study(config: StudyConfig, out_dir: str | Path, *, resume: bool = False,
     holding a study made with another config is refused."""
     plans = plan_study(config)
     study = Study(config, plans, out_dir, device=device, features_path=features_path, progress=progress, log=log)
-    with own_run_folder(study.out, STUDY_OUTPUTS, resume=resume, overwrite=overwrite, command="ditkit study"):
+    with own_run_folder(study.out, STUDY_OUTPUTS, resume=resume, overwrite=overwrite, command="ditkit study",
+                        checkpointed=False):
         study.runner.check_settings(study.settings())
         log(f"ditkit study {config.title!r} in {study.out}: {len(plans)} arms (device {device})")
         for plan in plans.values():

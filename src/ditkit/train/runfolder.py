@@ -40,16 +40,17 @@ LEGACY_MARKERS = (("distill.json", "ditkit distill"), ("study.json", "ditkit stu
 
 @contextmanager
 def own_run_folder(folder: str | Path, outputs: tuple[str, ...], *, resume, overwrite: bool,
-                   command: str, inputs: dict[str, str | Path | None] | None = None) -> Iterator[None]:
+                   command: str, inputs: dict[str, str | Path | None] | None = None,
+                   checkpointed: bool = True) -> Iterator[None]:
     """Hold `folder` for the block: checked against `inputs` (role -> path), locked, claimed and
     cleaned (see the module docstring). `outputs` are the names (or glob patterns) of what the run
-    writes there."""
+    writes there; a `checkpointed` run resumes from checkpoints/ (a study resumes from its records)."""
     folder = Path(folder)
     refuse_output_over_inputs(folder, inputs or {})
     if folder.exists() and not folder.is_dir():
         raise DitkitError(f"output folder {folder} is a file: give a folder")
     with FolderLock(folder, command):
-        claim_outputs(folder, outputs, resume=resume, overwrite=overwrite, command=command)
+        claim_outputs(folder, outputs, resume=resume, overwrite=overwrite, command=command, checkpointed=checkpointed)
         remove_temporary_files(folder)
         remove_orphans(folder / "checkpoints")
         yield
@@ -74,7 +75,7 @@ def folder_owner(folder: Path) -> tuple[str | None, tuple[str, ...]]:
 
 
 def claim_outputs(folder: Path, outputs: tuple[str, ...], *, resume, overwrite: bool,
-                  command: str = "ditkit train") -> None:
+                  command: str = "ditkit train", checkpointed: bool = True) -> None:
     """Refuse a folder holding a previous run unless the run resumes it (--overwrite removes what
     ditkit recorded writing there), another command's run, or files ditkit did not write; then
     record the folder as this command's run."""
@@ -89,11 +90,16 @@ def claim_outputs(folder: Path, outputs: tuple[str, ...], *, resume, overwrite: 
         names = ", ".join(path.name for path in previous)
         raise DitkitError(f"{folder} holds files that ditkit did not write ({names}): move them away, or use "
                           "another output folder")
+    resumable = not checkpointed or bool(list_checkpoints(folder / "checkpoints"))
+    if previous and resume is True and not resumable:
+        raise DitkitError(f"{folder} holds a run that stopped before its first checkpoint, so there is nothing to "
+                          "resume: start it again with --overwrite")
     if previous and not resume:
         if not overwrite:
             names = ", ".join(path.name for path in previous)
-            raise DitkitError(f"{folder} holds a previous run ({names}): continue it with --resume, use another "
-                              "output folder, or replace it with --overwrite")
+            then = "continue it with --resume" if resumable else "it stopped before its first checkpoint"
+            raise DitkitError(f"{folder} holds a previous run ({names}): {then}, use another output folder, or "
+                              "replace it with --overwrite")
         for path in sorted({path for pattern in own for path in folder.glob(pattern)}):
             if path.is_dir():
                 shutil.rmtree(path)

@@ -29,11 +29,11 @@ from tqdm.auto import tqdm
 from ..checkpoint import (
     META_KEY,
     find_checkpoint,
-    last_checkpoint,
     load_state,
     load_torch_file,
     read_header,
     read_weights,
+    resume_advice,
     save_checkpoint,
 )
 from ..data import build_dataset, cached_latents
@@ -54,7 +54,7 @@ from ..distributed.sharding import (
     update_sharded_ema,
 )
 from ..errors import DitkitError
-from ..files import atomic_write_text, is_disk_full, read_json
+from ..files import atomic_write_text, read_json, writing
 from ..models import build_model, model_config
 from ..record import DataSettings, RunRecord
 from .config import TrainConfig
@@ -211,15 +211,9 @@ class Trainer:
         """Train (`resume`: True for out_dir's latest checkpoint, or a checkpoint path); returns the last
         checkpoint. The run owns out_dir meanwhile; `overwrite` replaces a previous run found there."""
         with self._own_out_dir(resume, overwrite):
-            try:
+            # A storage fault outside a checkpoint write (metrics, samples): one line, with what then works.
+            with writing(self.out_dir, folder=self.out_dir, after=resume_advice(self.out_dir / "checkpoints")):
                 return self._train(resume)
-            except (OSError, RuntimeError) as error:
-                if not is_disk_full(error, self.out_dir):
-                    raise
-                file = getattr(error, "filename", None) or f"in {self.out_dir}"
-                raise DitkitError(f"disk full while writing {file}; the last complete checkpoint is "
-                                  f"{last_checkpoint(self.out_dir / 'checkpoints') or 'none yet'}: free space, then "
-                                  "run again with --resume") from error
 
     def inputs(self) -> dict[str, str | None]:
         """What the run reads, which its output folder must keep clear of (a built-in dataset's name is
