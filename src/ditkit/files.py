@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -68,6 +69,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 TEMPORARY = re.compile(r"^\..+\.tmp\d+$")  # atomic_path's temporary files: .NAME.tmpPID
+
+
+@contextmanager
+def staged_folder(folder: str | Path) -> Iterator[Path]:
+    """A hidden folder beside `folder` to write a whole folder's content in; when the block ends
+    normally it is renamed to `folder` (absent or empty), else removed: readers see the complete
+    folder or none, and a full disk leaves nothing behind. Storage faults are one line naming `folder`."""
+    folder = Path(folder)
+    stage = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    try:
+        with writing(folder):
+            stage.mkdir(parents=True)
+            yield stage
+            os.replace(stage, folder)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # gone after the rename; only a failed write leaves it
+    _fsync_folder(folder.parent)
 
 
 def remove_temporary_files(folder: str | Path) -> None:
@@ -209,6 +227,40 @@ def writing(path: str | Path, folder: str | Path | None = None, after: str = "")
         raise failure from error
 
 
+def storage_fault_message(error: BaseException) -> str | None:
+    """A one-line message for a storage fault that reached the top of a command outside any
+    `writing` block (None when `error` is something else): the file it names, what went wrong."""
+    number = storage_errno(error)
+    if number is None:
+        return None
+    why, fix = STORAGE_ERRNOS[number]
+    file = _named_file(error)
+    if file is None:
+        return f"{why}; {fix}"
+    # permission faults happen on reads too; the others only when writing
+    return f"{file}: {why}; {fix}" if number in (errno.EACCES, errno.EPERM) else f"could not write {file}: {why}; {fix}"
+
+
+def check_writable(folder: str | Path, what: str = "output") -> Path:
+    """Fail before the work, not after it: `folder` must exist or be creatable, and a file must be
+    writable in it. Tried with a real write (a permission check would pass for root on a read-only
+    file system); a folder that does not exist yet is tried in its nearest existing parent."""
+    folder = Path(folder)
+    existing = next(path for path in (folder, *folder.absolute().parents) if path.exists())
+    if not existing.is_dir():
+        raise DitkitError(f"cannot write the {what} in {folder}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".ditkit-probe-") as probe:
+            probe.write(b"ditkit")
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as error:
+        failure = storage_failure(error, existing / ".ditkit-probe")
+        why = str(failure).split(": ", 1)[1] if failure else str(error)
+        raise DitkitError(f"cannot write the {what} in {folder}: {why}") from error
+    return folder
+
+
 def refuse_output_over_inputs(output: str | Path, inputs: dict[str, str | Path | None],
                               what: str = "output folder") -> None:
     """The input-ownership rule: an output that is, contains or lies inside one of `inputs` (role ->
@@ -279,9 +331,10 @@ class FolderLock:
         if previous != "another process":
             warnings.warn(f"{self.folder}: took over the lock left by {previous}, which is no longer running",
                           stacklevel=3)
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                       "command": self.command}).encode(), 0)
+        with writing(self.path):
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                           "command": self.command}).encode(), 0)
 
     def __exit__(self, *exc) -> None:
         if self.fd is not None:

@@ -7,14 +7,17 @@ Each shared flag is written once here; a subcommand names the groups it takes, e
 from __future__ import annotations
 
 import argparse
-import os
+import json
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
+
 from ..data.images import image_format
 from ..errors import DitkitError
+from ..files import check_writable
 from ..mixers import MixerSpec
 from ..mixers.spec import parse_items
 
@@ -163,22 +166,37 @@ def overrides_anywhere(parser: argparse.ArgumentParser, dest: str) -> None:
 
 def check_output_folder(folder: str | Path) -> Path:
     """Fail before the work, not after it: `folder` must exist or be creatable, and be writable."""
-    folder = Path(folder)
-    existing = next(path for path in (folder, *folder.parents) if path.exists())
-    if not existing.is_dir():
-        raise DitkitError(f"cannot write in {folder}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise DitkitError(f"cannot write in {folder}: {existing} is not writable")
-    return folder
+    return check_writable(folder)
 
 
 def check_output_file(path: str | Path, image: bool = False) -> Path:
     """Fail before the work, not after it: `path` must be a writable file name (with an image
-    extension PIL writes, for an image)."""
+    extension PIL writes, for an image), and a file already there must be of the kind written
+    (an image, a JSON file): a checkpoint or anything else given by mistake is never replaced."""
     path = Path(path)
     if path.is_dir():
         raise DitkitError(f"output {path} is a folder: give a file name")
     if image:
         image_format(path)
+    if path.is_file() and not _is_kind(path, image):
+        kind = "an image" if image else "a JSON file"
+        raise DitkitError(f"output {path} exists and is not {kind} (it would be replaced): choose another file name")
     check_output_folder(path.parent)
     return path
+
+
+def _is_kind(path: Path, image: bool) -> bool:
+    """Whether the existing file `path` is what an output of that name holds: an image PIL reads,
+    or (other outputs: ditkit writes JSON) a JSON document."""
+    if image:
+        try:
+            with Image.open(path) as opened:
+                opened.verify()
+            return True
+        except Exception:  # PIL raises many kinds for a file that is not an image
+            return False
+    try:
+        json.loads(path.read_text())
+        return True
+    except (ValueError, UnicodeDecodeError):
+        return False

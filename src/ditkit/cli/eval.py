@@ -3,6 +3,9 @@ against reference images, with legibility and paired agreement where they apply 
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 from ..data.images import save_image_folder
 from ..distributed.launch import default_device
 from ..errors import DitkitError
@@ -53,7 +56,7 @@ def run(args) -> None:
         raise DitkitError("give either --ckpt (a model to sample) or --samples (a folder of generated images)")
     check_output_file(args.out)
     if args.save_samples:
-        check_output_folder(args.save_samples)
+        check_sample_folder(args.save_samples)
     scoring = dict(num_reference=args.num_ref, pair_with=args.pair_with, inception_weights=args.inception_weights,
                    features_path=args.features_path, batch_size=args.batch_size, device=default_device(args.device),
                    seed=args.seed, progress=not args.no_progress)
@@ -71,3 +74,16 @@ def run(args) -> None:
     result = scores.summary(source=str(args.ckpt or args.samples), reference=args.ref)
     print(format_scores(result))
     print(f"wrote {write_scores(result, args.out)}")
+
+
+SAMPLE_NAME = re.compile(r"\d{6}\.png")  # what save_image_folder writes
+
+
+def check_sample_folder(folder: str) -> None:
+    """--save-samples: a new or empty folder, or one of earlier saved samples (replaced); never one
+    holding other files (a run folder, the user's images)."""
+    check_output_folder(folder)
+    path = Path(folder)
+    if path.is_dir() and (others := sorted(p.name for p in path.iterdir() if not SAMPLE_NAME.fullmatch(p.name))):
+        raise DitkitError(f"--save-samples {folder} holds other files ({', '.join(others[:3])}): give a new or empty "
+                          "folder")

@@ -3,10 +3,13 @@ with CLEAR also patch-parallel under torchrun (`--parallel patch`)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 from ..diffusers import pipelines as lib
 from ..distributed.launch import sampling_session
 from ..errors import DitkitError
-from .args import COMMANDS, SharedFlags, parse_size
+from .args import COMMANDS, SharedFlags, check_output_file, parse_size
 
 
 def add_parser(sub, shared: SharedFlags) -> None:
@@ -46,26 +49,44 @@ def run(args) -> None:
     if args.parallel == "patch" and not (args.clear or args.student):
         raise DitkitError("--parallel patch runs CLEAR's attention on strips: add --clear radius=... or --student "
                           "(a radius covering the image equals full attention)")
+    request, chain = checked_request(args)  # every option and the output before anything loads
     with sampling_session(args.parallel, args.device) as session:  # --parallel patch: one strip per process
-        images, settings = generate_images(args, session.device, session.mode == "patch", session.is_main)
+        images, settings = generate_images(args, request, chain, session.device, session.mode == "patch",
+                                           session.is_main)
         if not session.is_main:  # every process holds the same images; one writes them
             return
     paths = lib.save_images(images, args.out, settings)
     print(f"wrote {', '.join(map(str, paths))} ({args.height}x{args.width})")
 
 
-def generate_images(args, device: str, patch: bool, progress: bool) -> tuple[list, list[dict]]:
-    """The images of the command line, and their PNG settings."""
-    attention = lib.Attention(args.clear, args.student)  # a bad --clear is refused before any weight loads
-    pipe = lib.load_pipeline(args.pipeline, args.dtype, device, args.cpu_offload, args.vae_tiling)
-    embeddings = lib.read_prompt_embeddings(args.prompt_embeds, pipe) if args.prompt_embeds else None
-    request = lib.Request(height=args.height, width=args.width, prompt=args.prompt, embeddings=embeddings,
-                          steps=args.steps, guidance=args.guidance, seed=args.seed, num=args.num)
+def checked_request(args) -> tuple[lib.Request, lib.UpscaleChain | None]:
+    """The request and the upscale chain of the command line, refused in one line when an option
+    is out of range; the output location checked too."""
+    if Path(args.out).suffix.lower() != ".png":
+        raise DitkitError(f"--out {args.out}: generate writes PNG files (its settings ride in PNG text chunks): "
+                          "give a name ending in .png")
+    check_output_file(args.out, image=True)
+    request = lib.Request(height=args.height, width=args.width, prompt=args.prompt, steps=args.steps,
+                          guidance=args.guidance, seed=args.seed, num=args.num)
+    chain = None
     if args.upscale_from:
         base_height, base_width = parse_size(args.upscale_from)
         chain = lib.UpscaleChain(base_height, base_width, 0.7 if args.strength is None else args.strength)
+        chain.check_target(args.height, args.width)
+    return request, chain
+
+
+def generate_images(args, request: lib.Request, chain: lib.UpscaleChain | None, device: str, patch: bool,
+                    progress: bool) -> tuple[list, list[dict]]:
+    """The images of the command line, and their PNG settings."""
+    attention = lib.Attention(args.clear, args.student)  # a bad --clear is refused before any weight loads
+    pipe = lib.load_pipeline(args.pipeline, args.dtype, device, args.cpu_offload, args.vae_tiling,
+                             progress=progress and not args.no_progress)
+    if args.prompt_embeds:
+        request = replace(request, embeddings=lib.read_prompt_embeddings(args.prompt_embeds, pipe))
+    if chain is not None:
         images = lib.generate_upscaled(pipe, request, chain, attention, progress and not args.no_progress, patch)
-        chained = {"upscale": f"from {base_height}x{base_width} at strength {chain.strength}"}
+        chained = {"upscale": f"from {chain.base_height}x{chain.base_width} at strength {chain.strength}"}
     else:
         images = lib.generate(pipe, request, attention, progress and not args.no_progress, patch)
         chained = {}

@@ -16,6 +16,7 @@ import sys
 
 from .. import __version__
 from ..errors import DitkitError
+from ..files import storage_fault_message
 from .args import COMMANDS, shared_flags
 
 __all__ = ["build_parser", "main"]
@@ -45,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except DitkitError as error:
         print(f"ditkit: error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # a storage fault outside the write paths that name it: still one line
+        message = storage_fault_message(error)
+        if message is None:
+            raise
+        print(f"ditkit: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ditkit: interrupted", file=sys.stderr)

@@ -13,7 +13,8 @@ from .args import COMMANDS, SharedFlags, check_output_file, optional_size, parse
 
 def add_parser(sub, shared: SharedFlags) -> None:
     sample = sub.add_parser("sample", help=COMMANDS["sample"],
-                            parents=[shared.sampling, shared.seed, shared.mixer, shared.weights, shared.device])
+                            parents=[shared.sampling, shared.seed, shared.mixer, shared.weights, shared.device,
+                                     shared.progress])
     sample.add_argument("--ckpt", required=True, help="run folder, checkpoint folder or .safetensors file")
     sample.add_argument("-n", "--num", type=int, default=16,
                         help="number of images (under torchrun write -n: torchrun takes --num for its --numa-binding)")
@@ -55,9 +56,9 @@ def run(args) -> None:
         model = session.wrap(model)
         if args.upscale_from:  # the chain's base pass takes what `asked` leaves unset from its own run
             images = generate_upscaled(model, record, asked, upscale_chain(args, session.device),
-                                       progress=session.is_main)
+                                       progress=session.is_main and not args.no_progress)
         else:
-            images = generate(model, record, asked, progress=session.is_main)
+            images = generate(model, record, asked, progress=session.is_main and not args.no_progress)
         if not session.is_main:  # every process holds the same images; one writes them
             return
     out = save_grid(images, args.out)

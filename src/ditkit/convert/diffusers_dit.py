@@ -60,7 +60,7 @@ from ..diffusers.folders import is_diffusers_folder
 from ..diffusion.objectives import build_objective
 from ..diffusion.sampling import make_scheduler, scheduler_from_config
 from ..errors import DitkitError
-from ..files import atomic_path, refuse_non_empty_folder
+from ..files import check_writable, refuse_non_empty_folder, staged_folder
 from ..models.dit import DiTConfig
 from ..models.layers import sincos_pos_embed_2d
 from ..record import DataSettings, DiffusionSettings, RunRecord
@@ -403,15 +403,22 @@ def export_diffusers(ckpt: str | Path, out: str | Path, ema: bool = True, approx
     `approximate_timesteps` exports a model trained with the official timestep frequencies anyway (diffusers'
     DiT has only its own): `export_report.json` then says how far the exported model's outputs are from
     the trained one's (`timestep_approximation`)."""
-    from safetensors.torch import save_file
-
     out = Path(out)
     refuse_non_empty_folder(out, "the export")  # before the checkpoint is read
+    check_writable(out, "export")
     model, record = load_checkpoint(ckpt, ema=ema)
     cfg = _check_exportable(record, approximate_timesteps)
+    with staged_folder(out) as stage:  # all of it or nothing: a failed export leaves no half folder
+        _write_folder(stage, model, record, cfg)
+    return out
+
+
+def _write_folder(out: Path, model, record: RunRecord, cfg) -> None:
+    from safetensors.torch import save_file
+
     _write_json(out / "transformer" / "config.json", transformer_config(cfg, record.resolution))
-    with atomic_path(out / "transformer" / WEIGHTS) as tmp:
-        save_file(ditkit_to_diffusers(model.state_dict(), cfg.depth), tmp, metadata={"format": "pt"})
+    save_file(ditkit_to_diffusers(model.state_dict(), cfg.depth), out / "transformer" / WEIGHTS,
+              metadata={"format": "pt"})
     scheduler = _write_scheduler(record, out / "scheduler")
     shutil.copytree(record.vae, out / "vae")
     index = {"_class_name": "DiTPipeline", "transformer": ["diffusers", "DiTTransformer2DModel"],
@@ -421,7 +428,6 @@ def export_diffusers(ckpt: str | Path, out: str | Path, ema: bool = True, approx
     _write_json(out / "model_index.json", index)
     if cfg.timestep_freq_shift != 1:
         _write_json(out / "export_report.json", {"timestep_approximation": timestep_approximation(model, record)})
-    return out
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..errors import DitkitError
-from ..files import atomic_path
+from ..files import atomic_path, check_writable
 
 
 def load_vae(path: str | Path, device: str | torch.device = "cpu"):
@@ -71,7 +71,7 @@ class LatentDataset(Dataset):
 
 
 def cached_latents(dataset: Dataset, vae_path: str | Path, cache_dir: str | Path, hflip: bool,
-                   batch_size: int = 16, device: str | torch.device = "cpu") -> LatentDataset:
+                   batch_size: int = 16, device: str | torch.device = "cpu", progress: bool = True) -> LatentDataset:
     vae = load_vae(vae_path, device)
     config_text = json.dumps(dict(vae.config), sort_keys=True, default=str)
     key = hashlib.sha1(f"{dataset.cache_key}|{Path(vae_path).resolve()}|{config_text}|{hflip}".encode())
@@ -82,8 +82,9 @@ def cached_latents(dataset: Dataset, vae_path: str | Path, cache_dir: str | Path
             return LatentDataset(tensors["latents"], tensors["labels"], dataset, vae_scale(vae))
         except Exception:  # a damaged cache is rebuilt, not trusted
             path.unlink()
+    check_writable(cache_dir, "latent cache")  # before the encoding, not after it
     latents, labels = [], []
-    for start in tqdm(range(0, len(dataset), batch_size), desc="encoding latents"):
+    for start in tqdm(range(0, len(dataset), batch_size), desc="encoding latents", disable=not progress):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         images = torch.stack([x for x, _ in items])
         latents.append(encode(vae, images).cpu())

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-from contextlib import nullcontext
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -72,9 +74,10 @@ def absent_components(folder: Path, index: dict) -> dict[str, None]:
 
 
 def load_pipeline(folder: str | Path, dtype: str = "fp32", device: str | None = None, cpu_offload: bool = False,
-                  vae_tiling: bool = False):
+                  vae_tiling: bool = False, progress: bool = True):
     """A FLUX / SD3 / PixArt pipeline from a local folder. `cpu_offload` keeps each component on the CPU
-    until it runs (diffusers' `enable_model_cpu_offload`); `vae_tiling` decodes large images in tiles."""
+    until it runs (diffusers' `enable_model_cpu_offload`); `vae_tiling` decodes large images in tiles;
+    `progress` False hides diffusers' loading bars too."""
     import diffusers
 
     if importlib.util.find_spec("transformers") is None:
@@ -87,8 +90,9 @@ def load_pipeline(folder: str | Path, dtype: str = "fp32", device: str | None = 
     if cpu_offload and torch.device(device).type == "cpu":
         raise DitkitError("--cpu-offload moves components to an accelerator in turn: use it with --device cuda")
     try:
-        pipe = getattr(diffusers, name).from_pretrained(folder, **{dtype_keyword(): DTYPES[dtype]},
-                                                       **absent_components(folder, index))
+        with loading_bars(progress):
+            pipe = getattr(diffusers, name).from_pretrained(folder, **{dtype_keyword(): DTYPES[dtype]},
+                                                           **absent_components(folder, index))
     except (OSError, ValueError) as error:  # a component folder missing or damaged
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DitkitError(f"cannot load the pipeline in {folder} ({reason}): check its component folders") from error
@@ -99,6 +103,23 @@ def load_pipeline(folder: str | Path, dtype: str = "fp32", device: str | None = 
     if vae_tiling:
         pipe.vae.enable_tiling()
     return pipe
+
+
+@contextmanager
+def loading_bars(shown: bool) -> Iterator[None]:
+    """diffusers' component-loading bars shown or hidden for the block (a global switch: restored)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    hidden_before = diffusers_logging.are_progress_bars_disabled()
+    if shown:
+        yield
+        return
+    diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not hidden_before:
+            diffusers_logging.enable_progress_bar()
 
 
 def dtype_keyword() -> str:
@@ -231,6 +252,17 @@ class Request:
     seed: int = 0
     num: int = 1
 
+    def __post_init__(self):
+        for name in ("height", "width", "num"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DitkitError(f"{name} must be a whole number of at least 1, got {value!r}")
+        if self.steps is not None and (isinstance(self.steps, bool) or self.steps < 1):
+            raise DitkitError(f"steps must be at least 1 (or unset for the pipeline's default), got {self.steps!r}")
+        if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance >= 0):
+            raise DitkitError(f"guidance must be a finite number >= 0 (or unset for the pipeline's default), got "
+                              f"{self.guidance!r}")
+
     @property
     def num_prompts(self) -> int:
         return 1 if self.embeddings is None else self.embeddings["prompt_embeds"].shape[0]
@@ -347,6 +379,19 @@ class UpscaleChain:
     def __post_init__(self):
         if not 0 <= self.strength <= 1:
             raise DitkitError(f"strength must be between 0 and 1, got {self.strength}")
+        if self.base_height < 1 or self.base_width < 1:
+            raise DitkitError(f"the base size must be positive, got {self.base_height}x{self.base_width}")
+
+    def check_target(self, height: int, width: int) -> None:
+        """The base is the smaller image, of the target's aspect ratio (as `ditkit sample` asks)."""
+        base = f"{self.base_height}x{self.base_width}"
+        if self.base_height > height or self.base_width > width or (self.base_height, self.base_width) == (height,
+                                                                                                          width):
+            raise DitkitError(f"--upscale-from {base} is not smaller than the target {height}x{width}: the base "
+                              "image must be the smaller one")
+        if self.base_height * width != self.base_width * height:
+            raise DitkitError(f"--upscale-from {base} and the target {height}x{width} have different aspect "
+                              "ratios: scale both sides by the same factor")
 
 
 def base_latents(pipe, request: Request, chain: UpscaleChain, prompt_index: int, seed: int) -> Tensor:
@@ -391,6 +436,7 @@ def generate_upscaled(pipe, request: Request, chain: UpscaleChain, attention: At
     `chain.strength` with the same seed (patch-parallel with `patch`). `pipe.transformer` must
     still be stock."""
     check_request(pipe, request)
+    chain.check_target(request.height, request.width)
     check_size(pipe, chain.base_height, chain.base_width)
     if clear_is_on(pipe.transformer):
         raise DitkitError("the chain's base needs the stock transformer: pass CLEAR or the student as "

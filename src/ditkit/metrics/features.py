@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..data import DigitsDataset
 from ..errors import DitkitError
-from ..files import atomic_path
+from ..files import atomic_path, check_writable
 
 FEATURES = ("ditkit-digits", "inception")
 
@@ -190,6 +190,7 @@ def digits_features(path: str | Path | None = None, progress: bool = True, epoch
         raise DitkitError(f"the ditkit-digits feature cache path {path} is a folder: give a file path")
     net = _cached_digits_net(path) if path.is_file() else None
     if net is None:
+        check_writable(path.parent, "ditkit-digits feature cache")  # before the training, not after
         net, accuracy = train_digits_net(epochs=epochs, progress=progress)
         net.accuracy = accuracy
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -181,7 +181,8 @@ class Trainer:
         vae_path = str(Path(d.vae).resolve())
         cache_dir = d.cache_dir or str(Path.home() / ".cache" / "ditkit")
         with self.accelerator.main_process_first():  # one process encodes, the others read the cache
-            latents = cached_latents(dataset, vae_path, cache_dir, hflip=d.hflip, device=self.accelerator.device)
+            latents = cached_latents(dataset, vae_path, cache_dir, hflip=d.hflip, device=self.accelerator.device,
+                                     progress=self.progress)
         return latents, vae_path, latents.vae_scale
 
     def _resume_from(self, resume: str | bool) -> tuple[dict, Path]:
