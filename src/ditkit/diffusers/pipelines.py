@@ -110,7 +110,7 @@ def loading_bars(shown: bool) -> Iterator[None]:
     """diffusers' component-loading bars shown or hidden for the block (a global switch: restored)."""
     from diffusers.utils import logging as diffusers_logging
 
-    hidden_before = diffusers_logging.are_progress_bars_disabled()
+    hidden_before = not diffusers_logging.is_progress_bar_enabled()
     if shown:
         yield
         return
@@ -185,8 +185,11 @@ def load_student(transformer: nn.Module, ckpt: str | Path, backend: str = "auto"
     down_factor, then its trained weights (image-stream projections, pooling weights). Returns its
     distill settings."""
     distill = check_student(transformer, ckpt)
-    apply_clear(transformer, distill["radius"], distill.get("down_factor", 0), backend)
     tensors, _ = read_weights(read_header(ckpt)[0])
+    bad = [key for key, value in tensors.items() if value.is_floating_point() and not value.isfinite().all()]
+    if bad:  # it would draw black images, not fail
+        raise DitkitError(f"student {ckpt} holds inf or NaN weights ({bad[0]}): use another checkpoint of the run")
+    apply_clear(transformer, distill["radius"], distill.get("down_factor", 0), backend)
     state = {key.removeprefix("transformer."): value for key, value in tensors.items()}
     unexpected = transformer.load_state_dict(state, strict=False).unexpected_keys  # the rest stays the teacher's
     if unexpected:
@@ -283,7 +286,12 @@ def read_prompt_embeddings(path: str | Path, pipe) -> dict[str, Tensor]:
     if not Path(path).is_file():
         raise DitkitError(f"prompt embeddings file {path} does not exist: save the pipeline's encode_prompt "
                           "outputs there with safetensors")
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except Exception as error:  # safetensors reports a damaged file with its own errors
+        raise DitkitError(f"prompt embeddings file {path} is not a readable safetensors file ({error}): save the "
+                          "pipeline's encode_prompt outputs there again") from error
+    check_prompt_widths(path, tensors, transformer_adapter(pipe).prompt_widths(pipe.transformer))
     if not transformer_adapter(pipe).pooled_prompts:
         if "prompt_embeds" not in tensors:
             raise DitkitError(f"{path} lacks prompt_embeds: save the outputs of the pipeline's encode_prompt")
@@ -295,6 +303,19 @@ def read_prompt_embeddings(path: str | Path, pipe) -> dict[str, Tensor]:
         text, pooled = load_prompt_embeds(str(path), pipe.transformer, 1, 0)
         tensors.update(prompt_embeds=text, pooled_prompt_embeds=pooled)
     return {key: tensors[key] for key in EMBEDDING_KEYS if key in tensors}
+
+
+def check_prompt_widths(path: str | Path, tensors: dict[str, Tensor], widths: dict[str, int]) -> None:
+    """Each embeddings tensor the transformer reads has its width (the last dimension) and its rank:
+    (P, T, D) for token embeddings, (P, D') for pooled ones."""
+    for key, width in widths.items():
+        if key not in tensors:
+            continue
+        rank = 2 if "pooled" in key else 3
+        shape = tuple(tensors[key].shape)
+        if len(shape) != rank or shape[-1] != width:
+            raise DitkitError(f"{path}: {key} has shape {shape}, this pipeline's transformer reads width {width} "
+                              f"({rank} dimensions): save the embeddings of this pipeline's own encode_prompt")
 
 
 def check_request(pipe, request: Request) -> None:
@@ -383,15 +404,11 @@ class UpscaleChain:
             raise DitkitError(f"the base size must be positive, got {self.base_height}x{self.base_width}")
 
     def check_target(self, height: int, width: int) -> None:
-        """The base is the smaller image, of the target's aspect ratio (as `ditkit sample` asks)."""
-        base = f"{self.base_height}x{self.base_width}"
-        if self.base_height > height or self.base_width > width or (self.base_height, self.base_width) == (height,
-                                                                                                          width):
-            raise DitkitError(f"--upscale-from {base} is not smaller than the target {height}x{width}: the base "
-                              "image must be the smaller one")
-        if self.base_height * width != self.base_width * height:
-            raise DitkitError(f"--upscale-from {base} and the target {height}x{width} have different aspect "
-                              "ratios: scale both sides by the same factor")
+        """The base is the smaller image (as `ditkit sample` asks; its aspect may differ: the base
+        latents are resized to the target's)."""
+        if self.base_height > height or self.base_width > width:
+            raise DitkitError(f"--upscale-from {self.base_height}x{self.base_width} is larger than the target "
+                              f"{height}x{width}: the base image must be the smaller one")
 
 
 def base_latents(pipe, request: Request, chain: UpscaleChain, prompt_index: int, seed: int) -> Tensor:

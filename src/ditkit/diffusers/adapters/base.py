@@ -46,6 +46,8 @@ class DiffusersAdapter(ABC):
     img2img = True  # diffusers has an img2img pipeline for it (the upscale chain's second pass)
     flow = False  # a flow-matching model `ditkit distill` can take as its teacher (`denoise`)
     prompt_tokens = 0  # text tokens of its pipeline's prompt embeddings (flow models: what memory plans assume)
+    text_width_key = "joint_attention_dim"  # the config key of the prompt embeddings' width
+    pooled_width_key: str | None = "pooled_projection_dim"  # and of the pooled embeddings' (None: has none)
 
     # -- the model ------------------------------------------------------------------------------
     def model_class(self) -> type[nn.Module]:
@@ -53,6 +55,13 @@ class DiffusersAdapter(ABC):
         import diffusers
 
         return getattr(diffusers, self.class_name)
+
+    def prompt_widths(self, transformer: nn.Module) -> dict[str, int]:
+        """The width each prompt embedding tensor must have: embeddings key -> features."""
+        widths = {"prompt_embeds": transformer.config[self.text_width_key]}
+        if self.pooled_width_key is not None:
+            widths["pooled_prompt_embeds"] = transformer.config[self.pooled_width_key]
+        return {**widths, **{f"negative_{key}": width for key, width in widths.items()}}
 
     def token_patch(self, transformer: nn.Module) -> int:
         """Latent pixels per token side."""

@@ -11,6 +11,7 @@ class PixArtAdapter(PatchEmbedAdapter):
     pipelines = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
     needed_encoders = ("text_encoder",)
     pooled_prompts = False  # its embeddings come with attention masks instead
+    text_width_key, pooled_width_key = "caption_channels", None
     img2img = False
 
     def pipeline_arguments(self) -> dict:
