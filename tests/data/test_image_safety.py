@@ -22,3 +22,45 @@ def test_an_image_beyond_the_decompression_limit_is_skipped_with_a_warning(tmp_p
     with pytest.warns(UserWarning, match="skipping unreadable image .*bomb.png"):
         dataset = ImageFolderDataset(tmp_path, 8)
     assert [path.name for path, _ in dataset.samples] == ["small.png"]
+
+
+def test_a_float_tiff_is_read_as_zero_to_one_not_black(tmp_path):
+    Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32), mode="F").save(tmp_path / "gray.tif")
+    image, _ = ImageFolderDataset(tmp_path, 8)[0]
+    assert abs(float(image.mean())) < 0.01  # 0.5 -> 128 -> ~0 in [-1, 1], not -1
+
+
+def test_a_float_image_of_an_unknown_range_is_skipped_with_a_warning(tmp_path):
+    Image.fromarray(np.full((8, 8), 700.0, dtype=np.float32), mode="F").save(tmp_path / "odd.tif")
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "black.png")
+    dataset = ImageFolderDataset(tmp_path, 8)
+    with pytest.warns(UserWarning, match="odd.tif.*values up to 700"):
+        images = [dataset[i][0] for i in range(len(dataset))]
+    assert all(float(image.max()) == -1 for image in images)  # the black image stood in for it
+
+
+def test_exif_orientation_is_applied_as_a_viewer_shows_the_photo(tmp_path):
+    array = np.zeros((8, 16, 3), dtype=np.uint8)
+    array[:, :8] = 255  # left half white, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to view"
+    Image.fromarray(array).save(tmp_path / "photo.jpg", exif=exif, quality=100)
+    dataset = ImageFolderDataset(tmp_path, 8)
+    image, _ = dataset[0]  # upright it is 16 high, 8 wide: the crop keeps the middle 8 rows, white on top
+    upright = np.rot90(array, k=-1)[4:12]
+    assert np.abs((image.permute(1, 2, 0).numpy() + 1) * 127.5 - upright).max() < 40
+
+
+def test_an_empty_class_folder_is_refused_and_stray_images_are_named(tmp_path):
+    from ditkit.errors import DitkitError
+
+    for name in ("cats", "dogs"):
+        (tmp_path / name).mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "cats" / "a.png")
+    with pytest.raises(DitkitError, match="class folder.*dogs hold no readable image"):
+        ImageFolderDataset(tmp_path, 8)
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "dogs" / "b.png")
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "stray.png")
+    with pytest.warns(UserWarning, match="1 image.*stray.png.*belong to no class"):
+        dataset = ImageFolderDataset(tmp_path, 8)
+    assert dataset.class_names == ["cats", "dogs"] and len(dataset) == 2

@@ -31,6 +31,11 @@ def _readable(path: Path) -> bool:
         return False
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The image files under `folder` (all depths, hidden folders too), in a fixed order."""
+    return [f for f in sorted(folder.rglob("*")) if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()]
+
+
 class ImageFolderDataset(Dataset):
     """Images under `root`, resized and center-cropped to `resolution`, as RGB in [-1, 1].
 
@@ -48,13 +53,29 @@ class ImageFolderDataset(Dataset):
         subdirs = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         self.class_names = [p.name for p in subdirs]
         sources = [(p, i) for i, p in enumerate(subdirs)] if subdirs else [(self.root, 0)]
-        candidates = [(f, label) for folder, label in sources for f in sorted(folder.rglob("*"))
-                      if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()]
+        candidates = [(f, label) for folder, label in sources for f in image_files(folder)]
         self.samples = [(f, label) for f, label in candidates if _readable(f)]
         if not self.samples:
             found = f"{len(candidates)} image files, none readable" if candidates else "no image files"
             raise DitkitError(f"data folder {self.root} has {found}: put {', '.join(IMAGE_EXTENSIONS)} images "
                               "in it (or in one subfolder per class)")
+        if subdirs:
+            self._check_classes(subdirs)
+
+    def _check_classes(self, subdirs: list[Path]) -> None:
+        """Every class folder holds a readable image (an empty one would still take a class index,
+        which a model then learns without data), and images beside the class folders are said to
+        be left out (they belong to no class)."""
+        used = {label for _, label in self.samples}
+        empty = [folder.name for label, folder in enumerate(subdirs) if label not in used]
+        if empty:
+            raise DitkitError(f"data folder {self.root}: the class folder(s) {', '.join(empty[:5])} hold no readable "
+                              "image: add images or remove the folder (every class folder is a class)")
+        stray = [f for f in sorted(self.root.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
+        if stray:
+            warnings.warn(f"data folder {self.root}: {len(stray)} image(s) beside the class folders (e.g. "
+                          f"{stray[0].name}) belong to no class and are left out: move them into a class folder",
+                          stacklevel=3)
 
     @property
     def num_classes(self) -> int:

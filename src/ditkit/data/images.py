@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 
 from ..errors import DitkitError
@@ -26,12 +26,28 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, 8 bits per channel. 16-bit grayscale (PNG "I;16", "I") is scaled down, not clipped to
-    white as `convert("RGB")` would."""
+    """RGB, 8 bits per channel, upright. The camera's EXIF orientation is applied (as every photo
+    viewer shows the image); 16-bit grayscale (PNG "I;16", "I") is scaled down, not clipped to white
+    as `convert("RGB")` would; floating-point images (TIFF "F") are read as [0, 1] (or 0..255 when
+    their values say so), not truncated to black."""
+    image = ImageOps.exif_transpose(image)
     if image.mode == "I" or image.mode.startswith("I;16"):
         array = np.asarray(image, dtype=np.float64) / 257  # 65535 -> 255
         image = Image.fromarray(array.round().clip(0, 255).astype(np.uint8))
+    elif image.mode == "F":
+        image = Image.fromarray(float_to_uint8(np.asarray(image, dtype=np.float64)))
     return image.convert("RGB")
+
+
+def float_to_uint8(array: np.ndarray) -> np.ndarray:
+    """A floating-point image: [0, 1] (the usual convention) or 0..255, to 8 bits; other ranges
+    (or NaN) cannot be read without guessing, so they are refused (the reader skips the file)."""
+    if not np.isfinite(array).all() or array.min() < 0:
+        raise ValueError("a floating-point image with negative or non-finite values (expected [0, 1] or 0..255)")
+    scale = 255 if array.max() <= 1 else 1
+    if array.max() * scale > 255:
+        raise ValueError(f"a floating-point image with values up to {array.max():.4g} (expected [0, 1] or 0..255)")
+    return (array * scale).round().astype(np.uint8)
 
 
 def pil_to_tensor(image: Image.Image) -> Tensor:
