@@ -5,6 +5,7 @@ derived from ditkit's own keys, so a wrong mapping cannot pass by construction."
 
 import argparse
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -87,6 +88,7 @@ class Payload:  # a class pickle would have to import and run
 @pytest.mark.parametrize("make,message", [
     (lambda p: torch.save({"model": official_state(depth=1), "trap": Payload()}, p), "pickles the Python class"),
     (lambda p: p.write_bytes(b"PK\x03\x04 truncated"), "not a readable torch checkpoint"),
+    (lambda p: p.write_bytes(pickle.dumps({"model": Payload()}, protocol=4)), "is a plain Python pickle"),
     (lambda p: torch.save({"encoder.weight": torch.zeros(2)}, p), "in no format ditkit converts"),
     (lambda p: torch.save({**official_state(depth=1), "blocks.0.attn.q_bias": torch.zeros(384)}, p),
      "unknown keys blocks.0.attn.q_bias"),

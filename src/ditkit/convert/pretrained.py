@@ -77,6 +77,14 @@ def register_converter(name: str, accepts: Callable[[Path], bool]):
     return decorate
 
 
+def _is_plain_pickle(path: Path) -> bool:
+    """A pickle.dump file: a pickle of protocol 3 or newer from its first byte on (torch.save writes a
+    zip, or in its legacy format a protocol-2 pickle of its magic number)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return len(head) == 2 and head[0] == 0x80 and head[1] >= 3
+
+
 def read_torch_file(path: Path) -> object:
     """A torch.save file read without running code: tensors, containers and argparse.Namespace."""
     try:
@@ -84,6 +92,10 @@ def read_torch_file(path: Path) -> object:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as error:
         unsafe = re.search(r"GLOBAL (\S+)", str(error))
+        if unsafe is None and _is_plain_pickle(path):
+            raise DitkitError(f"{path} is a plain Python pickle, not a torch.save file: ditkit reads torch.save and "
+                              "safetensors files only (unpickling can run code); save the weights with "
+                              "torch.save(model.state_dict(), ...) or safetensors") from error
         if unsafe is None:
             raise DitkitError(f"{path} is not a readable torch checkpoint ({_first_line(error)}): "
                               "is it truncated? download it again") from error

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoint import META_KEY, read_header, read_weights
+from ..checkpoint import META_KEY, first_non_finite, read_header, read_weights
 from ..errors import DitkitError
 from ..files import atomic_path
 from ..mixers import MixerSpec
@@ -186,9 +186,9 @@ def load_student(transformer: nn.Module, ckpt: str | Path, backend: str = "auto"
     distill settings."""
     distill = check_student(transformer, ckpt)
     tensors, _ = read_weights(read_header(ckpt)[0])
-    bad = [key for key, value in tensors.items() if value.is_floating_point() and not value.isfinite().all()]
-    if bad:  # it would draw black images, not fail
-        raise DitkitError(f"student {ckpt} holds inf or NaN weights ({bad[0]}): use another checkpoint of the run")
+    bad = first_non_finite(tensors)
+    if bad is not None:  # it would draw black images, not fail
+        raise DitkitError(f"student {ckpt} holds inf or NaN weights ({bad}): use another checkpoint of the run")
     apply_clear(transformer, distill["radius"], distill.get("down_factor", 0), backend)
     state = {key.removeprefix("transformer."): value for key, value in tensors.items()}
     unexpected = transformer.load_state_dict(state, strict=False).unexpected_keys  # the rest stays the teacher's
