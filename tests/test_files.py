@@ -1,5 +1,6 @@
 """Atomic writes and JSON-lines reading (ditkit.files)."""
 
+import errno
 import json
 
 import pytest
@@ -89,3 +90,31 @@ def test_outputs_beside_their_inputs_and_inputs_that_are_no_paths_pass(tmp_path)
     (tmp_path / "teacher").mkdir()
     refuse_output_over_inputs(tmp_path / "teacher-student", {"teacher": tmp_path / "teacher", "embeds": None,
                                                              "hub model": "org/model"})
+
+
+@pytest.mark.parametrize("fault,why", [
+    (OSError(errno.ENOSPC, "No space left on device"), "the disk is full"),
+    (OSError(errno.EROFS, "Read-only file system"), "the location is read-only"),
+    (OSError(errno.EFBIG, "File too large"), r"the file is larger than the file system \(or a size limit\) allows"),
+    (RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"), "the disk is full"),
+    (RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file: "
+                  "Read-only file system"), "the location is read-only"),
+])
+def test_every_writer_s_storage_fault_becomes_one_line_naming_the_file(tmp_path, fault, why):
+    from ditkit.files import writing
+
+    with pytest.raises(DitkitError, match=f"could not write {tmp_path / 'out.bin'}: {why}; ") as raised:
+        with writing(tmp_path / "out.bin"):
+            raise fault
+    assert "\n" not in str(raised.value)
+
+
+def test_other_errors_pass_through_and_a_temporary_name_is_never_shown(tmp_path):
+    from ditkit.files import atomic_path, writing
+
+    with pytest.raises(KeyError), writing(tmp_path / "out.bin"):
+        raise KeyError("not a storage fault")
+    with pytest.raises(DitkitError, match=f"could not write {tmp_path / 'grid.png'}: the disk is full") as raised:
+        with atomic_path(tmp_path / "grid.png") as tmp:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+    assert ".tmp" not in str(raised.value)
