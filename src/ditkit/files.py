@@ -183,17 +183,22 @@ def is_disk_full(error: BaseException, folder: str | Path | None = None) -> bool
     return storage_errno(error, folder) in (errno.ENOSPC, errno.EDQUOT)
 
 
+def storage_reason(error: BaseException, folder: str | Path | None = None) -> str | None:
+    """What a storage fault behind `error` means and what to do ("the disk is full; free space or
+    write elsewhere"), or None when `error` is not one."""
+    number = storage_errno(error, folder)
+    return None if number is None else "; ".join(STORAGE_ERRNOS[number])
+
+
 def storage_failure(error: BaseException, path: str | Path, folder: str | Path | None = None,
                     after: str = "") -> DitkitError | None:
     """A one-line error for a storage fault behind `error` while writing `path` (None when it is
     some other error): what went wrong, where, what to do, and `after` (what then, e.g. how to
     resume)."""
-    number = storage_errno(error, folder if folder is not None else Path(path).parent)
-    if number is None:
+    reason = storage_reason(error, folder if folder is not None else Path(path).parent)
+    if reason is None:
         return None
-    why, fix = STORAGE_ERRNOS[number]
-    path = _named_file(error) or path
-    return DitkitError(f"could not write {path}: {why}; {fix}" + (f"; {after}" if after else ""))
+    return DitkitError(f"could not write {_named_file(error) or path}: {reason}" + (f"; {after}" if after else ""))
 
 
 def _is_temporary(path: str) -> bool:
@@ -230,15 +235,13 @@ def writing(path: str | Path, folder: str | Path | None = None, after: str = "")
 def storage_fault_message(error: BaseException) -> str | None:
     """A one-line message for a storage fault that reached the top of a command outside any
     `writing` block (None when `error` is something else): the file it names, what went wrong."""
-    number = storage_errno(error)
-    if number is None:
-        return None
-    why, fix = STORAGE_ERRNOS[number]
+    reason = storage_reason(error)
     file = _named_file(error)
-    if file is None:
-        return f"{why}; {fix}"
+    if reason is None or file is None:
+        return reason
     # permission faults happen on reads too; the others only when writing
-    return f"{file}: {why}; {fix}" if number in (errno.EACCES, errno.EPERM) else f"could not write {file}: {why}; {fix}"
+    return f"{file}: {reason}" if storage_errno(error) in (errno.EACCES, errno.EPERM) else \
+        f"could not write {file}: {reason}"
 
 
 def check_writable(folder: str | Path, what: str = "output") -> Path:
@@ -255,9 +258,7 @@ def check_writable(folder: str | Path, what: str = "output") -> Path:
             probe.flush()
             os.fsync(probe.fileno())
     except OSError as error:
-        failure = storage_failure(error, existing / ".ditkit-probe")
-        why = str(failure).split(": ", 1)[1] if failure else str(error)
-        raise DitkitError(f"cannot write the {what} in {folder}: {why}") from error
+        raise DitkitError(f"cannot write the {what} in {folder}: {storage_reason(error, existing) or error}") from error
     return folder
 
 
