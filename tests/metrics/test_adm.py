@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy import linalg
 
 from ditkit.errors import DitkitError
 from ditkit.metrics.adm import (
@@ -148,9 +147,9 @@ def test_adm_scores_of_accumulated_batches():
     spatial = [rng.normal(size=(len(b), 5)) for b in real + fake]
     logits = [rng.normal(size=(len(b), 4)) for b in fake]
     reference, samples = AdmAccumulator(score=False), AdmAccumulator()
-    for pool, space in zip(real, spatial[:2]):
+    for pool, space in zip(real, spatial[:2], strict=True):
         reference.update(torch.from_numpy(pool), torch.from_numpy(space))
-    for pool, space, logit in zip(fake, spatial[2:], logits):
+    for pool, space, logit in zip(fake, spatial[2:], logits, strict=True):
         samples.update(torch.from_numpy(pool), torch.from_numpy(space), torch.from_numpy(logit))
     scores = adm_scores(samples.result(), reference.result())
     real_all, fake_all = np.concatenate(real).astype(np.float32), np.concatenate(fake).astype(np.float32)
