@@ -46,15 +46,10 @@ class _Precomputed(nn.Module):
         return features
 
 
-@torch.no_grad()
 def extract(extractor: nn.Module, images: Tensor, batch_size: int = 64, progress: bool = False,
             desc: str = "features") -> tuple[Tensor, Tensor]:
     """(features, logits) of all images, in batches."""
-    from tqdm.auto import tqdm
-
-    device = next(extractor.parameters(), torch.empty(0)).device
-    outputs = [extractor(batch.to(device)) for batch in tqdm(images.split(batch_size), desc=desc, disable=not progress)]
-    return torch.cat([f for f, _ in outputs]).cpu(), torch.cat([logits for _, logits in outputs]).cpu()
+    return extract_batches(extractor, images.split(batch_size), progress, desc)
 
 
 def label_accuracy(classifier: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 64) -> float:
