@@ -164,3 +164,31 @@ def test_adm_scores_of_accumulated_batches():
     only_statistics = reference.result()
     only_statistics.pool = None
     assert adm_scores(samples.result(), only_statistics)["precision"] is None
+
+
+def test_a_reference_batch_s_statistics_win_and_its_images_give_precision_recall(tmp_path):
+    """As the evaluator: precomputed mu/sigma/mu_s/sigma_s give FID and sFID, the images the pool features
+    that precision and recall need; statistics alone leave those None. (Small stand-in features: the
+    batch is built directly, since a file's layout fixes Inception's sizes.)"""
+    from ditkit.metrics.quality import adm_evaluate
+    from ditkit.metrics.refbatch import ReferenceBatch, write_reference_batch
+
+    net = InceptionFeatures(backbone=StandInInception(pool_dim=16, grid=3))
+    samples = torch.rand(12, 3, 8, 8) * 2 - 1
+    reference = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)
+    full = adm_evaluate(net, samples, reference, batch_size=4)
+    measured = AdmAccumulator(score=False)
+    for batch in reference.split(4):
+        measured.update(*net.adm_outputs(batch)[:2])
+    stats = measured.result()
+    shifted = {"mu": stats.mu + 0.5, "sigma": stats.sigma, "mu_s": stats.mu_s, "sigma_s": stats.sigma_s * 2}
+    only_statistics = adm_evaluate(net, samples, ReferenceBatch(tmp_path / "none.npz", None, shifted), batch_size=4)
+    assert only_statistics["precision"] is None and only_statistics["recall"] is None
+    assert only_statistics["kid_mean"] is None and only_statistics["is_mean"] == pytest.approx(full["is_mean"])
+    pixels = reference.permute(0, 2, 3, 1).numpy()
+    path = write_reference_batch(tmp_path / "both.npz", shifted, [pixels], pixels.shape)
+    both = adm_evaluate(net, samples, ReferenceBatch(path, pixels.shape, shifted), batch_size=4)
+    assert both["fid"] == pytest.approx(only_statistics["fid"], rel=1e-9) != pytest.approx(full["fid"], rel=1e-3)
+    assert both["sfid"] == pytest.approx(only_statistics["sfid"], rel=1e-9)
+    assert (both["precision"], both["recall"]) == (full["precision"], full["recall"])
+    assert both["kid_mean"] == pytest.approx(full["kid_mean"], abs=1e-9)  # the same images, the same features
