@@ -135,3 +135,20 @@ def test_bad_input_stops_in_one_line_before_sampling(tmp_path, capsys, tiny_ckpt
     for argv, message in cases:
         code, _, err = run_cli(capsys, *argv)
         assert code == 2 and message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_digits_features_read_an_adm_batch_s_images(tmp_path, capsys, digits_features_path):
+    from ditkit.metrics.features import digits_features
+    from ditkit.metrics.quality import evaluate
+
+    samples = image_folder(tmp_path / "samples", 6)
+    pixels = np.random.default_rng(2).integers(0, 256, (9, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "ref.npz", pixels)
+    code, _, err = run_cli(capsys, "eval", "--samples", str(samples), "--ref", str(tmp_path / "ref.npz"),
+                           "--features-path", str(digits_features_path), "--batch-size", "4", "--no-progress",
+                           "--out", str(tmp_path / "e.json"))
+    assert code == 0, err
+    result = json.loads((tmp_path / "e.json").read_text())
+    expected = evaluate(load_samples(samples), torch.from_numpy(pixels).permute(0, 3, 1, 2),
+                        digits_features(digits_features_path), batch_size=4, progress=False)
+    assert result["num_reference"] == 9 and result["fid"] == pytest.approx(expected["fid"], rel=1e-6)
