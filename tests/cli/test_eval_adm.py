@@ -131,7 +131,9 @@ def test_bad_input_stops_in_one_line_before_sampling(tmp_path, capsys, tiny_ckpt
              (["eval", "--write-ref", "r.npz", "--ref", "digits"], "add --features inception"),
              (["eval", "--write-ref", "r.txt", "--ref", "digits"], "name the reference batch with .npz"),
              (["eval", "--write-ref", "r.npz", "--ref", str(tmp_path / "small.npz")], "already is one"),
-             ([*ckpt, "--write-ref", "r.npz", "--ref", "digits"], "drop --ckpt / --samples")]
+             ([*ckpt, "--write-ref", "r.npz", "--ref", "digits"], "drop --ckpt / --samples"),
+             (["eval", "--write-ref", str(tmp_path / "small.npz"), "--ref", "digits", "--features", "inception"],
+              "exists: give a new file name")]
     for argv, message in cases:
         code, _, err = run_cli(capsys, *argv)
         assert code == 2 and message in err and err.count("\n") == 1, (argv, err)

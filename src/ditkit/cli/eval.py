@@ -5,6 +5,8 @@ reference batch if --ref names one. `--write-ref` writes such a batch from a fol
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..checkpoint import META_KEY, read_header
 from ..data.images import save_image_folder
 from ..distributed.launch import default_device
@@ -132,6 +134,9 @@ def write_ref(args) -> None:
         raise DitkitError("--write-ref writes Inception statistics, as ADM's reference batches hold them: add "
                           "--features inception --inception-weights PATH")
     check_output_file(args.write_ref)
+    if Path(args.write_ref).exists():  # a downloaded or long-computed batch is not replaced by mistake
+        raise DitkitError(f"--write-ref {args.write_ref} exists: give a new file name (ditkit does not replace a "
+                          "reference batch)")
     extractor = build_features("inception", args.inception_weights)
     written = write_reference(args.write_ref, args.ref, extractor, num=args.num_ref,
                               resolution=parse_size(args.resolution)[0] if args.resolution else None,

@@ -29,7 +29,7 @@ from ..diffusion.pipeline import check_labels, cycled_labels, generate
 from ..errors import DitkitError
 from ..files import atomic_write_text
 from ..record import SAMPLERS, RunRecord, Sampling
-from .adm import AdmAccumulator, AdmStatistics, accumulate, adm_scores
+from .adm import IS_SPLIT_SIZE, AdmAccumulator, AdmStatistics, accumulate, adm_scores
 from .agreement import agreement
 from .features import build_features, to_unit_float
 from .refbatch import ReferenceBatch, is_reference_batch, read_reference_batch, write_reference_batch
@@ -247,6 +247,9 @@ def write_reference(out: str | Path, source: str, extractor: nn.Module, num: int
     if not hasattr(extractor, "adm_outputs"):
         raise DitkitError("--write-ref writes the Inception statistics of ADM's layout: use --features inception")
     dataset, order = reference_subset(source, num, resolution, seed)
+    if len(order) < 2:
+        raise DitkitError(f"a reference batch needs at least 2 images for its covariances; {source} gives "
+                          f"{len(order)} (--num-ref {num})")
     extractor = extractor.to(device)
     accumulator = AdmAccumulator(keep_pool=False, score=False)
 
@@ -416,7 +419,7 @@ def format_scores(result: dict) -> str:
                      f"(subsets of {result['kid_subset_size']})")
     else:
         lines.append("KID         not available (the reference batch holds statistics, not images)")
-    splits = " (splits of 5,000, as ADM)" if result.get("sfid") is not None else ""
+    splits = f" (splits of {IS_SPLIT_SIZE:,}, as ADM)" if result.get("sfid") is not None else ""
     lines.append(f"IS          {result['is_mean']:.3f} +- {result['is_std']:.3f}{splits}")
     if result.get("precision") is not None:
         lines.append(f"precision   {result['precision']:.4f}, recall {result['recall']:.4f} (k = 3 neighbours)")
