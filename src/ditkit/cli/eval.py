@@ -1,18 +1,29 @@
 """`ditkit eval`: FID, KID and Inception Score of a checkpoint's samples (or a folder of images)
-against reference images, with legibility and paired agreement where they apply (`metrics.score`)."""
+against reference images, with legibility and paired agreement where they apply (`metrics.score`);
+with the Inception network the ADM evaluator's FID, sFID, IS, precision and recall, against an ADM
+reference batch if --ref names one. `--write-ref` writes such a batch from a folder or dataset."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+from ..checkpoint import META_KEY, read_header
 from ..data.images import save_image_folder
 from ..distributed.launch import default_device
 from ..errors import DitkitError
-from ..metrics.features import FEATURES
-from ..metrics.quality import format_scores, load_samples, write_scores
+from ..metrics.features import FEATURES, build_features
+from ..metrics.quality import (
+    check_reference,
+    eval_protocol,
+    format_scores,
+    load_samples,
+    write_reference,
+    write_scores,
+)
+from ..metrics.refbatch import is_reference_batch, read_reference_batch
 from ..metrics.score import score_checkpoint, score_images
-from ..record import Sampling
+from ..record import RunRecord, Sampling
 from .args import (
     COMMANDS,
     SharedFlags,
@@ -31,7 +42,9 @@ def add_parser(sub, shared: SharedFlags) -> None:
     evaluate.add_argument("--ckpt", help="a checkpoint to sample (run folder, checkpoint folder or .safetensors)")
     evaluate.add_argument("--samples", help="instead of --ckpt: a folder of already generated images")
     evaluate.add_argument("--ref", required=True,
-                          help="reference images: a built-in dataset (digits, photos) or an image folder")
+                          help="reference images: a built-in dataset (digits, photos), an image folder, or an ADM "
+                               "reference batch (.npz: images in arr_0 and/or the statistics mu, sigma, mu_s, sigma_s; "
+                               "used whole, its statistics where present)")
     evaluate.add_argument("--num", type=int, default=256, help="images to sample (or to read from --samples)")
     evaluate.add_argument("--num-ref", type=int, default=1000, help="reference images (a random subset)")
     evaluate.add_argument("--features", default="ditkit-digits", choices=FEATURES,
@@ -48,30 +61,50 @@ def add_parser(sub, shared: SharedFlags) -> None:
     evaluate.add_argument("--pair-with", metavar="DIR", help="also PSNR/SSIM against the same-index images of DIR "
                           "(e.g. a teacher's samples for the same seed)")
     evaluate.add_argument("--out", default="eval.json", help="JSON file for the scores")
+    evaluate.add_argument("--write-ref", metavar="OUT.npz", help="instead of scoring: write --num-ref images of --ref "
+                          "(a folder or built-in dataset, at --resolution) as an ADM reference batch (Inception "
+                          "statistics; needs --features inception)")
+    evaluate.add_argument("--with-images", action="store_true", help="with --write-ref: store the images too (arr_0, "
+                          "uint8 NHWC), which precision, recall and KID need")
     evaluate.set_defaults(func=run)
 
 
 def run(args) -> None:
+    if args.write_ref:
+        return write_ref(args)
+    if args.with_images:
+        raise DitkitError("--with-images goes with --write-ref (it stores the reference batch's images)")
     if bool(args.ckpt) == bool(args.samples):
         raise DitkitError("give either --ckpt (a model to sample) or --samples (a folder of generated images)")
     check_output_file(args.out)
     if args.save_samples:
         check_sample_folder(args.save_samples)
+    reference = read_reference_batch(args.ref) if is_reference_batch(args.ref) else args.ref
+    # The Inception network (torch-fidelity, the weights file) is built before any sampling, so that
+    # a missing piece stops the run at once.
+    extractor = build_features(args.features, args.inception_weights) if args.features == "inception" else None
     scoring = dict(num_reference=args.num_ref, pair_with=args.pair_with, inception_weights=args.inception_weights,
                    features_path=args.features_path, batch_size=args.batch_size, device=default_device(args.device),
-                   seed=args.seed, progress=not args.no_progress)
+                   seed=args.seed, progress=not args.no_progress, extractor=extractor)
+    resolved = objective = None
     if args.ckpt:
         height, width = optional_size(args.resolution)
         asked = Sampling(num=args.num, height=height, width=width, steps=args.steps, cfg_scale=args.cfg,
                          sampler=args.sampler, seed=args.seed)
-        scores = score_checkpoint(args.ckpt, asked, args.ref, args.features, ema=not args.no_ema, mixer=args.mixer,
+        record = _header_record(args.ckpt)
+        if record is not None:
+            resolved, objective = record.sampling(asked), record.diffusion.objective
+        _check_reference(reference, args.features, None if resolved is None else (resolved.height, resolved.width))
+        scores = score_checkpoint(args.ckpt, asked, reference, args.features, ema=not args.no_ema, mixer=args.mixer,
                                   mixer_options=parse_options(args.mixer_opt) or None, **scoring)
     else:
         images = load_samples(args.samples, args.num, parse_size(args.resolution)[0] if args.resolution else None)
-        scores = score_images(images, args.ref, args.features, **scoring)
+        _check_reference(reference, args.features, tuple(images.shape[-2:]))
+        scores = score_images(images, reference, args.features, **scoring)
     if args.save_samples:
         save_image_folder(scores.images, args.save_samples)
     result = scores.summary(source=str(args.ckpt or args.samples), reference=args.ref)
+    result["protocol"] = eval_protocol(result, resolved, objective)
     print(format_scores(result))
     print(f"wrote {write_scores(result, args.out)}")
 
@@ -87,3 +120,41 @@ def check_sample_folder(folder: str) -> None:
     if path.is_dir() and (others := sorted(p.name for p in path.iterdir() if not SAMPLE_NAME.fullmatch(p.name))):
         raise DitkitError(f"--save-samples {folder} holds other files ({', '.join(others[:3])}): give a new or empty "
                           "folder")
+
+
+def _check_reference(reference, features: str, image_size: tuple[int, int] | None) -> None:
+    if not isinstance(reference, str):
+        check_reference(reference, features, image_size)
+
+
+def _header_record(ckpt: str) -> RunRecord | None:
+    """The checkpoint's record read from its header (no weights), for the checks before sampling;
+    None where it has none (sampling then says what is wrong)."""
+    file, metadata, _ = read_header(ckpt)
+    return RunRecord.from_json(metadata[META_KEY], source=str(file)) if META_KEY in metadata else None
+
+
+def write_ref(args) -> None:
+    """--write-ref: an ADM reference batch of --ref (a folder or built-in dataset)."""
+    if args.ckpt or args.samples:
+        raise DitkitError("--write-ref writes a reference batch from --ref alone: drop --ckpt / --samples (score "
+                          "against the written file in a second call, --ref OUT.npz)")
+    if is_reference_batch(args.ref):
+        raise DitkitError(f"--write-ref makes a reference batch from a folder or built-in dataset; --ref "
+                          f"{args.ref} already is one")
+    if not str(args.write_ref).lower().endswith(".npz"):
+        raise DitkitError(f"--write-ref {args.write_ref}: name the reference batch with .npz")
+    if args.features != "inception":
+        raise DitkitError("--write-ref writes Inception statistics, as ADM's reference batches hold them: add "
+                          "--features inception --inception-weights PATH")
+    check_output_file(args.write_ref)
+    if Path(args.write_ref).exists():  # a downloaded or long-computed batch is not replaced by mistake
+        raise DitkitError(f"--write-ref {args.write_ref} exists: give a new file name (ditkit does not replace a "
+                          "reference batch)")
+    extractor = build_features("inception", args.inception_weights)
+    written = write_reference(args.write_ref, args.ref, extractor, num=args.num_ref,
+                              resolution=parse_size(args.resolution)[0] if args.resolution else None,
+                              with_images=args.with_images, batch_size=args.batch_size,
+                              device=default_device(args.device), seed=args.seed, progress=not args.no_progress)
+    images = f"{written.num_images} images and " if written.num_images else ""
+    print(f"wrote {written.path}: {images}Inception statistics (mu, sigma, mu_s, sigma_s) of {args.ref}")

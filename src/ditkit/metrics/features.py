@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ..data import DigitsDataset
 from ..errors import DitkitError
 from ..files import atomic_path, check_writable
+from .adm import spatial_features
 
 FEATURES = ("ditkit-digits", "inception")
 
@@ -66,43 +67,65 @@ def find_inception_weights(path: str | Path | None = None) -> Path:
 
 
 class InceptionFeatures(nn.Module):
-    """The FID InceptionV3 of torch-fidelity (through torchmetrics): 2048-d features, 1008 logits.
+    """The FID InceptionV3 of torch-fidelity: 2048-d pool features and 1008 bias-free logits (the
+    evaluator's softmax input), the TF 2015 graph's own bilinear resize to 299 px.
 
     `backbone` maps uint8 RGB (B, 3, H, W) to (features, logits); it is built from the weights
-    file unless given (tests pass a stand-in)."""
+    file unless given (tests pass a stand-in). `adm_outputs` also reads the spatial features of
+    TF's `mixed_6/conv` for sFID, from `SPATIAL_LAYER` of the backbone."""
 
     name = "inception"
     comparable = True  # with published FID/KID/IS, given the same reference statistics and sample count
+    # TF's mixed_6/conv:0 in torch-fidelity's port, which names its blocks after the TF graph's
+    # (util_convert_inception_weights.py: mixed, mixed_1, mixed_2 -> Mixed_5b..5d, mixed_3 -> Mixed_6a,
+    # mixed_4..mixed_7 -> Mixed_6b..6e): mixed_6 is Mixed_6d, its `conv` the first branch (1x1 conv,
+    # batch norm, ReLU; the scope's own op is the unit's ReLU output, its weights sit in conv/conv2d_params
+    # and conv/batchnorm).
+    SPATIAL_LAYER = "Mixed_6d.branch1x1"
 
     def __init__(self, weights: str | Path | None = None, backbone: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone if backbone is not None else _inception_backbone(find_inception_weights(weights))
 
+    def _rgb(self, images: Tensor) -> Tensor:
+        rgb = (to_unit_float(images) * 255).round().to(torch.uint8)
+        return rgb.expand(-1, 3, -1, -1) if rgb.shape[1] == 1 else rgb
+
     @torch.no_grad()
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        rgb = (to_unit_float(images) * 255).round().to(torch.uint8)
-        if rgb.shape[1] == 1:
-            rgb = rgb.expand(-1, 3, -1, -1)
-        features, logits = self.backbone(rgb)
+        features, logits = self.backbone(self._rgb(images))
         return features.float(), logits.float()
+
+    @torch.no_grad()
+    def adm_outputs(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(pool (B, 2048), spatial (B, 2023), logits (B, 1008)) of a batch: what the ADM evaluator reads."""
+        try:
+            layer = self.backbone.get_submodule(self.SPATIAL_LAYER)
+        except AttributeError:
+            raise DitkitError(f"this Inception network has no {self.SPATIAL_LAYER} (TF mixed_6/conv), which sFID "
+                              "reads: use torch-fidelity's FeatureExtractorInceptionV3") from None
+        seen = []
+        hook = layer.register_forward_hook(lambda module, inputs, output: seen.append(output))
+        try:
+            features, logits = self.backbone(self._rgb(images))
+        finally:
+            hook.remove()
+        return features.float(), spatial_features(seen[-1].float()), logits.float()
 
 
 def _inception_backbone(weights: Path) -> nn.Module:
-    try:
-        from torchmetrics.image.fid import NoTrainInceptionV3
+    try:  # torch-fidelity's class itself: torchmetrics' subclass resizes with antialiasing, unlike the TF graph
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     except (ImportError, RuntimeError) as error:  # a torchvision built for another torch fails at import
         raise DitkitError(f"--features inception needs torch-fidelity, which did not import ({error}): "
                           "pip install 'ditkit[inception]' (torch-fidelity with a torchvision matching your "
                           "torch), or use --features ditkit-digits") from None
     try:
-        return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048", "logits_unbiased"],
-                                  feature_extractor_weights_path=str(weights))
-    except ModuleNotFoundError as error:
-        raise DitkitError(f"--features inception needs torch-fidelity ({error}): pip install 'ditkit[inception]', "
-                          "or use --features ditkit-digits") from None
-    except (RuntimeError, KeyError, OSError) as error:
-        raise DitkitError(f"{weights} is not the InceptionV3 FID weights file ({error}); get it from "
-                          f"{INCEPTION_URL}") from None
+        return FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                           feature_extractor_weights_path=str(weights))
+    except Exception as error:  # a foreign or damaged file: torch.load and load_state_dict raise many kinds
+        raise DitkitError(f"{weights} is not the InceptionV3 FID weights file ({type(error).__name__}: {error}); "
+                          f"get it from {INCEPTION_URL}") from None
 
 
 # ---------------------------------------------------------------- ditkit-digits (offline)

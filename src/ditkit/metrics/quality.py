@@ -1,6 +1,8 @@
 """Sample quality against reference images: FID, KID and Inception Score, computed by torchmetrics
 on the features of a chosen extractor (see `features.py`; `ditkit-digits` works offline,
-`inception` gives numbers comparable with papers).
+`inception` gives numbers comparable with papers). With the Inception network the scores are the
+ADM evaluator's (`adm.py`): FID, sFID, IS, precision and recall, plus KID; the reference may then be
+an ADM reference batch (`refbatch.py`), whose precomputed statistics are used when it has them.
 
 Images everywhere are (B, C, H, W), float in [-1, 1] (ditkit's convention) or uint8.
 The features of each image set are extracted once; torchmetrics' FID, KID and IS then read them
@@ -15,6 +17,7 @@ import math
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -25,9 +28,11 @@ from ..data.latents import load_vae
 from ..diffusion.pipeline import check_labels, cycled_labels, generate
 from ..errors import DitkitError
 from ..files import atomic_write_text
-from ..record import RunRecord, Sampling
+from ..record import SAMPLERS, RunRecord, Sampling
+from .adm import IS_SPLIT_SIZE, AdmAccumulator, AdmStatistics, accumulate, adm_scores
 from .agreement import agreement
-from .features import build_features
+from .features import build_features, to_unit_float
+from .refbatch import ReferenceBatch, is_reference_batch, read_reference_batch, write_reference_batch
 
 
 class _Precomputed(nn.Module):
@@ -41,15 +46,10 @@ class _Precomputed(nn.Module):
         return features
 
 
-@torch.no_grad()
 def extract(extractor: nn.Module, images: Tensor, batch_size: int = 64, progress: bool = False,
             desc: str = "features") -> tuple[Tensor, Tensor]:
     """(features, logits) of all images, in batches."""
-    from tqdm.auto import tqdm
-
-    device = next(extractor.parameters(), torch.empty(0)).device
-    outputs = [extractor(batch.to(device)) for batch in tqdm(images.split(batch_size), desc=desc, disable=not progress)]
-    return torch.cat([f for f, _ in outputs]).cpu(), torch.cat([logits for _, logits in outputs]).cpu()
+    return extract_batches(extractor, images.split(batch_size), progress, desc)
 
 
 def label_accuracy(classifier: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 64) -> float:
@@ -92,11 +92,16 @@ def scores_from_features(real: tuple[Tensor, Tensor], fake: tuple[Tensor, Tensor
             "is_mean": is_mean.item(), "is_std": is_std.item(), "kid_subset_size": subset}
 
 
-def evaluate(generated: Tensor, reference: Tensor, features: str | nn.Module = "ditkit-digits", *,
+ADM_ONLY = ("sfid", "precision", "recall")  # what only the Inception network's features give
+
+
+def evaluate(generated: Tensor, reference: Tensor | ReferenceBatch, features: str | nn.Module = "ditkit-digits", *,
              inception_weights: str | Path | None = None, features_path: str | Path | None = None,
              batch_size: int = 64, kid_subset_size: int = 1000, is_splits: int = 10, device: str = "cpu",
              seed: int = 0, progress: bool = True) -> dict:
-    """FID, KID (mean, std) and IS (mean, std) of `generated` against `reference` images.
+    """FID, KID (mean, std) and IS (mean, std) of `generated` against `reference` images (or an ADM
+    reference batch, used whole); with the Inception network, the ADM evaluator's FID, sFID, IS,
+    precision and recall (`adm_evaluate`), which other features leave None.
 
     `features` is a name (ditkit-digits, inception) or an extractor module mapping images to
     (features, logits). Returns the scores plus the extractor's name, whether the numbers are
@@ -104,12 +109,86 @@ def evaluate(generated: Tensor, reference: Tensor, features: str | nn.Module = "
     extractor = features if isinstance(features, nn.Module) else build_features(
         features, inception_weights=inception_weights, features_path=features_path, progress=progress)
     extractor = extractor.to(device)
-    real = extract(extractor, reference, batch_size, progress, "reference features")
-    fake = extract(extractor, generated, batch_size, progress, "sample features")
-    scores = scores_from_features(real, fake, kid_subset_size, is_splits, seed)
+    if hasattr(extractor, "adm_outputs"):
+        scores = adm_evaluate(extractor, generated, reference, batch_size, kid_subset_size, seed, device, progress)
+    else:
+        if isinstance(reference, Tensor):
+            real = extract(extractor, reference, batch_size, progress, "reference features")
+        else:
+            real = extract_batches(extractor, image_batches(reference, batch_size), progress, "reference features")
+        fake = extract(extractor, generated, batch_size, progress, "sample features")
+        scores = {**scores_from_features(real, fake, kid_subset_size, is_splits, seed), **dict.fromkeys(ADM_ONLY)}
     return {**scores, "features": getattr(extractor, "name", type(extractor).__name__),
             "comparable_to_papers": bool(getattr(extractor, "comparable", False)),
-            "num_generated": len(generated), "num_reference": len(reference)}
+            "num_generated": len(generated), "num_reference": reference_count(reference)}
+
+
+@torch.no_grad()
+def extract_batches(extractor: nn.Module, batches, progress: bool = False,
+                    desc: str = "features") -> tuple[Tensor, Tensor]:
+    """(features, logits) of a stream of image batches."""
+    from tqdm.auto import tqdm
+
+    device = next(extractor.parameters(), torch.empty(0)).device
+    outputs = [extractor(batch.to(device)) for batch in tqdm(batches, desc=desc, disable=not progress)]
+    return torch.cat([f for f, _ in outputs]).cpu(), torch.cat([logits for _, logits in outputs]).cpu()
+
+
+def image_batches(reference: Tensor | ReferenceBatch, batch_size: int):
+    """Batches of reference images: uint8 (B, 3, H, W) from a reference batch's file, read as needed."""
+    if isinstance(reference, Tensor):
+        yield from reference.split(batch_size)
+        return
+    for batch in reference.batches(batch_size):
+        yield torch.from_numpy(batch.copy()).permute(0, 3, 1, 2)
+
+
+def reference_count(reference: Tensor | ReferenceBatch) -> int | None:
+    """Reference images scored (None: a reference batch of statistics only, whose count is unknown)."""
+    if isinstance(reference, Tensor):
+        return len(reference)
+    return reference.num_images or None
+
+
+def adm_evaluate(extractor: nn.Module, generated: Tensor, reference: Tensor | ReferenceBatch, batch_size: int = 64,
+                 kid_subset_size: int = 1000, seed: int = 0, device: str = "cpu", progress: bool = False) -> dict:
+    """The ADM evaluator's FID, sFID, IS, precision and recall (and KID) with an extractor that has
+    `adm_outputs`. A reference batch's precomputed statistics give FID and sFID; its images, where it
+    has them, give the pool features precision, recall and KID need (all None without images)."""
+    from tqdm.auto import tqdm
+
+    def outputs(batches, desc):
+        for batch in tqdm(batches, desc=desc, disable=not progress):
+            yield extractor.adm_outputs(batch.to(device))
+
+    samples = accumulate(outputs(generated.split(batch_size), "sample features"))
+    precomputed = reference.statistics if isinstance(reference, ReferenceBatch) else None
+    has_images = isinstance(reference, Tensor) or reference.image_shape is not None
+    real = accumulate(outputs(image_batches(reference, batch_size), "reference features"), score=False) \
+        if has_images else None
+    if precomputed is not None:
+        real = AdmStatistics(**precomputed, pool=None if real is None else real.pool)
+    scores = adm_scores(samples, real, device=device)
+    kid = dict.fromkeys(("kid_mean", "kid_std", "kid_subset_size"))
+    if real.pool is not None:
+        kid = kernel_distance(real.pool, samples.pool, kid_subset_size, seed)
+    return {**scores, **kid}
+
+
+def kernel_distance(real: Tensor, fake: Tensor, subset_size: int = 1000, seed: int = 0) -> dict:
+    """torchmetrics' KID (mean, std over random subsets fixed by `seed`) of two feature sets."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    subset = min(subset_size, len(real), len(fake))
+    with warnings.catch_warnings():  # "features are kept in memory": they are
+        warnings.simplefilter("ignore", UserWarning)
+        kid = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subset_size=subset)
+    kid.update(real.double(), real=True)
+    kid.update(fake.double(), real=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        mean, std = kid.compute()
+    return {"kid_mean": mean.item(), "kid_std": std.item(), "kid_subset_size": subset}
 
 
 # ---------------------------------------------------------------- where the images come from
@@ -117,11 +196,82 @@ def evaluate(generated: Tensor, reference: Tensor, features: str | nn.Module = "
 def load_reference(source: str, num: int, resolution: int | None = None, seed: int = 0) -> Tensor:
     """`num` images (at most all there are) of a built-in dataset (digits, photos) or an image folder,
     in [-1, 1], as a random subset fixed by `seed`."""
+    dataset, order = reference_subset(source, num, resolution, seed)
+    return torch.stack([dataset[int(i)][0] for i in order])
+
+
+def reference_subset(source: str, num: int, resolution: int | None = None, seed: int = 0):
+    """(dataset, the indices of `load_reference`'s random subset) of a built-in dataset or folder."""
     if resolution is None:
         resolution = first_image_size(source) if Path(source).is_dir() else 32
     dataset = build_dataset(source, resolution, photos_length=max(num, 1), seed=seed)
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num]
-    return torch.stack([dataset[int(i)][0] for i in order])
+    return dataset, torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num]
+
+
+def open_reference(source: str, num: int, resolution: int | None = None, seed: int = 0) -> Tensor | ReferenceBatch:
+    """A --ref: an ADM reference batch (.npz, checked, read in batches later) or `load_reference`'s images."""
+    if is_reference_batch(source):
+        return read_reference_batch(source)
+    return load_reference(source, num, resolution, seed)
+
+
+def check_reference(reference: ReferenceBatch, features: str, image_size: tuple[int, int] | None = None) -> None:
+    """Refuse, before any sampling, a reference batch that cannot serve: no images for features other
+    than Inception (its statistics are Inception's), or images of another size than the samples'."""
+    if reference.image_shape is None and features != "inception":
+        raise DitkitError(f"{reference.path} holds only Inception statistics, which --features {features} cannot "
+                          "use: pass --features inception, or a reference batch with images (arr_0)")
+    if image_size is not None and reference.image_size is not None and tuple(image_size) != reference.image_size:
+        (h, w), (rh, rw) = image_size, reference.image_size
+        raise DitkitError(f"{reference.path} holds {rh}x{rw} images but the samples are {h}x{w}: use the reference "
+                          "batch made at the samples' resolution (e.g. VIRTUAL_imagenet256_labeled.npz for 256 px)")
+
+
+def to_uint8_nhwc(images: Tensor) -> np.ndarray:
+    """Images (B, C, H, W) in [-1, 1] or uint8 -> uint8 RGB (B, H, W, 3), as ADM's batches hold them
+    (grayscale repeated on 3 channels, as the Inception features read it)."""
+    rgb = (to_unit_float(images) * 255).round().to(torch.uint8)
+    if rgb.shape[1] == 1:
+        rgb = rgb.expand(-1, 3, -1, -1)
+    return rgb.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def write_reference(out: str | Path, source: str, extractor: nn.Module, num: int = 1000, resolution: int | None = None,
+                    with_images: bool = False, batch_size: int = 64, device: str = "cpu", seed: int = 0,
+                    progress: bool = True) -> ReferenceBatch:
+    """Write an ADM reference batch of `num` images of `source` (the subset `load_reference` takes):
+    the Inception statistics of `extractor` (which has `adm_outputs`) and, with `with_images`, the
+    images as uint8 NHWC. One streaming pass: the images are never all in memory. Returns the file read back."""
+    from tqdm.auto import tqdm
+
+    if not hasattr(extractor, "adm_outputs"):
+        raise DitkitError("--write-ref writes the Inception statistics of ADM's layout: use --features inception")
+    dataset, order = reference_subset(source, num, resolution, seed)
+    if len(order) < 2:
+        raise DitkitError(f"a reference batch needs at least 2 images for its covariances; {source} gives "
+                          f"{len(order)} (--num-ref {num})")
+    extractor = extractor.to(device)
+    accumulator = AdmAccumulator(keep_pool=False, score=False)
+
+    def batches():
+        for chunk in tqdm(order.split(batch_size), desc="reference batch", disable=not progress):
+            images = to_uint8_nhwc(torch.stack([dataset[int(i)][0] for i in chunk]))
+            pool, spatial, _ = extractor.adm_outputs(torch.from_numpy(images).permute(0, 3, 1, 2).to(device))
+            accumulator.update(pool, spatial)
+            yield images
+
+    def statistics():
+        result = accumulator.result()
+        return {"mu": result.mu, "sigma": result.sigma, "mu_s": result.mu_s, "sigma_s": result.sigma_s}
+
+    if with_images:
+        side = dataset[int(order[0])][0].shape[-2:]
+        write_reference_batch(out, statistics, batches(), (len(order), *side, 3))
+    else:
+        for _ in batches():
+            pass
+        write_reference_batch(out, statistics())
+    return read_reference_batch(out)
 
 
 def first_image_size(folder: str | Path) -> int:
@@ -212,20 +362,75 @@ def write_scores(result: dict, out: str | Path) -> Path:
     return out
 
 
+def eval_protocol(result: dict, sampling: Sampling | None = None, objective: str | None = None) -> dict:
+    """How a result was made, so that it can be set beside a paper's row: sample count, the resolved
+    `sampling` (steps, guidance, sampler, timestep spacing, seed, size; None for images given), the
+    reference and the feature network. `objective` names the sampler a run leaves unset."""
+    made = {"steps": None, "cfg_scale": None, "sampler": None, "timestep_spacing": None, "seed": None,
+            "resolution": None}
+    if sampling is not None:
+        sampler = sampling.sampler or (SAMPLERS[objective][0] if objective in SAMPLERS else None)
+        made = {"steps": sampling.steps, "cfg_scale": sampling.cfg_scale, "sampler": sampler,
+                "timestep_spacing": sampling.timestep_spacing, "seed": sampling.seed,
+                "resolution": f"{sampling.height}x{sampling.width}"}
+    return {"samples": result["num_generated"], **made, "reference": result.get("reference"),
+            "reference_images": result["num_reference"], "features": result["features"]}
+
+
+ROW_COLUMNS = ("samples", "steps", "guidance", "spacing", "sampler", "reference", "features",
+               "FID", "sFID", "IS", "Precision", "Recall")
+
+
+def format_row(result: dict) -> str:
+    """A markdown table (header and one row) with the papers' columns and the protocol beside them;
+    n/a where the features give no such number, - where the protocol has no such setting (images given,
+    no timestep spacing for flow matching)."""
+    protocol = result.get("protocol") or eval_protocol(result)
+
+    def shown(value, digits=None):
+        if value is None:
+            return "n/a" if digits is not None else "-"
+        return f"{value:.{digits}f}" if digits is not None else str(value)
+
+    cells = [shown(protocol["samples"]), shown(protocol["steps"]), shown(protocol["cfg_scale"]),
+             shown(protocol["timestep_spacing"]), shown(protocol["sampler"]),
+             Path(str(protocol["reference"])).name if protocol["reference"] else "-", shown(protocol["features"]),
+             shown(result["fid"], 2), shown(result.get("sfid"), 2), shown(result["is_mean"], 1),
+             shown(result.get("precision"), 2), shown(result.get("recall"), 2)]
+    return "\n".join(["| " + " | ".join(ROW_COLUMNS) + " |", "|" + "---|" * len(ROW_COLUMNS),
+                      "| " + " | ".join(cells) + " |"])
+
+
 def format_scores(result: dict) -> str:
-    """The scores of `evaluate` (plus agreement and legibility where present) as aligned lines."""
+    """The scores of `evaluate` (plus agreement and legibility where present) as aligned lines, then
+    `format_row`'s table row."""
     note = ("comparable with published numbers at equal sample counts" if result["comparable_to_papers"]
             else "a ditkit-only scale: compare runs with each other, not with papers")
+    count = result["num_reference"] if result["num_reference"] is not None else "the statistics of the"
     lines = [
-        f"{result['num_generated']} samples from {result.get('source', '?')} vs {result['num_reference']} "
+        f"{result['num_generated']} samples from {result.get('source', '?')} vs {count} "
         f"reference images from {result.get('reference', '?')}",
         f"features    {result['features']} ({note})",
-        f"FID         {result['fid']:.3f}",
-        f"KID         {result['kid_mean']:.5f} +- {result['kid_std']:.5f} (subsets of {result['kid_subset_size']})",
-        f"IS          {result['is_mean']:.3f} +- {result['is_std']:.3f}"]
+        f"FID         {result['fid']:.3f}"]
+    if result.get("sfid") is not None:
+        lines.append(f"sFID        {result['sfid']:.3f}")
+    if result.get("kid_mean") is not None:
+        lines.append(f"KID         {result['kid_mean']:.5f} +- {result['kid_std']:.5f} "
+                     f"(subsets of {result['kid_subset_size']})")
+    else:
+        lines.append("KID         not available (the reference batch holds statistics, not images)")
+    splits = f" (splits of {IS_SPLIT_SIZE:,}, as ADM)" if result.get("sfid") is not None else ""
+    lines.append(f"IS          {result['is_mean']:.3f} +- {result['is_std']:.3f}{splits}")
+    if result.get("precision") is not None:
+        lines.append(f"precision   {result['precision']:.4f}, recall {result['recall']:.4f} (k = 3 neighbours)")
+    elif result.get("sfid") is not None:
+        lines.append("precision   not available, nor recall (the reference batch holds statistics, not images)")
+    else:
+        lines.append(f"sFID, precision, recall: not available with {result['features']} features (they read the "
+                     "Inception network: --features inception)")
     if "agreement" in result:
         lines.append(f"paired      PSNR {result['agreement']['psnr']:.2f} dB, SSIM {result['agreement']['ssim']:.4f}")
     if "label_accuracy" in result:
         lines.append(f"legibility  {100 * result['label_accuracy']:.1f}% read by the digits classifier as the class "
                      "asked for")
-    return "\n".join(lines)
+    return "\n".join(lines + [format_row(result)])

@@ -13,7 +13,8 @@ from torch import Tensor, nn
 
 from ..record import RunRecord, Sampling
 from .agreement import agreement
-from .quality import evaluate, folder_agreement, legibility, load_reference, sample_checkpoint
+from .quality import evaluate, folder_agreement, legibility, open_reference, sample_checkpoint
+from .refbatch import ReferenceBatch
 
 
 @dataclass
@@ -39,17 +40,18 @@ class Scores:
         return result
 
 
-def score_images(images: Tensor, reference: Tensor | str, features: str = "ditkit-digits", *,
+def score_images(images: Tensor, reference: Tensor | ReferenceBatch | str, features: str = "ditkit-digits", *,
                  extractor: nn.Module | None = None, record: RunRecord | None = None,
                  pair_with: Tensor | str | Path | None = None, num_reference: int = 1000,
                  inception_weights: str | Path | None = None, features_path: str | Path | None = None,
                  batch_size: int = 64, device: str = "cpu", seed: int = 0, progress: bool = True) -> Scores:
     """Score `images` against `reference` (images, or a built-in dataset or folder of which
-    `num_reference` images are loaded at the samples' size). `extractor` is the built `features`
+    `num_reference` images are loaded at the samples' size, or an ADM reference batch: an .npz path or
+    `ReferenceBatch`, used whole). `extractor` is the built `features`
     network, if the caller holds one; `record` (the images' run) makes legibility measurable;
     `pair_with` (images, or a folder of same-index images) adds PSNR/SSIM agreement."""
     if isinstance(reference, str):
-        reference = load_reference(reference, num_reference, resolution=images.shape[-2], seed=seed)
+        reference = open_reference(reference, num_reference, resolution=images.shape[-2], seed=seed)
     quality = evaluate(images, reference, extractor if extractor is not None else features,
                        inception_weights=inception_weights, features_path=features_path, batch_size=batch_size,
                        device=device, seed=seed, progress=progress)
@@ -63,7 +65,7 @@ def score_images(images: Tensor, reference: Tensor | str, features: str = "ditki
     return Scores(images, quality, legible, paired, record)
 
 
-def score_checkpoint(ckpt: str | Path, sampling: Sampling, reference: Tensor | str,
+def score_checkpoint(ckpt: str | Path, sampling: Sampling, reference: Tensor | ReferenceBatch | str,
                      features: str = "ditkit-digits", *, ema: bool = True, mixer: str | None = None,
                      mixer_options: dict | None = None, batch_size: int = 64, device: str = "cpu",
                      progress: bool = True, **scoring) -> Scores:
