@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import ditkit.metrics.features as features
+from ditkit.errors import DitkitError
 
 
 def test_a_full_disk_leaves_no_cache_file_and_a_damaged_cache_is_retrained(tmp_path, monkeypatch, one_thread):
@@ -19,7 +20,7 @@ def test_a_full_disk_leaves_no_cache_file_and_a_damaged_cache_is_retrained(tmp_p
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(features.torch, "save", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(DitkitError, match="could not write .*ditkit-digits.pt: the disk is full"):
         features.digits_features(path, progress=False, epochs=1)
     assert list(path.parent.iterdir()) == []  # neither the target nor a temporary file
     monkeypatch.setattr(features.torch, "save", real_save)
