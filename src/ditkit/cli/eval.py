@@ -147,10 +147,10 @@ def write_ref(args) -> None:
     if args.features != "inception":
         raise DitkitError("--write-ref writes Inception statistics, as ADM's reference batches hold them: add "
                           "--features inception --inception-weights PATH")
-    check_output_file(args.write_ref)
     if Path(args.write_ref).exists():  # a downloaded or long-computed batch is not replaced by mistake
         raise DitkitError(f"--write-ref {args.write_ref} exists: give a new file name (ditkit does not replace a "
                           "reference batch)")
+    check_output_file(args.write_ref)
     extractor = build_features("inception", args.inception_weights)
     written = write_reference(args.write_ref, args.ref, extractor, num=args.num_ref,
                               resolution=parse_size(args.resolution)[0] if args.resolution else None,
