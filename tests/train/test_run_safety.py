@@ -253,3 +253,21 @@ def test_a_folder_lock_is_exclusive_within_one_process_too(tmp_path):
             FolderLock(tmp_path, "second").__enter__()
     with FolderLock(tmp_path, "again"):
         pass
+
+
+# ---------------------------------------------------------------- 7. model fields the data sets
+
+@pytest.mark.parametrize("override,message", [
+    ("model.args.num_classes=5", r"num_classes=5 contradicts the data \(digits has 10 classes\).*or set 10"),
+    ("model.args.in_channels=3", r"in_channels=3 contradicts the data \(digits has 1 channel\(s\)\).*or set 1"),
+    ("model.args.learn_sigma=true", "learn_sigma=True contradicts the objective"),
+])
+def test_model_fields_that_contradict_the_data_are_refused_and_agreeing_ones_taken(tmp_path, override, message):
+    from ditkit.train.trainer import Trainer
+
+    with pytest.raises(DitkitError, match=message):
+        Trainer(load_config(None, tiny_run(tmp_path / "run", override)), progress=False)
+    assert not (tmp_path / "run").exists()
+    agreeing = Trainer(load_config(None, tiny_run(tmp_path / "run", "model.args.num_classes=10",
+                                                  "model.args.in_channels=1")), progress=False)
+    assert (agreeing.model_config.num_classes, agreeing.model_config.in_channels) == (10, 1)

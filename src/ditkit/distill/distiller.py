@@ -39,7 +39,7 @@ from ..checkpoint import (
     read_weights,
     save_checkpoint,
 )
-from ..config import AT_LEAST_0, AT_LEAST_1, POSITIVE, check_fields, one_of, ranged
+from ..config import AT_LEAST_0, AT_LEAST_1, POSITIVE, SEED, check_fields, one_of, ranged
 from ..data.images import image_grid, save_image
 from ..diffusion.sampling import sample
 from ..distributed.launch import require_process_group
@@ -102,7 +102,7 @@ class DistillConfig:
     weights: LossWeights = field(default_factory=LossWeights)
     # match attention outputs of every k-th attention layer (CLEAR: every 4th)
     attention_every: int = ranged(1, AT_LEAST_1)
-    seed: int = ranged(0, AT_LEAST_0)
+    seed: int = ranged(0, SEED)
     log_every: int = ranged(10, AT_LEAST_1)
     ckpt_every: int = ranged(250, AT_LEAST_1)
     keep_checkpoints: int = ranged(2, AT_LEAST_0)

@@ -121,6 +121,15 @@ def load_optimizer(optimizer, path: Path, groups: list[dict], device) -> None:
     restore_group_settings(optimizer, groups)
 
 
+def refuse_contradictions(args: dict, derived: dict[str, tuple[object, str]]) -> None:
+    """A model field the run takes from elsewhere (`derived`: {field: (value, where from)}) that
+    model.args sets to something else is one line naming both: it was silently overridden before."""
+    for key, (value, source) in derived.items():
+        if key in args and args[key] != value:
+            raise DitkitError(f"config key model.args.{key}={args[key]!r} contradicts {source}, which sets it to "
+                              f"{value!r}: leave model.args.{key} unset (ditkit takes it from there) or set {value!r}")
+
+
 def setup_changes(saved: RunRecord, saved_seed: int | None, mine: RunRecord, seed: int) -> list[str]:
     """What exact resume cannot survive beyond the model config, as 'key old -> new' items."""
     def sigma(record: RunRecord):  # learn_sigma means something for ddpm only
@@ -157,8 +166,8 @@ class Trainer:
         self.sharded = cfg.train.sharding == "fsdp"
         if self.sharded:
             require_process_group("train")
-        self.dataset, self.vae_path, scale = self._prepare_data()
         self.objective = build_objective(cfg.diffusion)
+        self.dataset, self.vae_path, scale = self._prepare_data()
         mixer = {key: value for key, value in (("mixer", cfg.model.mixer), ("mixer_options", cfg.model.mixer_options))
                  if value is not None}
         self.model_config = model_config(
@@ -176,6 +185,7 @@ class Trainer:
     def _prepare_data(self):
         d = self.cfg.data
         dataset = build_dataset(d.source, d.resolution, photos_length=d.photos_length, seed=self.cfg.train.seed)
+        refuse_contradictions(self.cfg.model.args, self._derived_fields(dataset))
         if d.vae is None:
             return dataset, None, 1
         vae_path = str(Path(d.vae).resolve())
@@ -184,6 +194,25 @@ class Trainer:
             latents = cached_latents(dataset, vae_path, cache_dir, hflip=d.hflip, device=self.accelerator.device,
                                      progress=self.progress)
         return latents, vae_path, latents.vae_scale
+
+    def _derived_fields(self, dataset) -> dict[str, tuple[object, str]]:
+        """The model fields the run takes from its data and objective, as {field: (value, where from)}
+        (a latent run's channels from its VAE's config, when it has one: read before any encoding)."""
+        d = self.cfg.data
+        channels, where = dataset.channels, f"the data ({d.source} has {dataset.channels} channel(s))"
+        scale = (1, "data.vae (none: pixels)")
+        vae_config = Path(d.vae or "") / "config.json"
+        if d.vae is not None and vae_config.is_file():
+            vae = read_json(vae_config, "VAE config")
+            channels = vae.get("latent_channels", 4)
+            where = f"data.vae (its latents have {channels} channels)"
+            scale = (2 ** (len(vae.get("block_out_channels", [0])) - 1), "data.vae (its downsampling)")
+        elif d.vae is not None:
+            return {}  # load_vae says what is missing
+        return {"in_channels": (channels, where), "vae_scale": scale,
+                "num_classes": (dataset.num_classes, f"the data ({d.source} has {dataset.num_classes} classes)"),
+                "learn_sigma": (self.objective.learn_sigma, "the objective (diffusion.objective, "
+                                "diffusion.learn_sigma)")}
 
     def _resume_from(self, resume: str | bool) -> tuple[dict, Path]:
         path = find_checkpoint(self.out_dir if resume is True else resume)
