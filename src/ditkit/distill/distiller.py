@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 from ..checkpoint import (
     find_checkpoint,
     list_checkpoints,
-    load_torch_file,
+    load_optimizer_state,
+    read_training_state,
     read_weights,
     save_checkpoint,
 )
@@ -303,12 +304,12 @@ class Distiller:
         if record.to_dict()["distill"] != mine["distill"] or record.model_dict() != mine["model"]:
             raise DitkitError(f"checkpoint {path} comes from another distillation (teacher, radius or model "
                               "differ): resume with the settings it was made with")
-        state = read_json(path / "training_state.json", "training state")
+        state = read_training_state(path)
         if self.sharded:
             load_sharded(path / SHARDED_STATE, self.student, optimizer, model_keys=self.trainable)
         else:
             self.student.load_state_dict({k: v.to(self.device) for k, v in tensors.items()}, strict=False)
-            optimizer.load_state_dict(load_torch_file(path / "optimizer.pt", self.device))
+            optimizer.load_state_dict(load_optimizer_state(path, self.device))
         return state["step"]
 
     def run(self, resume: str | bool | None = None, overwrite: bool = False) -> dict:

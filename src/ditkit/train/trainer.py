@@ -28,10 +28,12 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import (
     META_KEY,
+    OPTIMIZER_FILE,
     find_checkpoint,
+    load_optimizer_state,
     load_state,
-    load_torch_file,
     read_header,
+    read_training_state,
     read_weights,
     resume_advice,
     save_checkpoint,
@@ -111,14 +113,36 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 
 @torch.no_grad()
-def load_optimizer(optimizer, path: Path, groups: list[dict], device) -> None:
-    """The saved moments and step counts; lr and weight decay stay those of the current config."""
-    saved = load_torch_file(path, device)
+def load_optimizer(optimizer, folder: Path, groups: list[dict], device) -> None:
+    """The saved moments and step counts (verified and finite: `load_optimizer_state`); lr and weight
+    decay stay those of the current config."""
+    path = folder / OPTIMIZER_FILE
+    saved = load_optimizer_state(folder, device)
     if len(saved["param_groups"]) != len(groups):
         raise DitkitError(f"{path} has {len(saved['param_groups'])} optimizer parameter group(s), this config makes "
                           f"{len(groups)}: resume with the train.ssm_lr it was trained with (a number, or null)")
+    refuse_misshapen_state(saved, optimizer, path)
     optimizer.load_state_dict(saved)
     restore_group_settings(optimizer, groups)
+
+
+def refuse_misshapen_state(saved: dict, optimizer, path: Path) -> None:
+    """Saved optimizer state that does not fit this model's parameters (another run's optimizer.pt)
+    is one line here: torch would load it and fail at the first step."""
+    for number, (group, mine) in enumerate(zip(saved["param_groups"], optimizer.param_groups, strict=True)):
+        ids = group.get("params") if isinstance(group, dict) else None
+        if not isinstance(ids, list) or len(ids) != len(mine["params"]):
+            raise DitkitError(f"{path} holds state for {len(ids or [])} parameters in group {number}, this model has "
+                              f"{len(mine['params'])}: it is another model's optimizer; resume from this run's "
+                              "checkpoint")
+        for index, param in zip(ids, mine["params"], strict=True):
+            moments = saved["state"].get(index, {})
+            bad = next((name for name, value in moments.items() if isinstance(value, torch.Tensor)
+                        and value.dim() > 0 and value.shape != param.shape), None)
+            if bad is not None:
+                raise DitkitError(f"{path} holds {bad} of shape {tuple(moments[bad].shape)} for a parameter of shape "
+                                  f"{tuple(param.shape)}: it is another model's optimizer; resume from this run's "
+                                  "checkpoint")
 
 
 def refuse_contradictions(args: dict, derived: dict[str, tuple[object, str]]) -> None:
@@ -224,7 +248,7 @@ class Trainer:
         if record is None:
             raise DitkitError(f"{path / 'model.safetensors'} is not a ditkit checkpoint (no model config in its "
                               "metadata)")
-        state = read_json(path / "training_state.json", "training state")
+        state = read_training_state(path)
         if changes := setup_changes(record, state.get("seed"), self.record, self.cfg.train.seed):
             raise DitkitError(f"checkpoint {path} was trained with other settings ({'; '.join(changes)}): exact "
                               "resume needs the same ones; resume with them, or start afresh in another out_dir")
@@ -290,7 +314,7 @@ class Trainer:
             else:
                 ema_tensors, _ = read_weights(path / "ema.safetensors")
                 load_state(ema, ema_tensors, path / "ema.safetensors")
-                load_optimizer(optimizer, path / "optimizer.pt", groups, acc.device)
+                load_optimizer(optimizer, path, groups, acc.device)
             start, last_ckpt = state["step"], path
             acc.print(f"resuming from {path} at step {start}")
         if start >= cfg.train.steps:
