@@ -2,6 +2,7 @@
 paths checked before any work, and distillation folders owned like training folders."""
 
 import json
+import re
 
 import pytest
 
@@ -216,3 +217,19 @@ def test_train_refuses_an_output_folder_inside_its_image_folder(tmp_path, capsys
                            "--no-progress")
     assert code == 2 and err.count("\n") == 1
     assert f"the data.source {data}" in err and "outside" in err and tree(data) == before
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "--ref", "digits", "--batch-size", "0", "--num", "2"], "--batch-size must be at least 1, got 0"),
+    (["bench", "--resolutions", "0", "--models", "DiT-S/2"], "--resolutions must be at least 1, got 0"),
+    (["bench", "--repeats", "0"], "--repeats must be at least 1, got 0"),
+    (["sample", "--device", "cuda"], "--device cuda: this torch .* cannot use cuda"),
+    (["sample", "--device", "gpu"], "--device 'gpu' is not a device torch knows"),
+])
+def test_impossible_options_are_one_line_before_any_work(tiny_ckpt, tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # as on a CPU-only torch
+    ckpt = ["--ckpt", str(tiny_ckpt)] if argv[0] in ("eval", "sample") else []
+    code, _, err = run_cli(capsys, *argv, *ckpt, "--out", str(tmp_path / "out.png" if argv[0] == "sample" else
+                                                            tmp_path / "out"))
+    assert code == 2 and re.search(message, err) and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.png").exists()

@@ -369,3 +369,13 @@ def test_non_finite_weights_are_refused_before_any_step(finished_run, tmp_path):
     with pytest.raises(DitkitError, match="model.safetensors holds inf or NaN weights .*final_layer.linear.weight"):
         train(load_config(None, tiny_run(run)), resume=True, progress=False)
     assert steps_logged(run) == [1, 2]
+
+
+def test_a_vae_for_other_images_is_refused_before_encoding(tmp_path):
+    from tiny_diffusers import tiny_vae
+
+    tiny_vae().save_pretrained(tmp_path / "vae")  # 3-channel images; digits have 1
+    with pytest.raises(DitkitError, match="encodes 3-channel images and digits has 1-channel ones.*data.vae=null"):
+        train(load_config(None, tiny_run(tmp_path / "run", f"data.vae={tmp_path / 'vae'}",
+                                         f"data.cache_dir={tmp_path / 'cache'}")), progress=False)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()

@@ -228,6 +228,10 @@ class Trainer:
         vae_config = Path(d.vae or "") / "config.json"
         if d.vae is not None and vae_config.is_file():
             vae = read_json(vae_config, "VAE config")
+            if vae.get("in_channels", 3) != dataset.channels:
+                raise DitkitError(f"data.vae {d.vae} encodes {vae.get('in_channels', 3)}-channel images and "
+                                  f"{d.source} has {dataset.channels}-channel ones: use a VAE made for them, or "
+                                  "train in pixels (data.vae=null)")
             channels = vae.get("latent_channels", 4)
             where = f"data.vae (its latents have {channels} channels)"
             scale = (2 ** (len(vae.get("block_out_channels", [0])) - 1), "data.vae (its downsampling)")
