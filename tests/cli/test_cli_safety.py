@@ -233,3 +233,22 @@ def test_impossible_options_are_one_line_before_any_work(tiny_ckpt, tmp_path, ca
                                                             tmp_path / "out"))
     assert code == 2 and re.search(message, err) and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.png").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["convert", "{pt}", "--num-heads", "3", "--resolution", "16", "--out", "{out}"],
+     "num_heads=3 does not divide model.args.hidden_size=64 .*use num_heads=2"),
+    (["convert", "{pt}", "--num-heads", "4", "--resolution", "16", "--out", "{file}"], "is a file: give a new folder"),
+    (["export", "{ckpt}", "{file}"], "is a file: give a new folder"),
+])
+def test_convert_and_export_refuse_impossible_options_before_writing(tiny_ckpt, tmp_path, capsys, argv, message):
+    import torch
+
+    from convert.test_official_dit import official_state
+
+    torch.save(official_state(depth=1, width=64, classes=10, side=8), tmp_path / "good.pt")
+    (tmp_path / "file").write_text("mine")
+    paths = {"pt": tmp_path / "good.pt", "out": tmp_path / "out", "file": tmp_path / "file", "ckpt": tiny_ckpt}
+    code, _, err = run_cli(capsys, *[item.format(**paths) for item in argv])
+    assert code == 2 and re.search(message, err) and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists() and (tmp_path / "file").read_text() == "mine"
