@@ -260,10 +260,10 @@ def read_weights(file: Path) -> tuple[dict[str, torch.Tensor], RunRecord]:
     metadata, tensors = _read_safetensors(file, lambda f: {k: f.get_tensor(k) for k in f.keys()})
     if META_KEY not in metadata:
         raise DitkitError(f"{file} is not a ditkit checkpoint (no model config in its metadata)")
-    verify_checksums(file, metadata, tensors)
-    if (bad := first_non_finite(tensors)) is not None:
+    if (bad := first_non_finite(tensors)) is not None:  # named first: the checksums may have been copied along
         raise DitkitError(f"{file} holds inf or NaN weights ({bad}): the run had diverged when it was saved; "
                           "use an earlier checkpoint")
+    verify_checksums(file, metadata, tensors)
     return tensors, RunRecord.from_json(metadata[META_KEY], source=str(file))
 
 
