@@ -118,3 +118,12 @@ def test_other_errors_pass_through_and_a_temporary_name_is_never_shown(tmp_path)
         with atomic_path(tmp_path / "grid.png") as tmp:
             raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
     assert ".tmp" not in str(raised.value)
+
+
+def test_a_lock_path_that_is_a_folder_is_one_line(tmp_path):
+    from ditkit.files import LOCK_NAME, FolderLock
+
+    (tmp_path / LOCK_NAME / "inside").mkdir(parents=True)
+    with pytest.raises(DitkitError, match=f"{LOCK_NAME} is a folder, where ditkit keeps its lock file: remove it"):
+        FolderLock(tmp_path, "ditkit train").__enter__()
+    assert (tmp_path / LOCK_NAME / "inside").is_dir()

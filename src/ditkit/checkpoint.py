@@ -8,16 +8,27 @@ Sharded runs (distributed/sharding.py) write `sharded/`, a torch.distributed.che
 weights, EMA and optimizer state, in place of optimizer.pt; their safetensors are full weights.
 It is written into a hidden temporary folder and renamed into place, so a crash never
 leaves a half-written checkpoint; `checkpoints/latest` names the newest one.
+
+Every safetensors file also carries the CRC-32 of each tensor's raw bytes (metadata "ditkit.crc32"),
+and training_state.json the CRC-32 of optimizer.pt: verified whenever they load, so a flipped bit on
+disk or in a copy is one line, not a run that trains on damaged weights. CRC-32 because it finds
+every single flipped bit and every burst up to 32 bits, at a fraction of the cost of a cryptographic
+hash (benchmarks/results/checksum-cpu.md), and tensors are hashed on several threads (zlib frees the
+GIL). Files from before the checksums load as they did. Weights or optimizer state holding inf or
+NaN are refused when they load, before any step or sample.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
 import warnings
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,7 +45,35 @@ from .models import build_model
 from .record import RunRecord
 
 META_KEY = "ditkit"
+CHECKSUM_KEY = "ditkit.crc32"  # safetensors metadata: {tensor name: CRC-32 of its raw bytes, 8 hex digits}
 STEP_DIR = re.compile(r"^step_(\d+)$")
+OPTIMIZER_FILE, STATE_FILE = "optimizer.pt", "training_state.json"
+log = logging.getLogger(__name__)
+
+
+def _crc32(tensor: torch.Tensor) -> str:
+    """The CRC-32 of a CPU tensor's raw bytes (any dtype, bf16 included: hashed as bytes)."""
+    return f"{zlib.crc32(tensor.reshape(-1).view(torch.uint8).numpy()):08x}"
+
+
+def tensor_checksums(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """{name: CRC-32} of contiguous CPU tensors, hashed on up to 8 threads (zlib releases the GIL)."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return dict(zip(state, pool.map(_crc32, state.values()), strict=True))
+
+
+def file_checksum(path: Path) -> str:
+    """The CRC-32 of a file's bytes, read in 16 MB chunks."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def _metadata(record: RunRecord, state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """A safetensors file's metadata: the run record and its tensors' checksums."""
+    return {META_KEY: record.to_json(), CHECKSUM_KEY: json.dumps(tensor_checksums(state), sort_keys=True)}
 
 
 def _state_for_saving(module: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -79,12 +118,16 @@ def save_checkpoint(root: Path, step: int, *, model: nn.Module | dict[str, torch
                               "learning rate")
     final = root / f"step_{step:07d}"
     tmp = staged or root / f".tmp-step_{step:07d}-{os.getpid()}"
-    metadata = {META_KEY: record.to_json()}
-    writers = [(name, partial(save_file, state, metadata=metadata)) for name, state in weights.items()]
-    state_text = json.dumps({"step": step, "ema": ema is not None, **train_state}, indent=2)
+    writers = [(name, partial(save_file, state, metadata=_metadata(record, state))) for name, state in weights.items()]
     if optimizer is not None:
-        writers.append(("optimizer.pt", partial(torch.save, optimizer.state_dict())))
-    writers.append(("training_state.json", lambda path: path.write_text(state_text)))
+        writers.append((OPTIMIZER_FILE, partial(torch.save, optimizer.state_dict())))
+    state = {"step": step, "ema": ema is not None, **train_state}
+
+    def write_state(path: Path) -> None:  # after optimizer.pt: it carries that file's checksum
+        checksums = {OPTIMIZER_FILE: file_checksum(tmp / OPTIMIZER_FILE)} if optimizer is not None else {}
+        path.write_text(json.dumps({**state, **({"checksums": checksums} if checksums else {})}, indent=2))
+
+    writers.append((STATE_FILE, write_state))
     try:
         tmp.mkdir(exist_ok=staged is not None)
         for name, write in writers:
@@ -158,8 +201,9 @@ def save_weights(folder: str | Path, state: dict[str, torch.Tensor], record: Run
     weights: `folder/model.safetensors` carrying its run record, which `load_checkpoint` reads."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    state = _state_for_saving(state)
     with atomic_path(folder / "model.safetensors") as tmp:
-        save_file(_state_for_saving(state), tmp, metadata={META_KEY: record.to_json()})
+        save_file(state, tmp, metadata=_metadata(record, state))
     return folder
 
 
@@ -209,11 +253,78 @@ def read_header(path: str | Path) -> tuple[Path, dict[str, str], dict[str, tuple
 
 
 def read_weights(file: Path) -> tuple[dict[str, torch.Tensor], RunRecord]:
-    """Tensors and the ditkit record of one safetensors file, with clear errors for bad files."""
+    """Tensors and the ditkit record of one safetensors file, verified: every load of ditkit weights
+    (sample, eval, train --resume, a distillation's teacher and resume, export) comes through here.
+    A file that is damaged, whose tensors do not match their checksums, or that holds inf or NaN is
+    a one-line error naming it and the first bad tensor."""
     metadata, tensors = _read_safetensors(file, lambda f: {k: f.get_tensor(k) for k in f.keys()})
     if META_KEY not in metadata:
         raise DitkitError(f"{file} is not a ditkit checkpoint (no model config in its metadata)")
+    if (bad := first_non_finite(tensors)) is not None:  # named first: the checksums may have been copied along
+        raise DitkitError(f"{file} holds inf or NaN weights ({bad}): the run had diverged when it was saved; "
+                          "use an earlier checkpoint")
+    verify_checksums(file, metadata, tensors)
     return tensors, RunRecord.from_json(metadata[META_KEY], source=str(file))
+
+
+def verify_checksums(file: Path, metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
+    """The tensors of `file` against the checksums written with them (files from before checksums: none
+    to check, said once at info level)."""
+    if CHECKSUM_KEY not in metadata:
+        log.info("%s carries no tensor checksums (written before ditkit kept them): loaded unverified", file)
+        return
+    try:
+        expected = json.loads(metadata[CHECKSUM_KEY])
+        names = set(expected) == set(tensors)
+    except (json.JSONDecodeError, TypeError):
+        expected, names = {}, False
+    if not names:
+        raise DitkitError(f"{file} is damaged: its tensors are not those its checksums list: use another "
+                          "checkpoint of the run, or copy the file again")
+    actual = tensor_checksums(tensors)
+    if bad := next((name for name in tensors if actual[name] != expected[name]), None):
+        raise DitkitError(f"{file} is damaged: tensor {bad} does not match the checksum written with it (flipped "
+                          "bytes on disk or in a copy): use another checkpoint of the run, or copy the file again")
+
+
+def read_training_state(folder: Path) -> dict[str, Any]:
+    """A checkpoint's training_state.json, checked: a mapping whose step is a whole number of at least 0
+    (the seed too, when it has one). A damaged one is one line naming the file and the field."""
+    path = folder / STATE_FILE
+    state = read_json(path, "training state")
+    if not isinstance(state, dict):
+        raise DitkitError(f"training state {path} holds a {type(state).__name__}, not the checkpoint's settings: "
+                          "resume from another checkpoint of the run")
+    for key, required in (("step", True), ("seed", False)):
+        value = state.get(key)
+        if value is None and not required:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise DitkitError(f"training state {path} has {key} {value!r}, not a whole number of at least 0: "
+                              "resume from another checkpoint of the run")
+    return state
+
+
+def load_optimizer_state(folder: Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint's optimizer.pt, verified against the checksum its training_state.json carries (when
+    it carries one), shaped as torch's optimizer state, and finite: refused in one line otherwise."""
+    path = folder / OPTIMIZER_FILE
+    expected = read_training_state(folder).get("checksums", {})
+    expected = expected.get(OPTIMIZER_FILE) if isinstance(expected, dict) else None
+    saved = load_torch_file(path, device)  # runs no code (weights_only), so it may come before the check
+    if expected is not None and file_checksum(path) != expected:
+        raise DitkitError(f"{path} is damaged: its bytes do not match the checksum written with it (flipped "
+                          "bytes on disk or in a copy): resume from another checkpoint of the run")
+    if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict)
+            and isinstance(saved.get("param_groups"), list)):
+        raise DitkitError(f"{path} is not an optimizer's state (no state and param_groups): resume from another "
+                          "checkpoint of the run")
+    for index, values in saved["state"].items():
+        for name, value in (values.items() if isinstance(values, dict) else ()):
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+                raise DitkitError(f"{path} holds inf or NaN optimizer state (parameter {index}, {name}): the run "
+                                  "had diverged when it was saved; resume from an earlier checkpoint")
+    return saved
 
 
 def read_record(file: Path) -> RunRecord:
@@ -255,8 +366,7 @@ def weights_file(folder: Path, ema: bool) -> Path:
     model_file, ema_file = folder / "model.safetensors", folder / "ema.safetensors"
     if not ema or ema_file.is_file():
         return ema_file if ema else model_file
-    state_file = folder / "training_state.json"
-    if state_file.is_file() and read_json(state_file, "training state").get("ema"):
+    if (folder / STATE_FILE).is_file() and read_training_state(folder).get("ema"):
         raise DitkitError(f"checkpoint {folder} has no ema.safetensors (its EMA weights): restore that file, or "
                           "load the raw training weights (--no-ema)")
     return model_file
@@ -284,9 +394,6 @@ def load_checkpoint(path: str | Path, *, ema: bool = True, mixer: str | MixerSpe
     found = find_checkpoint(path)
     file = weights_file(found, ema) if found.is_dir() else found
     tensors, record = read_weights(file)
-    if (bad := first_non_finite(tensors)) is not None:
-        raise DitkitError(f"{file} holds inf or NaN weights ({bad}): the run had diverged when it was saved; "
-                          "use an earlier checkpoint")
     if not hasattr(record.model, "backbone"):
         raise DitkitError(f"{file} holds a diffusers student ({record.model.diffusers}): run it in its pipeline "
                           "(ditkit generate --student, or ditkit.diffusers.pipelines.load_student)")

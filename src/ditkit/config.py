@@ -48,13 +48,19 @@ class Range:
 
     def __str__(self) -> str:
         if self.high is not None:
-            return f"in [{self.low:g}, {self.high:g})"
-        return f"greater than {self.low:g}" if self.open_low else f"at least {self.low:g}"
+            return f"in [{_number(self.low)}, {_number(self.high)})"
+        return f"greater than {_number(self.low)}" if self.open_low else f"at least {_number(self.low)}"
+
+
+def _number(value: float) -> str:
+    """A bound as a reader writes it: 2**64 in full, 0.5 as 0.5."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 AT_LEAST_0, AT_LEAST_1 = Range(0), Range(1)
 POSITIVE = Range(0, open_low=True)
-FRACTION = Range(0, 1)  # a decay: 1 would never move
+FRACTION = Range(0, 1)  # a decay: 1 would never move; a probability of dropping (1 would always drop)
+SEED = Range(0, 2**64)  # what torch.manual_seed takes
 
 
 def ranged(default: Any, allowed: Range) -> Any:
@@ -67,13 +73,19 @@ def one_of(default: Any, choices: tuple[str, ...]) -> Any:
     return dataclasses.field(default=default, metadata={"choices": tuple(choices)})
 
 
-def check_field(field: dataclasses.Field, value: Any, key: str) -> None:
-    """A one-line error when `value` is outside the range or choices declared on `field`; `key` names it."""
+def check_field(field: dataclasses.Field, value: Any, key: str, whole: bool = False) -> None:
+    """A one-line error when `value` is outside the range or choices declared on `field`; `key` names it.
+    A ranged field takes numbers only (`whole`: whole numbers only), whatever the caller passed: values
+    that bypass the YAML type check (model.args, direct construction) are checked here too."""
     if value is None:
         return
     allowed = field.metadata.get("range")
-    if allowed is not None and not allowed.accepts(value):
-        raise DitkitError(f"config key {key} must be {allowed}, got {value!r}")
+    if allowed is not None:
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or (whole and not isinstance(value, int)):
+            raise DitkitError(f"config key {key} must be a {'whole ' if whole else ''}number {allowed}, got {value!r}")
+        if not allowed.accepts(value):
+            raise DitkitError(f"config key {key} must be {allowed}, got {value!r}")
     choices = field.metadata.get("choices")
     if choices is not None and value not in choices:
         raise DitkitError(f"config key {key} must be one of {', '.join(choices)}, got {value!r}")
@@ -82,8 +94,15 @@ def check_field(field: dataclasses.Field, value: Any, key: str) -> None:
 def check_fields(section: Any, prefix: str) -> None:
     """Check every field of the dataclass instance `section` against what it declares (`ranged`,
     `one_of`); `prefix` (e.g. "train.") says where the section sits, in errors."""
+    hints = typing.get_type_hints(type(section))
     for field in dataclasses.fields(section):
-        check_field(field, getattr(section, field.name), prefix + field.name)
+        check_field(field, getattr(section, field.name), prefix + field.name, _is_whole(hints[field.name]))
+
+
+def _is_whole(hint: Any) -> bool:
+    """Whether a field's type hint (int, or int | None) takes whole numbers only."""
+    return hint is int or (isinstance(hint, types.UnionType) and int in typing.get_args(hint)
+                           and float not in typing.get_args(hint))
 
 
 def _check_type(path: str, value: Any, hint: Any) -> Any:
@@ -123,7 +142,8 @@ def _build(kind: type, values: dict[str, Any], prefix: str):
             kwargs[name] = _build(hint, value or {}, f"{prefix}{name}.")
         else:
             kwargs[name] = _check_type(prefix + name, value, hint)
-            check_field(fields[name], kwargs[name], prefix + name)  # named where it sits in a larger config
+            # named where it sits in a larger config
+            check_field(fields[name], kwargs[name], prefix + name, _is_whole(hint))
     return kind(**kwargs)
 
 
@@ -155,14 +175,21 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """The nested values of a YAML config file (empty file: none)."""
+    """The nested values of a YAML config file (empty file: none): a mapping of sections, in UTF-8."""
     path = Path(path)
     if not path.is_file():
         raise DitkitError(f"config file {path} does not exist")
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise DitkitError(f"config file {path} is not UTF-8 text ({error.reason} at byte {error.start}): "
+                          "save it as UTF-8") from error
     except yaml.YAMLError as error:
         raise DitkitError(f"config file {path} is not valid YAML: {error}".replace("\n", " ")) from error
+    if not isinstance(values, dict):
+        raise DitkitError(f"config file {path} holds a {type(values).__name__}, not a mapping of sections "
+                          "(model:, data:, train: ...): write it as key: value lines")
+    return values
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), *, kind: type,

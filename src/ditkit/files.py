@@ -310,6 +310,9 @@ class FolderLock:
         if fcntl is None:
             return self
         self.folder.mkdir(parents=True, exist_ok=True)
+        if self.path.is_dir():
+            raise DitkitError(f"{self.path} is a folder, where ditkit keeps its lock file: remove it, or use another "
+                              "output folder")
         while self.fd is None:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:

@@ -98,8 +98,11 @@ class DiffusionSettings:
 def check_sampling_numbers(steps: int, cfg_scale: float, steps_name: str = "steps", cfg_name: str = "cfg") -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise DitkitError(f"{steps_name} must be a whole number of at least 1, got {steps!r}")
-    if not math.isfinite(cfg_scale):
-        raise DitkitError(f"{cfg_name} must be a finite number (1 = no guidance), got {cfg_scale!r}")
+    # Guidance is uncond + cfg * (cond - uncond), as DiT's: 0 samples the unconditional model, 1 the
+    # conditional one (no guidance), above 1 guides. A negative scale steers away from the class asked for.
+    if not math.isfinite(cfg_scale) or cfg_scale < 0:
+        raise DitkitError(f"{cfg_name} must be a finite number at least 0 (0 = unconditional, 1 = no guidance, "
+                          f"above 1 = guided), got {cfg_scale!r}")
 
 
 def check_sampler(objective: str, sampler: str | None, name: str = "sampler") -> None:

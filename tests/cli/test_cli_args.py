@@ -58,6 +58,7 @@ def test_mixer_option_numbers_are_numbers_even_where_yaml_reads_a_string():
     (["-n", "-2"], "number of images must be at least 1"),
     (["--steps", "0"], "steps must be a whole number of at least 1"),
     (["--cfg", "nan"], "cfg must be a finite number"),
+    (["--cfg", "-2"], "cfg must be a finite number at least 0 (0 = unconditional, 1 = no guidance"),
     (["--strength", "1.5", "--upscale-from", "8"], "strength must be between 0 and 1"),
 ])
 def test_impossible_sampling_settings_fail_in_one_line_before_sampling(tiny_ckpt, tmp_path, capsys, extra, message):

@@ -2,6 +2,7 @@
 paths checked before any work, and distillation folders owned like training folders."""
 
 import json
+import re
 
 import pytest
 
@@ -216,3 +217,38 @@ def test_train_refuses_an_output_folder_inside_its_image_folder(tmp_path, capsys
                            "--no-progress")
     assert code == 2 and err.count("\n") == 1
     assert f"the data.source {data}" in err and "outside" in err and tree(data) == before
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "--ref", "digits", "--batch-size", "0", "--num", "2"], "--batch-size must be at least 1, got 0"),
+    (["bench", "--resolutions", "0", "--models", "DiT-S/2"], "--resolutions must be at least 1, got 0"),
+    (["bench", "--repeats", "0"], "--repeats must be at least 1, got 0"),
+    (["sample", "--device", "cuda"], "--device cuda: this torch .* cannot use cuda"),
+    (["sample", "--device", "gpu"], "--device 'gpu' is not a device torch knows"),
+])
+def test_impossible_options_are_one_line_before_any_work(tiny_ckpt, tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # as on a CPU-only torch
+    ckpt = ["--ckpt", str(tiny_ckpt)] if argv[0] in ("eval", "sample") else []
+    code, _, err = run_cli(capsys, *argv, *ckpt, "--out", str(tmp_path / "out.png" if argv[0] == "sample" else
+                                                            tmp_path / "out"))
+    assert code == 2 and re.search(message, err) and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.png").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["convert", "{pt}", "--num-heads", "3", "--resolution", "16", "--out", "{out}"],
+     "num_heads=3 does not divide model.args.hidden_size=64 .*use num_heads=2"),
+    (["convert", "{pt}", "--num-heads", "4", "--resolution", "16", "--out", "{file}"], "is a file: give a new folder"),
+    (["export", "{ckpt}", "{file}"], "is a file: give a new folder"),
+])
+def test_convert_and_export_refuse_impossible_options_before_writing(tiny_ckpt, tmp_path, capsys, argv, message):
+    import torch
+
+    from convert.test_official_dit import official_state
+
+    torch.save(official_state(depth=1, width=64, classes=10, side=8), tmp_path / "good.pt")
+    (tmp_path / "file").write_text("mine")
+    paths = {"pt": tmp_path / "good.pt", "out": tmp_path / "out", "file": tmp_path / "file", "ckpt": tiny_ckpt}
+    code, _, err = run_cli(capsys, *[item.format(**paths) for item in argv])
+    assert code == 2 and re.search(message, err) and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists() and (tmp_path / "file").read_text() == "mine"

@@ -102,3 +102,54 @@ def test_distill_takes_its_clear_settings_as_a_spec_or_as_fields():
                             ({"backend": "cuda"}, "unknown clear backend 'cuda'")):
         with pytest.raises(DitkitError, match=message):
             config_from_dict(values, DistillConfig)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.args.depth=0", "model.args.depth must be at least 1, got 0"),
+    ("model.args.depth=-1", "model.args.depth must be at least 1, got -1"),
+    ("model.args.depth=abc", "model.args.depth must be a whole number at least 1, got 'abc'"),
+    ("model.args.class_dropout_prob=2", r"model.args.class_dropout_prob must be in \[0, 1\), got 2"),
+    ("model.args.num_heads=3", "model.args.num_heads=3 does not divide model.args.hidden_size=128 .*num_heads=2"),
+    ("model.args.num_heads=0", "model.args.num_heads must be at least 1, got 0"),
+    ("model.args.hidden_size=0", "model.args.hidden_size must be at least 1, got 0"),
+    ("model.args.patch_size=0", "model.args.patch_size must be at least 1, got 0"),
+    ("model.args.mlp_ratio=0", "model.args.mlp_ratio must be greater than 0, got 0"),
+    ("model.name=DiT-Nope", "unknown model 'DiT-Nope'"),
+    ("model.args.depthz=2", "has no field depthz"),
+    ("train.seed=100000000000000000000", r"train.seed must be in \[0, 18446744073709551616\)"),
+    ("diffusion.cfg_scale=-2", "diffusion.cfg_scale must be a finite number at least 0 .*got -2.0"),
+])
+def test_every_model_and_run_setting_is_checked_when_the_config_loads(override, message):
+    with pytest.raises(DitkitError, match=message) as error:
+        load_config(None, ["model.name=DiT-Nano/4", override])
+    assert "\n" not in str(error.value)
+
+
+def test_a_seed_of_64_bits_is_taken_and_a_u_dit_needs_a_block():
+    assert load_config(None, [f"train.seed={2**64 - 1}"]).train.seed == 2**64 - 1
+    with pytest.raises(DitkitError, match=r"model.args.depths must be 5 whole numbers .*got \[0, 0, 0, 0, 0\]"):
+        load_config(None, ["model.name=U-DiT-Nano", "model.args.depths=[0, 0, 0, 0, 0]"])
+
+
+@pytest.mark.parametrize("weights,message", [
+    ({"task": -1}, "weights.task must be at least 0, got -1"),
+    ({"task": 0, "output": 0, "attention": 0}, "weights.task, weights.output and weights.attention are all 0"),
+])
+def test_distill_loss_weights_are_checked_when_the_config_loads(weights, message):
+    from ditkit.config import config_from_dict
+    from ditkit.distill import DistillConfig
+
+    with pytest.raises(DitkitError, match=message):
+        config_from_dict({"weights": weights}, DistillConfig)
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"- model: {name: DiT-S/4}\n", "holds a list, not a mapping of sections"),
+    ("model: {name: DiT-S/4}  # caf\u00e9\n".encode("latin-1"), "is not UTF-8 text .*save it as UTF-8"),
+    (b"just words\n", "holds a str, not a mapping of sections"),
+])
+def test_a_config_file_that_is_not_a_utf8_mapping_is_one_line(tmp_path, content, message):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    with pytest.raises(DitkitError, match=message):
+        load_config(path)

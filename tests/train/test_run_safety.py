@@ -253,3 +253,129 @@ def test_a_folder_lock_is_exclusive_within_one_process_too(tmp_path):
             FolderLock(tmp_path, "second").__enter__()
     with FolderLock(tmp_path, "again"):
         pass
+
+
+# ---------------------------------------------------------------- 7. model fields the data sets
+
+@pytest.mark.parametrize("override,message", [
+    ("model.args.num_classes=5", r"num_classes=5 contradicts the data \(digits has 10 classes\).*or set 10"),
+    ("model.args.in_channels=3", r"in_channels=3 contradicts the data \(digits has 1 channel\(s\)\).*or set 1"),
+    ("model.args.learn_sigma=true", "learn_sigma=True contradicts the objective"),
+])
+def test_model_fields_that_contradict_the_data_are_refused_and_agreeing_ones_taken(tmp_path, override, message):
+    from ditkit.train.trainer import Trainer
+
+    with pytest.raises(DitkitError, match=message):
+        Trainer(load_config(None, tiny_run(tmp_path / "run", override)), progress=False)
+    assert not (tmp_path / "run").exists()
+    agreeing = Trainer(load_config(None, tiny_run(tmp_path / "run", "model.args.num_classes=10",
+                                                  "model.args.in_channels=1")), progress=False)
+    assert (agreeing.model_config.num_classes, agreeing.model_config.in_channels) == (10, 1)
+
+
+# ---------------------------------------------------------------- 8. checkpoints verified when they load
+
+def flip_last_weight_byte(file):
+    """Flip the lowest mantissa bit of the file's last float32 (a finite value stays finite)."""
+    data = bytearray(file.read_bytes())
+    data[-4] ^= 1
+    file.write_bytes(bytes(data))
+
+
+def rewrite_optimizer(ckpt, change):
+    """Change optimizer.pt's state with `change(state)` and record the new file's checksum, as a run that
+    saved that state would have."""
+    from ditkit.checkpoint import file_checksum
+
+    saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    change(saved)
+    torch.save(saved, ckpt / "optimizer.pt")
+    state = json.loads((ckpt / "training_state.json").read_text())
+    state["checksums"]["optimizer.pt"] = file_checksum(ckpt / "optimizer.pt")
+    (ckpt / "training_state.json").write_text(json.dumps(state))
+
+
+def test_checkpoints_carry_checksums_and_a_flipped_bit_is_refused_by_every_load(finished_run, tmp_path, capsys):
+    from safetensors import safe_open
+
+    from helpers import run_cli
+
+    run, ckpt = copy_checkpoint(finished_run, tmp_path)
+    with safe_open(str(ckpt / "ema.safetensors"), framework="pt") as f:
+        assert set(json.loads(f.metadata()["ditkit.crc32"])) == set(f.keys())
+    assert "optimizer.pt" in json.loads((ckpt / "training_state.json").read_text())["checksums"]
+    flip_last_weight_byte(ckpt / "ema.safetensors")
+    with pytest.raises(DitkitError, match="ema.safetensors is damaged: tensor .* does not match the checksum"):
+        load_checkpoint(run)
+    code, _, err = run_cli(capsys, "sample", "--ckpt", str(run), "--out", str(tmp_path / "s.png"))
+    assert code == 2 and "does not match the checksum" in err and err.count("\n") == 1
+    assert not (tmp_path / "s.png").exists()
+    with pytest.raises(DitkitError, match="ema.safetensors is damaged"):
+        train(load_config(None, tiny_run(run)), resume=True, progress=False)
+    assert steps_logged(run) == [1, 2]
+    run, ckpt = copy_checkpoint(finished_run, tmp_path / "second")
+    flip_last_weight_byte(ckpt / "optimizer.pt")
+    with pytest.raises(DitkitError, match="optimizer.pt is damaged: its bytes do not match the checksum"):
+        train(load_config(None, tiny_run(run)), resume=True, progress=False)
+
+
+def test_a_checkpoint_from_before_checksums_loads_without_a_word(finished_run, tmp_path):
+    import warnings
+
+    from safetensors.torch import load_file, save_file
+
+    run, ckpt = copy_checkpoint(finished_run, tmp_path)
+    for name in ("model.safetensors", "ema.safetensors"):
+        metadata = {"ditkit": json.dumps(load_checkpoint(run, ema=False)[1].to_dict())}
+        save_file(load_file(ckpt / name), ckpt / name, metadata=metadata)
+    state = json.loads((ckpt / "training_state.json").read_text())
+    del state["checksums"]
+    (ckpt / "training_state.json").write_text(json.dumps(state))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_checkpoint(run)
+    train(load_config(None, tiny_run(run)), resume=True, progress=False)
+    assert steps_logged(run) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda ckpt: (ckpt / "training_state.json").write_text("{}"), "has step None, not a whole number"),
+    (lambda ckpt: (ckpt / "training_state.json").write_text("[2]"), "training_state.json holds a list"),
+    (lambda ckpt: (ckpt / "training_state.json").write_text('{"step": "sixty"}'), "has step 'sixty'"),
+    (lambda ckpt: (ckpt / "training_state.json").write_text('{"step": -5}'), "has step -5, not a whole number"),
+    (lambda ckpt: rewrite_optimizer(ckpt, lambda s: s["state"][0]["exp_avg_sq"].fill_(float("nan"))),
+     r"optimizer.pt holds inf or NaN optimizer state \(parameter 0, exp_avg_sq\)"),
+    (lambda ckpt: rewrite_optimizer(ckpt, lambda s: s["state"][0].update(exp_avg=torch.zeros(3, 3))),
+     r"holds exp_avg of shape \(3, 3\) for a parameter of shape .*another model's optimizer"),
+    (lambda ckpt: rewrite_optimizer(ckpt, lambda s: s["param_groups"][0]["params"].pop()),
+     "holds state for .* parameters in group 0, this model has"),
+])
+def test_a_damaged_training_state_or_optimizer_is_one_line_before_any_step(finished_run, tmp_path, damage, message):
+    run, ckpt = copy_checkpoint(finished_run, tmp_path)
+    damage(ckpt)
+    with pytest.raises(DitkitError, match=message) as error:
+        train(load_config(None, tiny_run(run)), resume=True, progress=False)
+    assert "\n" not in str(error.value) and steps_logged(run) == [1, 2]
+
+
+def test_non_finite_weights_are_refused_before_any_step(finished_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    run, ckpt = copy_checkpoint(finished_run, tmp_path)
+    tensors = load_file(ckpt / "model.safetensors")
+    tensors["final_layer.linear.weight"][0, 0] = float("inf")
+    metadata = {"ditkit": json.dumps(load_checkpoint(run, ema=False)[1].to_dict())}
+    save_file(tensors, ckpt / "model.safetensors", metadata=metadata)
+    with pytest.raises(DitkitError, match="model.safetensors holds inf or NaN weights .*final_layer.linear.weight"):
+        train(load_config(None, tiny_run(run)), resume=True, progress=False)
+    assert steps_logged(run) == [1, 2]
+
+
+def test_a_vae_for_other_images_is_refused_before_encoding(tmp_path):
+    from tiny_diffusers import tiny_vae
+
+    tiny_vae().save_pretrained(tmp_path / "vae")  # 3-channel images; digits have 1
+    with pytest.raises(DitkitError, match="encodes 3-channel images and digits has 1-channel ones.*data.vae=null"):
+        train(load_config(None, tiny_run(tmp_path / "run", f"data.vae={tmp_path / 'vae'}",
+                                         f"data.cache_dir={tmp_path / 'cache'}")), progress=False)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..distributed.launch import default_device
+from ..errors import DitkitError
 from ..metrics.bench import device_name, run_bench, write_report
 from .args import COMMANDS, SharedFlags, check_output_folder, parse_options
 
@@ -29,7 +30,19 @@ def add_parser(sub, shared: SharedFlags) -> None:
     bench.set_defaults(func=run)
 
 
+def check_numbers(args) -> None:
+    """Sizes, repeats and threads that would crash or measure nothing are one line before any model is built."""
+    counts = {"--resolutions": args.resolutions, "--repeats": [args.repeats], "--threads": [args.threads or 1]}
+    for flag, values in counts.items():
+        if bad := [value for value in values if value < 1]:
+            raise DitkitError(f"{flag} must be at least 1, got {bad[0]}")
+    for flag, value in (("--max-seconds", args.max_seconds), ("--max-memory-mib", args.max_memory_mib)):
+        if value is not None and not value > 0:
+            raise DitkitError(f"{flag} must be greater than 0, got {value:g}")
+
+
 def run(args) -> None:
+    check_numbers(args)
     check_output_folder(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -76,6 +76,8 @@ def run(args) -> None:
         raise DitkitError("--with-images goes with --write-ref (it stores the reference batch's images)")
     if bool(args.ckpt) == bool(args.samples):
         raise DitkitError("give either --ckpt (a model to sample) or --samples (a folder of generated images)")
+    if args.batch_size < 1:
+        raise DitkitError(f"--batch-size must be at least 1, got {args.batch_size}: images scored at a time (e.g. 64)")
     check_output_file(args.out)
     if args.save_samples:
         check_sample_folder(args.save_samples)

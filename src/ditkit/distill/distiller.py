@@ -35,11 +35,12 @@ from tqdm.auto import tqdm
 from ..checkpoint import (
     find_checkpoint,
     list_checkpoints,
-    load_torch_file,
+    load_optimizer_state,
+    read_training_state,
     read_weights,
     save_checkpoint,
 )
-from ..config import AT_LEAST_0, AT_LEAST_1, POSITIVE, check_fields, one_of, ranged
+from ..config import AT_LEAST_0, AT_LEAST_1, POSITIVE, SEED, check_fields, one_of, ranged
 from ..data.images import image_grid, save_image
 from ..diffusion.sampling import sample
 from ..distributed.launch import require_process_group
@@ -102,7 +103,7 @@ class DistillConfig:
     weights: LossWeights = field(default_factory=LossWeights)
     # match attention outputs of every k-th attention layer (CLEAR: every 4th)
     attention_every: int = ranged(1, AT_LEAST_1)
-    seed: int = ranged(0, AT_LEAST_0)
+    seed: int = ranged(0, SEED)
     log_every: int = ranged(10, AT_LEAST_1)
     ckpt_every: int = ranged(250, AT_LEAST_1)
     keep_checkpoints: int = ranged(2, AT_LEAST_0)
@@ -303,12 +304,12 @@ class Distiller:
         if record.to_dict()["distill"] != mine["distill"] or record.model_dict() != mine["model"]:
             raise DitkitError(f"checkpoint {path} comes from another distillation (teacher, radius or model "
                               "differ): resume with the settings it was made with")
-        state = read_json(path / "training_state.json", "training state")
+        state = read_training_state(path)
         if self.sharded:
             load_sharded(path / SHARDED_STATE, self.student, optimizer, model_keys=self.trainable)
         else:
             self.student.load_state_dict({k: v.to(self.device) for k, v in tensors.items()}, strict=False)
-            optimizer.load_state_dict(load_torch_file(path / "optimizer.pt", self.device))
+            optimizer.load_state_dict(load_optimizer_state(path, self.device))
         return state["step"]
 
     def run(self, resume: str | bool | None = None, overwrite: bool = False) -> dict:

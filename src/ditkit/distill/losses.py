@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import AT_LEAST_0, check_fields, ranged
+from ..errors import DitkitError
+
 
 class AttentionTaps:
     """Records each tapped layer's raw attention output on every call. A tap is (module, "input")
@@ -65,9 +68,17 @@ class LossWeights:
     closer to their teacher (PSNR 26.7 vs 23.5, 2 seeds) and an FID of 1.32 instead of 2.94 at the
     training size, at the same radius, lr and steps. Pass CLEAR's to reproduce the paper."""
 
-    task: float = 0.1  # the teacher's objective (flow matching for FLUX-like teachers)
-    output: float = 1.0  # MSE(student output, teacher output)
-    attention: float = 0.5  # mean over tapped layers of MSE(student attention, teacher attention)
+    task: float = ranged(0.1, AT_LEAST_0)  # the teacher's objective (flow matching for FLUX-like teachers)
+    output: float = ranged(1.0, AT_LEAST_0)  # MSE(student output, teacher output)
+    attention: float = ranged(0.5, AT_LEAST_0)  # mean over tapped layers of MSE(student attention, teacher attention)
+
+    def __post_init__(self):
+        """Each weight at least 0 (a negative one rewards moving away from the teacher) and one above 0
+        (all 0: the student would never move)."""
+        check_fields(self, "weights.")
+        if self.task + self.output + self.attention == 0:
+            raise DitkitError("config keys weights.task, weights.output and weights.attention are all 0: the "
+                              "student would learn nothing; give at least one a positive weight")
 
 
 def distillation_loss(objective, paired: PairedDenoiser, student_taps: AttentionTaps, teacher_taps: AttentionTaps,

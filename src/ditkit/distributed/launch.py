@@ -49,7 +49,20 @@ class SamplingSession(Processes):
 
 
 def default_device(device: str | None) -> str:
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """The device a command runs on: `device` (--device) when this torch can use it, else cuda when
+    available, else cpu. Every command's --device passes here, so a device torch cannot use (cuda on a
+    CPU-only build, a misspelt name) is one line before any work."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError) as error:
+        raise DitkitError(f"--device {device!r} is not a device torch knows: use cpu, cuda or cuda:N") from error
+    backend = getattr(torch, kind, None) if kind != "cpu" else None
+    if kind != "cpu" and not (backend is not None and hasattr(backend, "is_available") and backend.is_available()):
+        raise DitkitError(f"--device {device}: this torch ({torch.__version__}) cannot use {kind} (a build without "
+                          f"it, or no {kind} device visible): leave --device unset, or use cpu")
+    return device
 
 
 def torchrun_processes() -> int:

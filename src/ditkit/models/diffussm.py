@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from ..config import AT_LEAST_1, ranged
 from ..errors import DitkitError
 from ..mixers import Grid, build_mixer
 from ..mixers.base import map_to_tokens
@@ -27,10 +28,10 @@ from .registry import BackboneConfig, register_backbone, register_model
 
 @dataclass
 class DiffuSSMConfig(BackboneConfig):
-    hidden_size: int = 1152
-    depth: int = 29
-    num_heads: int = 16  # only for mixers that use heads; the ssm mixer does not
-    hourglass: int = 2  # M: dense layers run at length L/M, the SSM at L
+    hidden_size: int = ranged(1152, AT_LEAST_1)
+    depth: int = ranged(29, AT_LEAST_1)
+    num_heads: int = ranged(16, AT_LEAST_1)  # only for mixers that use heads; the ssm mixer does not
+    hourglass: int = ranged(2, AT_LEAST_1)  # M: dense layers run at length L/M, the SSM at L
     state_size: int = 64  # S4D state dimension N (N/2 complex modes per channel)
     mixer: str = "ssm"
 

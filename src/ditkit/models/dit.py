@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..config import AT_LEAST_1, POSITIVE, Range, ranged
 from ..errors import DitkitError
 from ..mixers import Grid, build_mixer
 from ..mixers.base import Extrapolation, map_to_tokens
@@ -31,18 +32,19 @@ from .registry import BackboneConfig, register_backbone, register_model
 
 @dataclass
 class DiTConfig(BackboneConfig):
-    patch_size: int = 2
-    hidden_size: int = 1152
-    depth: int = 28
-    num_heads: int = 16
-    mlp_ratio: float = 4.0
+    patch_size: int = ranged(2, AT_LEAST_1)
+    hidden_size: int = ranged(1152, AT_LEAST_1)
+    depth: int = ranged(28, AT_LEAST_1)
+    num_heads: int = ranged(16, AT_LEAST_1)
+    mlp_ratio: float = ranged(4.0, POSITIVE)
     # Where implementations of the same DiT differ. The defaults are the official facebookresearch
     # code's; a DiT converted from diffusers' DiTTransformer2DModel sets diffusers' values.
-    timestep_freq_shift: int = 0  # timestep frequencies 10000^(-i/(128 - shift)); diffusers: 1
-    mlp_norm_eps: float = 1e-6  # eps of each block's LayerNorm before the MLP; diffusers: its norm_eps (1e-5)
+    timestep_freq_shift: int = ranged(0, Range(0, 128))  # timestep frequencies 10000^(-i/(128 - shift)); diffusers: 1
+    # eps of each block's LayerNorm before the MLP; diffusers: its norm_eps (1e-5)
+    mlp_norm_eps: float = ranged(1e-6, POSITIVE)
     # None: token i sits at position i at every size. N: positions along an axis of n tokens are
     # i * N / n, so every size spans the N-token training grid (diffusers' PatchEmbed, base_size N).
-    pos_embed_base_grid: int | None = None
+    pos_embed_base_grid: int | None = ranged(None, AT_LEAST_1)
 
     def tokens(self, height: int, width: int) -> int:
         """Image tokens for an input of height x width cells."""

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from ..config import AT_LEAST_0, AT_LEAST_1, FRACTION, check_fields, ranged
 from ..errors import DitkitError
 from ..mixers.registry import mixer_class
 
@@ -28,13 +29,29 @@ class BackboneConfig:
 
     backbone: ClassVar[str]  # the registered name, set by `register_backbone`
 
-    in_channels: int = 4
-    num_classes: int = 1000  # 0: unconditional
-    class_dropout_prob: float = 0.1
+    in_channels: int = ranged(4, AT_LEAST_1)
+    num_classes: int = ranged(1000, AT_LEAST_0)  # 0: unconditional
+    class_dropout_prob: float = ranged(0.1, FRACTION)  # 1 would never show the model a label
     learn_sigma: bool = True  # predict the variance too (2x output channels), as DiT
     mixer: str = "full"
     mixer_options: dict = field(default_factory=dict)
-    vae_scale: int = 8  # pixels per input cell: 8 for SD-VAE latents, 1 for pixel-space models
+    vae_scale: int = ranged(8, AT_LEAST_1)  # pixels per input cell: 8 for SD-VAE latents, 1 for pixel-space models
+
+    def __post_init__(self):
+        """Every field against the range it declares, and the widths against the heads, when the config is
+        made (a named config with overrides, a checkpoint's record): a model of 0 blocks, 0 channels or
+        heads that do not split the width is never built."""
+        check_fields(self, "model.args.")
+        width, heads = getattr(self, "hidden_size", None), getattr(self, "num_heads", None)
+        if width is not None and heads is not None and width % heads:
+            fits = max(d for d in range(1, heads + 1) if width % d == 0)
+            raise DitkitError(f"config key model.args.num_heads={heads} does not divide model.args.hidden_size="
+                              f"{width} (each head takes an equal share of the width): use num_heads={fits}, or "
+                              "a hidden_size that is a multiple of it")
+        ratio = getattr(self, "mlp_ratio", None)
+        if width is not None and ratio is not None and int(width * ratio) < 2:
+            raise DitkitError(f"config keys model.args.mlp_ratio={ratio} x hidden_size={width} leave the MLP "
+                              f"{int(width * ratio)} hidden units: raise mlp_ratio (DiT: 4)")
 
     @property
     def out_channels(self) -> int:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import AT_LEAST_1, POSITIVE, ranged
 from ..errors import DitkitError
 from ..mixers import Grid, build_mixer
 from ..mixers.base import map_to_tokens, tokens_to_map
@@ -29,17 +30,22 @@ from .registry import BackboneConfig, register_backbone, register_model
 
 @dataclass
 class UDiTConfig(BackboneConfig):
-    hidden_size: int = 96  # C: stage widths are C, 2C, 4C, 2C, 2C
-    num_heads: int = 4
+    hidden_size: int = ranged(96, AT_LEAST_1)  # C: stage widths are C, 2C, 4C, 2C, 2C
+    num_heads: int = ranged(4, AT_LEAST_1)
     depths: tuple[int, ...] = (2, 5, 8, 5, 2)  # encoder-1, encoder-2, middle, decoder-2, decoder-1
-    mlp_ratio: float = 2.0
+    mlp_ratio: float = ranged(2.0, POSITIVE)
     mixer: str = "downsampled"
 
     def __post_init__(self):
+        super().__post_init__()
         self.depths = tuple(self.depths)  # YAML and JSON give lists
         if len(self.depths) != 5:
             raise DitkitError(f"U-DiT depths must list 5 stages (enc-1, enc-2, middle, dec-2, dec-1), "
                               f"got {self.depths}")
+        whole = all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in self.depths)
+        if not whole or sum(self.depths) < 1:
+            raise DitkitError(f"config key model.args.depths must be 5 whole numbers of blocks, at least 0 each "
+                              f"and 1 in all, got {list(self.depths)}")
 
     @property
     def grid_reduction(self) -> int:

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import config as loader
-from ..config import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, check_fields, one_of, ranged
+from ..config import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, SEED, check_fields, one_of, ranged
 from ..errors import DitkitError
 from ..mixers import MixerSpec
+from ..models import model_config
 from ..record import DiffusionSettings
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -48,6 +49,7 @@ class ModelSection:
             self.mixer = spec.name
             if spec.options or self.mixer_options is not None:
                 self.mixer_options = dict(spec.options)
+        model_config(self.name, **self.args)  # the name and every field's range, before any work
 
     def mixer_spec(self) -> MixerSpec | None:
         """The mixer that `mixer` and `mixer_options` name, validated (None: the backbone's own)."""
@@ -90,7 +92,7 @@ class TrainSection:
     grad_clip: float | None = ranged(1.0, AT_LEAST_0)
     ema_decay: float = ranged(0.9999, FRACTION)
     mixed_precision: str = one_of("no", MIXED_PRECISIONS)  # Accelerate's
-    seed: int = ranged(0, AT_LEAST_0)
+    seed: int = ranged(0, SEED)
     log_every: int = ranged(25, AT_LEAST_1)
     sample_every: int = ranged(500, AT_LEAST_1)
     ckpt_every: int = ranged(500, AT_LEAST_1)

@@ -28,10 +28,12 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import (
     META_KEY,
+    OPTIMIZER_FILE,
     find_checkpoint,
+    load_optimizer_state,
     load_state,
-    load_torch_file,
     read_header,
+    read_training_state,
     read_weights,
     resume_advice,
     save_checkpoint,
@@ -111,14 +113,45 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 
 @torch.no_grad()
-def load_optimizer(optimizer, path: Path, groups: list[dict], device) -> None:
-    """The saved moments and step counts; lr and weight decay stay those of the current config."""
-    saved = load_torch_file(path, device)
+def load_optimizer(optimizer, folder: Path, groups: list[dict], device) -> None:
+    """The saved moments and step counts (verified and finite: `load_optimizer_state`); lr and weight
+    decay stay those of the current config."""
+    path = folder / OPTIMIZER_FILE
+    saved = load_optimizer_state(folder, device)
     if len(saved["param_groups"]) != len(groups):
         raise DitkitError(f"{path} has {len(saved['param_groups'])} optimizer parameter group(s), this config makes "
                           f"{len(groups)}: resume with the train.ssm_lr it was trained with (a number, or null)")
+    refuse_misshapen_state(saved, optimizer, path)
     optimizer.load_state_dict(saved)
     restore_group_settings(optimizer, groups)
+
+
+def refuse_misshapen_state(saved: dict, optimizer, path: Path) -> None:
+    """Saved optimizer state that does not fit this model's parameters (another run's optimizer.pt)
+    is one line here: torch would load it and fail at the first step."""
+    for number, (group, mine) in enumerate(zip(saved["param_groups"], optimizer.param_groups, strict=True)):
+        ids = group.get("params") if isinstance(group, dict) else None
+        if not isinstance(ids, list) or len(ids) != len(mine["params"]):
+            raise DitkitError(f"{path} holds state for {len(ids or [])} parameters in group {number}, this model has "
+                              f"{len(mine['params'])}: it is another model's optimizer; resume from this run's "
+                              "checkpoint")
+        for index, param in zip(ids, mine["params"], strict=True):
+            moments = saved["state"].get(index, {})
+            bad = next((name for name, value in moments.items() if isinstance(value, torch.Tensor)
+                        and value.dim() > 0 and value.shape != param.shape), None)
+            if bad is not None:
+                raise DitkitError(f"{path} holds {bad} of shape {tuple(moments[bad].shape)} for a parameter of shape "
+                                  f"{tuple(param.shape)}: it is another model's optimizer; resume from this run's "
+                                  "checkpoint")
+
+
+def refuse_contradictions(args: dict, derived: dict[str, tuple[object, str]]) -> None:
+    """A model field the run takes from elsewhere (`derived`: {field: (value, where from)}) that
+    model.args sets to something else is one line naming both: it was silently overridden before."""
+    for key, (value, source) in derived.items():
+        if key in args and args[key] != value:
+            raise DitkitError(f"config key model.args.{key}={args[key]!r} contradicts {source}, which sets it to "
+                              f"{value!r}: leave model.args.{key} unset (ditkit takes it from there) or set {value!r}")
 
 
 def setup_changes(saved: RunRecord, saved_seed: int | None, mine: RunRecord, seed: int) -> list[str]:
@@ -157,8 +190,8 @@ class Trainer:
         self.sharded = cfg.train.sharding == "fsdp"
         if self.sharded:
             require_process_group("train")
-        self.dataset, self.vae_path, scale = self._prepare_data()
         self.objective = build_objective(cfg.diffusion)
+        self.dataset, self.vae_path, scale = self._prepare_data()
         mixer = {key: value for key, value in (("mixer", cfg.model.mixer), ("mixer_options", cfg.model.mixer_options))
                  if value is not None}
         self.model_config = model_config(
@@ -176,6 +209,7 @@ class Trainer:
     def _prepare_data(self):
         d = self.cfg.data
         dataset = build_dataset(d.source, d.resolution, photos_length=d.photos_length, seed=self.cfg.train.seed)
+        refuse_contradictions(self.cfg.model.args, self._derived_fields(dataset))
         if d.vae is None:
             return dataset, None, 1
         vae_path = str(Path(d.vae).resolve())
@@ -184,6 +218,29 @@ class Trainer:
             latents = cached_latents(dataset, vae_path, cache_dir, hflip=d.hflip, device=self.accelerator.device,
                                      progress=self.progress)
         return latents, vae_path, latents.vae_scale
+
+    def _derived_fields(self, dataset) -> dict[str, tuple[object, str]]:
+        """The model fields the run takes from its data and objective, as {field: (value, where from)}
+        (a latent run's channels from its VAE's config, when it has one: read before any encoding)."""
+        d = self.cfg.data
+        channels, where = dataset.channels, f"the data ({d.source} has {dataset.channels} channel(s))"
+        scale = (1, "data.vae (none: pixels)")
+        vae_config = Path(d.vae or "") / "config.json"
+        if d.vae is not None and vae_config.is_file():
+            vae = read_json(vae_config, "VAE config")
+            if vae.get("in_channels", 3) != dataset.channels:
+                raise DitkitError(f"data.vae {d.vae} encodes {vae.get('in_channels', 3)}-channel images and "
+                                  f"{d.source} has {dataset.channels}-channel ones: use a VAE made for them, or "
+                                  "train in pixels (data.vae=null)")
+            channels = vae.get("latent_channels", 4)
+            where = f"data.vae (its latents have {channels} channels)"
+            scale = (2 ** (len(vae.get("block_out_channels", [0])) - 1), "data.vae (its downsampling)")
+        elif d.vae is not None:
+            return {}  # load_vae says what is missing
+        return {"in_channels": (channels, where), "vae_scale": scale,
+                "num_classes": (dataset.num_classes, f"the data ({d.source} has {dataset.num_classes} classes)"),
+                "learn_sigma": (self.objective.learn_sigma, "the objective (diffusion.objective, "
+                                "diffusion.learn_sigma)")}
 
     def _resume_from(self, resume: str | bool) -> tuple[dict, Path]:
         path = find_checkpoint(self.out_dir if resume is True else resume)
@@ -195,7 +252,7 @@ class Trainer:
         if record is None:
             raise DitkitError(f"{path / 'model.safetensors'} is not a ditkit checkpoint (no model config in its "
                               "metadata)")
-        state = read_json(path / "training_state.json", "training state")
+        state = read_training_state(path)
         if changes := setup_changes(record, state.get("seed"), self.record, self.cfg.train.seed):
             raise DitkitError(f"checkpoint {path} was trained with other settings ({'; '.join(changes)}): exact "
                               "resume needs the same ones; resume with them, or start afresh in another out_dir")
@@ -261,7 +318,7 @@ class Trainer:
             else:
                 ema_tensors, _ = read_weights(path / "ema.safetensors")
                 load_state(ema, ema_tensors, path / "ema.safetensors")
-                load_optimizer(optimizer, path / "optimizer.pt", groups, acc.device)
+                load_optimizer(optimizer, path, groups, acc.device)
             start, last_ckpt = state["step"], path
             acc.print(f"resuming from {path} at step {start}")
         if start >= cfg.train.steps:
