@@ -119,3 +119,12 @@ def test_a_student_is_read_against_its_teacher_and_its_untrained_self():
     text = "\n".join(gap_section(teacher + student, plans, [1]))
     assert "| student | 32 | FID | 5.00 | 40.00 ± 0.00 | 5.10 ± 0.14 | tie vs teacher |" in text
     assert "| student | 32 | PSNR dB | - | 12.10 ± 0.14 | 30.00 ± 0.00 | better vs untrained |" in text
+
+
+def test_a_students_teacher_is_the_seed_that_taught_it():
+    teachers = [row("teacher", 0, BUDGET, 5.0, 0.99), row("teacher", 1, BUDGET, 9.0, 0.5)]
+    student = [row("student", 0, BUDGET, 5.0, 0.99, kind="distill")]
+    taught = {gap.key: gap for gap in student_gaps(teachers + student, "student", "teacher", 32, teacher_seed=0)}
+    assert taught["fid"].teacher == [5.0] and taught["fid"].verdict == TIE
+    both = {gap.key: gap for gap in student_gaps(teachers + student, "student", "teacher", 32)}
+    assert both["fid"].teacher == [5.0, 9.0]

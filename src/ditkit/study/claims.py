@@ -106,7 +106,9 @@ def read_match(claim: Claim, study: StudyResults) -> tuple[str, str]:
 def read_student(claim: Claim, study: StudyResults) -> tuple[str, str]:
     teacher = study.arms[claim.arm]["teacher"]
     resolution = claim.scale * study.resolution(claim.arm)
-    gaps = [g for g in student_gaps(study.rows, claim.arm, teacher, resolution) if g.key in ("fid", "legibility")]
+    seed = teaching_seed(study, teacher)
+    gaps = [g for g in student_gaps(study.rows, claim.arm, teacher, resolution, seed)
+            if g.key in ("fid", "legibility")]
     parts = []
     for gap in gaps:
         shown = (lambda v: f"{100 * v:.1f}%") if gap.key == "legibility" else (lambda v: f"{v:.3g}")
@@ -115,6 +117,12 @@ def read_student(claim: Claim, study: StudyResults) -> tuple[str, str]:
                      f"{shown(statistics.fmean(gap.final))} vs teacher {shown(statistics.fmean(gap.teacher))}"
                      f"{untrained} ({gap.verdict})")
     return "; ".join(parts), combine([g.verdict for g in gaps], claim.tie)
+
+
+def teaching_seed(study: StudyResults, teacher: str) -> str | None:
+    """The teacher arm's first seed (its checkpoint teaches), as measurements.csv spells it."""
+    seeds = study.arms.get(teacher, {}).get("seeds")
+    return str(seeds[0]) if seeds else None
 
 
 def read_claim(claim: Claim, study: StudyResults | None) -> tuple[str, str]:

@@ -178,10 +178,14 @@ class Gap:
 GAP_MEASURES = {"fid": True, "legibility": False, "psnr": False, "ssim": False}  # key: lower is better
 
 
-def student_gaps(rows: list[dict], student: str, teacher: str, resolution: int) -> list[Gap]:
+def student_gaps(rows: list[dict], student: str, teacher: str | None, resolution: int,
+                 teacher_seed=None) -> list[Gap]:
+    """The student's gaps on every measure it has at `resolution`; the teacher's values are those of
+    `teacher_seed` (the seed that taught) where given, else of all its seeds."""
+    teacher_rows = [r for r in rows if r["arm"] == teacher and (teacher_seed is None or r["seed"] == teacher_seed)]
     gaps = []
     for key, lower_is_better in GAP_MEASURES.items():
-        teacher_final = final_values(rows, teacher, key, resolution) if teacher else []
+        teacher_final = final_values(teacher_rows, teacher, key, resolution) if teacher else []
         untrained, final = untrained_values(rows, student, key, resolution), final_values(rows, student, key,
                                                                                           resolution)
         reference = teacher_final if key in ("fid", "legibility") else untrained

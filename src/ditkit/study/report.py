@@ -177,14 +177,16 @@ def gap_section(rows: list[dict], plans: dict[str, ArmPlan], scales: list[int]) 
              "Each student's final measurement against its teacher's final one (FID, legibility) and, for "
              "its agreement with the teacher (PSNR/SSIM, same noise and labels), against itself untrained "
              "(step 0: the teacher with CLEAR attention swapped in, nothing trained), where eval.at lists 0. "
-             "Mean ± std over seeds; the verdict is the final student's, a difference within the seed spread "
-             "a tie (a teacher trained once has no spread of its own: the student's alone counts).", "",
+             "Mean ± std over seeds (the teacher: the seed that taught); the verdict is the final student's, a "
+             "difference within the seed spread a tie (a teacher trained once has no spread of its own: the "
+             "student's alone counts).", "",
              "| student | px | measure | teacher | untrained student | student | verdict |",
              "|---|---|---|---|---|---|---|"]
     for plan in students:
         teacher = plan.teacher if plan.teacher in plans else None
+        seed = plans[teacher].seeds[0] if teacher else None  # the seed whose checkpoint taught
         for scale in scales:
-            for gap in student_gaps(rows, plan.name, teacher, scale * plan.resolution):
+            for gap in student_gaps(rows, plan.name, teacher, scale * plan.resolution, seed):
                 metric = metric_named(gap.key)
                 cells = [shown(values, metric) for values in (gap.teacher, gap.untrained, gap.final)]
                 verdict = {AHEAD: "better", TIE: "tie", BEHIND: "worse", None: "-"}[gap.verdict]
