@@ -32,7 +32,8 @@ def test_info_lists_models_and_mixers(capsys):
     (["info", "DiT-S/2", "--resolution", "100"], "resolution 100x100 does not fit this model"),
     (["info", "DiT-S/2", "--mixer", "nope"], "unknown mixer 'nope'"),
     (["info", "DiT-S/2", "--resolution", "big"], "is not a size"),
-    (["train", "no-such-config"], "neither a file nor a built-in config (digits, study-backbones, study-distillation)"),
+    (["train", "no-such-config"],
+     "neither a file nor a built-in config (digits, study-backbones, study-backbones-64, study-distillation)"),
     (["train", "digits", "train.stepz=3"], "config has no key train.stepz"),
 ])
 def test_bad_input_is_one_line_on_stderr(capsys, argv, message):

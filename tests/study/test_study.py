@@ -123,6 +123,9 @@ def test_a_changed_config_in_the_same_folder_is_refused(resumed, config_file, di
     ("arms.dit.colour=red", "config has no key arms.dit.colour"),
     ("eval.at=[0.5,2]", "eval.at must list fractions"),
     ("arms.dit.teacher=ssm", "arm dit must set one of train"),
+    ("eval.at=[0]", "arm dit trains from scratch: eval.at must list a fraction above 0"),
+    ("eval.chain_strength=1.5", r"eval.chain_strength must be a noise level in \(0, 1\], got 1.5"),
+    ("eval.positions=warp", "eval.positions must be one of none, ntk, interpolate"),
 ])
 def test_a_bad_config_fails_in_one_line_before_any_work(config_file, tmp_path, capsys, override, message):
     out = tmp_path / "run"

@@ -15,7 +15,8 @@ from .args import COMMANDS, SharedFlags, check_output_folder, overrides_anywhere
 def add_parser(sub, shared: SharedFlags) -> None:
     study = sub.add_parser("study", parents=[shared.run_folder, shared.device, shared.progress],
                            help=COMMANDS["study"])
-    study.add_argument("config", help="a study YAML, or a built-in one (study-backbones, study-distillation)")
+    study.add_argument("config", help="a study YAML, or a built-in one (study-backbones, study-backbones-64, "
+                       "study-distillation)")
     study.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="config overrides, e.g. budget.gflops=500 seeds=[0] arms.udit=null")
     study.add_argument("--out", help="the study folder (default runs/<config name>); --resume continues it")

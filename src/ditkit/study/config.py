@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from ..config import config_from_dict
 from ..errors import DitkitError
+from ..record import POSITION_SCALINGS
 
 ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # arm names become folder names
 # DistillConfig keys the study sets itself (the teacher, the folder, the budget, the seeds).
@@ -68,7 +69,9 @@ class EvalSection:
     """When and how every arm is measured: at fractions `at` of its budget, `num` samples (the same
     seed, hence the same noise and labels, for every arm) at each multiple `scales` of its training size."""
 
-    at: list = field(default_factory=lambda: [1.0])  # fractions of the budget, in (0, 1]
+    # fractions of the budget, in [0, 1]; 0 = before training: a distillation's student as swapped in (the
+    # teacher with CLEAR attention, nothing trained); a training arm skips it (its untrained network draws noise)
+    at: list = field(default_factory=lambda: [1.0])
     features: str = "ditkit-digits"  # FID/KID features: ditkit-digits (offline) or inception
     num: int = 256  # samples per arm, seed, point and scale
     reference: str | None = None  # reference images (digits, photos, a folder); default: the arm's data
@@ -78,9 +81,13 @@ class EvalSection:
     batch_size: int = 64
     bench_repeats: int = 3  # timed forwards per point (sampling step time), after a warm-up
     seed: int = 0  # sampling seed
+    # scales above 1 through CLEAR's upscale chain: a 1x base, upsampled, noised to this strength and
+    # denoised at the full size by the same model (default: sampled directly at the full size)
+    chain_strength: float | None = None
+    positions: str = "none"  # position scaling at scales above 1: none, ntk, interpolate (the digits chain's)
 
     def __post_init__(self):
-        check_numbers(self.at, "eval.at", float, lambda f: 0 < f <= 1, "fractions in (0, 1]")
+        check_numbers(self.at, "eval.at", float, lambda f: 0 <= f <= 1, "fractions in [0, 1]")
         self.at = sorted(float(f) for f in self.at)
         check_numbers(self.scales, "eval.scales", int, lambda s: s >= 1, "whole multiples of at least 1")
         for name in ("num", "num_reference"):
@@ -90,6 +97,13 @@ class EvalSection:
         for name in ("batch_size", "bench_repeats", "sample_steps"):
             if (getattr(self, name) or 1) < 1:
                 raise DitkitError(f"config key eval.{name} must be at least 1, got {getattr(self, name)}")
+        if self.positions not in POSITION_SCALINGS:
+            raise DitkitError(f"config key eval.positions must be one of {', '.join(POSITION_SCALINGS)}, got "
+                              f"{self.positions!r}")
+        strength = self.chain_strength
+        if strength is not None and (isinstance(strength, bool) or not isinstance(strength, int | float)
+                                     or not 0 < strength <= 1):
+            raise DitkitError(f"config key eval.chain_strength must be a noise level in (0, 1], got {strength!r}")
 
 
 @dataclass

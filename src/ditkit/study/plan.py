@@ -50,6 +50,7 @@ class ArmPlan:
     model_config: object = None  # the trained model's config (training arms)
     distill_values: dict = field(default_factory=dict)  # DistillConfig fields (distillation arms)
     teacher: str | None = None  # an arm name or a checkpoint path
+    student_mixer: object = None  # a distillation's student mixer (a MixerSpec of clear), swapped into its teacher
 
     @property
     def train_gflops(self) -> float:
@@ -110,7 +111,7 @@ def plan_distill_arm(name: str, arm: ArmConfig, study: StudyConfig, plans: dict[
     teacher = forward_gflops(teacher_config, height, width)
     return finish_plan(name, arm, study, kind="distill", resolution=resolution, batch_size=cfg.batch_size,
                        forward=student, step=(teacher + TRAIN_PASSES * student) * cfg.batch_size,
-                       distill_values=values, teacher=arm.teacher)
+                       distill_values=values, teacher=arm.teacher, student_mixer=cfg.mixer_spec())
 
 
 def budget_steps(name: str, budget: BudgetSection, step_gflops: float) -> int:
@@ -122,8 +123,15 @@ def budget_steps(name: str, budget: BudgetSection, step_gflops: float) -> int:
     return round(budget.gflops / step_gflops)
 
 
-def evaluation_points(name: str, fractions: list[float], steps: int) -> list[tuple[float, int]]:
-    points = [(fraction, max(1, round(fraction * steps))) for fraction in fractions]
+def evaluation_points(name: str, kind: str, fractions: list[float], steps: int) -> list[tuple[float, int]]:
+    """(fraction, step) of each evaluation. Fraction 0 is step 0, the untrained start: measured for a
+    distillation (its student as swapped in), skipped for a training arm (noise, nothing to compare)."""
+    if kind == "train":
+        fractions = [fraction for fraction in fractions if fraction > 0]
+        if not fractions:
+            raise DitkitError(f"arm {name} trains from scratch: eval.at must list a fraction above 0 (a training "
+                              "arm skips 0, its untrained network)")
+    points = [(fraction, 0 if fraction == 0 else max(1, round(fraction * steps))) for fraction in fractions]
     if len({step for _, step in points}) < len(points):
         raise DitkitError(f"arm {name} trains {steps} step(s): too few to evaluate at {len(points)} points "
                           "(eval.at): raise the budget or give fewer points")
@@ -136,7 +144,7 @@ def finish_plan(name: str, arm: ArmConfig, study: StudyConfig, *, kind: str, res
     steps = budget_steps(name, budget, step)
     return ArmPlan(name=name, kind=kind, label=arm.label or name, seeds=study.seeds_of(name), resolution=resolution,
                    batch_size=batch_size, forward_gflops=forward, step_gflops=step, steps=steps,
-                   points=evaluation_points(name, study.eval.at, steps), budget=budget, **resolved)
+                   points=evaluation_points(name, kind, study.eval.at, steps), budget=budget, **resolved)
 
 
 def plan_study(study: StudyConfig) -> dict[str, ArmPlan]:

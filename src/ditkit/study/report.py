@@ -1,7 +1,9 @@
 """A study's report folder, written from its measurements:
 
     report.md                       compute matching, a table per evaluation point (mean +/- std over
-                                    seeds) and a computed reading of who is ahead
+                                    seeds), a computed reading of who is ahead, the training compute each
+                                    arm needs to match the baseline (the first training arm) and its
+                                    sampling cost there (`matching.py`), and students against teachers
     measurements.csv                every measurement (arm, seed, point, resolution)
     quality-vs-train-compute.png    FID (and legibility) against counted training GFLOPs
     quality-vs-sampling-cost.png    the same at the end of the budget against sampling GFLOPs per image
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from ..files import atomic_path, atomic_write_text
 from .config import StudyConfig
+from .matching import AHEAD, BEHIND, MATCHED, TIE, cost_at_equal_quality, match_arm, student_gaps
 from .plan import TRAIN_PASSES, ArmPlan
 
 COLUMNS = ("arm", "label", "kind", "seed", "fraction", "step", "train_gflops", "resolution", "fid", "kid",
@@ -112,6 +115,90 @@ def reading(summaries: list[dict], fractions: list[float]) -> list[str]:
                 if (line := compare(here, metric)) is not None:
                     lines.append(f"- {100 * fraction:g}% of the budget, {resolution} px, {line}.")
     return [*lines, ""]
+
+
+# ---------------------------------------------------------------- compute to match the baseline
+
+def baseline_of(plans: dict[str, ArmPlan]) -> str | None:
+    """The arm the others are matched against: the first training arm (DiT in the built-in studies)."""
+    return next((name for name, plan in plans.items() if plan.kind == "train"), None)
+
+
+def matching_section(rows: list[dict], plans: dict[str, ArmPlan]) -> list[str]:
+    baseline = baseline_of(plans)
+    others = [p for p in plans.values() if p.kind == "train" and p.name != baseline
+              and p.resolution == plans[baseline].resolution]
+    if not others:
+        return []
+    base, resolution = plans[baseline], plans[baseline].resolution
+    lines = [f"## Compute to match {base.label}", "",
+             f"For each arm, the training compute at which it reaches {base.label}'s final quality (the mean over "
+             f"seeds at {base.train_gflops:,.4g} GFLOPs, {resolution} px), as k x {base.label}'s compute: each "
+             "seed's curve is interpolated linearly in log training compute between the two evaluations around "
+             "the first crossing; `<=` where its first evaluation already reaches it (an upper bound). k is the "
+             "mean ± std over seeds. An arm whose final mean is within the seed spread of the baseline's (the "
+             "difference <= the sum of the standard deviations) ties it: no k is read into that difference.", "",
+             f"| arm | measure | its final | {base.label}'s final | k (x {base.label}'s compute) | reading |",
+             "|---|---|---|---|---|---|"]
+    sentences, costs = [], []
+    for plan in others:
+        matches = [m for key in MATCHED if (m := match_arm(rows, plan.name, baseline, key, resolution))]
+        for m in matches:
+            mine, theirs = (statistics.fmean(values) for values in (m.final, m.base_final))
+            lines.append(f"| {m.label} | {m.title} | {m.show(mine)} | {m.show(theirs)} | {m.k()} | {m.verdict} |")
+            sentences.append(f"- {m.sentence(base.label)}.")
+        costs.append(cost_line(plan, base, cost_at_equal_quality(rows, plan.name, baseline, matches, resolution)))
+    return [*lines, "", *sentences, "", f"### Sampling cost at {base.label}'s final quality", "",
+            "Sampling GFLOPs per image (counted) and time of one forward (measured), each against "
+            f"{base.label}'s, for the arms that reach its final FID and legibility (ahead or tied); a model's "
+            "cost per image does not change as it trains.", "", *costs, ""]
+
+
+def cost_line(plan: ArmPlan, base: ArmPlan, cost: dict) -> str:
+    if not cost:
+        return f"- {plan.label}: does not reach {base.label}'s final quality within the budget: no equal-quality cost."
+    parts = []
+    if "sampling_gflops" in cost:
+        value, ratio = cost["sampling_gflops"]
+        parts.append(f"{value:.4g} sampling GFLOPs per image ({ratio:.2f} x {base.label}'s)")
+    if "step_ms" in cost:
+        value, ratio = cost["step_ms"]
+        parts.append(f"{value:,.1f} ms per forward ({ratio:.2f} x)")
+    return f"- {plan.label}: " + ", ".join(parts) + "."
+
+
+# ---------------------------------------------------------------- students against teachers
+
+def gap_section(rows: list[dict], plans: dict[str, ArmPlan], scales: list[int]) -> list[str]:
+    students = [p for p in plans.values() if p.kind == "distill"]
+    if not students:
+        return []
+    lines = ["## Students against their teachers", "",
+             "Each student's final measurement against its teacher's final one (FID, legibility) and, for "
+             "its agreement with the teacher (PSNR/SSIM, same noise and labels), against itself untrained "
+             "(step 0: the teacher with CLEAR attention swapped in, nothing trained), where eval.at lists 0. "
+             "Mean ± std over seeds (the teacher: the seed that taught); the verdict is the final student's, a "
+             "difference within the seed spread a tie (a teacher trained once has no spread of its own: the "
+             "student's alone counts).", "",
+             "| student | px | measure | teacher | untrained student | student | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for plan in students:
+        teacher = plan.teacher if plan.teacher in plans else None
+        seed = plans[teacher].seeds[0] if teacher else None  # the seed whose checkpoint taught
+        for scale in scales:
+            for gap in student_gaps(rows, plan.name, teacher, scale * plan.resolution, seed):
+                metric = metric_named(gap.key)
+                cells = [shown(values, metric) for values in (gap.teacher, gap.untrained, gap.final)]
+                verdict = {AHEAD: "better", TIE: "tie", BEHIND: "worse", None: "-"}[gap.verdict]
+                against = "vs teacher" if gap.key in ("fid", "legibility") else "vs untrained"
+                lines.append(f"| {plan.label} | {gap.resolution} | {metric.title} | " + " | ".join(cells) +
+                             f" | {verdict} {against if gap.verdict else ''} |")
+    return [*lines, ""]
+
+
+def shown(values: list[float], metric: Metric) -> str:
+    summary = spread(values)
+    return summary.show(metric) if summary else "-"
 
 
 # ---------------------------------------------------------------- the tables
@@ -222,7 +309,8 @@ def write_report(folder: str | Path, study: StudyConfig, plans: dict[str, ArmPla
     plot_panels([s for s in summaries if s["fraction"] == fractions[-1]], folder / "quality-vs-sampling-cost.png",
                 "sampling_gflops", f"sampling GFLOPs per image (at {100 * fractions[-1]:g}% of the budget)", True)
     lines = [f"# {study.title}", "", *settings_section(study), *compute_table(plans),
-             *point_tables(summaries, fractions), *reading(summaries, fractions),
+             *point_tables(summaries, fractions), *reading(summaries, fractions), *matching_section(rows, plans),
+             *gap_section(rows, plans, study.eval.scales),
              "## Plots", "", "![quality vs training compute](quality-vs-train-compute.png)", "",
              "![quality vs sampling cost](quality-vs-sampling-cost.png)", "",
              "Every measurement: [measurements.csv](measurements.csv).", ""]

@@ -14,6 +14,7 @@ segments add up to one straight run). A finished stage is not run again.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from dataclasses import asdict
 from functools import partial
@@ -22,14 +23,14 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import find_checkpoint, load_checkpoint
-from ..diffusion.pipeline import input_size
+from ..diffusion.pipeline import UpscaleChain, check_labels, generate_upscaled, input_size
 from ..distill import DistillConfig
 from ..errors import DitkitError
 from ..files import atomic_write_text, read_json
 from ..metrics.bench import measure_point
 from ..metrics.features import build_features
-from ..metrics.quality import load_reference
-from ..metrics.score import score_checkpoint
+from ..metrics.quality import load_reference, sample_checkpoint
+from ..metrics.score import score_images
 from ..record import Sampling
 from ..train.config import config_from_dict
 from ..train.runfolder import own_run_folder
@@ -56,6 +57,7 @@ class Study:
         self.out = self.runner.out
         self.device, self.features_path, self.progress, self.log = device, features_path, progress, log
         self._references: dict[tuple[str, int], torch.Tensor] = {}
+        self._teacher_images: dict[tuple[str, int], torch.Tensor] = {}
         self._extractor = None
 
     # -- the folder ----------------------------------------------------------------------------
@@ -88,15 +90,21 @@ class Study:
     # -- one arm and seed ----------------------------------------------------------------------
     def run_arm(self, arm: str, seed: int) -> None:
         plan = self.plans[arm]
-        for fraction, step in plan.points:
+        # Step 0 (a distillation's student as swapped in) comes last: its agreement with the teacher is
+        # the one the distillation measures before it trains.
+        for fraction, step in sorted(plan.points, key=lambda point: point[1] == 0):
             path = self.eval_path(arm, seed, step)
             if path.is_file():  # measured before an interruption
                 continue
-            if plan.kind == "train":
+            mixer = None
+            if step == 0:
+                checkpoint, mixer = self.teacher_checkpoint(plan)[0], plan.student_mixer
+                agreement = self.untuned(plan, seed)
+            elif plan.kind == "train":
                 checkpoint, agreement = self.train_to(plan, seed, step), {}
             else:
                 checkpoint, agreement = self.distill_to(plan, seed, step)
-            rows = self.measure(plan, seed, fraction, step, checkpoint, agreement)
+            rows = self.measure(plan, seed, fraction, step, checkpoint, agreement, mixer)
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps({"rows": rows}, indent=2) + "\n")
 
@@ -125,6 +133,12 @@ class Study:
         agreement = distill_stage(checkpoint, recorded, cfg, device=self.device, progress=self.progress)
         return run_dir / "checkpoints", agreement["student"]
 
+    def untuned(self, plan: ArmPlan, seed: int) -> dict:
+        """The agreement of the swapped-in, untrained student with its teacher, as the distillation measured
+        it before training; {} where it has not run (the study then pairs the samples itself)."""
+        path = self.arm_dir(plan.name, seed) / "run" / "agreement.json"
+        return read_json(path, "agreement report").get("untuned", {}) if path.is_file() else {}
+
     # -- measuring -----------------------------------------------------------------------------
     def extractor(self):
         if self._extractor is None:
@@ -143,31 +157,74 @@ class Study:
         return self._references[source, size]
 
     def measure(self, plan: ArmPlan, seed: int, fraction: float, step: int, checkpoint: Path,
-                agreement: dict) -> list[dict]:
+                agreement: dict, mixer=None) -> list[dict]:
         """One row per eval scale: FID/KID, legibility, agreement with the teacher (distillations),
-        the sampling cost (counted GFLOPs per image, measured time and peak memory of one forward)."""
-        model, record = load_checkpoint(checkpoint, device=self.device)
+        the sampling cost (counted GFLOPs per image, measured time and peak memory of one forward).
+        `mixer`: swapped in at load (the untrained student is its teacher's checkpoint with CLEAR)."""
+        model, record = load_checkpoint(checkpoint, mixer=mixer, device=self.device)
         base = {"arm": plan.name, "label": plan.label, "kind": plan.kind, "seed": seed, "fraction": fraction,
                 "step": step, "train_gflops": step * plan.step_gflops}
-        return [{**base, **self.measure_scale(model, record, checkpoint, scale * plan.resolution, agreement)}
-                for scale in self.config.eval.scales]
+        return [{**base, **self.measure_scale(plan, (checkpoint, mixer), model, record, scale * plan.resolution,
+                                              agreement)} for scale in self.config.eval.scales]
 
-    def measure_scale(self, model, record, checkpoint: Path, size: int, agreement: dict) -> dict:
+    def chained(self, plan: ArmPlan, size: int) -> bool:
+        """Whether `size` is sampled through the upscale chain (from the arm's training size)."""
+        return self.config.eval.chain_strength is not None and size > plan.resolution
+
+    def sample(self, plan: ArmPlan, loaded: tuple, model, record, asked: Sampling) -> torch.Tensor:
+        """`asked.num` images in batches, classes cycled 0, 1, 2, ... over all of them: directly from the
+        checkpoint `loaded` = (path, mixer swapped in), or through the chain with `model` (drawn as
+        `sample_checkpoint` draws them, so legibility reads them alike)."""
         e = self.config.eval
-        asked = Sampling(num=e.num, height=size, width=size, steps=e.sample_steps, seed=e.seed)
-        scores = score_checkpoint(checkpoint, asked, self.reference(record, size), e.features,
-                                  extractor=self.extractor(), features_path=self.features_path,
-                                  batch_size=e.batch_size, device=self.device, seed=e.seed, progress=False)
+        if not self.chained(plan, asked.height):
+            checkpoint, mixer = loaded
+            return sample_checkpoint(checkpoint, asked, batch_size=e.batch_size, mixer=mixer, device=self.device,
+                                     progress=False)[0]
+        chain = UpscaleChain(base_height=plan.resolution, base_width=plan.resolution, strength=e.chain_strength)
+        labels = check_labels(model, None, asked.num)
+        batches = []
+        for start in range(0, asked.num, e.batch_size):
+            count = min(e.batch_size, asked.num - start)
+            batch = dataclasses.replace(asked, num=count, seed=asked.seed + start,
+                                        labels=None if labels is None else labels[start:start + count])
+            batches.append(generate_upscaled(model, record, batch, chain, progress=False).cpu())
+        return torch.cat(batches)
+
+    def teacher_images(self, plan: ArmPlan, asked: Sampling) -> torch.Tensor:
+        """The teacher's images made as the student's are (same noise, labels, size and chain), to pair
+        with them where the distillation measured no agreement (the chain, or sizes beyond 2x)."""
+        key = (str(plan.teacher), asked.height)
+        if key not in self._teacher_images:
+            checkpoint = self.teacher_checkpoint(plan)[0]
+            model, record = load_checkpoint(checkpoint, device=self.device)
+            self._teacher_images[key] = self.sample(plan, (checkpoint, None), model, record, asked)
+        return self._teacher_images[key]
+
+    def measure_scale(self, plan: ArmPlan, loaded: tuple, model, record, size: int, agreement: dict) -> dict:
+        e = self.config.eval
+        asked = Sampling(num=e.num, height=size, width=size, steps=e.sample_steps, seed=e.seed,
+                         positions=e.positions if size > plan.resolution else "none")
+        chained = self.chained(plan, size)
+        images = self.sample(plan, loaded, model, record, asked)
+        paired = {} if chained else agreement.get(str(size), {})
+        pair_with = self.teacher_images(plan, asked) if plan.kind == "distill" and not paired else None
+        scores = score_images(images, self.reference(record, size), e.features, extractor=self.extractor(),
+                              record=record, pair_with=pair_with, features_path=self.features_path,
+                              batch_size=e.batch_size, device=self.device, seed=e.seed, progress=False)
+        paired = scores.agreement or paired
         sampling = record.sampling(asked)
         height, width = input_size(model, size, size)
         forward = forward_gflops(record.model, height, width)
         guided = 2 if sampling.cfg_scale > 1 and record.num_classes > 0 else 1  # guidance doubles the batch
+        sampling_gflops = forward * sampling.steps * guided
+        if chained:  # the base pass at the training size, then the last floor(steps x strength) steps
+            base = forward_gflops(record.model, *input_size(model, plan.resolution, plan.resolution))
+            sampling_gflops = (base * sampling.steps + forward * int(sampling.steps * e.chain_strength)) * guided
         timing = measure_point(model, record.model, height, width, torch.device(self.device), e.bench_repeats,
                                memory=True)
-        paired = agreement.get(str(size), {})
         return {"resolution": size, "fid": scores.quality["fid"], "kid": scores.quality["kid_mean"],
                 "legibility": scores.legibility, "psnr": paired.get("psnr"), "ssim": paired.get("ssim"),
-                "forward_gflops": forward, "sampling_gflops": forward * sampling.steps * guided,
+                "forward_gflops": forward, "sampling_gflops": sampling_gflops,
                 "step_ms": timing["step_ms"], "peak_mib": timing["peak_mib"]}
 
     def rows(self) -> list[dict]:
