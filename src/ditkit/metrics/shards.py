@@ -55,6 +55,7 @@ from ..files import (
 )
 from ..record import RunRecord, Sampling
 from .quality import sample_batch
+from .streaming import release_free_memory
 
 MANIFEST = "manifest.json"
 KIND = "ditkit eval samples"
@@ -223,6 +224,7 @@ def shard_batches(folder: str | Path, batch_size: int) -> Iterator[Tensor]:
         del images
 
 
+
 @dataclass
 class SampleFolder:
     """What `sample_shards` made: the folder, its manifest, the run record of the checkpoint, the
@@ -253,6 +255,8 @@ def make_shards(model, record: RunRecord, sampling: Sampling, labels: Tensor | N
             start, stop = plan.bounds(index)
             write_shard(shard_path(folder, index), np.concatenate(images),
                         None if labels is None else labels[start:stop].to(torch.int64).numpy())
+            del images
+            release_free_memory()  # the shard's temporaries: see release_free_memory
             bar.update(stop - start)
 
 
