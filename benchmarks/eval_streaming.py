@@ -109,6 +109,8 @@ def table(rows: list[dict], args) -> str:
              "| samples | path | seconds | images/s | peak RSS MiB | rise MiB |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['samples']} | {r['path']} | {r['seconds']} | {r['images_per_s']} | {r['peak_rss_mib']} | "
               f"{r['rise_mib']} |" for r in rows]
+    lines += ["", "sample: sampling into shards; stream: the statistics of the shards; in-memory: sampling into one "
+              "tensor, then its statistics. Peak: the phase's high-water mark; rise: above the RSS before it."]
     return "\n".join(lines) + "\n"
 
 
