@@ -14,7 +14,7 @@ from ditkit.data.images import to_uint8
 from ditkit.files import FolderLock
 from ditkit.metrics.quality import evaluate, label_accuracy, load_reference, sample_checkpoint
 from ditkit.metrics.score import score_checkpoint_sharded, score_sample_folder
-from ditkit.metrics.shards import ShardPlan, sample_shards, shard_batches, shard_path
+from ditkit.metrics.shards import ShardPlan, sample_shards, shard_batches, shard_path, share
 from ditkit.metrics.streaming import FeatureScores, Legibility, stream
 from ditkit.record import Sampling
 
@@ -31,8 +31,9 @@ def test_a_plan_covers_every_sample_once_in_whole_batches_for_any_process_count(
     assert plan.count == 3 and [plan.bounds(k) for k in range(3)] == [(0, 4), (4, 8), (8, 10)]
     assert plan.batches(1) == [(4, 6), (6, 8)] and plan.batches(2) == [(8, 10)]
     for world_size in (1, 2, 3, 5):
-        owned = sorted(k for rank in range(world_size) for k in plan.owned(rank, world_size))
-        assert owned == [0, 1, 2]
+        dealt = sorted(k for rank in range(world_size) for k in share([0, 1, 2], rank, world_size))
+        assert dealt == [0, 1, 2]
+    assert [share([1, 3, 4, 6, 7], rank, 2) for rank in (0, 1)] == [[1, 4, 7], [3, 6]]  # a resume splits evenly
     assert ShardPlan.default(50_000, 64).shard_size == 960 and ShardPlan.default(10, 2000).shard_size == 2000
     with pytest.raises(DitkitError, match="--shard-size 10 is not a multiple of --batch-size 4.*--shard-size 8"):
         ShardPlan(num=10, batch_size=4, shard_size=10)

@@ -13,9 +13,11 @@ The same seed gives the same images whatever the number of processes. DiT's samp
 process (seed * P + rank) and rounds the sample count up to a multiple of the global batch, so its
 images change with P. Here sample i belongs to the batch that starts at a multiple of the batch size
 B, seeded `seed + start` (as `quality.sample_checkpoint` seeds its batches); batches are grouped in
-shards of S samples (S a multiple of B: the one divisibility rule) and shard k is made by process
-k mod P. Any --num works: the last shard (and its last batch) is shorter, nothing is sampled twice.
-The images still depend on B (a batch draws its noise together), so B is one of the settings.
+shards of S samples (S a multiple of B: the one divisibility rule), and the shards still missing are
+dealt out in turn: process r of P makes the r-th, (r + P)-th, ... of them. Which process makes a shard
+never changes its images. Any --num works: the last shard (and its last batch) is shorter, nothing is
+sampled twice. The images still depend on B (a batch draws its noise together), so B is one of the
+settings. A multi-node run needs --sample-dir on storage that every node sees.
 
 Each shard is written atomically once it is complete, so a killed run leaves whole shards only; a
 rerun with the same settings makes only the missing ones, and a folder made with other settings is
@@ -32,6 +34,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -105,9 +108,15 @@ class ShardPlan:
         start, stop = self.bounds(index)
         return [(first, min(first + self.batch_size, stop)) for first in range(start, stop, self.batch_size)]
 
-    def owned(self, rank: int, world_size: int) -> list[int]:
-        """The shards process `rank` of `world_size` makes: every world_size-th one."""
-        return list(range(rank, self.count, world_size))
+    def missing(self, folder: str | Path) -> list[int]:
+        """The shards not written yet."""
+        return [k for k in range(self.count) if not shard_path(folder, k).is_file()]
+
+
+def share(shards: list[int], rank: int, world_size: int) -> list[int]:
+    """The shards process `rank` of `world_size` makes: every world_size-th one of those still
+    missing (a resumed run splits what is left evenly; which process makes a shard never changes it)."""
+    return shards[rank::world_size]
 
 
 def file_fingerprint(path: str | Path) -> str:
@@ -260,21 +269,31 @@ def make_shards(model, record: RunRecord, sampling: Sampling, labels: Tensor | N
             bar.update(stop - start)
 
 
-def agreed(processes: Processes, action: Callable[[], None]) -> None:
-    """Run `action` on the main process; a DitkitError it raises is raised on every process (all of
-    them stop with the same line, none waits for the others forever)."""
-    message = None
+def agreed(processes: Processes, action: Callable[[], Any]) -> Any:
+    """Run `action` on the main process and return its result on every process; a DitkitError it
+    raises is raised on every process (all of them stop with the same line, none waits for the
+    others forever)."""
+    message = result = None
     if processes.is_main:
         try:
-            action()
+            result = action()
         except DitkitError as error:
             message = str(error)
     if processes.world_size > 1:
-        shared = [message]
+        shared = [message, result]
         dist.broadcast_object_list(shared, src=0)
-        message = shared[0]
+        message, result = shared
     if message is not None:
         raise DitkitError(message)
+    return result
+
+
+def wait_for_shards(folder: Path, plan: ShardPlan, poll_seconds: float = 2.0) -> None:
+    """Until the other processes have written every shard. Polling the folder, not a collective:
+    the processes may finish far apart (up to one shard's sampling time), longer than a collective
+    waits before it times out. Should a process fail, torchrun stops the others."""
+    while plan.missing(folder):
+        time.sleep(poll_seconds)
 
 
 def sample_shards(ckpt: str | Path, sampling: Sampling, folder: str | Path, *, batch_size: int = 64,
@@ -295,28 +314,26 @@ def sample_shards(ckpt: str | Path, sampling: Sampling, folder: str | Path, *, b
     sampling = record.sampling(sampling)
     labels = check_labels(model, sampling.labels, sampling.num)
     with ExitStack() as held:
-        manifest = {}
 
-        def claim() -> None:
+        def claim() -> tuple[dict, list[int]]:
             file = checkpoint_file(ckpt, ema)
-            manifest.update(kind=KIND, format=FORMAT, checkpoint=str(file.resolve()),
-                            settings=settings(file_fingerprint(file), sampling, labels, plan, ema=ema, mixer=mixer,
-                                              mixer_options=mixer_options))
+            manifest = {"kind": KIND, "format": FORMAT, "checkpoint": str(file.resolve()),
+                        "settings": settings(file_fingerprint(file), sampling, labels, plan, ema=ema, mixer=mixer,
+                                             mixer_options=mixer_options)}
             if folder.exists() and not folder.is_dir():
                 raise DitkitError(f"--sample-dir {folder} is a file: give a folder")
             held.enter_context(FolderLock(folder, "ditkit eval"))  # first: two runs never prepare one folder
             prepare_folder(folder, manifest)
             remove_temporary_files(folder)  # of shards a kill interrupted
+            return manifest, plan.missing(folder)
 
-        agreed(processes, claim)
-        todo = [k for k in plan.owned(processes.rank, processes.world_size) if not shard_path(folder, k).is_file()]
+        manifest, missing = agreed(processes, claim)
+        todo = share(missing, processes.rank, processes.world_size)
         vae = load_vae(record.vae, processes.device) if record.vae else None
         began = time.perf_counter()
         make_shards(model, record, sampling, labels, plan, todo, folder, vae, progress and processes.is_main)
         seconds = time.perf_counter() - began
         if processes.world_size > 1:
-            dist.barrier()  # every shard is written before anyone reads them, and before the lock goes
-            shared = [manifest]
-            dist.broadcast_object_list(shared, src=0)
-            manifest = shared[0]
+            wait_for_shards(folder, plan)
+            dist.barrier()  # every process has seen every shard: the main process may release the lock
     return SampleFolder(folder, manifest, record, todo, seconds)
