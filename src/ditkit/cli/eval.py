@@ -1,7 +1,9 @@
 """`ditkit eval`: FID, KID and Inception Score of a checkpoint's samples (or a folder of images)
 against reference images, with legibility and paired agreement where they apply (`metrics.score`);
 with the Inception network the ADM evaluator's FID, sFID, IS, precision and recall, against an ADM
-reference batch if --ref names one. `--write-ref` writes such a batch from a folder or dataset."""
+reference batch if --ref names one. `--write-ref` writes such a batch from a folder or dataset.
+With --sample-dir the samples go to resumable .npz shards, made by every process torchrun started,
+and are scored in a streaming pass (`metrics.shards`, `metrics.streaming`)."""
 
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ from pathlib import Path
 
 from ..checkpoint import META_KEY, read_header
 from ..data.images import save_image_folder
-from ..distributed.launch import default_device
+from ..distributed.launch import default_device, torchrun_processes
 from ..errors import DitkitError
+from ..files import refuse_output_over_inputs
 from ..metrics.features import FEATURES, build_features
 from ..metrics.quality import (
     check_reference,
@@ -22,8 +25,9 @@ from ..metrics.quality import (
     write_scores,
 )
 from ..metrics.refbatch import is_reference_batch, read_reference_batch
-from ..metrics.score import score_checkpoint, score_images
-from ..record import RunRecord, Sampling
+from ..metrics.score import score_checkpoint, score_checkpoint_sharded, score_images
+from ..metrics.shards import ShardPlan
+from ..record import TIMESTEP_SPACINGS, RunRecord, Sampling
 from .args import (
     COMMANDS,
     SharedFlags,
@@ -45,7 +49,8 @@ def add_parser(sub, shared: SharedFlags) -> None:
                           help="reference images: a built-in dataset (digits, photos), an image folder, or an ADM "
                                "reference batch (.npz: images in arr_0 and/or the statistics mu, sigma, mu_s, sigma_s; "
                                "used whole, its statistics where present)")
-    evaluate.add_argument("--num", type=int, default=256, help="images to sample (or to read from --samples)")
+    evaluate.add_argument("-n", "--num", type=int, default=256, help="images to sample (or to read from --samples; "
+                          "under torchrun write -n: torchrun takes --num for its --numa-binding)")
     evaluate.add_argument("--num-ref", type=int, default=1000, help="reference images (a random subset)")
     evaluate.add_argument("--features", default="ditkit-digits", choices=FEATURES,
                           help="feature extractor: inception (the standard FID network; needs its weights file) "
@@ -60,6 +65,14 @@ def add_parser(sub, shared: SharedFlags) -> None:
     evaluate.add_argument("--save-samples", metavar="DIR", help="also write the evaluated images as PNGs here")
     evaluate.add_argument("--pair-with", metavar="DIR", help="also PSNR/SSIM against the same-index images of DIR "
                           "(e.g. a teacher's samples for the same seed)")
+    evaluate.add_argument("--timestep-spacing", choices=TIMESTEP_SPACINGS,
+                          help="ddpm runs: how the steps are spaced (default: the run's)")
+    evaluate.add_argument("--sample-dir", metavar="DIR", help="with --ckpt: write the samples to DIR as .npz shards "
+                          "(uint8, ADM's layout) and score them in a streaming pass (memory independent of --num); "
+                          "a rerun with the same settings keeps the finished shards; needed under torchrun, where "
+                          "every process makes its share (the same images for any process count)")
+    evaluate.add_argument("--shard-size", type=int, metavar="N", help="with --sample-dir: samples per shard, a "
+                          "multiple of --batch-size (default: the largest multiple up to 1000)")
     evaluate.add_argument("--out", default="eval.json", help="JSON file for the scores")
     evaluate.add_argument("--write-ref", metavar="OUT.npz", help="instead of scoring: write --num-ref images of --ref "
                           "(a folder or built-in dataset, at --resolution) as an ADM reference batch (Inception "
@@ -81,28 +94,33 @@ def run(args) -> None:
     check_output_file(args.out)
     if args.save_samples:
         check_sample_folder(args.save_samples)
+    check_sharding(args)
     reference = read_reference_batch(args.ref) if is_reference_batch(args.ref) else args.ref
     # The Inception network (torch-fidelity, the weights file) is built before any sampling, so that
     # a missing piece stops the run at once.
     extractor = build_features(args.features, args.inception_weights) if args.features == "inception" else None
-    scoring = dict(num_reference=args.num_ref, pair_with=args.pair_with, inception_weights=args.inception_weights,
+    scoring = dict(num_reference=args.num_ref, inception_weights=args.inception_weights,
                    features_path=args.features_path, batch_size=args.batch_size, device=default_device(args.device),
                    seed=args.seed, progress=not args.no_progress, extractor=extractor)
     resolved = objective = None
     if args.ckpt:
-        height, width = optional_size(args.resolution)
-        asked = Sampling(num=args.num, height=height, width=width, steps=args.steps, cfg_scale=args.cfg,
-                         sampler=args.sampler, seed=args.seed)
+        asked = asked_sampling(args)
         record = _header_record(args.ckpt)
         if record is not None:
             resolved, objective = record.sampling(asked), record.diffusion.objective
         _check_reference(reference, args.features, None if resolved is None else (resolved.height, resolved.width))
+    if args.sample_dir:
+        scores = score_sharded(args, asked, reference, scoring)
+        if scores is None:  # not the main process: it made its shards, the main process scores them
+            return
+    elif args.ckpt:
         scores = score_checkpoint(args.ckpt, asked, reference, args.features, ema=not args.no_ema, mixer=args.mixer,
-                                  mixer_options=parse_options(args.mixer_opt) or None, **scoring)
+                                  mixer_options=parse_options(args.mixer_opt) or None, pair_with=args.pair_with,
+                                  **scoring)
     else:
         images = load_samples(args.samples, args.num, parse_size(args.resolution)[0] if args.resolution else None)
         _check_reference(reference, args.features, tuple(images.shape[-2:]))
-        scores = score_images(images, reference, args.features, **scoring)
+        scores = score_images(images, reference, args.features, pair_with=args.pair_with, **scoring)
     if args.save_samples:
         save_image_folder(scores.images, args.save_samples)
     result = scores.summary(source=str(args.ckpt or args.samples), reference=args.ref)
@@ -160,3 +178,39 @@ def write_ref(args) -> None:
                               device=default_device(args.device), seed=args.seed, progress=not args.no_progress)
     images = f"{written.num_images} images and " if written.num_images else ""
     print(f"wrote {written.path}: {images}Inception statistics (mu, sigma, mu_s, sigma_s) of {args.ref}")
+
+
+def asked_sampling(args) -> Sampling:
+    height, width = optional_size(args.resolution)
+    return Sampling(num=args.num, height=height, width=width, steps=args.steps, cfg_scale=args.cfg,
+                    sampler=args.sampler, seed=args.seed, timestep_spacing=args.timestep_spacing)
+
+
+def check_sharding(args) -> None:
+    """--sample-dir and its companions, checked before anything is loaded or sampled."""
+    if not args.sample_dir:
+        if args.shard_size is not None:
+            raise DitkitError("--shard-size needs --sample-dir (the folder the shards go to)")
+        if torchrun_processes() > 1:
+            raise DitkitError("under torchrun each process makes a share of the samples: give --sample-dir DIR "
+                              "(the .npz shards go there)")
+        return
+    if args.samples:
+        raise DitkitError("--sample-dir is where --ckpt's samples go: with --samples, drop it")
+    for flag, value in (("--save-samples", args.save_samples), ("--pair-with", args.pair_with)):
+        if value:
+            raise DitkitError(f"{flag} needs every image in memory, which --sample-dir avoids: drop {flag}, or "
+                              "--sample-dir (then the samples are also the .npz shards there)")
+    ShardPlan.default(args.num, args.batch_size, args.shard_size)  # a shard holds whole batches
+    check_output_folder(args.sample_dir)
+    refuse_output_over_inputs(args.sample_dir, {"checkpoint": args.ckpt, "reference folder": args.ref},
+                              what="--sample-dir")
+
+
+def score_sharded(args, asked: Sampling, reference, scoring: dict):
+    """--sample-dir: the samples as shards (every process under torchrun), scored on the main process."""
+    device = scoring.pop("device")
+    return score_checkpoint_sharded(args.ckpt, asked, args.sample_dir, reference, args.features,
+                                    ema=not args.no_ema, mixer=args.mixer,
+                                    mixer_options=parse_options(args.mixer_opt) or None,
+                                    shard_size=args.shard_size, device=device, **scoring)

@@ -62,34 +62,62 @@ def label_accuracy(classifier: nn.Module, images: Tensor, labels: Tensor, batch_
     return (logits.argmax(dim=1) == labels.cpu()).float().mean().item()
 
 
+class FeatureStatistics:
+    """FID and KID of generated features against reference features, and the Inception Score of the
+    generated logits, accumulated batch by batch (`add`) and computed once (`compute`).
+
+    FID keeps running sums (float64, torchmetrics), so its memory does not grow with the sample
+    count; KID and IS keep each sample's features and logits (a few KiB a sample, never images)."""
+
+    def __init__(self, real: tuple[Tensor, Tensor], kid_subset_size: int = 1000, is_splits: int = 10,
+                 seed: int = 0):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        from torchmetrics.image.inception import InceptionScore
+        from torchmetrics.image.kid import KernelInceptionDistance
+
+        real_features, real_logits = real
+        if len(real_features) < 2:
+            raise DitkitError("FID needs at least 2 generated and 2 reference images: raise --num")
+        self.kid_subset_size, self.is_splits, self.seed = kid_subset_size, is_splits, seed
+        self.num_real, self.num_fake = len(real_features), 0
+        identity = _Precomputed(real_features.shape[1])
+        self.fid = FrechetInceptionDistance(feature=identity)
+        with warnings.catch_warnings():  # "features are kept in memory": they are, and they are small
+            warnings.simplefilter("ignore", UserWarning)
+            # subset size and splits are final once the sample count is known (`compute`)
+            self.kid = KernelInceptionDistance(feature=identity, subset_size=min(kid_subset_size, self.num_real))
+            self.inception_score = InceptionScore(feature=_Precomputed(real_logits.shape[1]), splits=is_splits)
+        for metric in (self.fid, self.kid):
+            metric.update(real_features.double(), real=True)
+
+    def add(self, features: Tensor, logits: Tensor) -> None:
+        """The features and logits of the next generated images."""
+        for metric in (self.fid, self.kid):
+            metric.update(features.double(), real=False)
+        self.inception_score.update(logits.double())
+        self.num_fake += len(features)
+
+    def compute(self) -> dict:
+        if self.num_fake < 2:
+            raise DitkitError("FID needs at least 2 generated and 2 reference images: raise --num")
+        subset = min(self.kid_subset_size, self.num_real, self.num_fake)
+        self.kid.subset_size, self.inception_score.splits = subset, min(self.is_splits, self.num_fake)
+        with torch.random.fork_rng():  # KID subsets and IS splits are random: fix them for repeatable numbers
+            torch.manual_seed(self.seed)
+            kid_mean, kid_std = self.kid.compute()
+            is_mean, is_std = self.inception_score.compute()
+        return {"fid": self.fid.compute().item(), "kid_mean": kid_mean.item(), "kid_std": kid_std.item(),
+                "is_mean": is_mean.item(), "is_std": is_std.item(), "kid_subset_size": subset}
+
+
 def scores_from_features(real: tuple[Tensor, Tensor], fake: tuple[Tensor, Tensor], kid_subset_size: int = 1000,
                          is_splits: int = 10, seed: int = 0) -> dict:
     """FID and KID between the real and fake features; Inception Score of the fake logits."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    from torchmetrics.image.inception import InceptionScore
-    from torchmetrics.image.kid import KernelInceptionDistance
-
-    (real_features, _), (fake_features, fake_logits) = real, fake
-    if min(len(real_features), len(fake_features)) < 2:
+    if min(len(real[0]), len(fake[0])) < 2:
         raise DitkitError("FID needs at least 2 generated and 2 reference images: raise --num")
-    identity = _Precomputed(real_features.shape[1])
-    fid = FrechetInceptionDistance(feature=identity)
-    subset = min(kid_subset_size, len(real_features), len(fake_features))
-    with warnings.catch_warnings():  # "features are kept in memory": they are, and they are small
-        warnings.simplefilter("ignore", UserWarning)
-        kid = KernelInceptionDistance(feature=identity, subset_size=subset)
-        inception_score = InceptionScore(feature=_Precomputed(fake_logits.shape[1]),
-                                         splits=min(is_splits, len(fake_logits)))
-    for metric in (fid, kid):
-        metric.update(real_features.double(), real=True)
-        metric.update(fake_features.double(), real=False)
-    inception_score.update(fake_logits.double())
-    with torch.random.fork_rng():  # KID subsets and IS splits are random: fix them for repeatable numbers
-        torch.manual_seed(seed)
-        kid_mean, kid_std = kid.compute()
-        is_mean, is_std = inception_score.compute()
-    return {"fid": fid.compute().item(), "kid_mean": kid_mean.item(), "kid_std": kid_std.item(),
-            "is_mean": is_mean.item(), "is_std": is_std.item(), "kid_subset_size": subset}
+    statistics = FeatureStatistics(real, kid_subset_size, is_splits, seed)
+    statistics.add(*fake)
+    return statistics.compute()
 
 
 ADM_ONLY = ("sfid", "precision", "recall")  # what only the Inception network's features give
@@ -155,24 +183,39 @@ def adm_evaluate(extractor: nn.Module, generated: Tensor, reference: Tensor | Re
     """The ADM evaluator's FID, sFID, IS, precision and recall (and KID) with an extractor that has
     `adm_outputs`. A reference batch's precomputed statistics give FID and sFID; its images, where it
     has them, give the pool features precision, recall and KID need (all None without images)."""
+    real = reference_statistics(extractor, reference, batch_size, device, progress)
+    samples = accumulate(adm_outputs(extractor, generated.split(batch_size), device, progress, "sample features"))
+    return adm_result(samples, real, kid_subset_size, seed, device)
+
+
+def adm_outputs(extractor: nn.Module, batches, device: str, progress: bool, desc: str):
+    """The extractor's (pool, spatial, logits) of each image batch."""
     from tqdm.auto import tqdm
 
-    def outputs(batches, desc):
-        for batch in tqdm(batches, desc=desc, disable=not progress):
-            yield extractor.adm_outputs(batch.to(device))
+    for batch in tqdm(batches, desc=desc, disable=not progress):
+        yield extractor.adm_outputs(batch.to(device))
 
-    samples = accumulate(outputs(generated.split(batch_size), "sample features"))
+
+def reference_statistics(extractor: nn.Module, reference: Tensor | ReferenceBatch, batch_size: int = 64,
+                         device: str = "cpu", progress: bool = False) -> AdmStatistics:
+    """The reference's ADM statistics: a reference batch's precomputed ones where it has them, its
+    images' pool features where it has images (precision, recall and KID need them)."""
     precomputed = reference.statistics if isinstance(reference, ReferenceBatch) else None
     has_images = isinstance(reference, Tensor) or reference.image_shape is not None
-    real = accumulate(outputs(image_batches(reference, batch_size), "reference features"), score=False) \
-        if has_images else None
+    real = accumulate(adm_outputs(extractor, image_batches(reference, batch_size), device, progress,
+                                  "reference features"), score=False) if has_images else None
     if precomputed is not None:
         real = AdmStatistics(**precomputed, pool=None if real is None else real.pool)
-    scores = adm_scores(samples, real, device=device)
+    return real
+
+
+def adm_result(samples: AdmStatistics, real: AdmStatistics, kid_subset_size: int = 1000, seed: int = 0,
+               device: str = "cpu") -> dict:
+    """`adm_scores` of the samples against the reference, plus KID where both have pool features."""
     kid = dict.fromkeys(("kid_mean", "kid_std", "kid_subset_size"))
     if real.pool is not None:
         kid = kernel_distance(real.pool, samples.pool, kid_subset_size, seed)
-    return {**scores, **kid}
+    return {**adm_scores(samples, real, device=device), **kid}
 
 
 def kernel_distance(real: Tensor, fake: Tensor, subset_size: int = 1000, seed: int = 0) -> dict:
@@ -310,11 +353,19 @@ def sample_checkpoint(ckpt: str | Path, sampling: Sampling | None = None, *, bat
     vae = load_vae(record.vae, device) if record.vae else None
     batches = []
     for start in tqdm(range(0, sampling.num, batch_size), desc="sampling", disable=not progress):
-        count = min(batch_size, sampling.num - start)
-        batch = dataclasses.replace(sampling, num=count, seed=sampling.seed + start,
-                                    labels=None if labels is None else labels[start:start + count])
-        batches.append(generate(model, record, batch, vae=vae, progress=False).cpu())
+        stop = min(start + batch_size, sampling.num)
+        batches.append(sample_batch(model, record, sampling, labels, start, stop, vae).cpu())
     return torch.cat(batches), record
+
+
+def sample_batch(model, record: RunRecord, sampling: Sampling, labels: Tensor | None, start: int, stop: int,
+                 vae=None) -> Tensor:
+    """Samples `start` to `stop` of the complete `sampling` (labels: all `sampling.num` of them, or
+    None), as one batch seeded by `sampling.seed + start`: the same images whichever process makes
+    them and whichever batches come before (sharded sampling relies on this)."""
+    batch = dataclasses.replace(sampling, num=stop - start, seed=sampling.seed + start,
+                                labels=None if labels is None else labels[start:stop])
+    return generate(model, record, batch, vae=vae, progress=False)
 
 
 def reads_its_classes(record: RunRecord, features: str) -> bool:
