@@ -175,3 +175,18 @@ def test_any_accumulator_plugs_into_the_stream():
     result = stream(images.split(3), [features, counter])
     assert counter.sizes == [3, 3, 1] and result["count"] == 7 and result["num_generated"] == 7
     assert result["fid"] == pytest.approx(0.0, abs=1e-4) and result["features"] == "MeanColour"  # itself
+
+
+def test_the_adm_scores_stream_as_the_in_memory_adm_evaluation_computes_them(tiny_ckpt, tmp_path):
+    from ditkit.metrics.features import InceptionFeatures
+    from metrics.standin_inception import StandInInception
+
+    extractor = InceptionFeatures(backbone=StandInInception()).eval()
+    sample_shards(tiny_ckpt, Sampling(num=12), tmp_path / "s", batch_size=4, progress=False)
+    images = torch.from_numpy(shard_images(tmp_path / "s")).permute(0, 3, 1, 2)
+    reference = load_reference("digits", 16, resolution=16, seed=1)
+    scores = score_sample_folder(tmp_path / "s", reference, extractor=extractor, batch_size=5, seed=1, progress=False)
+    expected = evaluate(images, reference, extractor, batch_size=5, seed=1, progress=False)
+    assert {"fid", "sfid", "precision", "recall"} <= {key for key, value in expected.items() if value is not None}
+    for key, value in expected.items():  # moments sum batch by batch: equal up to float64 rounding
+        assert scores.quality[key] == (pytest.approx(value, rel=1e-6) if isinstance(value, float) else value), key
