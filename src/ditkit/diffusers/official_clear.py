@@ -67,18 +67,18 @@ def settings_from_name(path: str | Path) -> dict | None:
 
 def settings_from_metadata(metadata: dict[str, str]) -> dict | None:
     """The settings ditkit's export writes into the metadata (official convention: down_factor 1 = none)."""
-    if "window_size" not in metadata:
-        return None
+    if not metadata.get("window_size", "").isdigit() or not metadata.get("down_factor", "1").isdigit():
+        return None  # not written by ditkit's export
     factor = int(metadata.get("down_factor", 1))
     return {"radius": int(metadata["window_size"]), "down_factor": 0 if factor == 1 else factor}
 
 
-def file_down_factor(shapes: dict[str, tuple[int, ...]]) -> int:
+def file_down_factor(file: Path, shapes: dict[str, tuple[int, ...]]) -> int:
     """The down factor the pooling weights' shape says (0 when the file has none)."""
     factors = {shape[3] if len(shape) == 7 else -1 for key, shape in shapes.items() if key.endswith(SPATIAL)}
     if len(factors) > 1 or -1 in factors:
         shapes_seen = sorted({shapes[key] for key in shapes if key.endswith(SPATIAL)})
-        raise DitkitError(f"the spatial_weight tensors of this file have shapes {shapes_seen}: the official "
+        raise DitkitError(f"the spatial_weight tensors of {file} have shapes {shapes_seen}: the official "
                           "layout has one (1, 1, 1, f, 1, f, 1) shape in every layer; download the file again")
     return factors.pop() if factors else 0
 
@@ -91,14 +91,14 @@ def official_settings(file: Path, metadata: dict[str, str], shapes: dict[str, tu
     sources = {"--clear": {k: v for k, v in (given or {}).items() if k in ("radius", "down_factor")},
                "the file name": settings_from_name(file) or {},
                "the file's metadata": settings_from_metadata(metadata) or {}}
-    sources["the shape of its pooling weights"] = {"down_factor": file_down_factor(shapes)}
+    sources["the shape of its pooling weights"] = {"down_factor": file_down_factor(file, shapes)}
     settings: dict = {}
     said_by: dict[str, str] = {}
     for source, values in sources.items():
         for key, value in values.items():
             if key in settings and float(settings[key]) != float(value):
-                raise DitkitError(f"{file}: {said_by[key]} says {key}={settings[key]}, {source} says {value}: give "
-                                  f"the file its own settings (official name clear_local_W[_down_F].safetensors)")
+                raise DitkitError(f"{file}: {said_by[key]} says {key}={settings[key]}, {source} says {value}: correct "
+                                  "--clear, or name the file after its settings (clear_local_W[_down_F].safetensors)")
             settings.setdefault(key, value)
             said_by.setdefault(key, source)
     if "radius" not in settings:

@@ -4,6 +4,11 @@
     request = Request(height=4096, width=4096, prompt="a cat")
     images = generate(pipe, request, Attention(clear="radius=16,down_factor=4"))  # training-free CLEAR
     images = generate(pipe, request, Attention(student="runs/flux-student"))  # a `ditkit distill` student
+    images = generate(pipe, request, Attention(student="clear_local_8_down_4.safetensors"))  # CLEAR's release
+
+`load_pipeline` also takes a hub repository id (`black-forest-labs/FLUX.1-dev`) found in the local Hugging
+Face cache (`folders.resolve_pipeline`; nothing is downloaded). CLEAR's released weights are read by
+`official_clear`.
 
 The high-resolution chain (`generate_upscaled`) is CLEAR's way to its 8K pictures: the stock
 pipeline (full attention) makes a base at a size it was trained for, the base is upsampled and the
