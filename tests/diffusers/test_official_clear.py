@@ -249,7 +249,7 @@ def test_export_then_load_round_trips_bit_for_bit(tmp_path, capsys):
     assert not (tmp_path / "odd.safetensors").exists() and not wrong.exists()
 
 
-def test_generate_with_an_official_file(tmp_path):
+def test_generate_with_an_official_file(tmp_path, capsys):
     """`ditkit generate --student clear_local_8_down_4.safetensors` over a tiny FLUX pipeline; a renamed
     copy with --clear radius=8 gives the same picture."""
     torch.manual_seed(0)
@@ -274,3 +274,7 @@ def test_generate_with_an_official_file(tmp_path):
     assert np.array_equal(official, again) and text["clear"] == "radius=8,down_factor=4"
     stock, _ = generate(tmp_path / "c.png")
     assert np.abs(official - stock).max() > 1
+    # settings that contradict the name are refused before the pipeline is read (this folder is none)
+    assert main(["generate", "--pipeline", str(tmp_path), "--prompt", "a", "--height", "32", "--width", "32",
+                 "--student", str(named), "--clear", "radius=4"]) == 2
+    assert "--clear says radius=4, the file name says 8" in capsys.readouterr().err
