@@ -15,7 +15,10 @@ from .args import COMMANDS, SharedFlags, check_output_file, parse_size
 def add_parser(sub, shared: SharedFlags) -> None:
     generate = sub.add_parser("generate", help=COMMANDS["generate"],
                               parents=[shared.seed, shared.device, shared.progress])
-    generate.add_argument("--pipeline", required=True, help="diffusers pipeline folder (holds model_index.json)")
+    generate.add_argument("--pipeline", required=True, help="diffusers pipeline folder (holds model_index.json), or "
+                          "a hub repository ORG/NAME in the local Hugging Face cache (HF_HOME; never downloaded)")
+    generate.add_argument("--revision", help="with --pipeline ORG/NAME: the cached branch, tag or commit "
+                          "(default main)")
     generate.add_argument("--prompt", help="the text prompt")
     generate.add_argument("--prompt-embeds", metavar="FILE", help="safetensors of encode_prompt outputs "
                           "(prompt_embeds, pooled_prompt_embeds for FLUX/SD3), for folders without text encoders")
@@ -26,9 +29,11 @@ def add_parser(sub, shared: SharedFlags) -> None:
     generate.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
     generate.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's)")
     generate.add_argument("--clear", metavar="OPTIONS", help="training-free CLEAR local attention: the clear "
-                          "mixer's options, e.g. radius=16,down_factor=4,backend=auto (or clear:radius=16,...)")
+                          "mixer's options, e.g. radius=16,down_factor=4,backend=auto (or clear:radius=16,...); "
+                          "with an official --student file whose name does not say them: its radius and down_factor")
     generate.add_argument("--student", metavar="CKPT", help="a `ditkit distill` student of this pipeline's "
-                          "transformer (brings its own CLEAR settings)")
+                          "transformer (brings its own CLEAR settings), or CLEAR's official FLUX.1-dev weights "
+                          "(clear_local_8_down_4.safetensors: radius and down factor read from the name)")
     generate.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weights' dtype")
     generate.add_argument("--cpu-offload", action="store_true", help="keep each component on the CPU until it "
                           "runs (diffusers' enable_model_cpu_offload)")
@@ -81,7 +86,7 @@ def generate_images(args, request: lib.Request, chain: lib.UpscaleChain | None, 
     """The images of the command line, and their PNG settings."""
     attention = lib.Attention(args.clear, args.student)  # a bad --clear is refused before any weight loads
     pipe = lib.load_pipeline(args.pipeline, args.dtype, device, args.cpu_offload, args.vae_tiling,
-                             progress=progress and not args.no_progress)
+                             progress=progress and not args.no_progress, revision=args.revision)
     if args.prompt_embeds:
         request = replace(request, embeddings=lib.read_prompt_embeddings(args.prompt_embeds, pipe))
     if chain is not None:

@@ -6,6 +6,7 @@ by its .index.json)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from ..distributed.sharded_load import WeightFiles, single_weight_file, stored_tensors
@@ -53,6 +54,56 @@ def diffusers_config_file(path: str | Path) -> Path | None:
         if model_class_name(candidate) is not None:
             return candidate
     return None
+
+
+def hub_cache() -> Path:
+    """The Hugging Face cache folder (HF_HUB_CACHE, else HF_HOME/hub, else huggingface_hub's default),
+    read when called: huggingface_hub reads the environment once, when it is imported."""
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path(constants.HF_HUB_CACHE)
+
+
+def is_repo_id(name: str) -> bool:
+    """`ORG/NAME` as the Hugging Face hub spells a repository (not a path that exists here)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if "/" not in name or Path(name).exists():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def resolve_pipeline(name: str | Path, revision: str | None = None) -> Path:
+    """The folder of a pipeline: `name` itself when it is a folder, or the snapshot of the hub
+    repository `ORG/NAME` (at `revision`: a branch, tag or commit; default main) in the local Hugging Face
+    cache. Never downloads: a repository missing from the cache is refused in one line naming the
+    cache folder and the command that fetches it."""
+    text = str(name)
+    if not is_repo_id(text):
+        if revision is not None:
+            raise DitkitError(f"--revision picks a snapshot of a hub repository (ORG/NAME) in the Hugging Face "
+                              f"cache; {text} is a folder: drop --revision or name the repository")
+        return Path(name)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cache = hub_cache()
+    try:
+        return Path(snapshot_download(text, revision=revision, cache_dir=cache, local_files_only=True))
+    except LocalEntryNotFoundError as error:
+        fetch = f"hf download {text}" + (f" --revision {revision}" if revision else "")
+        at = f" at revision {revision}" if revision else ""
+        raise DitkitError(f"{text}{at} is neither a folder here nor in the Hugging Face cache ({cache}): fetch it "
+                          f"with `{fetch}` (set HF_HOME to use another cache), or give the pipeline folder") from error
 
 
 def pipeline_index(folder: str | Path) -> dict:

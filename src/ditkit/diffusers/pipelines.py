@@ -4,6 +4,11 @@
     request = Request(height=4096, width=4096, prompt="a cat")
     images = generate(pipe, request, Attention(clear="radius=16,down_factor=4"))  # training-free CLEAR
     images = generate(pipe, request, Attention(student="runs/flux-student"))  # a `ditkit distill` student
+    images = generate(pipe, request, Attention(student="clear_local_8_down_4.safetensors"))  # CLEAR's release
+
+`load_pipeline` also takes a hub repository id (`black-forest-labs/FLUX.1-dev`) found in the local Hugging
+Face cache (`folders.resolve_pipeline`; nothing is downloaded). CLEAR's released weights are read by
+`official_clear`.
 
 The high-resolution chain (`generate_upscaled`) is CLEAR's way to its 8K pictures: the stock
 pipeline (full attention) makes a base at a size it was trained for, the base is upsampled and the
@@ -42,10 +47,12 @@ from ..checkpoint import META_KEY, first_non_finite, read_header, read_weights
 from ..errors import DitkitError
 from ..files import atomic_path
 from ..mixers import MixerSpec
+from ..mixers.clear import check_clear_options
 from ..record import DiffusersModel, RunRecord
 from .adapters import DiffusersAdapter, adapter_for, pipeline_adapter, supported_pipelines
 from .clear import CLEAR_KEYS, apply_clear, clear_is_on, clear_spec
-from .folders import pipeline_index
+from .folders import pipeline_index, resolve_pipeline
+from .official_clear import check_official, is_official_layout, official_settings, read_official
 from .patch_parallel import patch_parallel
 from .prompts import load_prompt_embeds
 
@@ -74,17 +81,18 @@ def absent_components(folder: Path, index: dict) -> dict[str, None]:
 
 
 def load_pipeline(folder: str | Path, dtype: str = "fp32", device: str | None = None, cpu_offload: bool = False,
-                  vae_tiling: bool = False, progress: bool = True):
-    """A FLUX / SD3 / PixArt pipeline from a local folder. `cpu_offload` keeps each component on the CPU
-    until it runs (diffusers' `enable_model_cpu_offload`); `vae_tiling` decodes large images in tiles;
-    `progress` False hides diffusers' loading bars too."""
+                  vae_tiling: bool = False, progress: bool = True, revision: str | None = None):
+    """A FLUX / SD3 / PixArt pipeline from a local folder, or from the local Hugging Face cache when
+    `folder` is a hub repository `ORG/NAME` (at `revision`; `folders.resolve_pipeline`, never a download).
+    `cpu_offload` keeps each component on the CPU until it runs (diffusers' `enable_model_cpu_offload`);
+    `vae_tiling` decodes large images in tiles; `progress` False hides diffusers' loading bars too."""
     import diffusers
 
     if importlib.util.find_spec("transformers") is None:
         raise DitkitError("diffusers' FLUX / SD3 / PixArt pipelines need transformers: pip install 'ditkit[pipelines]'")
     if dtype not in DTYPES:
         raise DitkitError(f"unknown dtype {dtype!r}: use {', '.join(DTYPES)}")
-    folder = Path(folder)
+    folder = resolve_pipeline(folder, revision)
     name, index = pipeline_class(folder)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if cpu_offload and torch.device(device).type == "cpu":
@@ -155,7 +163,7 @@ def read_student_header(ckpt: str | Path):
     file, metadata, shapes = read_header(ckpt)
     if META_KEY not in metadata:
         raise DitkitError(f"{file} is not a ditkit checkpoint (no model config in its metadata): give a "
-                          "student from ditkit distill")
+                          "student from ditkit distill, or one of CLEAR's official files (clear_local_*.safetensors)")
     record = RunRecord.from_json(metadata[META_KEY], source=str(file))
     if not isinstance(record.model, DiffusersModel):
         raise DitkitError(f"{ckpt} is a ditkit model, not a diffusers student: sample it with ditkit sample")
@@ -164,8 +172,33 @@ def read_student_header(ckpt: str | Path):
     return record, shapes
 
 
-def check_student(transformer: nn.Module, ckpt: str | Path) -> dict:
-    """A student's distill settings, once its transformer class and tensor shapes fit `transformer`."""
+def official_header(ckpt: str | Path):
+    """(file, metadata, shapes) when `ckpt` holds CLEAR's official weights (`official_clear`), else None."""
+    file, metadata, shapes = read_header(ckpt)
+    return (file, metadata, shapes) if META_KEY not in metadata and is_official_layout(shapes) else None
+
+
+def official_student_settings(ckpt: str | Path, clear: dict | None = None) -> dict | None:
+    """Radius and down factor of an official file (its name, its metadata, `clear`: the --clear options),
+    checked; None when `ckpt` is a ditkit student. Reads the header only."""
+    header = official_header(ckpt)
+    if header is None:
+        return None
+    settings = official_settings(*header, clear)
+    check_clear_options(settings["radius"], settings["down_factor"], (clear or {}).get("backend", "auto"))
+    return settings
+
+
+def check_student(transformer: nn.Module, ckpt: str | Path, clear: dict | None = None) -> dict:
+    """A student's CLEAR settings, once it fits `transformer`: a `ditkit distill` student's distill
+    settings (its transformer class and tensor shapes checked), or the radius and down factor of
+    CLEAR's official weights (`clear`, the --clear options, gives them when the file name does not; every
+    key checked against the transformer)."""
+    settings = official_student_settings(ckpt, clear)
+    if settings is not None:
+        file, _, shapes = official_header(ckpt)
+        check_official(transformer, file, shapes, settings["down_factor"])
+        return settings
     record, shapes = read_student_header(ckpt)
     name = type(transformer).__name__
     if record.model.diffusers != name:
@@ -180,28 +213,39 @@ def check_student(transformer: nn.Module, ckpt: str | Path) -> dict:
     return record.distill
 
 
-def load_student(transformer: nn.Module, ckpt: str | Path, backend: str = "auto") -> dict:
-    """Put a `ditkit distill` student into a pipeline's transformer: CLEAR with the student's radius and
-    down_factor, then its trained weights (image-stream projections, pooling weights). Returns its
-    distill settings."""
-    distill = check_student(transformer, ckpt)
+def student_tensors(ckpt: str | Path) -> dict[str, Tensor]:
+    """A student's weights under the transformer's names (official files' pooling weights renamed)."""
+    header = official_header(ckpt)
+    if header is not None:
+        return read_official(header[0])
     tensors, _ = read_weights(read_header(ckpt)[0])
     bad = first_non_finite(tensors)
     if bad is not None:  # it would draw black images, not fail
         raise DitkitError(f"student {ckpt} holds inf or NaN weights ({bad}): use another checkpoint of the run")
-    apply_clear(transformer, distill["radius"], distill.get("down_factor", 0), backend)
-    state = {key.removeprefix("transformer."): value for key, value in tensors.items()}
+    return {key.removeprefix("transformer."): value for key, value in tensors.items()}
+
+
+def load_student(transformer: nn.Module, ckpt: str | Path, backend: str = "auto", clear: dict | None = None) -> dict:
+    """Put a student into a pipeline's transformer: CLEAR with the student's radius and down_factor, then
+    its trained weights (image-stream projections, pooling weights). A `ditkit distill` student brings its
+    settings; CLEAR's official files (`clear_local_8_down_4.safetensors`) take them from their name or
+    from `clear` ({"radius": 8, "down_factor": 4}). Returns the settings."""
+    settings = check_student(transformer, ckpt, clear)
+    state = student_tensors(ckpt)
+    apply_clear(transformer, settings["radius"], settings.get("down_factor", 0), backend)
     unexpected = transformer.load_state_dict(state, strict=False).unexpected_keys  # the rest stays the teacher's
     if unexpected:
         raise DitkitError(f"{ckpt} has weights this transformer lacks ({unexpected[0]}): use its teacher's pipeline")
-    return distill
+    return settings
 
 
 @dataclass(frozen=True)
 class Attention:
     """How the transformer attends: stock (nothing set), training-free CLEAR (`clear`: the `clear`
     mixer's spec, its text `radius=16,down_factor=4` or a dict: `clear_spec`, parsed and validated when
-    made) or a distilled `student` (its own radius and down_factor; `clear` may name the backend only)."""
+    made) or a `student`: a `ditkit distill` student (its own radius and down_factor; `clear` may name
+    the backend only) or CLEAR's official weights (their name says radius and down factor, or `clear`
+    does; when both do they must agree)."""
 
     clear: MixerSpec | str | dict | None = None
     student: str | Path | None = None
@@ -209,30 +253,37 @@ class Attention:
     def __post_init__(self):
         if self.clear is not None:
             object.__setattr__(self, "clear", clear_spec(self.clear))
+        if self.student is not None and Path(self.student).is_file():
+            official_student_settings(self.student, self.options())  # an official file's settings, checked now
+
+    def options(self) -> dict:
+        return dict(self.clear.options) if self.clear is not None else {}
 
     def check(self, transformer: nn.Module) -> None:
         """Refuse bad options or a student that does not fit, before anything runs."""
-        clear = self.clear.options if self.clear is not None else {}
+        clear = self.options()
         if self.student is not None:
-            if set(clear) - {"backend"}:
+            if set(clear) - {"backend"} and official_student_settings(self.student, clear) is None:
                 raise DitkitError("a student brings its own radius and down_factor: give --clear backend=... only")
-            check_student(transformer, self.student)
+            check_student(transformer, self.student, clear)
         elif self.clear is not None and "radius" not in clear:
             raise DitkitError("CLEAR needs a radius: e.g. --clear radius=16,down_factor=4")
 
     def apply(self, transformer: nn.Module) -> None:
         self.check(transformer)
         if self.student is not None:
-            load_student(transformer, self.student, self.clear.option("backend") if self.clear else "auto")
+            load_student(transformer, self.student, self.options().get("backend", "auto"), self.options())
         elif self.clear is not None:
             apply_clear(transformer, self.clear)
 
     def settings(self) -> dict[str, str]:
-        """The image metadata of these settings (a student's radius and down_factor from its record)."""
-        clear = self.clear.options if self.clear is not None else {}
+        """The image metadata of these settings (a student's radius and down_factor from its record, or
+        an official file's from its name or --clear)."""
+        clear = self.options()
         if self.student is None:
             return {"clear": clear_text(clear)} if clear else {}
-        distill = read_student_header(self.student)[0].distill
+        official = official_student_settings(self.student, clear)
+        distill = official if official is not None else read_student_header(self.student)[0].distill
         return {"student": str(self.student), "clear": clear_text({**distill, **clear})}
 
 
