@@ -126,6 +126,8 @@ def test_a_changed_config_in_the_same_folder_is_refused(resumed, config_file, di
     ("eval.at=[0]", "arm dit trains from scratch: eval.at must list a fraction above 0"),
     ("eval.chain_strength=1.5", r"eval.chain_strength must be a noise level in \(0, 1\], got 1.5"),
     ("eval.positions=warp", "eval.positions must be one of none, ntk, interpolate"),
+    (f"seeds=[{2**64}]", rf"seeds must list seeds \(whole numbers in \[0, {2**64}\)\), got {2**64}"),
+    ("eval.seed=-1", r"eval.seed must be in \[0, "),
 ])
 def test_a_bad_config_fails_in_one_line_before_any_work(config_file, tmp_path, capsys, override, message):
     out = tmp_path / "run"

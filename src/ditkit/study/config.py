@@ -23,10 +23,11 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from ..config import config_from_dict
+from ..config import SEED, config_from_dict, ranged
 from ..errors import DitkitError
 from ..record import POSITION_SCALINGS
 
+SEEDS_RULE = f"seeds (whole numbers {SEED})"  # what torch.manual_seed takes
 ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # arm names become folder names
 # DistillConfig keys the study sets itself (the teacher, the folder, the budget, the seeds).
 STUDY_SET_DISTILL_KEYS = {"teacher": "the arm's teacher", "out_dir": "the study's --out", "steps": "the arm's budget",
@@ -80,7 +81,7 @@ class EvalSection:
     sample_steps: int | None = None  # default: each arm's diffusion.sample_steps
     batch_size: int = 64
     bench_repeats: int = 3  # timed forwards per point (sampling step time), after a warm-up
-    seed: int = 0  # sampling seed
+    seed: int = ranged(0, SEED)  # sampling seed
     # scales above 1 through CLEAR's upscale chain: a 1x base, upsampled, noised to this strength and
     # denoised at the full size by the same model (default: sampled directly at the full size)
     chain_strength: float | None = None
@@ -135,7 +136,7 @@ class ArmConfig:
             raise DitkitError(f"arms.{name}.distill.{key} is set by the study ({STUDY_SET_DISTILL_KEYS[key]}): "
                               "remove it")
         if self.seeds is not None:
-            check_numbers(self.seeds, f"arms.{name}.seeds", int, lambda s: s >= 0, "seeds (whole numbers >= 0)")
+            check_numbers(self.seeds, f"arms.{name}.seeds", int, SEED.accepts, SEEDS_RULE)
         if any(not isinstance(item, str) for item in self.overrides):
             raise DitkitError(f"config key arms.{name}.overrides must list key=value strings, got {self.overrides}")
 
@@ -158,7 +159,7 @@ class StudyConfig:
     arms: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        check_numbers(self.seeds, "seeds", int, lambda s: s >= 0, "seeds (whole numbers >= 0)")
+        check_numbers(self.seeds, "seeds", int, SEED.accepts, SEEDS_RULE)
         self.budget.check("budget")
         arms = {name: values for name, values in self.arms.items() if values is not None}  # null: left out
         if not arms:
