@@ -285,3 +285,26 @@ def test_an_official_timestep_dit_exports_on_request_with_the_difference_reporte
     shifted.load_state_dict(model.state_dict())
     theirs, ours = forward_both(pipe.transformer, shifted, 8)
     assert (ours - theirs).abs().max() < 1e-5
+
+
+def official_respacing(num_train: int, steps: int) -> list[int]:
+    """DiT's space_timesteps(num_train, [steps]) for one section, from its definition: indices
+    round(k * (num_train - 1) / (steps - 1)) for k < steps (one step: 0)."""
+    stride = (num_train - 1) / (steps - 1) if steps > 1 else 1
+    return sorted({round(k * stride) for k in range(steps)}, reverse=True)
+
+
+@pytest.mark.parametrize("spacing,expected", [("official", "linspace"), ("leading", "leading"),
+                                              ("trailing", "trailing")])
+def test_an_export_keeps_the_run_s_timesteps(tmp_path, pipeline_folder, spacing, expected):
+    model = tiny_backbone("dit", randomize=0.05, in_channels=4, vae_scale=2, timestep_freq_shift=1)
+    record = RunRecord(model=model.config, diffusion=DiffusionSettings(objective="ddpm", timestep_spacing=spacing),
+                       data=DataSettings(resolution=16, vae=str(pipeline_folder / "vae"), class_names=list("abcde")))
+    ckpt = save_weights(tmp_path / "spaced", model.state_dict(), record)
+    export_diffusers(ckpt, tmp_path / "out")
+    scheduler = DiTPipeline.from_pretrained(tmp_path / "out").scheduler
+    assert scheduler.config.timestep_spacing == expected
+    if spacing == "official":  # the official respacing's timesteps, at any step count
+        for steps in (7, 25, 250):
+            scheduler.set_timesteps(steps)
+            assert scheduler.timesteps.tolist() == official_respacing(1000, steps)

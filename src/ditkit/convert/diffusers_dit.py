@@ -63,7 +63,7 @@ from ..errors import DitkitError
 from ..files import check_writable, refuse_non_empty_folder, staged_folder
 from ..models.dit import DiTConfig
 from ..models.layers import sincos_pos_embed_2d
-from ..record import DataSettings, DiffusionSettings, RunRecord
+from ..record import OFFICIAL_SPACING, DataSettings, DiffusionSettings, RunRecord
 from .pretrained import Converted, ConvertOptions, register_converter
 
 FORMAT = "diffusers-dit"
@@ -382,9 +382,17 @@ def _write_scheduler(record: RunRecord, folder: Path) -> str:
     if record.diffusion.scheduler is not None:
         _write_json(folder / "scheduler_config.json", record.diffusion.scheduler)
         return record.diffusion.scheduler["_class_name"]
-    scheduler = make_scheduler(build_objective(record.diffusion), "ddim")
+    scheduler = make_scheduler(build_objective(record.diffusion), "ddim", diffusers_spacing(record.diffusion))
     scheduler.save_config(folder)
     return type(scheduler).__name__
+
+
+def diffusers_spacing(diffusion: DiffusionSettings) -> str | None:
+    """The run's timestep spacing as a diffusers scheduler takes it. The official respacing (DiT's
+    `space_timesteps(T, [n])`: round(k (T - 1) / (n - 1)) for k < n) gives the timesteps diffusers calls
+    "linspace" (round(linspace(0, T - 1, n))) at every step count; its sampler (the learned variance)
+    is not DiTPipeline's, which steps on epsilon only."""
+    return "linspace" if diffusion.timestep_spacing == OFFICIAL_SPACING else diffusion.timestep_spacing
 
 
 def _write_json(file: Path, values: dict) -> None:
