@@ -21,6 +21,14 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".
 UNREADABLE = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
+class Unreadable(Exception):
+    """An item whose file cannot be decoded: `name` says which, `reason` what the decoder said."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"{name}: {reason}")
+        self.name, self.reason = name, reason
+
+
 def _readable(path: Path) -> bool:
     try:
         with Image.open(path) as image:
@@ -92,13 +100,21 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def read(self, index: int) -> tuple[Tensor, int]:
+        """Item `index` exactly, or `Unreadable` naming its file (for callers that record skips)."""
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as image:
+                image = to_rgb(image)
+            return pil_to_tensor(center_crop(image, self.resolution)), label
+        except UNREADABLE as error:  # truncated data that passed the header check
+            raise Unreadable(str(path), str(error)) from error
+
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        """Item `index`, or the next readable one after it (training draws need an item every time)."""
         for offset in range(len(self.samples)):
-            path, label = self.samples[(index + offset) % len(self.samples)]
             try:
-                with Image.open(path) as image:
-                    image = to_rgb(image)
-                return pil_to_tensor(center_crop(image, self.resolution)), label
-            except UNREADABLE as error:  # truncated data that passed the header check
-                warnings.warn(f"skipping unreadable image {path}: {error}", stacklevel=2)
+                return self.read((index + offset) % len(self.samples))
+            except Unreadable as error:
+                warnings.warn(f"skipping unreadable image {error.name}: {error.reason}", stacklevel=2)
         raise DitkitError(f"no image in {self.root} could be read")
