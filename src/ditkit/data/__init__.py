@@ -14,8 +14,10 @@ from .latents import LatentDataset, cached_latents, load_vae
 BUILTIN = ("digits", "photos")
 
 
-def build_dataset(source: str, resolution: int, photos_length: int = 2000, seed: int = 0) -> Dataset:
-    """`source` is a built-in name (digits, photos) or a path to an image folder."""
+def build_dataset(source: str, resolution: int, photos_length: int = 2000, seed: int = 0,
+                  cache_dir: str | Path | None = None) -> Dataset:
+    """`source` is a built-in name (digits, photos) or a path to an image folder (its file list is
+    cached in `cache_dir`, default `default_cache_dir()`)."""
     if source == "digits":
         return DigitsDataset(resolution)
     if source == "photos":
@@ -23,7 +25,7 @@ def build_dataset(source: str, resolution: int, photos_length: int = 2000, seed:
     if not Path(source).exists():
         raise DitkitError(f"data {source!r} is neither a built-in dataset ({', '.join(BUILTIN)}) "
                           "nor an existing folder")
-    return ImageFolderDataset(source, resolution)
+    return ImageFolderDataset(source, resolution, cache_dir=cache_dir)
 
 
 __all__ = ["BUILTIN", "DigitsDataset", "PhotosDataset", "ImageFolderDataset", "LatentDataset",
