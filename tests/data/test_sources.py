@@ -123,7 +123,8 @@ def test_a_shard_index_is_built_once_and_rebuilt_when_the_shard_changes(folder, 
     first = WebDatasetShards(tmp_path / "s-000.tar", 8, cache_dir=tmp_path / "cache")
     with monkeypatch.context() as patch:
         patch.setattr(wds, "index_shard", lambda *a: pytest.fail("indexed the shard again"))
-        assert WebDatasetShards(tmp_path / "s-000.tar", 8, cache_dir=tmp_path / "cache").keys == first.keys
+        again = WebDatasetShards(tmp_path / "s-000.tar", 8, cache_dir=tmp_path / "cache")
+    assert again.keys.tolist() == first.keys.tolist()
     write_shards(rows[:3], str(tmp_path / "s-%03d.tar"), maxcount=100)
     assert len(WebDatasetShards(tmp_path / "s-000.tar", 8, cache_dir=tmp_path / "cache")) == 3
 

@@ -112,13 +112,15 @@ class ImageFolderDataset(ImageSource):
             raise DitkitError(f"data folder {self.root} does not exist or is not a folder")
         listing = cached_listing(self.root.resolve(), cache_dir)
         self.class_names = listing["classes"]
-        self.files = listing["files"]
-        if not self.files:
+        # one numpy array of encoded names, not a list of strings: DataLoader workers forked from this
+        # process share its pages (a list's reference counts would copy them into every worker)
+        self.names = np.array([name.encode("utf-8", "surrogateescape") for name in listing["files"]], dtype=bytes)
+        if not len(self.names):
             raise DitkitError(f"data folder {self.root} has no image files: put {', '.join(IMAGE_EXTENSIONS)} "
                               "images in it (or in one subfolder per class)")
         labels = {name: label for label, name in enumerate(self.class_names)}
-        self.labels = np.array([labels[name.split("/", 1)[0]] for name in self.files] if labels else
-                               np.zeros(len(self.files)), dtype=np.int64)
+        self.labels = np.array([labels[name.split("/", 1)[0]] for name in listing["files"]] if labels else
+                               np.zeros(len(self.names)), dtype=np.int64)
         self._key = f"folder-{listing['digest']}-{resolution}"
         if self.class_names:
             self._check_classes(listing["stray"])
@@ -137,6 +139,15 @@ class ImageFolderDataset(ImageSource):
                           f"{stray[0]}) belong to no class and are left out: move them into a class folder",
                           stacklevel=3)
 
+    def name(self, index: int) -> str:
+        """Item `index`'s file, relative to the root."""
+        return self.names[index].decode("utf-8", "surrogateescape")
+
+    @property
+    def files(self) -> list[str]:
+        """Every item's file, relative to the root (built on demand)."""
+        return [self.name(i) for i in range(len(self))]
+
     @property
     def samples(self) -> list[tuple[Path, int]]:
         """(file, label) of every item (built on demand: the dataset itself keeps relative names)."""
@@ -149,8 +160,8 @@ class ImageFolderDataset(ImageSource):
         return self._key
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.names)
 
     def load(self, index: int) -> tuple[Tensor, int]:
-        path = self.root / self.files[index]
+        path = self.root / self.name(index)
         return decode(path, self.resolution, str(path)), int(self.labels[index])

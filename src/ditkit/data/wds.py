@@ -129,6 +129,7 @@ class WebDatasetShards(ImageSource):
                               f"{unlabelled}): write a label with each image")
         self.shard_of, self.offsets, self.sizes = (np.array(a, dtype=np.int64) for a in (shard_of, offsets, sizes))
         self.labels = np.array(labels, dtype=np.int64)
+        self.keys = np.array([key.encode() for key in self.keys], dtype=bytes)  # shared, not copied, by workers
         self.class_names = class_names_from_labels(self.labels, None, labels_file, self.source)
         self._key = f"wds-{digest(stats, label_key, self.class_names)}-{resolution}"
         self._open = {}
@@ -151,4 +152,5 @@ class WebDatasetShards(ImageSource):
         handle = self._open[shard]
         handle.seek(int(self.offsets[index]))
         data = handle.read(int(self.sizes[index]))
-        return decode(data, self.resolution, f"{self.shards[shard]}: {self.keys[index]}"), int(self.labels[index])
+        name = f"{self.shards[shard]}: {self.keys[index].decode()}"
+        return decode(data, self.resolution, name), int(self.labels[index])
