@@ -3,6 +3,7 @@ from an image folder give the folder's items, exactly; bad input is one line bef
 
 import io
 import pickle
+import socket
 import tarfile
 
 import numpy as np
@@ -70,7 +71,13 @@ def assert_same_items(dataset, reference):
         assert label == expected_label and torch.equal(image, expected), f"item {i} differs"
 
 
-def test_a_datasets_folder_gives_the_items_of_the_image_folder(folder, tmp_path):
+@pytest.fixture
+def offline(monkeypatch):
+    """Any attempt to reach the network fails the test."""
+    monkeypatch.setattr(socket.socket, "connect", lambda *a: pytest.fail("tried to reach the network"))
+
+
+def test_a_datasets_folder_gives_the_items_of_the_image_folder(folder, tmp_path, offline):
     hf_dataset(items(folder)).save_to_disk(str(tmp_path / "disk"))
     dataset = build_dataset(str(tmp_path / "disk"), 8)
     assert isinstance(dataset, DatasetsFolder) and dataset.class_names == CLASSES
@@ -80,7 +87,7 @@ def test_a_datasets_folder_gives_the_items_of_the_image_folder(folder, tmp_path)
     assert torch.equal(copy.read(4)[0], dataset.read(4)[0])
 
 
-def test_parquet_files_give_the_items_of_the_image_folder(folder, tmp_path):
+def test_parquet_files_give_the_items_of_the_image_folder(folder, tmp_path, offline):
     rows = items(folder)
     data = hf_dataset(rows)
     data.to_parquet(str(tmp_path / "one.parquet"), batch_size=2)  # row groups of 2: reads cross them
@@ -149,6 +156,10 @@ def test_without_class_label_names_come_from_a_labels_file_or_the_largest_label(
     (tmp_path / "names.txt").write_text("a\nb\nc\n")
     assert build_dataset(str(tmp_path / "plain.parquet"), 8, labels_file=tmp_path / "names.txt").class_names == \
         ["a", "b", "c"]
+    hf_dataset(rows).to_parquet(str(tmp_path / "named.parquet"))
+    with pytest.warns(UserWarning, match="names.txt is not used: .* names its classes itself"):
+        assert build_dataset(str(tmp_path / "named.parquet"), 8, labels_file=tmp_path / "names.txt").class_names == \
+            CLASSES
     (tmp_path / "short.txt").write_text("a\nb\n")
     with pytest.raises(DitkitError, match="label 2 but only 2 class names"):
         build_dataset(str(tmp_path / "plain.parquet"), 8, labels_file=tmp_path / "short.txt")

@@ -98,6 +98,9 @@ def class_names_from_labels(labels, names: list[str] | None, labels_file: str | 
     if labels.size and labels.min() < 0:
         raise DitkitError(f"{source} has negative labels (e.g. {int(labels.min())}; a split without labels, "
                           "such as ImageNet's test split, uses -1): train on a labelled split")
+    if names is not None and labels_file is not None:
+        warnings.warn(f"data.labels_file {labels_file} is not used: {source} names its classes itself "
+                      f"({', '.join(names[:3])}, ...)", stacklevel=3)
     if names is None and labels_file is not None:
         path = Path(labels_file)
         if not path.is_file():
