@@ -7,6 +7,7 @@ from PIL import Image
 
 from ditkit import DitkitError
 from ditkit.data import DigitsDataset, ImageFolderDataset, PhotosDataset, build_dataset, cached_latents
+from ditkit.data.folder import Unreadable
 from ditkit.data.images import center_crop, image_grid
 
 
@@ -51,9 +52,13 @@ def test_folder_with_class_subfolders(tmp_path):
 def test_flat_folder_is_unconditional_and_corrupt_files_are_skipped(tmp_path):
     save_image(tmp_path / "good.png", (0, 255, 0))
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    data = ImageFolderDataset(tmp_path, 8)  # listed, not opened: found where it is read
+    assert len(data) == 2 and data.num_classes == 0
+    with pytest.raises(Unreadable, match="broken.png"):
+        data.read(0)
     with pytest.warns(UserWarning, match="broken.png"):
-        data = ImageFolderDataset(tmp_path, 8)
-    assert len(data) == 1 and data.num_classes == 0 and data[0][1] == 0
+        assert data[0][1] == 0  # good.png stands in for it
+    assert torch.equal(data[0][0], data.read(1)[0])
 
 
 def test_truncated_image_found_at_load_time_is_skipped_with_a_warning(tmp_path):
@@ -73,10 +78,11 @@ def test_empty_and_missing_folders_are_clear_errors(tmp_path):
     with pytest.raises(DitkitError, match="neither a built-in dataset"):
         build_dataset(str(tmp_path / "nope"), 8)
     (tmp_path / "x.png").write_bytes(b"junk")
+    data = ImageFolderDataset(tmp_path, 8)  # not opened at construction: found where it is read
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(DitkitError, match="1 image files, none readable"):
-            ImageFolderDataset(tmp_path, 8)
+        with pytest.raises(DitkitError, match="no image in .* could be read"):
+            data[0]
 
 
 def test_center_crop_and_grid():

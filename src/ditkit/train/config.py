@@ -63,11 +63,15 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    source: str = "digits"  # digits, photos, or a path to an image folder
+    # digits, photos, or a path: an image folder, a datasets folder, parquet files, WebDataset shards
+    source: str = "digits"
     resolution: int = ranged(32, AT_LEAST_1)  # pixels
     hflip: bool = False  # random horizontal flips (not for digits!)
     vae: str | None = None  # local diffusers AutoencoderKL folder: train in its latent space
-    cache_dir: str | None = None  # latent cache; default ~/.cache/ditkit
+    cache_dir: str | None = None  # latent cache, folder listings, shard indexes; default ~/.cache/ditkit
+    image_column: str = "image"  # a datasets / parquet source's image column
+    label_column: str = "label"  # its label column (the key of a WebDataset .json label)
+    labels_file: str | None = None  # class names, line i naming label i, for a source without its own
     photos_length: int = ranged(2000, AT_LEAST_1)  # crops per epoch of the `photos` dataset
     num_workers: int = ranged(0, AT_LEAST_0)
 

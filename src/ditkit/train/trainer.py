@@ -208,7 +208,9 @@ class Trainer:
 
     def _prepare_data(self):
         d = self.cfg.data
-        dataset = build_dataset(d.source, d.resolution, photos_length=d.photos_length, seed=self.cfg.train.seed)
+        dataset = build_dataset(d.source, d.resolution, photos_length=d.photos_length, seed=self.cfg.train.seed,
+                                cache_dir=d.cache_dir, image_column=d.image_column, label_column=d.label_column,
+                                labels_file=d.labels_file)
         refuse_contradictions(self.cfg.model.args, self._derived_fields(dataset))
         if d.vae is None:
             return dataset, None, 1
