@@ -22,8 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint import load_checkpoint
-from ..data import build_dataset
-from ..data.folder import IMAGE_EXTENSIONS, ImageFolderDataset
+from ..data import BUILTIN, build_dataset, source_kind
+from ..data.folder import IMAGE_EXTENSIONS, ImageFolderDataset, Unreadable
 from ..data.latents import load_vae
 from ..diffusion.pipeline import check_labels, cycled_labels, generate
 from ..errors import DitkitError
@@ -240,15 +240,41 @@ def load_reference(source: str, num: int, resolution: int | None = None, seed: i
     """`num` images (at most all there are) of a built-in dataset (digits, photos) or an image folder,
     in [-1, 1], as a random subset fixed by `seed`."""
     dataset, order = reference_subset(source, num, resolution, seed)
-    return torch.stack([dataset[int(i)][0] for i in order])
+    return readable_images(dataset, order)
+
+
+def readable_images(dataset, indices) -> Tensor:
+    """The images of `dataset` at `indices`; an unreadable one is left out with a warning naming it
+    (not replaced by its neighbour, which would count one image twice in the statistics)."""
+    images = []
+    for index in indices:
+        try:
+            images.append(dataset.read(int(index))[0] if hasattr(dataset, "read") else dataset[int(index)][0])
+        except Unreadable as error:
+            warnings.warn(f"skipping unreadable image {error.name}: {error.reason}", stacklevel=2)
+    if not images:
+        raise DitkitError("none of the images asked for could be read")
+    return torch.stack(images)
 
 
 def reference_subset(source: str, num: int, resolution: int | None = None, seed: int = 0):
     """(dataset, the indices of `load_reference`'s random subset) of a built-in dataset or folder."""
     if resolution is None:
-        resolution = first_image_size(source) if Path(source).is_dir() else 32
+        resolution = reference_resolution(source)
     dataset = build_dataset(source, resolution, photos_length=max(num, 1), seed=seed)
     return dataset, torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num]
+
+
+def reference_resolution(source: str) -> int:
+    """The crop a reference is read at when none is given: an image folder's first image's short side,
+    the built-ins' 32; other sources (datasets, parquet, tar shards) hold images of many sizes, so the
+    resolution must be said."""
+    if source in BUILTIN:
+        return 32
+    if source_kind(source) == "folder":
+        return first_image_size(source)
+    raise DitkitError(f"reference {source} is a {source_kind(source)} source, whose images have no one size: give "
+                      "--resolution (the samples' size, e.g. 256)")
 
 
 def open_reference(source: str, num: int, resolution: int | None = None, seed: int = 0) -> Tensor | ReferenceBatch:
@@ -298,7 +324,7 @@ def write_reference(out: str | Path, source: str, extractor: nn.Module, num: int
 
     def batches():
         for chunk in tqdm(order.split(batch_size), desc="reference batch", disable=not progress):
-            images = to_uint8_nhwc(torch.stack([dataset[int(i)][0] for i in chunk]))
+            images = to_uint8_nhwc(readable_images(dataset, chunk))
             pool, spatial, _ = extractor.adm_outputs(torch.from_numpy(images).permute(0, 3, 1, 2).to(device))
             accumulator.update(pool, spatial)
             yield images
@@ -333,10 +359,10 @@ def first_image_size(folder: str | Path) -> int:
 
 def load_samples(folder: str | Path, num: int | None = None, resolution: int | None = None) -> Tensor:
     """Already generated images from a folder (sorted by name), center-cropped to `resolution`
-    (default: the first image's short side)."""
+    (default: the first image's short side). An unreadable file is left out with a warning naming
+    it (never replaced by another sample: a duplicate would bias the statistics)."""
     dataset = ImageFolderDataset(folder, resolution or first_image_size(folder))
-    count = len(dataset) if num is None else min(num, len(dataset))
-    return torch.stack([dataset[i][0] for i in range(count)])
+    return readable_images(dataset, range(len(dataset) if num is None else min(num, len(dataset))))
 
 
 def sample_checkpoint(ckpt: str | Path, sampling: Sampling | None = None, *, batch_size: int = 64, ema: bool = True,
