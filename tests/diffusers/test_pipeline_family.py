@@ -238,3 +238,21 @@ def test_sd3_controlnet_is_served_by_the_transformers_adapter():
     assert find_adapter(controlnet) is None  # not a transformer of its own...
     layers = apply_clear(controlnet, 2, adapter=find_adapter("SD3Transformer2DModel"))
     assert layers and clear_is_on(controlnet)  # ...but its blocks take the SD3 adapter's CLEAR
+
+
+def test_controlnet_from_the_hugging_face_cache(root, tmp_path, monkeypatch):
+    """--controlnet ORG/NAME resolves from a fake cache in HF_HOME (offline), as --pipeline does: the
+    same picture as the ControlNet's folder."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    repo = tmp_path / "hf" / "hub" / "models--org--tiny-controlnet"
+    shutil.copytree(root / "flux_cn", repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    options = case_options(root, "flux_controlnet")
+    folder, _ = generate(root, tmp_path / "folder.png", *options)
+    options[options.index(str(root / "flux_cn"))] = "org/tiny-controlnet"
+    cached, text = generate(root, tmp_path / "cached.png", *options)
+    assert np.array_equal(folder, cached) and text["controlnet"] == "org/tiny-controlnet"

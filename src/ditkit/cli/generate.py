@@ -139,7 +139,7 @@ def generate_images(args, request: lib.Request, chain: lib.UpscaleChain | None, 
     else:
         images = lib.generate(pipe, request, attention, progress and not args.no_progress, patch)
         chained = {}
-    return images, lib.image_settings(pipe, request, {**attention.settings(), **chained, **input_settings(args)})
+    return images, lib.image_settings(pipe, request, {**attention.settings(), **chained, **input_settings(args, pipe)})
 
 
 def controlnet_component(args) -> dict:
@@ -149,11 +149,11 @@ def controlnet_component(args) -> dict:
     return {"controlnet": family_lib.load_controlnet(args.controlnet, **{lib.dtype_keyword(): lib.DTYPES[args.dtype]})}
 
 
-def input_settings(args) -> dict[str, str]:
+def input_settings(args, pipe) -> dict[str, str]:
     """The image inputs for the PNG's settings (files by name)."""
     values = {"image": args.image, "mask": args.mask, "control image": args.control_image,
               "controlnet": args.controlnet, "control scale": args.control_scale}
-    if args.controlnet or args.control_image:
+    if getattr(pipe, "controlnet", None) is not None:
         values["clear controlnet"] = "no" if args.clear_controlnet is False or not (args.clear or args.student) \
             else "yes"
     if args.image and args.strength is not None and not args.upscale_from:

@@ -1,4 +1,6 @@
-"""Generate with a diffusers pipeline folder (FLUX, SD3, PixArt-alpha/sigma), stock or with CLEAR.
+"""Generate with a diffusers pipeline folder (FLUX, SD3, PixArt-alpha/sigma), stock or with CLEAR: any
+pipeline holding their transformers (img2img, inpainting, Fill, Control, ControlNet, Kontext; see
+`pipeline_family`), its image inputs in `Request.inputs`.
 
     pipe = load_pipeline("FLUX.1-dev", dtype="bf16", device="cuda")
     request = Request(height=4096, width=4096, prompt="a cat")
@@ -471,12 +473,21 @@ def on_strips(transformer: nn.Module, patch: bool):
     return patch_parallel(transformer) if patch else nullcontext()
 
 
+def check_patch(pipe, patch: bool) -> None:
+    """Patch-parallel strips cut the transformer's image grid; a ControlNet's residuals cover every
+    token of it (`pipeline_family.check_family_inputs` says the same from the folder, before loading)."""
+    if patch and getattr(pipe, "controlnet", None) is not None:
+        raise DitkitError(f"--parallel patch cuts the image grid into strips, and in a {type(pipe).__name__} the "
+                          "ControlNet's residuals cover every token: run it in one process")
+
+
 @torch.no_grad()
 def generate(pipe, request: Request, attention: Attention | None = None, progress: bool = True,
              patch: bool = False) -> list:
     """PIL images at the request's size, one pipeline call (and progress bar) per image; `attention`
     switches the transformer first (it stays switched); `patch` runs it patch-parallel."""
     check_request(pipe, request)
+    check_patch(pipe, patch)
     if attention is not None:
         attention.apply_to_pipeline(pipe)
     request = request.resolved(pipe)
