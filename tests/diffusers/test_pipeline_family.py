@@ -140,6 +140,9 @@ def test_attention_switches_the_controlnet_with_a_students_radius(root, tmp_path
     stock = pipelines.load_pipeline(root / "sd3_controlnet", device="cpu")
     pipelines.Attention(clear="radius=2", controlnet=False).apply_to_pipeline(stock)
     assert clear_is_on(stock.transformer) and not clear_is_on(stock.controlnet)
+    request = pipelines.Request(SIZE, SIZE, prompt="a", inputs={"control_image": Image.open(root / "control.png")})
+    with pytest.raises(DitkitError, match="ControlNet's residuals cover every token"):
+        pipelines.generate(stock, request, progress=False, patch=True)
 
 
 def test_kontext_runs_stock_and_refuses_clear(root, tmp_path, capsys):
