@@ -319,7 +319,7 @@ def clear_controlnet(pipe, options: dict) -> None:
     """Training-free CLEAR (`options`: radius, down_factor, backend) on the pipeline's ControlNet.
 
     A FLUX or SD3 ControlNet is a copy of some of its transformer's blocks run over the same image
-    tokens, so left stock its full attention stays quadratic in the tokens and, at 4K, costs more
+    tokens, so left stock its full attention stays quadratic in the tokens and, at 4K, can cost more
     than the CLEAR transformer it feeds: ditkit switches it too by default (a student's trained weights
     are the transformer's; the ControlNet gets the student's radius and down factor, training-free).
     `Attention(controlnet=False)` (`--no-clear-controlnet`) keeps its full attention: its residuals
@@ -454,12 +454,14 @@ def seeded(seed: int) -> torch.Generator:
 
 
 @contextmanager
-def global_seed(seed: int) -> Iterator[None]:
-    """The global random generators seeded for one pipeline call, and restored after it: some
-    pipelines draw from them rather than from the call's generator (diffusers' SD3 ControlNet samples
-    the control image's latents with `latent_dist.sample()`), which would make their pictures differ
-    from run to run."""
-    with torch.random.fork_rng():
+def global_seed(seed: int, device: torch.device) -> Iterator[None]:
+    """The global random generators (the CPU's and `device`'s) seeded for one pipeline call, and
+    restored after it: some pipelines draw from them rather than from the call's generator
+    (diffusers' SD3 ControlNet samples the control image's latents with `latent_dist.sample()`),
+    which would make their pictures differ from run to run."""
+    device = torch.device(device)
+    accelerator = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=accelerator):
         torch.manual_seed(seed)
         yield
 
@@ -496,7 +498,7 @@ def generate(pipe, request: Request, attention: Attention | None = None, progres
     with on_strips(pipe.transformer, patch):
         for number, (prompt_index, seed) in enumerate(jobs, 1):
             set_progress(pipe, progress, f"image {number}/{len(jobs)}")
-            with global_seed(seed):
+            with global_seed(seed, pipe._execution_device):
                 images += pipe(**call_arguments(pipe, request, prompt_index), height=request.height,
                                width=request.width, generator=seeded(seed)).images
     return images
