@@ -84,40 +84,82 @@ def t5_parts(width: int):
     return model, T5Tokenizer(vocab=pieces, extra_ids=0)
 
 
-def tiny_vae(shift_factor=None):
+def tiny_vae(shift_factor=None, latent_channels=4):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-                         up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 8], latent_channels=4,
-                         norm_num_groups=4, layers_per_block=1, scaling_factor=0.5, shift_factor=shift_factor)
+                         up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 8],
+                         latent_channels=latent_channels, norm_num_groups=4, layers_per_block=1,
+                         scaling_factor=0.5, shift_factor=shift_factor)
 
 
-def flux_pipeline(encoders: bool):
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+FLUX_SIZES = dict(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                  joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 6, 6], guidance_embeds=True)
 
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                         pooled_projection_dim=32, axes_dims_rope=[4, 6, 6], guidance_embeds=True)
+
+def flux_pipeline(encoders: bool, pipeline: str = "FluxPipeline", in_channels: int = 16, controlnet: bool = False):
+    """A tiny FLUX pipeline of class `pipeline` (any of the FLUX family: its transformer takes
+    `in_channels`, e.g. 48 for Fill's image and mask channels, 32 for Control's; a ControlNet pipeline
+    holds a tiny FluxControlNetModel with `controlnet`, none without: it is given when loading). The
+    tiny VAE's factor is 2, so 4 latent channels pack to 16."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=in_channels, out_channels=16, **FLUX_SIZES)
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16,
                                                 max_image_seq_len=256)
     (clip, clip_tokens), (t5, t5_tokens) = (clip_parts(32, False), t5_parts(32)) if encoders else ((None,) * 2,) * 2
-    return FluxPipeline(scheduler=scheduler, vae=tiny_vae(shift_factor=0.1), text_encoder=clip, tokenizer=clip_tokens,
-                        text_encoder_2=t5, tokenizer_2=t5_tokens, transformer=transformer)
+    extra = {"controlnet": flux_controlnet() if controlnet else None} if "ControlNet" in pipeline else {}
+    return getattr(diffusers, pipeline)(scheduler=scheduler, vae=tiny_vae(shift_factor=0.1), text_encoder=clip,
+                                        tokenizer=clip_tokens, text_encoder_2=t5, tokenizer_2=t5_tokens,
+                                        transformer=transformer, **extra)
 
 
-def sd3_pipeline():
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+def trained_looking(controlnet):
+    """diffusers starts a ControlNet's input and output layers at zero (no effect until trained): made
+    random here, so the tiny ControlNet's residuals change the picture as a trained one's do."""
+    with torch.no_grad():
+        for parameter in controlnet.parameters():
+            if not parameter.any():
+                parameter.normal_(std=0.2)
+    return controlnet
 
-    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=2,
+
+def flux_controlnet():
+    """A tiny FLUX ControlNet (one double and one single block; the control image enters VAE-encoded)."""
+    from diffusers import FluxControlNetModel
+
+    return trained_looking(FluxControlNetModel(patch_size=1, in_channels=16, **FLUX_SIZES))
+
+
+def sd3_controlnet():
+    """A tiny SD3 ControlNet (one joint block; the control image enters VAE-encoded)."""
+    from diffusers import SD3ControlNetModel
+
+    return trained_looking(SD3ControlNetModel(sample_size=16, patch_size=2, in_channels=4, num_layers=1,
+                                              attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                              caption_projection_dim=16, pooled_projection_dim=32, out_channels=4,
+                                              pos_embed_max_size=32))
+
+
+def sd3_pipeline(pipeline: str = "StableDiffusion3Pipeline", controlnet: bool = False, latent_channels: int = 4):
+    """A tiny SD3 pipeline of class `pipeline` (img2img, inpainting, ControlNet: `controlnet` adds one);
+    diffusers' SD3 inpainting wants 16 `latent_channels`, as SD3's VAE has."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=latent_channels, num_layers=2,
                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
-                                        caption_projection_dim=16, pooled_projection_dim=32, out_channels=4,
-                                        pos_embed_max_size=32)
+                                        caption_projection_dim=16, pooled_projection_dim=32,
+                                        out_channels=latent_channels, pos_embed_max_size=32)
     (clip, clip_tokens), (clip_2, clip_tokens_2) = clip_parts(16, True), clip_parts(16, True)
     t5, t5_tokens = t5_parts(32)
-    return StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=tiny_vae(0.1),
-                                    text_encoder=clip, tokenizer=clip_tokens, text_encoder_2=clip_2,
-                                    tokenizer_2=clip_tokens_2, text_encoder_3=t5, tokenizer_3=t5_tokens,
-                                    transformer=transformer)
+    extra = {"controlnet": sd3_controlnet()} if controlnet else {}
+    return getattr(diffusers, pipeline)(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                        vae=tiny_vae(0.1, latent_channels),
+                                        text_encoder=clip, tokenizer=clip_tokens, text_encoder_2=clip_2,
+                                        tokenizer_2=clip_tokens_2, text_encoder_3=t5, tokenizer_3=t5_tokens,
+                                        transformer=transformer, **extra)
 
 
 def pixart_pipeline():

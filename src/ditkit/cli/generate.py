@@ -3,10 +3,13 @@ with CLEAR also patch-parallel under torchrun (`--parallel patch`)."""
 
 from __future__ import annotations
 
+from argparse import BooleanOptionalAction
 from dataclasses import replace
 from pathlib import Path
 
+from ..diffusers import pipeline_family as family_lib
 from ..diffusers import pipelines as lib
+from ..diffusers.folders import resolve_pipeline
 from ..distributed.launch import sampling_session
 from ..errors import DitkitError
 from .args import COMMANDS, SharedFlags, check_output_file, parse_size
@@ -41,16 +44,37 @@ def add_parser(sub, shared: SharedFlags) -> None:
     generate.add_argument("--upscale-from", metavar="SIZE", help="high-resolution chain: the stock pipeline makes "
                           "the base at SIZE (e.g. 1024 or 1024x768), CLEAR denoises it upsampled from --strength")
     generate.add_argument("--strength", type=float, help="upscale chain: noise level of the upsampled base "
-                          "(0 = kept as is, 1 = plain generation at the full size; default 0.7)")
+                          "(0 = kept as is, 1 = plain generation at the full size; default 0.7); img2img and "
+                          "inpainting: the share of the steps run from --image (default: the pipeline's)")
     generate.add_argument("--parallel", choices=("none", "patch"), default="none",
                           help="patch: under torchrun, each process computes one horizontal strip of the image "
                                "tokens with CLEAR (needs --clear or --student; exact: same images as one process)")
+    add_image_options(generate)
     generate.set_defaults(func=run)
 
 
+def add_image_options(generate) -> None:
+    """The inputs of the pipeline family's image pipelines (img2img, inpainting, Fill, Control,
+    ControlNet, Kontext): which a pipeline takes is read from its call (`pipeline_family`)."""
+    generate.add_argument("--image", metavar="FILE", help="img2img / inpainting / Fill: the start image (the "
+                          "request's size); Kontext: the context image (any size)")
+    generate.add_argument("--mask", metavar="FILE", help="inpainting / Fill: white = repaint, black = keep (the "
+                          "image's size; binarized at half grey by the pipeline, as diffusers does)")
+    generate.add_argument("--control-image", metavar="FILE", help="Control (Canny / Depth) and ControlNet "
+                          "pipelines: the control picture (the request's size)")
+    generate.add_argument("--controlnet", metavar="PATH", help="ControlNet pipelines: a diffusers ControlNet model "
+                          "folder, or ORG/NAME in the local Hugging Face cache (default: the pipeline folder's own)")
+    generate.add_argument("--control-scale", type=float, help="ControlNet pipelines: the residuals' weight "
+                          "(controlnet_conditioning_scale; default: the pipeline's)")
+    generate.add_argument("--clear-controlnet", action=BooleanOptionalAction, default=None,
+                          help="with --clear / --student: the ControlNet's own attention becomes CLEAR too "
+                               "(default: yes; it would stay quadratic in the image tokens otherwise)")
+
+
 def run(args) -> None:
-    if args.strength is not None and not args.upscale_from:
-        raise DitkitError("--strength belongs to the upscale chain: give --upscale-from SIZE too")
+    if args.strength is not None and not (args.upscale_from or args.image):
+        raise DitkitError("--strength belongs to the upscale chain or to an image pipeline: give --upscale-from "
+                          "SIZE or --image FILE too")
     if args.parallel == "patch" and not (args.clear or args.student):
         raise DitkitError("--parallel patch runs CLEAR's attention on strips: add --clear radius=... or --student "
                           "(a radius covering the image equals full attention)")
@@ -78,15 +102,35 @@ def checked_request(args) -> tuple[lib.Request, lib.UpscaleChain | None]:
         base_height, base_width = parse_size(args.upscale_from)
         chain = lib.UpscaleChain(base_height, base_width, 0.7 if args.strength is None else args.strength)
         chain.check_target(args.height, args.width)
-    return request, chain
+    return replace(request, inputs=checked_image_inputs(args, chain is not None)), chain
+
+
+def image_inputs(args, chain: bool) -> family_lib.ImageInputs:
+    """The image options of the command line (the chain's --strength is the chain's, not the call's)."""
+    return family_lib.ImageInputs(args.image, args.mask, args.control_image, None if chain else args.strength,
+                                  args.control_scale, args.controlnet, args.clear_controlnet)
+
+
+def checked_image_inputs(args, chain: bool) -> dict:
+    """The pipeline call's image arguments (images read with PIL, sizes checked), refused in one line
+    when the folder's pipeline does not take them or needs others: the folder's model_index.json and
+    the image files are read, no weight."""
+    lib.Attention(args.clear, args.student)  # a bad --clear is refused before the folder is read
+    inputs = image_inputs(args, chain)
+    folder = resolve_pipeline(args.pipeline, args.revision)
+    family = family_lib.pipeline_family(folder)
+    family_lib.check_family_inputs(family, folder, inputs, bool(args.clear or args.student),
+                                   args.parallel == "patch", chain)
+    return inputs.read(args.height, args.width, family.context_image)
 
 
 def generate_images(args, request: lib.Request, chain: lib.UpscaleChain | None, device: str, patch: bool,
                     progress: bool) -> tuple[list, list[dict]]:
     """The images of the command line, and their PNG settings."""
-    attention = lib.Attention(args.clear, args.student)  # a bad --clear is refused before any weight loads
+    attention = lib.Attention(args.clear, args.student, args.clear_controlnet is not False)  # refused before loading
     pipe = lib.load_pipeline(args.pipeline, args.dtype, device, args.cpu_offload, args.vae_tiling,
-                             progress=progress and not args.no_progress, revision=args.revision)
+                             progress=progress and not args.no_progress, revision=args.revision,
+                             components=controlnet_component(args))
     if args.prompt_embeds:
         request = replace(request, embeddings=lib.read_prompt_embeddings(args.prompt_embeds, pipe))
     if chain is not None:
@@ -95,4 +139,23 @@ def generate_images(args, request: lib.Request, chain: lib.UpscaleChain | None, 
     else:
         images = lib.generate(pipe, request, attention, progress and not args.no_progress, patch)
         chained = {}
-    return images, lib.image_settings(pipe, request, {**attention.settings(), **chained})
+    return images, lib.image_settings(pipe, request, {**attention.settings(), **chained, **input_settings(args, pipe)})
+
+
+def controlnet_component(args) -> dict:
+    """{"controlnet": the --controlnet model} for the pipeline's loading, or nothing."""
+    if not args.controlnet:
+        return {}
+    return {"controlnet": family_lib.load_controlnet(args.controlnet, **{lib.dtype_keyword(): lib.DTYPES[args.dtype]})}
+
+
+def input_settings(args, pipe) -> dict[str, str]:
+    """The image inputs for the PNG's settings (files by name)."""
+    values = {"image": args.image, "mask": args.mask, "control image": args.control_image,
+              "controlnet": args.controlnet, "control scale": args.control_scale}
+    if getattr(pipe, "controlnet", None) is not None:
+        values["clear controlnet"] = "no" if args.clear_controlnet is False or not (args.clear or args.student) \
+            else "yes"
+    if args.image and args.strength is not None and not args.upscale_from:
+        values["strength"] = args.strength
+    return {key: str(value) for key, value in values.items() if value is not None}

@@ -37,7 +37,7 @@ from ..mixers.clear import (
     strip_local_attention,
 )
 from ..mixers.strip import Strip
-from .adapters import adapter_for, find_adapter
+from .adapters import DiffusersAdapter, adapter_for, find_adapter
 from .hooks import HookSet, install, installed, uninstall
 
 CLEAR_SLOT = "_ditkit_clear"  # the transformer attribute holding what apply_clear installed
@@ -211,15 +211,17 @@ def self_attention_layers(transformer: nn.Module) -> list[tuple[str, nn.Module, 
 
 
 def apply_clear(transformer: nn.Module, radius: float | MixerSpec | str, down_factor: int = 0,
-                backend: str = "auto") -> list[str]:
+                backend: str = "auto", adapter: DiffusersAdapter | None = None) -> list[str]:
     """Switch every self-attention of a supported transformer (FLUX, SD3, PixArt: `ADAPTERS`) to
     CLEAR local attention: `apply_clear(t, 16, down_factor=4)`, or with a spec in place of the radius,
     `apply_clear(t, "clear:radius=16,down_factor=4")` (`clear_spec`; options it leaves out take the
-    mixer's defaults). Returns the names of the switched layers. `remove_clear` undoes it."""
+    mixer's defaults). Returns the names of the switched layers. `remove_clear` undoes it. `adapter`
+    serves a module built of a supported transformer's blocks (a pipeline's ControlNet) with that
+    transformer's adapter."""
     if isinstance(radius, MixerSpec | str):
         spec = clear_spec(radius)
         radius, down_factor, backend = (spec.option(key) for key in CLEAR_KEYS)
-    adapter = adapter_for(transformer, "apply_clear")
+    adapter = adapter or adapter_for(transformer, "apply_clear")
     check_clear_options(radius, down_factor, backend)  # refused before anything changes
     remove_clear(transformer)
     layout = TokenLayout()

@@ -1,4 +1,6 @@
-"""Generate with a diffusers pipeline folder (FLUX, SD3, PixArt-alpha/sigma), stock or with CLEAR.
+"""Generate with a diffusers pipeline folder (FLUX, SD3, PixArt-alpha/sigma), stock or with CLEAR: any
+pipeline holding their transformers (img2img, inpainting, Fill, Control, ControlNet, Kontext; see
+`pipeline_family`), its image inputs in `Request.inputs`.
 
     pipe = load_pipeline("FLUX.1-dev", dtype="bf16", device="cuda")
     request = Request(height=4096, width=4096, prompt="a cat")
@@ -49,11 +51,12 @@ from ..files import atomic_path
 from ..mixers import MixerSpec
 from ..mixers.clear import check_clear_options
 from ..record import DiffusersModel, RunRecord
-from .adapters import DiffusersAdapter, adapter_for, pipeline_adapter, supported_pipelines
+from .adapters import DiffusersAdapter, adapter_for
 from .clear import CLEAR_KEYS, apply_clear, clear_is_on, clear_spec
-from .folders import pipeline_index, resolve_pipeline
+from .folders import resolve_pipeline
 from .official_clear import check_official, is_official_layout, official_settings, read_official
 from .patch_parallel import patch_parallel
+from .pipeline_family import fixed_call_arguments, pipeline_family
 from .prompts import load_prompt_embeds
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -65,12 +68,10 @@ OPTIONAL_COMPONENTS = ("text_encoder", "tokenizer", "image_encoder", "feature_ex
 
 # -- loading ------------------------------------------------------------------------------------------
 def pipeline_class(folder: str | Path) -> tuple[str, dict]:
-    """The pipeline class named by a folder's model_index.json, and the index itself."""
-    index = pipeline_index(folder)
-    name = index.get("_class_name")
-    if pipeline_adapter(name) is None:
-        raise DitkitError(f"{folder} holds a {name}: ditkit generate runs {', '.join(supported_pipelines())}")
-    return name, index
+    """The pipeline class named by a folder's model_index.json, and the index itself: any pipeline
+    holding a supported transformer (`pipeline_family`)."""
+    family = pipeline_family(folder)
+    return family.name, family.index
 
 
 def absent_components(folder: Path, index: dict) -> dict[str, None]:
@@ -81,9 +82,12 @@ def absent_components(folder: Path, index: dict) -> dict[str, None]:
 
 
 def load_pipeline(folder: str | Path, dtype: str = "fp32", device: str | None = None, cpu_offload: bool = False,
-                  vae_tiling: bool = False, progress: bool = True, revision: str | None = None):
+                  vae_tiling: bool = False, progress: bool = True, revision: str | None = None,
+                  components: dict | None = None):
     """A FLUX / SD3 / PixArt pipeline from a local folder, or from the local Hugging Face cache when
     `folder` is a hub repository `ORG/NAME` (at `revision`; `folders.resolve_pipeline`, never a download).
+    Any pipeline class holding their transformers loads (img2img, inpainting, Fill, Control,
+    ControlNet, Kontext: `pipeline_family`); `components` replaces some (e.g. {"controlnet": model}).
     `cpu_offload` keeps each component on the CPU until it runs (diffusers' `enable_model_cpu_offload`);
     `vae_tiling` decodes large images in tiles; `progress` False hides diffusers' loading bars too."""
     import diffusers
@@ -100,7 +104,8 @@ def load_pipeline(folder: str | Path, dtype: str = "fp32", device: str | None = 
     try:
         with loading_bars(progress):
             pipe = getattr(diffusers, name).from_pretrained(folder, **{dtype_keyword(): DTYPES[dtype]},
-                                                           **absent_components(folder, index))
+                                                           **{**absent_components(folder, index),
+                                                              **(components or {})})
     except (OSError, ValueError) as error:  # a component folder missing or damaged
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DitkitError(f"cannot load the pipeline in {folder} ({reason}): check its component folders") from error
@@ -242,10 +247,12 @@ class Attention:
     mixer's spec, its text `radius=16,down_factor=4` or a dict: `clear_spec`, parsed and validated when
     made) or a `student`: a `ditkit distill` student (its own radius and down_factor; `clear` may name
     the backend only) or CLEAR's official weights (their name says radius and down factor, or `clear`
-    does; when both do they must agree)."""
+    does; when both do they must agree). `controlnet`: a pipeline's ControlNet gets CLEAR too
+    (`apply_to_pipeline`; see `clear_controlnet`)."""
 
     clear: MixerSpec | str | dict | None = None
     student: str | Path | None = None
+    controlnet: bool = True
 
     def __post_init__(self):
         if self.clear is not None:
@@ -273,6 +280,26 @@ class Attention:
         elif self.clear is not None:
             apply_clear(transformer, self.clear)
 
+    def apply_to_pipeline(self, pipe) -> None:
+        """`apply` to the pipeline's transformer, and CLEAR to its ControlNet when it has one and
+        `controlnet` is on."""
+        switch_controlnet = self.controlnet and getattr(pipe, "controlnet", None) is not None and self.is_on()
+        options = self.clear_options(pipe.transformer) if switch_controlnet else None  # read before loading
+        self.apply(pipe.transformer)
+        if switch_controlnet:
+            clear_controlnet(pipe, options)
+
+    def is_on(self) -> bool:
+        return self.clear is not None or self.student is not None
+
+    def clear_options(self, transformer: nn.Module) -> dict:
+        """radius, down_factor and backend of the CLEAR this attention installs (a student's own)."""
+        options = self.options()
+        if self.student is not None:
+            options = {**check_student(transformer, self.student, options), **options}
+        return {key: clear_spec({k: options[k] for k in CLEAR_KEYS if k in options}).option(key)
+                for key in CLEAR_KEYS}
+
     def settings(self) -> dict[str, str]:
         """The image metadata of these settings (a student's radius and down_factor from its record, or
         an official file's from its name or --clear)."""
@@ -286,6 +313,21 @@ class Attention:
 
 def clear_text(options: dict) -> str:
     return ",".join(f"{key}={options[key]}" for key in CLEAR_KEYS if key in options)
+
+
+def clear_controlnet(pipe, options: dict) -> None:
+    """Training-free CLEAR (`options`: radius, down_factor, backend) on the pipeline's ControlNet.
+
+    A FLUX or SD3 ControlNet is a copy of some of its transformer's blocks run over the same image
+    tokens, so left stock its full attention stays quadratic in the tokens and, at 4K, can cost more
+    than the CLEAR transformer it feeds: ditkit switches it too by default (a student's trained weights
+    are the transformer's; the ControlNet gets the student's radius and down factor, training-free).
+    `Attention(controlnet=False)` (`--no-clear-controlnet`) keeps its full attention: its residuals
+    are then the stock ones, at the stock cost. The ControlNet's blocks are served by the
+    transformer's adapter (the same attention modules and token layout)."""
+    multi = getattr(pipe.controlnet, "nets", None)  # diffusers' Multi*ControlNetModel holds a list
+    for net in multi if multi is not None else [pipe.controlnet]:
+        apply_clear(net, options["radius"], options["down_factor"], options["backend"], transformer_adapter(pipe))
 
 
 # -- what to generate ---------------------------------------------------------------------------------
@@ -302,6 +344,7 @@ class Request:
     guidance: float | None = None
     seed: int = 0
     num: int = 1
+    inputs: dict | None = None  # image arguments of the pipeline's call (image, mask_image, control_image, ...)
 
     def __post_init__(self):
         for name in ("height", "width", "num"):
@@ -395,6 +438,9 @@ def call_arguments(pipe, request: Request, prompt_index: int) -> dict:
                      for key, value in request.embeddings.items()}
     arguments.update(num_inference_steps=request.steps, guidance_scale=request.guidance)
     arguments.update(transformer_adapter(pipe).pipeline_arguments())  # PixArt: no resolution binning
+    parameters = inspect.signature(type(pipe).__call__).parameters
+    arguments.update(fixed_call_arguments(parameters, request.height, request.width))  # Kontext's output size
+    arguments.update(request.inputs or {})
     return arguments
 
 
@@ -407,6 +453,19 @@ def seeded(seed: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed)  # CPU noise: the same pictures on every device
 
 
+@contextmanager
+def global_seed(seed: int, device: torch.device) -> Iterator[None]:
+    """The global random generators (the CPU's and `device`'s) seeded for one pipeline call, and
+    restored after it: some pipelines draw from them rather than from the call's generator
+    (diffusers' SD3 ControlNet samples the control image's latents with `latent_dist.sample()`),
+    which would make their pictures differ from run to run."""
+    device = torch.device(device)
+    accelerator = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=accelerator):
+        torch.manual_seed(seed)
+        yield
+
+
 def set_progress(pipe, progress: bool, label: str) -> None:
     pipe.set_progress_bar_config(disable=not progress, desc=label, leave=False)
 
@@ -416,22 +475,32 @@ def on_strips(transformer: nn.Module, patch: bool):
     return patch_parallel(transformer) if patch else nullcontext()
 
 
+def check_patch(pipe, patch: bool) -> None:
+    """Patch-parallel strips cut the transformer's image grid; a ControlNet's residuals cover every
+    token of it (`pipeline_family.check_family_inputs` says the same from the folder, before loading)."""
+    if patch and getattr(pipe, "controlnet", None) is not None:
+        raise DitkitError(f"--parallel patch cuts the image grid into strips, and in a {type(pipe).__name__} the "
+                          "ControlNet's residuals cover every token: run it in one process")
+
+
 @torch.no_grad()
 def generate(pipe, request: Request, attention: Attention | None = None, progress: bool = True,
              patch: bool = False) -> list:
     """PIL images at the request's size, one pipeline call (and progress bar) per image; `attention`
     switches the transformer first (it stays switched); `patch` runs it patch-parallel."""
     check_request(pipe, request)
+    check_patch(pipe, patch)
     if attention is not None:
-        attention.apply(pipe.transformer)
+        attention.apply_to_pipeline(pipe)
     request = request.resolved(pipe)
     jobs = image_jobs(request)
     images = []
     with on_strips(pipe.transformer, patch):
         for number, (prompt_index, seed) in enumerate(jobs, 1):
             set_progress(pipe, progress, f"image {number}/{len(jobs)}")
-            images += pipe(**call_arguments(pipe, request, prompt_index), height=request.height,
-                           width=request.width, generator=seeded(seed)).images
+            with global_seed(seed, pipe._execution_device):
+                images += pipe(**call_arguments(pipe, request, prompt_index), height=request.height,
+                               width=request.width, generator=seeded(seed)).images
     return images
 
 

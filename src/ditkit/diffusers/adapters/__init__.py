@@ -9,11 +9,9 @@ from .base import (
     PatchEmbedAdapter,
     adapter_for,
     find_adapter,
-    pipeline_adapter,
     register_adapter,
-    supported_pipelines,
     unregister_adapter,
 )
 
 __all__ = ["ADAPTERS", "LAYOUTS", "DiffusersAdapter", "PatchEmbedAdapter", "adapter_for", "find_adapter",
-           "pipeline_adapter", "register_adapter", "supported_pipelines", "unregister_adapter"]
+           "register_adapter", "unregister_adapter"]

@@ -13,7 +13,8 @@ transformer's `DiffusersAdapter` instead of branching on its class name:
     install_positions
   install_strip_cutters / output_module   where patch-parallel sampling cuts a call to a strip
                      of image rows and gathers the strips' outputs again
-  pipelines, needed_encoders, ...          what `ditkit generate` needs of its pipelines
+  needed_encoders, ...                     what `ditkit generate` needs of its pipelines (which
+                     pipelines hold it is read from their model_index.json: `pipeline_family`)
   flow, denoise, latent_channels           how `ditkit distill` drives it as a flow-matching teacher
 
 Adapters are registered by transformer class name (`register_adapter`, refusing duplicates);
@@ -39,7 +40,6 @@ class DiffusersAdapter(ABC):
     class_name: str  # the transformer class it serves: the registry key
     label: str  # its short name in messages ("FLUX")
     layout: str  # self-attention token order: one of LAYOUTS
-    pipelines: tuple[str, ...] = ()  # pipeline classes (model_index.json's _class_name) holding it
     needed_encoders: tuple[str, ...] = ()  # pipeline components a prompt cannot be encoded without
     guidance_needs_negatives = True  # classifier-free guidance encodes a negative prompt ("")
     pooled_prompts = True  # encode_prompt gives pooled embeddings too (else attention masks)
@@ -189,12 +189,3 @@ def adapter_for(transformer: nn.Module | str, purpose: str) -> DiffusersAdapter:
         name = transformer if isinstance(transformer, str) else type(transformer).__name__
         raise DitkitError(f"{purpose} supports {', '.join(ADAPTERS)}, not {name}")
     return adapter
-
-
-def pipeline_adapter(pipeline_class: str) -> DiffusersAdapter | None:
-    """The adapter of the transformer a pipeline class holds, or None."""
-    return next((a for a in ADAPTERS.values() if pipeline_class in a.pipelines), None)
-
-
-def supported_pipelines() -> list[str]:
-    return [name for adapter in ADAPTERS.values() for name in adapter.pipelines]

@@ -49,7 +49,6 @@ def image_ids(rows: int, columns: int, device: torch.device) -> Tensor:
 
 class FluxAdapter(DiffusersAdapter):
     class_name, label, layout = "FluxTransformer2DModel", "FLUX", "text_first"
-    pipelines = ("FluxPipeline",)
     needed_encoders = ("text_encoder", "text_encoder_2")
     guidance_needs_negatives = False  # FLUX.1-dev's guidance is an input of the transformer
     flow = True
@@ -66,6 +65,10 @@ class FluxAdapter(DiffusersAdapter):
         if ids is None:
             raise DitkitError("FLUX with CLEAR needs img_ids (the image token positions) in every call")
         ids = ids.reshape(-1, ids.shape[-1])
+        if bool((ids[:, 0] != 0).any()):  # FluxKontextPipeline's context image: tokens after the grid's
+            raise DitkitError("this FLUX call carries context-image tokens (Kontext: position ids whose first axis "
+                              "is not 0) after the image grid, which CLEAR's windows do not cover: run it without "
+                              "CLEAR")
         return int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
 
     def default_train_grid(self, transformer: nn.Module) -> Grid:

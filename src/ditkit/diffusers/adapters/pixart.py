@@ -8,7 +8,6 @@ from .base import PatchEmbedAdapter, register_adapter
 
 class PixArtAdapter(PatchEmbedAdapter):
     class_name, label, layout = "PixArtTransformer2DModel", "PixArt", "image_only"
-    pipelines = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
     needed_encoders = ("text_encoder",)
     pooled_prompts = False  # its embeddings come with attention masks instead
     text_width_key, pooled_width_key = "caption_channels", None

@@ -47,7 +47,6 @@ def interpolated_crop(patch_embed: nn.Module, train_grid: Grid, height: int, wid
 
 class SD3Adapter(PatchEmbedAdapter):
     class_name, label, layout = "SD3Transformer2DModel", "SD3", "image_first"
-    pipelines = ("StableDiffusion3Pipeline",)
     needed_encoders = ("text_encoder", "text_encoder_2")  # SD3 runs without its T5 (text_encoder_3)
     flow = True
     prompt_tokens = 333  # 77 CLIP + 256 T5 tokens in StableDiffusion3Pipeline

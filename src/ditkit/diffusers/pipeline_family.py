@@ -1,0 +1,237 @@
+"""The FLUX / SD3 / PixArt pipeline family: which diffusers pipelines `ditkit generate` runs, and the
+image inputs each one takes, all decided before any weight loads.
+
+A pipeline folder is supported when the transformer it holds (model_index.json's "transformer"
+entry, [library, class]) has an adapter (`ditkit.diffusers.adapters`): FluxPipeline, FluxImg2Img,
+FluxInpaint, FluxFill, FluxControl (Canny / Depth: the control latents are concatenated to the
+channels, the token grid is the image's), FluxControlNet, FluxKontext, the SD3 pipelines and
+PixArt all qualify without a list of class names. What the pipeline's call takes is read from its
+`__call__` signature (`image`, `mask_image`, `control_image`, `controlnet_conditioning_scale`,
+`strength`), so the options a command line gives are checked against the class itself.
+
+Two kinds of pipeline change the transformer's token sequence and are refused where that matters:
+  Kontext (`image` without `strength`: the image is a context, not a start): diffusers appends the
+    context image's tokens after the generated image's, with position ids whose first axis is 1.
+    CLEAR's processors take [text | image grid] sequences, so CLEAR (and a student) is refused
+    there rather than run with wrong windows; patch-parallel is refused too (the strips cut the
+    grid, not the context).
+  ControlNet (its `__init__` holds a `controlnet`): the ControlNet's residuals are added to the
+    whole token sequence of each block, so patch-parallel (one strip of rows per process) is refused.
+
+Images are read with PIL (RGB; the mask as grayscale, binarized by the pipeline's own mask
+processor at 0.5, as diffusers does). A start image or control image must have the requested size
+and a mask the image's size: a mismatch is refused in one line (nothing is resized behind the
+user's back); Kontext's context image may have any size.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from ..errors import DitkitError
+from .adapters import ADAPTERS, DiffusersAdapter, find_adapter
+from .folders import CONFIG, model_class_name, pipeline_index, resolve_pipeline
+
+IMAGE_ARGUMENTS = ("image", "mask_image", "control_image")
+# ditkit generate's option for each call argument it fills (for messages).
+OPTIONS = {"image": "--image", "mask_image": "--mask", "control_image": "--control-image", "strength": "--strength",
+           "controlnet_conditioning_scale": "--control-scale"}
+
+
+@dataclass(frozen=True)
+class PipelineFamily:
+    """One pipeline class as ditkit runs it: its transformer's adapter and what its call takes."""
+
+    name: str  # the pipeline class (model_index.json's _class_name)
+    index: dict  # model_index.json
+    adapter: DiffusersAdapter  # of the transformer it holds
+    takes: frozenset[str]  # the call arguments of OPTIONS it has
+    controlnet: bool  # it holds a ControlNet (a `controlnet` component)
+    context_image: bool  # its `image` is a context appended to the token sequence (Kontext)
+    call_parameters: frozenset[str] = field(default_factory=frozenset)  # every argument of its __call__
+
+    @property
+    def text_to_image(self) -> bool:
+        """Its call takes no image at all: the upscale chain's base and img2img form apply."""
+        return not self.takes & set(IMAGE_ARGUMENTS)
+
+    def needed(self) -> list[str]:
+        """The image arguments a call cannot run without (Kontext's context image is optional)."""
+        optional = {"image"} if self.context_image else set()
+        return [name for name in IMAGE_ARGUMENTS if name in self.takes and name not in optional]
+
+    def has_own_controlnet(self, folder: Path) -> bool:
+        """The pipeline folder holds a ControlNet component of its own."""
+        entry = self.index.get("controlnet")
+        return isinstance(entry, list) and entry[0] is not None and (folder / "controlnet").is_dir()
+
+
+def pipeline_family(folder: str | Path) -> PipelineFamily:
+    """The family entry of a pipeline folder (its model_index.json only: no weight is read), or a
+    one-line refusal when its transformer has no adapter or diffusers lacks its class."""
+    import diffusers
+
+    index = pipeline_index(folder)
+    name = index.get("_class_name")
+    entry = index.get("transformer")
+    transformer = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+    adapter = find_adapter(transformer) if transformer else None
+    if adapter is None:
+        held = f"a {transformer}" if transformer else "no transformer"
+        raise DitkitError(f"{folder} holds a {name} with {held}: ditkit generate runs the pipelines of "
+                          f"{', '.join(ADAPTERS)} (give a FLUX, SD3 or PixArt pipeline folder)")
+    cls = getattr(diffusers, str(name), None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise DitkitError(f"{folder} holds a {name}, which diffusers {diffusers.__version__} does not have: "
+                          "upgrade diffusers (pip install -U diffusers)")
+    parameters = frozenset(inspect.signature(cls.__call__).parameters)
+    takes = frozenset(parameters & set(OPTIONS))
+    context = ("image" in takes and "strength" not in takes) or "image_reference" in parameters
+    controlnet = "controlnet" in inspect.signature(cls.__init__).parameters
+    return PipelineFamily(str(name), index, adapter, takes, controlnet, context, parameters)
+
+
+@dataclass(frozen=True)
+class ImageInputs:
+    """The image inputs of a command line: file paths and numbers (`read` opens and checks them)."""
+
+    image: str | Path | None = None
+    mask: str | Path | None = None
+    control_image: str | Path | None = None
+    strength: float | None = None
+    control_scale: float | None = None
+    controlnet: str | Path | None = None  # a ControlNet model folder, or ORG/NAME in the Hugging Face cache
+    clear_controlnet: bool | None = None  # CLEAR on the ControlNet's attention too (None: the default, yes)
+
+    def __post_init__(self):
+        if self.strength is not None and not 0 < self.strength <= 1:
+            raise DitkitError(f"--strength must be in (0, 1] (the share of the steps run from the image), got "
+                              f"{self.strength}")
+        if self.control_scale is not None and not (math.isfinite(self.control_scale) and self.control_scale >= 0):
+            raise DitkitError(f"--control-scale must be a finite number >= 0, got {self.control_scale}")
+        if self.mask is not None and self.image is None:
+            raise DitkitError("--mask marks what to repaint in an image: give the image with --image too")
+
+    def given(self) -> dict[str, object]:
+        """The call arguments given, by their diffusers names."""
+        values = {"image": self.image, "mask_image": self.mask, "control_image": self.control_image,
+                  "strength": self.strength, "controlnet_conditioning_scale": self.control_scale}
+        return {key: value for key, value in values.items() if value is not None}
+
+    def read(self, height: int, width: int, context: bool = False) -> dict[str, object]:
+        """The call arguments with the images opened (PIL; the mask grayscale), sizes checked: the
+        image and control image at the request's size (a `context` image at any), the mask at the image's."""
+        arguments = self.given()
+        for key in IMAGE_ARGUMENTS:
+            if key in arguments:
+                arguments[key] = read_image(arguments[key], OPTIONS[key], "L" if key == "mask_image" else "RGB")
+        for key in ("image", "control_image"):
+            if key in arguments and not (key == "image" and context):
+                check_image_size(arguments[key], OPTIONS[key], self.given()[key], height, width)
+        if "mask_image" in arguments and arguments["mask_image"].size != arguments["image"].size:
+            mask, image = arguments["mask_image"].size, arguments["image"].size
+            raise DitkitError(f"--mask {self.mask} is {mask[1]}x{mask[0]}, --image {self.image} is {image[1]}x"
+                              f"{image[0]}: give a mask of the image's size (white = repaint)")
+        return arguments
+
+
+def read_image(path: str | Path, option: str, mode: str):
+    """An image file opened with PIL and converted to `mode` ("RGB", or "L" for a mask), or one line."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise DitkitError(f"{option} {path} does not exist: give an image file (PNG, JPEG, ...)")
+    try:
+        with Image.open(path) as image:
+            return image.convert(mode)
+    except (UnidentifiedImageError, OSError) as error:
+        raise DitkitError(f"{option} {path} is not a readable image ({error}): give a PNG or JPEG file") from error
+
+
+def check_image_size(image, option: str, path, height: int, width: int) -> None:
+    if image.size != (width, height):
+        raise DitkitError(f"{option} {path} is {image.size[1]}x{image.size[0]}, the request is {height}x{width}: "
+                          f"resize the image, or give --height {image.size[1]} --width {image.size[0]}")
+
+
+def check_family_inputs(family: PipelineFamily, folder: Path, inputs: ImageInputs, attention_on: bool,
+                        patch: bool, chain: bool) -> None:
+    """One-line refusals, from the class and the options alone, of what this pipeline cannot run."""
+    given = inputs.given()
+    for key in given:
+        if key not in family.takes:
+            raise DitkitError(f"{family.name} takes no {OPTIONS[key]} (its call has no {key}): drop it, or use a "
+                              f"pipeline whose call takes {key}")
+    for key in family.needed():
+        if key not in given:
+            raise DitkitError(f"{family.name} needs {OPTIONS[key]} FILE (its {key}): give the image file")
+    check_controlnet_options(family, folder, inputs)
+    if family.context_image and attention_on:
+        raise DitkitError(f"{family.name} appends the context image's tokens after the image tokens and CLEAR's "
+                          "windows cover the image grid only, so CLEAR would be wrong there: run it without "
+                          "--clear / --student")
+    if patch and (family.controlnet or family.context_image):
+        why = "the ControlNet's residuals cover every token" if family.controlnet else \
+            "the context image's tokens are not rows of the image grid"
+        raise DitkitError(f"--parallel patch cuts the image grid into strips, and in a {family.name} {why}: run "
+                          "it in one process")
+    if chain and not family.text_to_image:
+        raise DitkitError(f"--upscale-from chains a text-to-image pipeline with its img2img form; a {family.name} "
+                          "takes images already: generate at the full size directly")
+
+
+def check_controlnet_options(family: PipelineFamily, folder: Path, inputs: ImageInputs) -> None:
+    if not family.controlnet:
+        if inputs.controlnet is not None or inputs.clear_controlnet is not None:
+            raise DitkitError(f"a {family.name} holds no ControlNet: drop --controlnet / --clear-controlnet, or "
+                              "use a ControlNet pipeline (FluxControlNetPipeline, StableDiffusion3ControlNetPipeline)")
+        return
+    if inputs.controlnet is None and not family.has_own_controlnet(folder):
+        raise DitkitError(f"this {family.name} folder holds no ControlNet: give --controlnet PATH (a diffusers "
+                          "ControlNet folder, or ORG/NAME in the Hugging Face cache)")
+    if inputs.controlnet is not None:
+        controlnet_class(inputs.controlnet)
+
+
+def controlnet_folder(name: str | Path) -> Path:
+    """A ControlNet model folder: `name` itself, or the snapshot of hub repository ORG/NAME in the
+    local Hugging Face cache (never downloaded)."""
+    return resolve_pipeline(name)
+
+
+def controlnet_class(name: str | Path) -> str:
+    """The diffusers class a ControlNet folder's config.json names, checked to be a ControlNet."""
+    import diffusers
+
+    folder = controlnet_folder(name)
+    cls = model_class_name(folder / CONFIG)
+    if cls is None or "ControlNet" not in cls or not hasattr(diffusers, cls):
+        raise DitkitError(f"--controlnet {name} is not a diffusers ControlNet folder (its config.json names "
+                          f"{cls or 'no class'}): give the folder of a FluxControlNetModel or SD3ControlNetModel")
+    return cls
+
+
+def load_controlnet(name: str | Path, **dtype) -> nn.Module:
+    """The ControlNet model of `--controlnet` (its weights load here; `dtype`: from_pretrained's keyword)."""
+    import diffusers
+
+    cls = controlnet_class(name)
+    return getattr(diffusers, cls).from_pretrained(controlnet_folder(name), **dtype)
+
+
+def fixed_call_arguments(call_parameters, height: int, width: int) -> dict:
+    """Arguments ditkit sets for a pipeline's call (`call_parameters`: the names its __call__ takes):
+    Kontext's output area is the request's (its default would resize the output to about a
+    megapixel) and its context image is used as given (diffusers' `_auto_resize` would resize it to
+    one of Kontext's preferred sizes)."""
+    arguments = {}
+    if "max_area" in call_parameters:
+        arguments["max_area"] = height * width
+    if "_auto_resize" in call_parameters:
+        arguments["_auto_resize"] = False
+    return arguments
