@@ -185,3 +185,26 @@ def test_sharded_processes_split_the_teacher_samples(tmp_path, monkeypatch):
     alone = teacher_samples(teacher, tmp_path / "alone", num=5, seed=3, progress=False)
     assert torch.equal(split[1], alone[1])
     assert (split[0] - alone[0]).abs().max() < 1e-5 * alone[0].abs().max()
+
+
+def test_a_fill_or_control_teacher_is_refused_before_its_weights_load(tmp_path):
+    """FLUX Fill / Canny / Depth take image conditions as extra input channels (in > out): they cannot
+    draw samples from noise alone, so distillation refuses them from config.json alone."""
+    from ditkit.distill.diffusers_teacher import DiffusersTeacher
+
+    (tmp_path / "fill").mkdir()
+    (tmp_path / "fill" / "config.json").write_text(json.dumps({
+        "_class_name": "FluxTransformer2DModel", "in_channels": 384, "out_channels": 64}))  # no weights at all
+    with pytest.raises(DitkitError, match="Fill or Control model.*FLUX.1-dev"):
+        DiffusersTeacher(tmp_path / "fill")
+
+
+def test_the_flux_latent_channels_are_the_outputs_not_the_conditioned_inputs():
+    from diffusers import FluxTransformer2DModel
+
+    from ditkit.diffusers.adapters import find_adapter
+
+    control = FluxTransformer2DModel(in_channels=32, out_channels=16, num_layers=1, num_single_layers=1,
+                                     attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                     pooled_projection_dim=16, axes_dims_rope=[2, 2, 4])
+    assert find_adapter(control).latent_channels(control) == 4

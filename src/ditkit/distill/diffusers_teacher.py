@@ -19,6 +19,7 @@ from ..diffusers.prompts import load_prompt_embeds
 from ..diffusion.objectives import FlowMatchingObjective
 from ..distributed.sharded_load import empty_model
 from ..errors import DitkitError
+from ..files import read_json
 from ..record import DataSettings, DiffusersModel, DiffusionSettings, RunRecord
 from .teacher import Teacher
 
@@ -65,6 +66,17 @@ class FlowDenoiser(nn.Module):
         return self.adapter.denoise(self.transformer, x, t, text, pooled, self.guidance)
 
 
+def refuse_conditioned_inputs(config_file: Path) -> None:
+    """A transformer whose input carries image conditions besides the latent (FLUX Fill, Canny,
+    Depth: in_channels > out_channels) cannot draw its own samples from noise alone."""
+    config = read_json(config_file, "diffusers config")
+    inputs, outputs = config.get("in_channels"), config.get("out_channels")
+    if outputs not in (None, inputs):
+        raise DitkitError(f"{config_file.parent} takes image conditions in its input ({inputs} channels for a "
+                          f"{outputs}-channel latent: a Fill or Control model): distill from the text-to-image "
+                          "transformer it was made from (e.g. FLUX.1-dev) instead")
+
+
 class DiffusersTeacher(Teacher):
     """A FLUX or SD3 transformer folder (diffusers format) as the distillation teacher.
 
@@ -80,6 +92,7 @@ class DiffusersTeacher(Teacher):
         self.path = str(path)
         class_name = model_class_name(Path(path) / CONFIG)
         model_class = flow_adapter(class_name).model_class()
+        refuse_conditioned_inputs(Path(path) / CONFIG)
         if empty:
             transformer = empty_model(lambda: model_class.from_config(model_class.load_config(path))).eval()
             self.pending_weights = diffusers_weight_files(path, prefix="transformer.")  # FlowDenoiser's name

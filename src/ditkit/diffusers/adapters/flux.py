@@ -58,7 +58,9 @@ class FluxAdapter(DiffusersAdapter):
         return 2  # FluxPipeline packs 2x2 latent pixels into a token (its config's patch_size is 1)
 
     def latent_channels(self, transformer: nn.Module) -> int:
-        return transformer.config.in_channels // 4
+        """The denoised latent's channels (packed 2x2, so / 4): read from the output, since Fill and
+        Control transformers take their image conditions as extra input channels."""
+        return (transformer.config.out_channels or transformer.config.in_channels) // 4
 
     def grid(self, transformer: nn.Module, args: tuple, kwargs: dict) -> Grid:
         ids = kwargs.get("img_ids", args[4] if len(args) > 4 else None)
