@@ -201,7 +201,6 @@ def test_a_fill_or_control_teacher_is_refused_before_its_weights_load(tmp_path):
 
 def test_the_flux_latent_channels_are_the_outputs_not_the_conditioned_inputs():
     from diffusers import FluxTransformer2DModel
-
     from ditkit.diffusers.adapters import find_adapter
 
     control = FluxTransformer2DModel(in_channels=32, out_channels=16, num_layers=1, num_single_layers=1,
