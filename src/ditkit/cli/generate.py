@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..diffusers import pipelines as lib
+from ..diffusers.attention_cost import generate_line
 from ..distributed.launch import sampling_session
 from ..errors import DitkitError
 from .args import COMMANDS, SharedFlags, check_output_file, parse_size
@@ -89,6 +90,8 @@ def generate_images(args, request: lib.Request, chain: lib.UpscaleChain | None, 
                              progress=progress and not args.no_progress, revision=args.revision)
     if args.prompt_embeds:
         request = replace(request, embeddings=lib.read_prompt_embeddings(args.prompt_embeds, pipe))
+    if progress and (saving := generate_line(pipe, request, attention)):  # CLEAR's FLOPs against full attention
+        print(saving)
     if chain is not None:
         images = lib.generate_upscaled(pipe, request, chain, attention, progress and not args.no_progress, patch)
         chained = {"upscale": f"from {chain.base_height}x{chain.base_width} at strength {chain.strength}"}
