@@ -87,3 +87,20 @@ def test_generate_prints_the_saving_of_its_clear_settings(tmp_path, capsys):
     cost = attention_cost(pipe.transformer, grid, 6, radius=2, down_factor=0)  # 6 tokens in the embeddings file
     assert printed("--clear", "radius=2") == [describe(cost, 2, 0, 32, 48)]
     assert printed() == []  # stock attention: nothing to compare
+
+
+def test_the_docs_quote_what_generate_prints_for_flux_dev(monkeypatch):
+    """The table the docs include is what the count gives for FLUX.1-dev's configuration today, and every
+    printed line the diffusers page shows is in it."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.syspath_prepend(str(root / "benchmarks"))
+    import clear_flops
+
+    results = (root / "benchmarks" / "results" / "clear-attention-flops.md").read_text()
+    for row in clear_flops.rows([4096]):  # FLUX.1-dev on the meta device
+        assert f"| {row['line']} |" in results
+    quoted = [line for line in (root / "docs" / "diffusers.md").read_text().splitlines()
+              if line.startswith("attention: CLEAR")]
+    assert quoted and all(f"| {line} |" in results for line in quoted)
