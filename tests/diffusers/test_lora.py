@@ -12,11 +12,13 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from ditkit.checkpoint import save_weights
 from ditkit.diffusers import pipelines
-from ditkit.diffusers.clear import apply_clear
+from ditkit.diffusers.clear import apply_clear, student_parameters
 from ditkit.diffusers.lora import parse_lora
 from ditkit.diffusers.pipelines import Attention
 from ditkit.errors import DitkitError
+from ditkit.record import DataSettings, DiffusersModel, DiffusionSettings, RunRecord
 from helpers import run_cli
 from tiny_diffusers import flux_ids, flux_pipeline, sd3_pipeline
 
@@ -86,23 +88,51 @@ def flux(tmp_path):
     return pipe, stock, factors, student, tmp_path
 
 
-def merged_by_hand(stock, student, factors):
-    """W_student + scale * (alpha / rank) * B @ A in every LoRA layer, then CLEAR r=2, f=2."""
+def ditkit_student(stock, folder):
+    """A student as `ditkit distill` saves one (CLEAR r=2, f=2; its trained parameters random here);
+    returns its tensors under the transformer's names."""
+    student = copy.deepcopy(stock)
+    apply_clear(student, 2, 2)
+    generator = torch.Generator().manual_seed(4)
+    state = {name: p.detach() + 0.1 * torch.randn(p.shape, generator=generator)
+             for name, p in student_parameters(student).items()}
+    record = RunRecord(DiffusersModel("FluxTransformer2DModel", "teacher"), DiffusionSettings(),
+                       DataSettings(resolution=32), distill={"radius": 2, "down_factor": 2})
+    save_weights(folder, {f"transformer.{name}": value for name, value in state.items()}, record)
+    return state
+
+
+def official_as_ditkit(tensors):
+    return {key.replace("processor.spatial_weight", "processor.pool_weight"): value.reshape(-1)
+            if key.endswith("spatial_weight") else value for key, value in tensors.items()}
+
+
+def merged_by_hand(stock, student_state, factors):
+    """CLEAR r=2, f=2, the student's weights (none: CLEAR's initial ones), then W + scale * (alpha / rank)
+    * B @ A in every LoRA layer."""
     merged = copy.deepcopy(stock)
     apply_clear(merged, 2, 2, "reference")
-    state = {key.replace("processor.spatial_weight", "processor.pool_weight"): value.reshape(-1)
-             if key.endswith("spatial_weight") else value for key, value in student.items()}
-    assert not merged.load_state_dict(state, strict=False).unexpected_keys
+    assert not merged.load_state_dict(student_state, strict=False).unexpected_keys
     with torch.no_grad():
         for module, (a, b) in factors.items():
             merged.get_submodule(module).weight += SCALE * ALPHA / RANK * b @ a
     return merged
 
 
-@pytest.mark.parametrize("lora_first", [True, False], ids=["lora-then-student", "student-then-lora"])
-def test_lora_over_a_student_equals_the_weights_merged_by_hand(flux, lora_first):
-    pipe, stock, factors, student, root = flux
-    attention = Attention(clear="backend=reference", student=root / "clear_local_2_down_2.safetensors")
+@pytest.mark.parametrize("student, lora_first", [("official", True), ("official", False), ("ditkit", True),
+                                                 ("ditkit", False), ("none", True)],
+                         ids=["official-lora-first", "official-student-first", "ditkit-lora-first",
+                              "ditkit-student-first", "clear-without-student"])
+def test_lora_over_a_student_equals_the_weights_merged_by_hand(flux, student, lora_first):
+    pipe, stock, factors, official, root = flux
+    if student == "official":
+        attention, state = (Attention(clear="backend=reference", student=root / "clear_local_2_down_2.safetensors"),
+                            official_as_ditkit(official))
+    elif student == "ditkit":
+        state = ditkit_student(stock, root / "student")
+        attention = Attention(clear="backend=reference", student=root / "student")
+    else:
+        attention, state = Attention(clear="radius=2,down_factor=2,backend=reference"), {}
 
     def load_lora():
         pipe.load_lora_weights(str(root / "style.safetensors"), adapter_name="lora_0")
@@ -111,11 +141,10 @@ def test_lora_over_a_student_equals_the_weights_merged_by_hand(flux, lora_first)
     for step in ([load_lora, lambda: attention.apply(pipe.transformer)] if lora_first
                  else [lambda: attention.apply(pipe.transformer), load_lora]):
         step()
-    expected = output(merged_by_hand(stock, student, factors))
-    got = output(pipe.transformer)
-    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+    expected = output(merged_by_hand(stock, state, factors))
+    assert torch.allclose(output(pipe.transformer), expected, atol=1e-5, rtol=0)
     without_lora = copy.deepcopy(stock)
-    Attention(clear="backend=reference", student=root / "clear_local_2_down_2.safetensors").apply(without_lora)
+    attention.apply(without_lora)
     assert (output(without_lora) - expected).abs().max() > 1e-3  # the LoRA really changes the output
 
 
@@ -139,6 +168,11 @@ def test_generate_with_a_lora_and_a_student_records_both(flux, capsys):
                             str(root / "style.safetensors"))
     assert text["lora"] == "style.safetensors:0.7, style.safetensors:1" and "lora: style" in text["parameters"]
     assert np.abs(plain - styled).max() > 1
+    chained, text = generate("chain.png", "--lora", str(root / "style.safetensors"), "--upscale-from", "16",
+                             "--strength", "1")  # the base: stock + LoRA; then the student loads under the LoRA
+    assert text["lora"] == "style.safetensors:1" and text["upscale"].startswith("from 16x16")
+    single, _ = generate("single.png", "--lora", str(root / "style.safetensors"))
+    assert np.abs(chained - single).max() <= 1  # strength 1: plain generation at the full size
 
 
 @pytest.mark.parametrize("text, expected", [("a.safetensors:abc", "the scale 'abc' is not a number"),
