@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from ditkit.checkpoint import save_weights
 from ditkit.diffusers import pipelines
 from ditkit.diffusers.clear import apply_clear, student_parameters
-from ditkit.diffusers.lora import parse_lora
+from ditkit.diffusers.lora import check_loras, lora_settings, parse_lora
 from ditkit.diffusers.pipelines import Attention
 from ditkit.errors import DitkitError
 from ditkit.record import DataSettings, DiffusersModel, DiffusionSettings, RunRecord
@@ -201,6 +201,18 @@ def sd3_lora(path):
                                                weight_name=path.name)
 
 
+def kohya_lora(path, width=32):
+    """A LoRA in kohya's FLUX layout (one double block's image output projection), which diffusers
+    converts on loading."""
+    block = "lora_unet_double_blocks_0_img_attn_proj"
+    save_file({f"{block}.lora_down.weight": torch.randn(RANK, width),
+               f"{block}.lora_up.weight": torch.randn(width, RANK), f"{block}.alpha": torch.tensor(ALPHA)}, str(path))
+
+
+def kohya_lora_of_another_width(path):
+    kohya_lora(path, width=16)
+
+
 def unknown_modules(path):
     save_file({"transformer.not_a_block.lora_A.weight": torch.zeros(2, 8),
                "transformer.not_a_block.lora_B.weight": torch.zeros(8, 2)}, str(path))
@@ -215,7 +227,9 @@ def not_a_lora(path):
                "FluxTransformer2DModel, 16 -> 16 in the LoRA"),
     (unknown_modules, "is a LoRA for another model: it changes not_a_block, which this pipeline's "
                       "FluxTransformer2DModel does not have"),
-    (not_a_lora, "holds no LoRA weights for a transformer")], ids=["sd3-on-flux", "no-such-module", "not-a-lora"])
+    (kohya_lora_of_another_width, "is a LoRA for another model: transformer_blocks.0.attn.to_out.0 maps 32 -> 32"),
+    (not_a_lora, "holds no LoRA weights for a transformer")],
+    ids=["sd3-on-flux", "no-such-module", "kohya-of-another-width", "not-a-lora"])
 def test_a_lora_for_another_model_is_one_line_before_any_weight_loads(tmp_path, capsys, monkeypatch, make, expected):
     torch.manual_seed(0)
     flux_pipeline(False).save_pretrained(tmp_path / "pipe")
@@ -236,3 +250,11 @@ def test_a_pipeline_without_a_lora_loader_is_one_line(tmp_path, capsys):
                            "--height", "32", "--width", "32", "--out", str(tmp_path / "x.png"), "--lora",
                            str(tmp_path / "l.safetensors"))
     assert code == 2 and "PixArtAlphaPipeline cannot load LoRA weights" in err and err.count("\n") == 1
+
+
+def test_a_lora_in_kohyas_layout_is_checked_after_diffusers_converts_it(tmp_path):
+    torch.manual_seed(0)
+    flux_pipeline(False).save_pretrained(tmp_path / "pipe")
+    kohya_lora(tmp_path / "kohya.safetensors")
+    [lora] = check_loras(tmp_path / "pipe", None, [f"{tmp_path / 'kohya.safetensors'}:0.5"])
+    assert lora.scale == 0.5 and lora_settings([lora]) == {"lora": "kohya.safetensors:0.5"}

@@ -111,10 +111,11 @@ def lora_targets(shapes: dict[str, tuple[int, ...]]) -> dict[str, dict[str, tupl
     """Transformer module -> {"A": (rank, in), "B": (out, rank)} of each factor pair the keys hold."""
     targets: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, shape in shapes.items():
-        if TEXT_ENCODERS.match(key) or not key.endswith(LORA_WEIGHTS):
+        suffix = next((suffix for suffix in LORA_WEIGHTS if key.endswith(suffix)), None)
+        if suffix is None or TEXT_ENCODERS.match(key):
             continue
-        module, factor = key.removeprefix("transformer.")[: -len(".lora_A.weight")], key[-8]
-        targets.setdefault(module, {})[factor] = shape
+        module = key.removeprefix("transformer.").removesuffix(suffix)
+        targets.setdefault(module, {})[suffix[len(".lora_")]] = shape  # "A" or "B"
     return targets
 
 
