@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ditkit.diffusers.attention_cost import attention_cost, describe, layer_pairs
+from ditkit.diffusers.attention_cost import attention_cost, clear_settings, describe, layer_pairs
+from ditkit.diffusers.pipelines import Attention
 from ditkit.mixers.clear import _reference_mask
 from tiny_diffusers import tiny_flux, tiny_pixart
 
@@ -87,6 +88,8 @@ def test_generate_prints_the_saving_of_its_clear_settings(tmp_path, capsys):
     cost = attention_cost(pipe.transformer, grid, 6, radius=2, down_factor=0)  # 6 tokens in the embeddings file
     assert printed("--clear", "radius=2") == [describe(cost, 2, 0, 32, 48)]
     assert printed() == []  # stock attention: nothing to compare
+    assert clear_settings(Attention(clear="backend=reference")) is None  # no radius: refused later, not counted
+    assert clear_settings(Attention(clear="radius=4,down_factor=2")) == (4, 2)
 
 
 def test_the_docs_quote_what_generate_prints_for_flux_dev(monkeypatch):

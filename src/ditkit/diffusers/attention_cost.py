@@ -109,6 +109,8 @@ def clear_settings(attention: Attention | None) -> tuple[float, int] | None:
         settings = (official_student_settings(attention.student, attention.options())
                     or read_student_header(attention.student)[0].distill)
         return settings["radius"], settings.get("down_factor", 0)
+    if "radius" not in attention.options():  # backend only: refused by Attention.check, nothing to count
+        return None
     return attention.clear.option("radius"), attention.clear.option("down_factor")
 
 

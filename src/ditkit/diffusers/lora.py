@@ -37,7 +37,7 @@ from .folders import CONFIG, model_class_name, pipeline_index, resolve_pipeline
 LORA_WEIGHTS = (".lora_A.weight", ".lora_B.weight")  # diffusers' / peft's names of the two factors
 TEXT_ENCODERS = re.compile(r"text_encoder(_\d)?\.")  # LoRA keys for the text encoders, not the transformer
 PEFT_PARAMETER = re.compile(r"(^|\.)lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.")
-BASE_LAYER = ".base_layer."
+BASE_LAYER = re.compile(r"(^|\.)base_layer\.")  # where peft keeps a wrapped layer's own weights
 
 
 @dataclass(frozen=True)
@@ -202,7 +202,7 @@ def lora_settings(loras: list[LoraFile]) -> dict[str, str]:
 def base_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
     """The module's parameters under the names they have without LoRA: peft's wrapped base weights
     (`to_q.base_layer.weight`) as `to_q.weight`, the LoRA factors left out."""
-    return {name.replace(BASE_LAYER, "."): parameter for name, parameter in module.named_parameters()
+    return {BASE_LAYER.sub(r"\1", name): parameter for name, parameter in module.named_parameters()
             if not PEFT_PARAMETER.search(name)}
 
 
@@ -213,6 +213,6 @@ def base_layer_state(module: nn.Module, state: dict[str, Tensor]) -> dict[str, T
     renamed = {}
     for key, value in state.items():
         layer, _, leaf = key.rpartition(".")
-        wrapped = f"{layer}{BASE_LAYER}{leaf}"
+        wrapped = f"{layer}.base_layer.{leaf}"
         renamed[wrapped if key not in own and wrapped in own else key] = value
     return renamed
