@@ -13,8 +13,9 @@ from .args import COMMANDS, SharedFlags, overrides_anywhere, split_config_and_ov
 # `ditkit distill` flags that set a DistillConfig key (flag dest -> config key); unset flags leave the
 # config's value. The config's own defaults live in DistillConfig.
 DISTILL_FLAGS = {
-    "teacher": "teacher", "radius": "radius", "resolution": "resolution", "teacher_steps": "teacher_steps",
-    "prompt_embeds": "prompt_embeds", "down_factor": "down_factor", "backend": "backend",
+    "teacher": "teacher", "revision": "teacher_revision", "radius": "radius", "resolution": "resolution",
+    "teacher_steps": "teacher_steps", "prompt_embeds": "prompt_embeds", "down_factor": "down_factor",
+    "backend": "backend",
     "num_samples": "num_samples", "steps": "steps", "batch_size": "batch_size", "optimizer": "optimizer",
     "lr": "lr", "task_weight": "weights.task", "output_weight": "weights.output",
     "attention_weight": "weights.attention", "attention_every": "attention_every", "eval_num": "eval_num",
@@ -28,7 +29,9 @@ def add_parser(sub, shared: SharedFlags) -> None:
                              help=COMMANDS["distill"])
     distill.add_argument("items", nargs="*", metavar="[CONFIG] KEY=VALUE",
                          help="a YAML file of DistillConfig keys, then overrides, e.g. radius=8 weights.task=1")
-    distill.add_argument("--teacher", help="ditkit checkpoint, or a diffusers transformer folder")
+    distill.add_argument("--teacher", help="ditkit checkpoint, a diffusers transformer or pipeline folder, or a "
+                         "hub repository ORG/NAME in the local Hugging Face cache (HF_HOME; never downloaded)")
+    distill.add_argument("--revision", help="with --teacher ORG/NAME: the cached branch, tag or commit (default main)")
     distill.add_argument("--radius", type=float, help="local attention radius in tokens (default 8)")
     distill.add_argument("--resolution", type=int, help="training resolution in pixels (default: the teacher's; "
                                                         "512 for diffusers teachers)")

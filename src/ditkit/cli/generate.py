@@ -9,7 +9,9 @@ from pathlib import Path
 
 from ..diffusers import pipeline_family as family_lib
 from ..diffusers import pipelines as lib
+from ..diffusers.attention_cost import generate_line
 from ..diffusers.folders import resolve_pipeline
+from ..diffusers.lora import check_loras, load_loras, lora_settings
 from ..distributed.launch import sampling_session
 from ..errors import DitkitError
 from .args import COMMANDS, SharedFlags, check_output_file, parse_size
@@ -37,6 +39,9 @@ def add_parser(sub, shared: SharedFlags) -> None:
     generate.add_argument("--student", metavar="CKPT", help="a `ditkit distill` student of this pipeline's "
                           "transformer (brings its own CLEAR settings), or CLEAR's official FLUX.1-dev weights "
                           "(clear_local_8_down_4.safetensors: radius and down factor read from the name)")
+    generate.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="a LoRA "
+                          "(.safetensors: diffusers' layout or one diffusers converts; repeatable), scaled by SCALE "
+                          "(default 1); with --student its deltas apply on top of the student's weights")
     generate.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weights' dtype")
     generate.add_argument("--cpu-offload", action="store_true", help="keep each component on the CPU until it "
                           "runs (diffusers' enable_model_cpu_offload)")
@@ -128,18 +133,23 @@ def generate_images(args, request: lib.Request, chain: lib.UpscaleChain | None, 
                     progress: bool) -> tuple[list, list[dict]]:
     """The images of the command line, and their PNG settings."""
     attention = lib.Attention(args.clear, args.student, args.clear_controlnet is not False)  # refused before loading
+    loras = check_loras(args.pipeline, args.revision, args.lora)  # each LoRA against the transformer's config
     pipe = lib.load_pipeline(args.pipeline, args.dtype, device, args.cpu_offload, args.vae_tiling,
                              progress=progress and not args.no_progress, revision=args.revision,
                              components=controlnet_component(args))
+    load_loras(pipe, loras)
     if args.prompt_embeds:
         request = replace(request, embeddings=lib.read_prompt_embeddings(args.prompt_embeds, pipe))
+    if progress and (saving := generate_line(pipe, request, attention)):  # CLEAR's FLOPs against full attention
+        print(saving)
     if chain is not None:
         images = lib.generate_upscaled(pipe, request, chain, attention, progress and not args.no_progress, patch)
         chained = {"upscale": f"from {chain.base_height}x{chain.base_width} at strength {chain.strength}"}
     else:
         images = lib.generate(pipe, request, attention, progress and not args.no_progress, patch)
         chained = {}
-    return images, lib.image_settings(pipe, request, {**attention.settings(), **chained, **input_settings(args, pipe)})
+    return images, lib.image_settings(pipe, request, {**attention.settings(), **chained, **input_settings(args, pipe),
+                                                      **lora_settings(loras)})
 
 
 def controlnet_component(args) -> dict:

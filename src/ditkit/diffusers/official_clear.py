@@ -39,6 +39,7 @@ from ..files import atomic_path
 from ..mixers.clear import disc_size
 from ..record import DiffusersModel
 from .clear import self_attention_layers
+from .lora import base_parameters
 
 FLUX = "FluxTransformer2DModel"
 BLOCKS = ("transformer_blocks", "single_transformer_blocks")
@@ -114,7 +115,7 @@ def expected_shapes(transformer: nn.Module, down_factor: int) -> dict[str, tuple
     self-attention layer and, with a down factor, each layer's pooling weights."""
     expected = {}
     for path, attn, _ in self_attention_layers(transformer):
-        for name, parameter in attn.named_parameters():
+        for name, parameter in base_parameters(attn).items():  # a LoRA-wrapped layer's base weights
             if name.startswith(PROJECTIONS):
                 expected[f"{path}.{name}"] = tuple(parameter.shape)
         if down_factor:

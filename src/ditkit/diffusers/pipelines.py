@@ -54,6 +54,7 @@ from ..record import DiffusersModel, RunRecord
 from .adapters import DiffusersAdapter, adapter_for
 from .clear import CLEAR_KEYS, apply_clear, clear_is_on, clear_spec
 from .folders import resolve_pipeline
+from .lora import base_layer_state, base_parameters
 from .official_clear import check_official, is_official_layout, official_settings, read_official
 from .patch_parallel import patch_parallel
 from .pipeline_family import fixed_call_arguments, pipeline_family
@@ -209,7 +210,7 @@ def check_student(transformer: nn.Module, ckpt: str | Path, clear: dict | None =
     if record.model.diffusers != name:
         raise DitkitError(f"{ckpt} is a student of a {record.model.diffusers} ({record.model.path}), this "
                           f"pipeline's transformer is a {name}: use the student's own pipeline")
-    own = {key: tuple(p.shape) for key, p in transformer.named_parameters()}
+    own = {key: tuple(p.shape) for key, p in base_parameters(transformer).items()}  # LoRA-wrapped: base names
     for key, shape in shapes.items():
         name = key.removeprefix("transformer.")
         if ".processor." not in name and own.get(name) != shape:  # pooling weights exist once CLEAR is on
@@ -233,7 +234,7 @@ def load_student(transformer: nn.Module, ckpt: str | Path, backend: str = "auto"
     settings; CLEAR's official files (`clear_local_8_down_4.safetensors`) take them from their name or
     from `clear` ({"radius": 8, "down_factor": 4}). Returns the settings."""
     settings = check_student(transformer, ckpt, clear)
-    state = student_tensors(ckpt)
+    state = base_layer_state(transformer, student_tensors(ckpt))  # under a LoRA: into its base layers
     apply_clear(transformer, settings["radius"], settings.get("down_factor", 0), backend)
     unexpected = transformer.load_state_dict(state, strict=False).unexpected_keys  # the rest stays the teacher's
     if unexpected:

@@ -81,7 +81,10 @@ class DistillConfig:
     """A distillation: the teacher, the student's CLEAR settings, training and the report. Loaded
     like training configs (`ditkit distill CONFIG.yaml key=value ...`); unset values have defaults."""
 
-    teacher: str | None = None  # a ditkit checkpoint, or a diffusers transformer folder
+    # a ditkit checkpoint, a diffusers transformer or pipeline folder, or a hub repository ORG/NAME in the
+    # local Hugging Face cache (its pipeline's transformer; never downloaded)
+    teacher: str | None = None
+    teacher_revision: str | None = None  # with teacher ORG/NAME: the cached branch, tag or commit (default main)
     resolution: int | None = ranged(None, AT_LEAST_1)  # training pixels (default: the teacher's; 512 for diffusers)
     # sampling steps of the teacher's samples (default: its own; 28 for diffusers)
     teacher_steps: int | None = ranged(None, AT_LEAST_1)
