@@ -1,4 +1,4 @@
-"""Datasets: image folders, the built-in `digits` and `photos`, and cached VAE latents."""
+"""Datasets: image folders, the built-in `digits` and `photos`, and prepared (cached) VAE latents."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from torch.utils.data import Dataset
 from ..errors import DitkitError
 from .builtin import DigitsDataset, PhotosDataset
 from .folder import ImageFolderDataset
-from .latents import LatentDataset, cached_latents, load_vae
+from .latents import load_vae
+from .prepared import PreparedLatents, cached_latents, prepare_latents
 
 BUILTIN = ("digits", "photos")
 
@@ -26,5 +27,5 @@ def build_dataset(source: str, resolution: int, photos_length: int = 2000, seed:
     return ImageFolderDataset(source, resolution)
 
 
-__all__ = ["BUILTIN", "DigitsDataset", "PhotosDataset", "ImageFolderDataset", "LatentDataset",
-           "build_dataset", "cached_latents", "load_vae"]
+__all__ = ["BUILTIN", "DigitsDataset", "PhotosDataset", "ImageFolderDataset", "PreparedLatents",
+           "build_dataset", "cached_latents", "load_vae", "prepare_latents"]

@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import struct
 import time
 import warnings
@@ -59,6 +60,7 @@ from ..files import (
     FolderLock,
     atomic_path,
     atomic_write_text,
+    check_writable,
     read_json,
     refuse_output_over_inputs,
     remove_temporary_files,
@@ -124,7 +126,10 @@ def read_safetensors_header(path: str | Path) -> tuple[dict[str, dict], int]:
 def vae_fingerprint(vae_path: str | Path, vae) -> tuple[str, str | None]:
     """(sha256 of the VAE's config, sha256 of its safetensors weights file's header, or None when its
     weights are in another format): the header names every tensor's shape, dtype and byte range."""
-    config = json.dumps(dict(vae.config), sort_keys=True, default=str)
+    # Without diffusers' bookkeeping (_name_or_path is where it was loaded from, _diffusers_version
+    # the writer's): the same VAE moved or re-saved by another diffusers has the same fingerprint.
+    config = json.dumps({k: v for k, v in dict(vae.config).items() if not k.startswith("_")}, sort_keys=True,
+                        default=str)
     weights = sorted(Path(vae_path).glob("*.safetensors"))
     header = None
     if weights:
@@ -376,9 +381,9 @@ def prepare_latents(source: Dataset, vae_path: str | Path, out: str | Path, *, s
         raise DitkitError(f"--dtype {dtype!r} is not a storage type: use fp16 or fp32")
     if len(source) == 0:
         raise DitkitError(f"source {source_name} has no items: give a source with images")
-    refuse_output_over_inputs(out, {"source": source_name, "VAE": vae_path}, "--out")
     plan = ShardPlan(len(source), shard_size, batch_size)
     vae = load_vae(vae_path, device)
+    refuse_output_over_inputs(out, {"source": source_name, "VAE": vae_path}, "--out")
     if int(vae.config.in_channels) != int(source.channels):
         raise DitkitError(f"the VAE {vae_path} encodes {vae.config.in_channels}-channel images and {source_name} has "
                           f"{source.channels}-channel ones: use a VAE made for them")
@@ -407,6 +412,42 @@ def prepare_latents(source: Dataset, vae_path: str | Path, out: str | Path, *, s
             return write_manifest(out, settings, plan)
     wait_until(lambda: (out / MANIFEST).is_file(), poll_seconds)
     return read_manifest(out)
+
+
+CACHE_SHARD_SIZE = 1024  # the latent cache's shards: a multiple of its batch size
+
+
+def cached_latents(dataset: Dataset, vae_path: str | Path, cache_dir: str | Path, hflip: bool, batch_size: int = 16,
+                   device: str | torch.device = "cpu", progress: bool = True, rank: int = 0, world_size: int = 1,
+                   agree: Callable[[Callable[[], Any]], Any] = alone) -> PreparedLatents:
+    """The latents of a training run with data.vae: `prepare_latents` (fp32, batches of `batch_size`)
+    into a folder of `cache_dir` keyed by the dataset, the VAE and hflip, made by every process of
+    the run (each its shards, as `ditkit prepare` under torchrun), then read lazily. A finished cache
+    is opened with the size and header checks only (start-up does not read the data); one that fails
+    them is rebuilt, as it is only a cache."""
+    vae_path = Path(vae_path).resolve()
+    config = vae_path / "config.json"
+    text = config.read_bytes() if config.is_file() else b""  # load_vae names what is missing
+    key = hashlib.sha256(b"|".join([dataset.cache_key.encode(), str(vae_path).encode(), text, str(hflip).encode(),
+                                    f"shards-{FORMAT}-{batch_size}".encode()]))
+    folder = Path(cache_dir) / f"latents-{key.hexdigest()[:20]}"
+
+    def drop_damaged() -> None:
+        if (folder / MANIFEST).is_file():
+            try:
+                PreparedLatents(folder)
+            except DitkitError as error:
+                warnings.warn(f"rebuilding the latent cache {folder}: {error}", stacklevel=3)
+                shutil.rmtree(folder)
+
+    check_writable(cache_dir, "latent cache")  # before the encoding, not after it
+    agree(drop_damaged)
+    resolution = getattr(dataset, "resolution", None) or int(dataset[0][0].shape[-1])
+    prepare_latents(dataset, vae_path, folder, source_name=dataset.cache_key, resolution=resolution, hflip=hflip,
+                    dtype="fp32", shard_size=CACHE_SHARD_SIZE // batch_size * batch_size or batch_size,
+                    batch_size=batch_size, device=device, rank=rank, world_size=world_size, agree=agree,
+                    verify=False, progress=progress)
+    return PreparedLatents(folder)
 
 
 class PreparedLatents(Dataset):
