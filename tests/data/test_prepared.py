@@ -124,6 +124,8 @@ def test_a_damaged_unfinished_shard_is_made_again(inputs, tmp_path, monkeypatch)
 def test_a_finished_folder_is_verified_not_rebuilt(inputs, tmp_path, monkeypatch):
     images, vae = inputs
     first = prepare(images, vae, tmp_path / "out")
+    before = shard_bytes(tmp_path / "out")
+    real_encode = prepared.encode_shard
     monkeypatch.setattr(prepared, "encode_shard", lambda *a, **k: pytest.fail("a finished folder was re-encoded"))
     assert prepare(images, vae, tmp_path / "out") == first
     path = shard_path(tmp_path / "out", 2)
@@ -131,9 +133,15 @@ def test_a_finished_folder_is_verified_not_rebuilt(inputs, tmp_path, monkeypatch
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(DitkitError, match=r"shard-000002.safetensors of the prepared latents is not as its manifest "
-                                          r"says \(another sha256.*delete it and its manifest.json and rerun"):
+                                          r"says \(another sha256.*: delete that shard and rerun the same ditkit "
+                                          "prepare command, which makes it again"):
         prepare(images, vae, tmp_path / "out")
     PreparedLatents(tmp_path / "out")  # opening checks sizes and headers only (the checksums are prepare's)
+    path.unlink()  # as the message says: the deleted shard, and only it, is made again
+    encoded = []
+    monkeypatch.setattr(prepared, "encode_shard", lambda *a, **k: encoded.append(a[3]) or real_encode(*a, **k))
+    assert prepare(images, vae, tmp_path / "out") == first
+    assert encoded == [2] and shard_bytes(tmp_path / "out") == before
 
 
 class OneUnreadable(ImageFolderDataset):

@@ -21,7 +21,8 @@ Resuming: while a folder is in progress, `progress.json` holds its settings and 
 has a record `shard-000000.json` (count, size, sha256, skipped files), written after the shard (both
 atomically). A rerun trusts a shard only when its record is there and the file's size, header and
 sha256 match it; the others are made (again). Rank 0 writes the manifest once every shard has its
-record, then removes the records. A finished folder rerun is verified (every sha256), never rebuilt;
+record, then removes the records. A finished folder rerun is verified (every sha256), never rebuilt:
+a shard that differs from the manifest is named (delete it and rerun), a deleted one is made again;
 a folder of another source, VAE, resolution, hflip, dtype or shard plan is refused in one line.
 
 Reading (`PreparedLatents`): the manifest and every shard's size and header are checked at open
@@ -302,13 +303,31 @@ def finished_shards(folder: Path, settings: dict, plan: ShardPlan) -> list[int]:
     return done
 
 
-def verify_folder(folder: Path, manifest: dict) -> None:
-    """Every shard of a finished folder against the manifest, checksums included."""
-    for entry in manifest["shards"]:
-        if (problem := check_shard(folder, entry, manifest, checksum=True)) is not None:
+def verify_folder(folder: Path, manifest: dict) -> list[int]:
+    """Every shard of a finished folder against the manifest, checksums included; returns the shards
+    that are missing (deleted, to be made again). A shard that is there but differs is an error."""
+    missing = []
+    for index, entry in enumerate(manifest["shards"]):
+        if (problem := check_shard(folder, entry, manifest, checksum=True)) == "missing":
+            missing.append(index)
+        elif problem is not None:
             raise DitkitError(f"shard {folder / entry['file']} of the prepared latents is not as its manifest says "
-                              f"({problem}): delete it and "
-                              "its manifest.json and rerun the same ditkit prepare command to make it again")
+                              f"({problem}): delete that shard and rerun the same ditkit prepare command, which "
+                              "makes it again")
+    return missing
+
+
+def reopen(folder: Path, manifest: dict, settings: dict, plan: ShardPlan, missing: list[int]) -> None:
+    """A finished folder with `missing` shards back in progress: the progress file and the records of
+    the shards that are there (from the manifest), then no manifest until the missing ones are made."""
+    atomic_write_text(folder / PROGRESS, json.dumps(settings, indent=2) + "\n")
+    for index, entry in enumerate(manifest["shards"]):
+        if index not in missing:
+            items = plan.bounds(index)
+            skipped = [s for s in manifest["skipped"] if s["item"] in items]
+            atomic_write_text(record_path(folder, index), json.dumps({"index": index, **entry, "skipped": skipped})
+                              + "\n")
+    (folder / MANIFEST).unlink()
 
 
 def claim_folder(folder: Path, settings: dict, plan: ShardPlan, verify: bool) -> tuple[dict | None, list[int]]:
@@ -319,9 +338,12 @@ def claim_folder(folder: Path, settings: dict, plan: ShardPlan, verify: bool) ->
     if (folder / MANIFEST).exists():
         manifest = read_manifest(folder)
         refuse_other(folder, manifest, settings)
-        if verify:
-            verify_folder(folder, manifest)
-        return manifest, []
+        if not verify:
+            return manifest, []
+        if not (missing := verify_folder(folder, manifest)):
+            return manifest, []
+        reopen(folder, manifest, settings, plan, missing)
+        return None, missing
     if (folder / PROGRESS).exists():
         refuse_other(folder, read_json(folder / PROGRESS, "prepare progress file"), settings)
     else:
@@ -382,6 +404,7 @@ def prepare_latents(source: Dataset, vae_path: str | Path, out: str | Path, *, s
     if len(source) == 0:
         raise DitkitError(f"source {source_name} has no items: give a source with images")
     plan = ShardPlan(len(source), shard_size, batch_size)
+    check_writable(out, "prepared latents")  # before the encoding, not after it
     vae = load_vae(vae_path, device)
     refuse_output_over_inputs(out, {"source": source_name, "VAE": vae_path}, "--out")
     if int(vae.config.in_channels) != int(source.channels):
