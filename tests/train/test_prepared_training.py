@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from data.prepared_helpers import image_folder, vae_folder
+from distributed.test_patch import torchrun
 from ditkit.checkpoint import META_KEY, read_header
 from ditkit.data import ImageFolderDataset, PreparedLatents, prepare_latents
 from ditkit.data.prepared import ShardPlan, write_manifest, write_shard
@@ -117,3 +118,21 @@ def test_resident_memory_does_not_grow_with_the_number_of_items(tmp_path):
     after_small = resident_after_reading(small)
     after_large = resident_after_reading(large)  # 160 MB of latents read, one item at a time
     assert after_large < after_small * 1.1 + (16 << 20), (after_small >> 20, after_large >> 20)
+
+
+def test_two_processes_build_the_latent_cache_one_process_builds(prepared, tmp_path):
+    """Under torchrun every process of a data.vae run takes part in the cache (rank 0 claims the
+    folder and writes the manifest, the others wait for it): the same files as one process makes."""
+    images, vae, _ = prepared
+    settings = [f"data.source={images}", f"data.vae={vae}", "model.name=DiT-Nano/2", "train.steps=1",
+                "train.num_samples=0", "train.batch_size=2"]
+    torchrun("-m", "ditkit.cli.main", "train", "digits",
+             *tiny_run(tmp_path / "two", *settings, f"data.cache_dir={tmp_path / 'two-cache'}"), "--no-progress",
+             timeout=300)
+    train(load_config(None, tiny_run(tmp_path / "one", *settings, f"data.cache_dir={tmp_path / 'one-cache'}")),
+          progress=False)
+    one, two = (next((tmp_path / name).glob("latents-*")) for name in ("one-cache", "two-cache"))
+    assert one.name == two.name
+    assert sorted(p.name for p in two.iterdir()) == ["manifest.json", "shard-000000.safetensors"]
+    assert all((one / name).read_bytes() == (two / name).read_bytes() for name in ("manifest.json",
+                                                                                   "shard-000000.safetensors"))
