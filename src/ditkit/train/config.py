@@ -63,7 +63,7 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    source: str = "digits"  # digits, photos, or a path to an image folder
+    source: str = "digits"  # digits, photos, a path to an image folder, or latents:DIR (from ditkit prepare)
     resolution: int = ranged(32, AT_LEAST_1)  # pixels
     hflip: bool = False  # random horizontal flips (not for digits!)
     vae: str | None = None  # local diffusers AutoencoderKL folder: train in its latent space
