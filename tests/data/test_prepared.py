@@ -200,6 +200,8 @@ def test_bad_input_is_one_line_before_any_work(inputs, tmp_path, monkeypatch):
         prepare(images, vae, tmp_path / "out", dtype="bf16")
     with pytest.raises(DitkitError, match="--resolution 15 is not a multiple of the VAE's downsampling 2"):
         prepare(images, vae, tmp_path / "out", resolution=15)
+    with pytest.raises(DitkitError, match="makes 16 px images, not the resolution 32 to record"):
+        prepare_latents(ImageFolderDataset(images, 16), vae, tmp_path / "out", source_name="x", resolution=32)
     with pytest.raises(DitkitError, match="--out .* lies inside the source"):
         prepare(images, vae, images / "latents")
     assert not (tmp_path / "out").exists()

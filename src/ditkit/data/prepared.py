@@ -403,6 +403,9 @@ def prepare_latents(source: Dataset, vae_path: str | Path, out: str | Path, *, s
         raise DitkitError(f"--dtype {dtype!r} is not a storage type: use fp16 or fp32")
     if len(source) == 0:
         raise DitkitError(f"source {source_name} has no items: give a source with images")
+    if getattr(source, "resolution", resolution) != resolution:
+        raise DitkitError(f"source {source_name} makes {source.resolution} px images, not the resolution {resolution} "
+                          "to record: build the source at that resolution")
     plan = ShardPlan(len(source), shard_size, batch_size)
     check_writable(out, "prepared latents")  # before the encoding, not after it
     vae = load_vae(vae_path, device)
