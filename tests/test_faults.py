@@ -146,6 +146,8 @@ def commands(i: dict, out: Path) -> dict[str, list[str]]:
         "quickstart": ["quickstart", "--scale", "tiny", "--out", str(out / "quickstart"), "--features-path", features,
                        "--no-progress"],
         "study": ["study", str(i["study"]), "--out", str(out / "study"), "--features-path", features, "--no-progress"],
+        "prepare": ["prepare", str(i["images"]), "--vae", str(i["vae"]), "--resolution", "16", "--out",
+                    str(out / "latents"), "--shard-size", "2", "--batch-size", "2", "--no-progress"],
         "train-latent-cache": ["train", "digits", *tiny_run(i["images"].parent / "cached"),
                                f"data.source={i['images']}", f"data.vae={i['vae']}", f"data.cache_dir={out / 'cache'}",
                                "--no-progress"],
@@ -153,7 +155,7 @@ def commands(i: dict, out: Path) -> dict[str, list[str]]:
 
 
 COMMANDS = ["train", "distill", "sample", "eval", "eval-features", "convert", "export", "generate", "bench",
-            "quickstart", "study", "train-latent-cache"]
+            "quickstart", "study", "train-latent-cache", "prepare"]
 
 
 def snapshot(*roots: Path) -> dict[str, str]:

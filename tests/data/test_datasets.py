@@ -109,13 +109,13 @@ def test_latents_are_encoded_once_and_cached(tmp_path, tiny_vae, monkeypatch):
     source = PhotosDataset(16, length=5)
     latents = cached_latents(source, tiny_vae, tmp_path, hflip=True)
     assert len(latents) == 10 and latents[0][0].shape == (4, 8, 8) and latents.channels == 4
-    assert len(list(tmp_path.glob("latents-*.safetensors"))) == 1
+    assert len([p for p in tmp_path.glob("latents-*") if (p / "manifest.json").is_file()]) == 1
 
-    import ditkit.data.latents as module
+    import ditkit.data.prepared as module
 
     monkeypatch.setattr(module, "encode", lambda *a: pytest.fail("re-encoded despite the cache"))
     again = cached_latents(source, tiny_vae, tmp_path, hflip=True)
-    assert torch.equal(again.latents, latents.latents)
+    assert all(torch.equal(again[i][0], latents[i][0]) for i in range(10))
 
 
 def test_missing_vae_is_a_clear_error(tmp_path):

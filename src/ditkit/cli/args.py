@@ -28,6 +28,8 @@ COMMANDS = {
     "eval": "FID, KID and Inception Score of samples against reference images",
     "bench": "parameters, GFLOPs, time per sampling step and peak memory vs resolution",
     "train": "train a model from a YAML config (output folder: train.out_dir)",
+    "prepare": "encode a data source with a VAE into latent shards (resumable, torchrun: one slice per process) "
+               "for training with data.source=latents:DIR",
     "distill": "CLEAR linearization: distil a full-attention teacher into a local-attention student (flags "
                "override the config; defaults are DistillConfig's)",
     "sample": "sample an image grid from a checkpoint",

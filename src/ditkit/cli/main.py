@@ -1,4 +1,4 @@
-"""The `ditkit` command line: info, train, sample, distill, eval, bench, quickstart, convert, export,
+"""The `ditkit` command line: info, train, prepare, sample, distill, eval, bench, quickstart, convert, export,
 generate, study.
 
 The CLI only parses and calls the library. Each subcommand is one module named after it (`info.py`,

@@ -1,5 +1,5 @@
 """Datasets: image folders, Hugging Face datasets on disk, WebDataset shards, the built-in `digits`
-and `photos`, and cached VAE latents."""
+and `photos`, and prepared (cached) VAE latents."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from ..errors import DitkitError
 from .builtin import DigitsDataset, PhotosDataset
 from .folder import ImageFolderDataset
 from .hf import PARQUET, DatasetsFolder, ParquetDataset, is_datasets_folder
-from .latents import LatentDataset, cached_latents, load_vae
+from .latents import load_vae
+from .prepared import PreparedLatents, cached_latents, prepare_latents
 from .wds import WebDatasetShards
 
 BUILTIN = ("digits", "photos")
@@ -74,5 +75,5 @@ def build_dataset(source: str, resolution: int, photos_length: int = 2000, seed:
 
 
 __all__ = ["BUILTIN", "SOURCE_KINDS", "DatasetsFolder", "DigitsDataset", "PhotosDataset", "ImageFolderDataset",
-           "LatentDataset", "ParquetDataset", "WebDatasetShards", "build_dataset", "cached_latents", "load_vae",
-           "source_kind"]
+           "ParquetDataset", "PreparedLatents", "WebDatasetShards", "build_dataset", "cached_latents", "load_vae",
+           "prepare_latents", "source_kind"]

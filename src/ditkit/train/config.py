@@ -63,7 +63,8 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    # digits, photos, or a path: an image folder, a datasets folder, parquet files, WebDataset shards
+    # digits, photos, a path (an image folder, a datasets folder, parquet files, WebDataset shards), or
+    # latents:DIR (from ditkit prepare)
     source: str = "digits"
     resolution: int = ranged(32, AT_LEAST_1)  # pixels
     hflip: bool = False  # random horizontal flips (not for digits!)

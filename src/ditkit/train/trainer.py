@@ -40,9 +40,11 @@ from ..checkpoint import (
 )
 from ..data import build_dataset, cached_latents
 from ..data.images import save_grid
+from ..data.latents import load_vae
+from ..data.prepared import PreparedLatents, latents_folder, vae_fingerprint
 from ..diffusion.objectives import build_objective
 from ..diffusion.pipeline import generate, input_size
-from ..distributed.launch import require_process_group
+from ..distributed.launch import Processes, require_process_group
 from ..distributed.sharding import (
     SHARDED_STATE,
     check_checkpoint_kind,
@@ -57,6 +59,7 @@ from ..distributed.sharding import (
 )
 from ..errors import DitkitError
 from ..files import atomic_write_text, read_json, writing
+from ..metrics.shards import agreed
 from ..models import build_model, model_config
 from ..record import DataSettings, RunRecord
 from .config import TrainConfig
@@ -208,6 +211,8 @@ class Trainer:
 
     def _prepare_data(self):
         d = self.cfg.data
+        if (folder := latents_folder(d.source)) is not None:
+            return self._prepared_latents(folder)
         dataset = build_dataset(d.source, d.resolution, photos_length=d.photos_length, seed=self.cfg.train.seed,
                                 cache_dir=d.cache_dir, image_column=d.image_column, label_column=d.label_column,
                                 labels_file=d.labels_file)
@@ -216,10 +221,41 @@ class Trainer:
             return dataset, None, 1
         vae_path = str(Path(d.vae).resolve())
         cache_dir = d.cache_dir or str(Path.home() / ".cache" / "ditkit")
-        with self.accelerator.main_process_first():  # one process encodes, the others read the cache
-            latents = cached_latents(dataset, vae_path, cache_dir, hflip=d.hflip, device=self.accelerator.device,
-                                     progress=self.progress)
+        acc = self.accelerator  # every process encodes its shards of the cache
+        processes = Processes(str(acc.device), acc.process_index, acc.num_processes)
+        latents = cached_latents(dataset, vae_path, cache_dir, hflip=d.hflip, device=acc.device,
+                                 progress=self.progress, rank=acc.process_index, world_size=acc.num_processes,
+                                 agree=lambda action: agreed(processes, action))
         return latents, vae_path, latents.vae_scale
+
+    def _prepared_latents(self, folder: Path):
+        """data.source latents:DIR: the manifest gives channels, classes and the VAE (data.vae, when set,
+        must be the one the latents were made with); a data.resolution or data.hflip it contradicts is refused."""
+        d, dataset = self.cfg.data, PreparedLatents(folder)
+        made = dataset.manifest
+        if d.resolution != made["resolution"]:
+            side = made["resolution"]
+            raise DitkitError(f"data.resolution={d.resolution} contradicts {d.source}, prepared at {side} px: set "
+                              f"data.resolution={side} (or prepare the latents again at {d.resolution})")
+        if d.hflip and not made["hflip"]:
+            raise DitkitError(f"data.hflip=true but {d.source} was prepared without flips (latents cannot be flipped "
+                              "at training time): prepare it with --hflip, or set data.hflip=false")
+        vae_path = str(Path(d.vae or made["vae"]).resolve())
+        if not (Path(vae_path) / "config.json").is_file():
+            where = "data.vae" if d.vae else f"the VAE {d.source} was prepared with (its manifest's vae)"
+            raise DitkitError(f"{where} {vae_path} is not a diffusers VAE folder, and sampling needs it: set data.vae "
+                              "to the folder of the VAE the latents were prepared with")
+        if d.vae is not None and vae_fingerprint(vae_path, load_vae(vae_path)) != (
+                made["vae_config_sha256"], made["vae_weights_sha256"]):
+            raise DitkitError(f"data.vae {d.vae} is not the VAE {d.source} was prepared with ({made['vae']}): leave "
+                              "data.vae unset (the manifest's is used) or set it to that VAE's folder")
+        where = f"the data ({d.source})"
+        refuse_contradictions(self.cfg.model.args, {
+            "in_channels": (dataset.channels, f"{where}, {dataset.channels} latent channels"),
+            "vae_scale": (dataset.vae_scale, f"{where}, its VAE's downsampling"),
+            "num_classes": (dataset.num_classes, f"{where}, {dataset.num_classes} classes"),
+            "learn_sigma": (self.objective.learn_sigma, "the objective (diffusion.objective, diffusion.learn_sigma)")})
+        return dataset, vae_path, dataset.vae_scale
 
     def _derived_fields(self, dataset) -> dict[str, tuple[object, str]]:
         """The model fields the run takes from its data and objective, as {field: (value, where from)}
@@ -278,7 +314,8 @@ class Trainer:
     def inputs(self) -> dict[str, str | None]:
         """What the run reads, which its output folder must keep clear of (a built-in dataset's name is
         no path and is skipped)."""
-        return {"data.source": self.cfg.data.source, "data.vae": self.cfg.data.vae}
+        d = self.cfg.data
+        return {"data.source": latents_folder(d.source) or d.source, "data.vae": d.vae}
 
     @contextmanager
     def _own_out_dir(self, resume, overwrite: bool) -> Iterator[None]:
