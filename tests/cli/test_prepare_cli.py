@@ -39,3 +39,29 @@ def test_refusals_are_one_line(tmp_path, capsys):
     code, _, err = run_cli(capsys, *flags(images, vae, tmp_path / "out", "--dtype", "fp8"))
     assert code == 2 and "--dtype 'fp8' is not a storage type: use fp16 or fp32" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_parquet_source_prepares_the_latents_of_its_image_folder(tmp_path, capsys):
+    """The same images as parquet (datasets' to_parquet, renamed columns) give the same latents as
+    the image folder they were written from."""
+    datasets = pytest.importorskip("datasets")
+    import torch
+
+    from ditkit.data import PreparedLatents
+
+    images, vae = image_folder(tmp_path / "images", per_class=2), vae_folder(tmp_path / "vae")
+    rows = [(str(path), label) for label, name in enumerate(("cat", "dog"))
+            for path in sorted((images / name).iterdir())]
+    features = datasets.Features({"picture": datasets.Image(), "class": datasets.ClassLabel(names=["cat", "dog"])})
+    table = datasets.Dataset.from_dict({"picture": [p for p, _ in rows], "class": [y for _, y in rows]},
+                                       features=features)
+    table.cast_column("picture", datasets.Image(decode=False)).to_parquet(str(tmp_path / "train.parquet"))
+    assert run_cli(capsys, *flags(images, vae, tmp_path / "from-folder"))[0] == 0
+    code, out, err = run_cli(capsys, *flags(tmp_path / "train.parquet", vae, tmp_path / "from-parquet",
+                                            "--image-column", "picture", "--label-column", "class",
+                                            "--cache-dir", str(tmp_path / "cache")))
+    assert code == 0 and "prepared 4 latent items" in out, err
+    folder, parquet = PreparedLatents(tmp_path / "from-folder"), PreparedLatents(tmp_path / "from-parquet")
+    assert len(folder) == len(parquet) == 4 and parquet.class_names == ["cat", "dog"]
+    for index in range(4):
+        assert torch.equal(folder[index][0], parquet[index][0]) and folder[index][1] == parquet[index][1]

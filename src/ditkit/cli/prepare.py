@@ -17,7 +17,8 @@ from .args import COMMANDS, SharedFlags
 
 def add_parser(sub, shared: SharedFlags) -> None:
     prepare = sub.add_parser("prepare", help=COMMANDS["prepare"], parents=[shared.device, shared.progress])
-    prepare.add_argument("source", help="the images: an image folder (one subfolder per class) or a built-in dataset")
+    prepare.add_argument("source", help="the images: an image folder (one subfolder per class), a datasets "
+                         "save_to_disk folder, parquet files, WebDataset tar shards, or a built-in dataset")
     prepare.add_argument("--vae", required=True, metavar="PATH", help="a local diffusers AutoencoderKL folder")
     prepare.add_argument("--resolution", type=int, required=True, metavar="R", help="image side in pixels (DiT's "
                          "center crop); the latents are R / the VAE's downsampling on a side")
@@ -31,6 +32,13 @@ def add_parser(sub, shared: SharedFlags) -> None:
                          "multiple of --batch-size")
     prepare.add_argument("--batch-size", type=int, default=32, metavar="B", help="images per VAE forward (the "
                          "latents depend on it slightly: it is recorded and a rerun must use the same)")
+    prepare.add_argument("--image-column", default="image", help="datasets / parquet sources: the image column")
+    prepare.add_argument("--label-column", default="label", help="datasets / parquet sources: the label column "
+                         "(WebDataset: the key of a .json label)")
+    prepare.add_argument("--labels-file", metavar="FILE", help="class names, line i naming label i, for sources "
+                         "without their own (no ClassLabel feature)")
+    prepare.add_argument("--cache-dir", metavar="DIR", help="where folder listings and shard indexes are kept "
+                         "(default ~/.cache/ditkit)")
     prepare.set_defaults(func=run)
 
 
@@ -39,7 +47,8 @@ def run(args) -> None:
         raise DitkitError(f"{args.source} is prepared latents already: give the images (an image folder) as SOURCE")
     if args.resolution < 1:
         raise DitkitError(f"--resolution must be a positive number of pixels, got {args.resolution}")
-    source = build_dataset(args.source, args.resolution)
+    source = build_dataset(args.source, args.resolution, cache_dir=args.cache_dir, image_column=args.image_column,
+                           label_column=args.label_column, labels_file=args.labels_file)
     with process_group(args.device, join=torchrun_processes() > 1) as processes:
         manifest = prepare_latents(
             source, args.vae, args.out, source_name=args.source, resolution=args.resolution, hflip=args.hflip,
