@@ -244,8 +244,8 @@ def test_a_lora_for_another_model_is_one_line_before_any_weight_loads(tmp_path, 
 
 def test_a_pipeline_without_a_lora_loader_is_one_line(tmp_path, capsys):
     (tmp_path / "pixart").mkdir()
-    (tmp_path / "pixart" / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline",
-                                                              "transformer": ["diffusers", "PixArtTransformer2DModel"]}))
+    index = {"_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"]}
+    (tmp_path / "pixart" / "model_index.json").write_text(json.dumps(index))
     save_file({"transformer.x.lora_A.weight": torch.zeros(2, 2)}, str(tmp_path / "l.safetensors"))
     code, _, err = run_cli(capsys, "generate", "--pipeline", str(tmp_path / "pixart"), "--prompt", "a cat",
                            "--height", "32", "--width", "32", "--out", str(tmp_path / "x.png"), "--lora",
