@@ -8,6 +8,9 @@ For each size N it writes a synthetic ImageNet-like folder (100 class folders n0
 random blocks) and the same images as the other sources: a Hugging Face `datasets` folder
 (`save_to_disk`), parquet files, WebDataset tar shards, and latents made by `ditkit prepare` with a tiny
 random VAE. Then, for each source, each in a fresh process:
+  open          seconds to open the source (Trainer construction: list, index or read the manifest, and
+                build the small model), the first time and again in the same process once the listing
+                or shard index is cached
   first step    seconds from the process start to the end of the first training step, and the part of
                 it the interpreter and imports take (the same for every source): the rest is what
                 listing, indexing or opening the data costs before training (and one step)
@@ -129,10 +132,11 @@ def write_latents(root: Path, vae: Path, out: Path) -> float:
 
 def sources(data: Path) -> dict[str, list[str]]:
     """Each source's training overrides."""
-    return {"folder": [f"data.source={data / 'folder'}"],
-            "datasets (save_to_disk)": [f"data.source={data / 'hf'}"],
-            "datasets (parquet)": [f"data.source={data / 'parquet'}"],
-            "WebDataset": [f"data.source={data / 'wds'}"],
+    cache = f"data.cache_dir={data / 'cache'}"  # listings and shard indexes: built by the first run
+    return {"folder": [f"data.source={data / 'folder'}", cache],
+            "datasets (save_to_disk)": [f"data.source={data / 'hf'}", cache],
+            "datasets (parquet)": [f"data.source={data / 'parquet'}", cache],
+            "WebDataset": [f"data.source={data / 'wds'}", cache],
             "prepared latents": [f"data.source=latents:{data / 'latents'}"]}
 
 
@@ -150,7 +154,9 @@ def measure(overrides: list[str], steps: int, loader_batches: int, out_dir: str)
     cfg = load_config(None, [*MODEL, f"data.resolution={RESOLUTION}", f"train.batch_size={BATCH}",
                              f"train.steps={steps}", f"train.log_every={steps}", f"train.ckpt_every={10 * steps}",
                              "train.num_samples=0", f"train.out_dir={out_dir}", *overrides])
-    trainer = Trainer(cfg, progress=False)
+    start = time.perf_counter()
+    trainer = Trainer(cfg, progress=False)  # opens the data (lists, indexes, reads a manifest) and builds the model
+    opened = time.perf_counter() - start
     first: list[float] = []
     loss = trainer.objective.loss
 
@@ -163,6 +169,9 @@ def measure(overrides: list[str], steps: int, loader_batches: int, out_dir: str)
     trainer.objective.loss = timed_loss
     trainer.train()
     rss, anon, peak = status_mib("VmRSS"), status_mib("RssAnon"), status_mib("VmHWM")
+    start = time.perf_counter()
+    trainer._prepare_data()  # the same opening again: listings and shard indexes now come from the cache
+    reopened = time.perf_counter() - start
     metrics = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
     sampler = StepBatchSampler(len(trainer.dataset), BATCH, seed=1, start=0, stop=loader_batches)
     start = time.perf_counter()
@@ -171,6 +180,7 @@ def measure(overrides: list[str], steps: int, loader_batches: int, out_dir: str)
     loader = loader_batches * BATCH / (time.perf_counter() - start)
     started = float(os.environ["BENCH_T0"])
     return {"items": len(trainer.dataset), "import_s": imported - started, "first_step_s": first[0] - started,
+            "open_s": opened, "reopen_s": reopened,
             "rss_mib": rss, "anon_mib": anon, "peak_mib": peak, "loader_items_s": loader,
             "train_items_s": metrics[-1]["samples_per_sec"]}
 
@@ -188,15 +198,16 @@ def run_measurement(overrides: list[str], args, out_dir: Path) -> dict:
 def table(rows: list[dict]) -> str:
     lines = [f"Data sources at scale on {rows[0]['device']}: DiT-Nano/4 at {RESOLUTION} px, batch {BATCH}, "
              f"{rows[0]['steps']} training steps, one process.", "",
-             "| source | items | first step s (imports) | RSS MiB (anon) | peak MiB | loader items/s "
-             "| training items/s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| source | items | open s (again) | first step s (imports) | RSS MiB (anon) | peak MiB "
+             "| loader items/s | training items/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         head = f"| {row['source']} | {row['n']:,} |"
         if row["status"] != "ok":
-            lines.append(f"{head} {row['status']} | | | | |")
+            lines.append(f"{head} {row['status']} | | | | | |")
             continue
-        lines.append(f"{head} {row['first_step_s']:.1f} ({row['import_s']:.1f}) | {row['rss_mib']:.0f} "
+        lines.append(f"{head} {row['open_s']:.2f} ({row['reopen_s']:.2f}) | {row['first_step_s']:.1f} "
+                     f"({row['import_s']:.1f}) | {row['rss_mib']:.0f} "
                      f"({row['anon_mib']:.0f}) | {row['peak_mib']:.0f} | {row['loader_items_s']:,.0f} | "
                      f"{row['train_items_s']:,.0f} |")
     return "\n".join(lines) + "\n"
