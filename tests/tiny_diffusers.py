@@ -171,3 +171,20 @@ def pixart_pipeline():
     t5, t5_tokens = t5_parts(32)
     return PixArtSigmaPipeline(tokenizer=t5_tokens, text_encoder=t5, vae=tiny_vae(), transformer=transformer,
                                scheduler=DPMSolverMultistepScheduler())
+
+
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def fake_hub_cache(tmp_path, monkeypatch, repo_id: str, write, commit: str = HUB_COMMIT):
+    """An offline HF_HOME under `tmp_path` holding `repo_id` as the hub cache lays it out
+    (models--org--name/snapshots/<commit>/, refs/main = commit); `write(folder)` fills the snapshot.
+    Returns the repository's cache folder."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    repo = tmp_path / "hf" / "hub" / f"models--{repo_id.replace('/', '--')}"
+    write(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return repo

@@ -9,22 +9,16 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from ditkit.cli.main import main
-from tiny_diffusers import flux_pipeline
+from tiny_diffusers import HUB_COMMIT, fake_hub_cache, flux_pipeline
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
+COMMIT = HUB_COMMIT
 
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """HF_HOME with a tiny FLUX pipeline cached as org/tiny-flux (offline: nothing may be fetched)."""
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    repo = tmp_path / "hf" / "hub" / "models--org--tiny-flux"
     torch.manual_seed(0)
-    flux_pipeline(False).save_pretrained(repo / "snapshots" / COMMIT)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)
+    fake_hub_cache(tmp_path, monkeypatch, "org/tiny-flux", flux_pipeline(False).save_pretrained)
     save_file({"prompt_embeds": torch.randn(1, 6, 32), "pooled_prompt_embeds": torch.randn(1, 32)},
               str(tmp_path / "embeds.safetensors"))
     return tmp_path

@@ -20,7 +20,15 @@ from ditkit.diffusers.adapters import find_adapter
 from ditkit.diffusers.clear import apply_clear, clear_is_on
 from ditkit.errors import DitkitError
 from ditkit.record import DataSettings, DiffusersModel, DiffusionSettings, RunRecord
-from tiny_diffusers import FLUX_SIZES, flux_controlnet, flux_ids, flux_pipeline, sd3_controlnet, sd3_pipeline
+from tiny_diffusers import (
+    FLUX_SIZES,
+    fake_hub_cache,
+    flux_controlnet,
+    flux_ids,
+    flux_pipeline,
+    sd3_controlnet,
+    sd3_pipeline,
+)
 
 SIZE = 32  # 32 px: 8x8 tokens for the tiny FLUX (VAE /2, 2x2 packing) and SD3 (VAE /2, patch 2)
 COVERING = "radius=100"
@@ -246,14 +254,8 @@ def test_sd3_controlnet_is_served_by_the_transformers_adapter():
 def test_controlnet_from_the_hugging_face_cache(root, tmp_path, monkeypatch):
     """--controlnet ORG/NAME resolves from a fake cache in HF_HOME (offline), as --pipeline does: the
     same picture as the ControlNet's folder."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    repo = tmp_path / "hf" / "hub" / "models--org--tiny-controlnet"
-    shutil.copytree(root / "flux_cn", repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
+    fake_hub_cache(tmp_path, monkeypatch, "org/tiny-controlnet",
+                   lambda folder: shutil.copytree(root / "flux_cn", folder))
     options = case_options(root, "flux_controlnet")
     folder, _ = generate(root, tmp_path / "folder.png", *options)
     options[options.index(str(root / "flux_cn"))] = "org/tiny-controlnet"

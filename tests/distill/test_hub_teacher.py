@@ -12,22 +12,16 @@ from ditkit.distill.load import teacher_folder
 from ditkit.errors import DitkitError
 from ditkit.record import RunRecord
 from helpers import run_cli
-from tiny_diffusers import flux_pipeline
+from tiny_diffusers import HUB_COMMIT, fake_hub_cache, flux_pipeline
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
+COMMIT = HUB_COMMIT
 
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """HF_HOME holding a tiny FLUX pipeline as org/tiny-flux (main = COMMIT), offline."""
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    repo = tmp_path / "hf" / "hub" / "models--org--tiny-flux"
     torch.manual_seed(0)
-    flux_pipeline(False).save_pretrained(repo / "snapshots" / COMMIT)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)
+    fake_hub_cache(tmp_path, monkeypatch, "org/tiny-flux", flux_pipeline(False).save_pretrained)
     return tmp_path
 
 
