@@ -292,6 +292,14 @@ def refuse_non_empty_folder(folder: str | Path, what: str) -> None:
 LOCK_NAME = ".ditkit.lock"
 
 
+def foreign_files(folder: Path) -> list[str]:
+    """The names in `folder` other than ditkit's own bookkeeping (its lock file, atomic writes'
+    temporaries): what a command must not claim a folder over. A missing folder has none."""
+    if not folder.is_dir():
+        return []
+    return [p.name for p in folder.iterdir() if p.name != LOCK_NAME and not TEMPORARY.match(p.name)]
+
+
 class FolderLock:
     """An exclusive claim on a run folder, for as long as the `with` block runs.
 

@@ -56,12 +56,11 @@ from tqdm.auto import tqdm
 
 from ..errors import DitkitError
 from ..files import (
-    LOCK_NAME,
-    TEMPORARY,
     FolderLock,
     atomic_path,
     atomic_write_text,
     check_writable,
+    foreign_files,
     read_json,
     refuse_output_over_inputs,
     remove_temporary_files,
@@ -347,9 +346,7 @@ def claim_folder(folder: Path, settings: dict, plan: ShardPlan, verify: bool) ->
     if (folder / PROGRESS).exists():
         refuse_other(folder, read_json(folder / PROGRESS, "prepare progress file"), settings)
     else:
-        others = [p.name for p in folder.iterdir() if p.name != LOCK_NAME and not TEMPORARY.match(p.name)] \
-            if folder.is_dir() else []
-        if others:
+        if others := foreign_files(folder):
             raise DitkitError(f"--out {folder} holds files that are not prepared latents ({others[0]}, ...): use "
                               "another --out or delete it")
         folder.mkdir(parents=True, exist_ok=True)

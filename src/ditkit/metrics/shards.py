@@ -48,11 +48,10 @@ from ..diffusion.pipeline import check_labels
 from ..distributed.launch import Processes, default_device
 from ..errors import DitkitError
 from ..files import (
-    LOCK_NAME,
-    TEMPORARY,
     FolderLock,
     atomic_path,
     atomic_write_text,
+    foreign_files,
     read_json,
     remove_temporary_files,
 )
@@ -186,9 +185,7 @@ def prepare_folder(folder: Path, manifest: dict) -> None:
             raise DitkitError(f"--sample-dir {folder} holds samples made with other settings ({'; '.join(changed[:3])}"
                               f"{'; ...' if len(changed) > 3 else ''}): give a new folder, or the settings it records")
         return
-    others = [p.name for p in folder.iterdir() if p.name != LOCK_NAME and not TEMPORARY.match(p.name)] \
-        if folder.is_dir() else []
-    if others:
+    if others := foreign_files(folder):
         raise DitkitError(f"--sample-dir {folder} holds files that are not ditkit samples ({others[0]}, ...): give a "
                           "new folder")
     folder.mkdir(parents=True, exist_ok=True)
