@@ -33,6 +33,35 @@ def test_pairs_of_one_layer_match_a_hand_count_and_the_processors_mask(grid, rad
     assert layer_pairs(grid, TEXT) == (TEXT + grid[0] * grid[1]) ** 2
 
 
+@pytest.mark.parametrize("context, radius, down_factor", [((4, 7), 2, 0), ((2, 6), 2.5, 2), ((8, 3), 100, 0)])
+def test_a_kontext_context_counts_its_tokens_and_the_pairs_across_images(context, radius, down_factor):
+    """Pairs against the positions processors' own mask: both images from (0, 0) on one plane."""
+    from ditkit.mixers.positions import reference_positions_attention
+
+    grid = (6, 4)
+    ys = [torch.arange(rows).repeat_interleave(columns) for rows, columns in (grid, context)]
+    xs = [torch.arange(columns).repeat(rows) for rows, columns in (grid, context)]
+    positions = torch.stack([torch.cat(ys), torch.cat(xs)], 1)
+    pooled = sum((r // down_factor) * (c // down_factor) for r, c in (grid, context)) if down_factor else 0
+    tokens = TEXT + len(positions)
+    seen = {}
+
+    def count(q, k, v, attn_mask=None):
+        seen["pairs"] = int(attn_mask.sum())
+        return q
+
+    original = torch.nn.functional.scaled_dot_product_attention
+    torch.nn.functional.scaled_dot_product_attention = count
+    try:
+        q = torch.zeros(1, 1, tokens, 2)
+        extra = torch.zeros(1, 1, pooled, 2) if pooled else None
+        reference_positions_attention(q, q, q, positions, radius, TEXT, extra, extra)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+    assert layer_pairs(grid, TEXT, radius, down_factor, (context,)) == seen["pairs"]
+    assert layer_pairs(grid, TEXT, context=(context,)) == tokens ** 2
+
+
 def test_flux_cost_counts_every_layer_and_full_attention_agrees_with_flop_counter():
     grid = (6, 4)
     with torch.device("meta"):  # no weights: the count reads the layers' widths only

@@ -14,6 +14,7 @@ from ditkit.errors import DitkitError
 from ditkit.metrics.memory import largest_tensor
 from ditkit.mixers.base import Extrapolation
 from ditkit.mixers.clear import _reference_mask
+from ditkit.mixers.positions import positions_local_attention
 from tiny_diffusers import GRID, TEXT, flux_ids, run, tiny_flux, tiny_pixart, tiny_sd3
 
 MODELS = [tiny_flux, tiny_sd3, tiny_pixart]
@@ -293,3 +294,65 @@ def test_a_clear_spec_installs_the_same_processors_as_keywords():
                          ("radius=-1", "radius"), ("clear:radius=2,tile=3", "has no option tile")]:
         with pytest.raises(DitkitError, match=message):
             apply_clear(model, bad)
+
+
+def kontext_inputs(context=(4, 7)):
+    """A tiny FLUX call with a FluxKontextPipeline-style context image: its tokens after the grid's,
+    position ids (1, row, column) on the same plane."""
+    torch.manual_seed(0)
+    model, inputs, _ = tiny_flux()
+    context_ids = flux_ids(context)
+    context_ids[:, 0] = 1
+    tokens = GRID[0] * GRID[1] + context[0] * context[1]
+    inputs.update(hidden_states=torch.randn(2, tokens, 4), img_ids=torch.cat([flux_ids(GRID), context_ids]))
+    return model.eval(), inputs
+
+
+@pytest.mark.parametrize("backend", ["reference", "tiled"])
+def test_kontext_context_tokens_take_the_disc_on_the_position_plane(backend):
+    """CLEAR with a context image equals the stock processors given the disc mask over the
+    positions of both images (a query at (y, x) sees both images' tokens near (y, x))."""
+    model, inputs = kontext_inputs()
+    positions = inputs["img_ids"][:, 1:]
+    near = torch.cdist(positions, positions).square() < 2.0**2
+    mask = torch.ones(TEXT + len(positions), TEXT + len(positions), dtype=torch.bool)
+    mask[TEXT:, TEXT:] = near
+
+    def masked(stock_sdpa, query, key, value, attn_mask=None, **kwargs):
+        return stock_sdpa(query, key, value, attn_mask=mask, **kwargs)
+
+    stock, expected = run(model, inputs), run_with_sdpa(model, inputs, masked)
+    apply_clear(model, radius=2, backend=backend)
+    out = run(model, inputs)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert (out - stock).abs().max() > 1e-3
+    apply_clear(model, radius=100, backend=backend)
+    torch.testing.assert_close(run(model, inputs), stock, atol=1e-5, rtol=1e-5)
+
+
+def test_kontext_pools_each_image_on_its_own_grid(monkeypatch):
+    """With down_factor every image query also sees each image's pooled tokens (the generated
+    image's blocks, then the context's); a context whose ids are no whole grid is refused in one line."""
+    from ditkit.diffusers import clear as clear_module
+    from ditkit.mixers.clear import pool_tokens
+
+    model, inputs = kontext_inputs(context=(2, 6))
+    inputs["hidden_states"] = torch.randn(2, 16 + 12, 4)
+    inputs["img_ids"] = torch.cat([flux_ids((4, 4)), inputs["img_ids"][-12:]])
+    seen = []
+
+    def spy(q, k, v, positions, radius, num_global, extra_k, extra_v, backend):
+        generated, context = k[..., TEXT:TEXT + 16, :], k[..., TEXT + 16:, :]
+        weight = model.transformer_blocks[0].attn.processor.pool_weight
+        expected = torch.cat([pool_tokens(generated, (4, 4), 0, weight), pool_tokens(context, (2, 6), 0, weight)], -2)
+        seen.append(torch.equal(extra_k, expected))
+        return positions_local_attention(q, k, v, positions, radius, num_global, extra_k, extra_v, backend)
+
+    apply_clear(model, radius=2, down_factor=2)
+    monkeypatch.setattr(clear_module, "positions_local_attention", spy)
+    model(**inputs, return_dict=False)[0].square().mean().backward()
+    assert seen == [True, True]  # both blocks
+    assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith("pool_weight"))
+    inputs["img_ids"][16:] = inputs["img_ids"][16:].flip(0)  # the context's tokens in another order
+    with pytest.raises(DitkitError, match=r"tokens \[16, 28\) are not one: use down_factor=0"):
+        run(model, inputs)

@@ -153,19 +153,28 @@ def test_attention_switches_the_controlnet_with_a_students_radius(root, tmp_path
         pipelines.generate(stock, request, progress=False, patch=True)
 
 
-def test_kontext_runs_stock_and_refuses_clear(root, tmp_path, capsys):
+def test_kontext_with_clear_and_a_student(root, tmp_path, capsys):
+    """The context changes the picture; CLEAR covering both images is the stock picture, radius 2
+    changes it (the FLOPs line counts the context's 6x4 tokens), a student loads."""
+    from ditkit.diffusers.attention_cost import attention_cost, describe
+
     options = ["--pipeline", str(root / "flux_kontext"), "--prompt-embeds", str(root / "embeds.safetensors"),
                "--image", str(root / "context.png")]
-    stock, _ = generate(root, tmp_path / "stock.png", *options)
+    stock, text = generate(root, tmp_path / "stock.png", *options)
     plain, _ = generate(root, tmp_path / "plain.png", *options[:4])  # without a context image: text to image
-    assert stock.shape == (SIZE, SIZE, 3) and np.abs(stock - plain).max() > 1  # the context changes the picture
-    assert "CLEAR would be wrong there" in refusal(capsys, *options, "--clear", COVERING)
-    pipe = pipelines.load_pipeline(root / "flux_kontext", device="cpu")  # the library's own guard, mid-call
-    embeddings = pipelines.read_prompt_embeddings(root / "embeds.safetensors", pipe)
-    request = pipelines.Request(SIZE, SIZE, embeddings=embeddings, steps=1,
-                                inputs={"image": Image.open(root / "context.png")})
-    with pytest.raises(DitkitError, match="context-image tokens"):
-        pipelines.generate(pipe, request, pipelines.Attention(clear=COVERING), progress=False)
+    assert stock.shape == (SIZE, SIZE, 3) and changed(stock, plain) and text["image"].endswith("context.png")
+    covering, _ = generate(root, tmp_path / "covering.png", *options, "--clear", COVERING)
+    assert np.abs(stock - covering).max() <= 1
+    capsys.readouterr()
+    local, _ = generate(root, tmp_path / "local.png", *options, "--clear", "radius=2")
+    assert changed(stock, local)
+    pipe = pipelines.load_pipeline(root / "flux_kontext", device="cpu")
+    cost = attention_cost(pipe.transformer, (8, 8), 6, 2, 0, context=((6, 4),))  # 24x16 px context, 6 text tokens
+    assert describe(cost, 2, 0, SIZE, SIZE) in capsys.readouterr().out
+    untuned, _ = generate(root, tmp_path / "untuned.png", *options, "--clear", "radius=1")
+    tuned, tuned_text = generate(root, tmp_path / "tuned.png", *options, "--student",
+                                 student_file(tmp_path, "FluxTransformer2DModel", 32))
+    assert tuned_text["student"].endswith("student-FluxTransformer2DModel") and changed(tuned, untuned)
 
 
 def refusal(capsys, *argv) -> str:
@@ -207,7 +216,8 @@ def test_bad_input_is_one_line_before_any_weight_loads(root, weightless, tmp_pat
     assert "is 24x16, the request is 32x32" in bad("flux_img2img", "--image", context)
     assert "not a readable image" in bad("flux_img2img", "--image", str(root / "embeds.safetensors"))
     assert "--strength must be in (0, 1]" in bad("flux_img2img", "--image", image, "--strength", "1.5")
-    assert "CLEAR would be wrong there" in bad("flux_kontext", "--image", context, "--clear", "radius=2")
+    assert "context image's tokens are not rows" in bad("flux_kontext", "--image", context, "--clear", "radius=2",
+                                                        "--parallel", "patch")
     assert "run it in one process" in bad("sd3_controlnet", "--control-image", control, "--clear", "radius=2",
                                           "--parallel", "patch")
     assert "takes images already" in bad("flux_fill", "--image", image, "--mask", mask, "--upscale-from", "16")

@@ -124,8 +124,7 @@ def checked_image_inputs(args, chain: bool) -> dict:
     inputs = image_inputs(args, chain)
     folder = resolve_pipeline(args.pipeline, args.revision)
     family = family_lib.pipeline_family(folder)
-    family_lib.check_family_inputs(family, folder, inputs, bool(args.clear or args.student),
-                                   args.parallel == "patch", chain)
+    family_lib.check_family_inputs(family, folder, inputs, args.parallel == "patch", chain)
     return inputs.read(args.height, args.width, family.context_image)
 
 

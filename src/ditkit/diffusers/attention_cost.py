@@ -10,7 +10,9 @@ multiply-add is 2 FLOPs). With G text tokens in the layer's sequence (FLUX, SD3 
 none in PixArt's self-attention) and N = H x W image tokens, full attention scores (G + N)^2 pairs.
 CLEAR scores text queries against every token, image queries against the text, the image keys
 inside their disc (`local_pairs`, borders cut) and, with a down factor f, the (H/f)(W/f) pooled
-tokens. The projections, norms and MLPs cost the same both ways and are left out.
+tokens. A Kontext context image's tokens count as image tokens of their own grid, seen across
+images through the disc (`local_pairs` between the two grids). The projections, norms and MLPs cost
+the same both ways and are left out.
 
 `benchmarks/clear_flops.py` writes this count for FLUX.1-dev's configuration (the table the docs
 quote); `ditkit generate` prints `generate_line` for its request.
@@ -26,6 +28,7 @@ from ..errors import DitkitError
 from ..mixers.base import Grid
 from ..mixers.clear import local_pairs
 from .clear import self_attention_layers
+from .pipeline_family import takes_context_image
 from .pipelines import (
     Attention,
     Request,
@@ -39,15 +42,18 @@ from .pipelines import (
 TEXT_KINDS = ("flux", "joint")  # layer kinds whose sequences hold the text tokens too
 
 
-def layer_pairs(grid: Grid, text_tokens: int, radius: float | None = None, down_factor: int = 0) -> int:
-    """(query, key) pairs one attention layer scores: full attention when `radius` is None."""
-    rows, columns = grid
-    image = rows * columns
+def layer_pairs(grid: Grid, text_tokens: int, radius: float | None = None, down_factor: int = 0,
+                context: tuple[Grid, ...] = ()) -> int:
+    """(query, key) pairs one attention layer scores: full attention when `radius` is None. `context`:
+    the grids of images whose tokens follow the generated image's on the same position plane (FLUX
+    Kontext's context image), seen through the disc across images."""
+    images = (grid, *context)
+    image = sum(rows * columns for rows, columns in images)
     if radius is None:
         return (text_tokens + image) ** 2
-    pooled = (rows // down_factor) * (columns // down_factor) if down_factor else 0
-    return (text_tokens * (text_tokens + image) + image * text_tokens + local_pairs(grid, radius)
-            + image * pooled)
+    pooled = sum((rows // down_factor) * (columns // down_factor) for rows, columns in images) if down_factor else 0
+    local = sum(local_pairs(queries, radius, keys) for queries in images for keys in images)
+    return text_tokens * (text_tokens + image) + image * text_tokens + local + image * pooled
 
 
 @dataclass(frozen=True)
@@ -69,9 +75,9 @@ class AttentionCost:
 
 
 def attention_cost(transformer: nn.Module, grid: Grid, text_tokens: int, radius: float,
-                   down_factor: int = 0) -> AttentionCost:
+                   down_factor: int = 0, context: tuple[Grid, ...] = ()) -> AttentionCost:
     """Full vs CLEAR attention FLOPs of one call of `transformer` (a meta-device build counts the
-    same) on an image-token `grid` with `text_tokens` prompt tokens."""
+    same) on an image-token `grid` with `text_tokens` prompt tokens (and `context` images' grids)."""
     layers = self_attention_layers(transformer)
     if not layers:
         raise DitkitError(f"{type(transformer).__name__} has no attention layer CLEAR switches: count a FLUX, SD3 "
@@ -80,8 +86,8 @@ def attention_cost(transformer: nn.Module, grid: Grid, text_tokens: int, radius:
     for _, attn, kind in layers:
         text = text_tokens if kind in TEXT_KINDS else 0
         width = attn.inner_dim
-        full += 4 * width * layer_pairs(grid, text)
-        clear += 4 * width * layer_pairs(grid, text, radius, down_factor)
+        full += 4 * width * layer_pairs(grid, text, context=context)
+        clear += 4 * width * layer_pairs(grid, text, radius, down_factor, context)
     return AttentionCost(full, clear)
 
 
@@ -128,5 +134,9 @@ def generate_line(pipe, request: Request, attention: Attention | None) -> str | 
         text_tokens = request.embeddings["prompt_embeds"].shape[1]
     else:
         text_tokens = transformer_adapter(pipe).prompt_tokens
-    cost = attention_cost(pipe.transformer, grid, text_tokens, *settings)
+    context = ()
+    image = (request.inputs or {}).get("image")
+    if image is not None and takes_context_image(type(pipe)):  # Kontext: the context's tokens at its size
+        context = ((image.size[1] // multiple, image.size[0] // multiple),)
+    cost = attention_cost(pipe.transformer, grid, text_tokens, *settings, context)
     return describe(cost, *settings, request.height, request.width)

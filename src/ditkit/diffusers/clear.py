@@ -8,8 +8,10 @@ Each self-attention layer gets a `ClearAttnProcessor` (an nn.Module, so the pool
 `down_factor` are parameters of the transformer and train and save with it). The processors
 compute exactly what the stock ones do (projections, QK-norm, FLUX's RoPE, output projections)
 except that image queries see image keys in a disc of radius r; text tokens are global (every
-query sees them, text queries see everything). The token grid comes from each forward call's
-inputs (FLUX: `img_ids`; SD3 / PixArt: the latent's height and width over the patch size).
+query sees them, text queries see everything). A call holding several images (FLUX Kontext: the
+context image's tokens after the generated image's) takes the disc on the model's position plane,
+across images (`ditkit.mixers.positions`), each image pooled on its own grid. The token grid comes
+from each forward call's inputs (FLUX: `img_ids`; SD3 / PixArt: the latent's height and width over the patch size).
 
 What is particular to each transformer class (how the grid is read, which layers are
 self-attention) comes from its adapter (`ditkit.diffusers.adapters`). Sampling beyond the training
@@ -36,6 +38,7 @@ from ..mixers.clear import (
     pool_tokens,
     strip_local_attention,
 )
+from ..mixers.positions import positions_local_attention
 from ..mixers.strip import Strip
 from .adapters import DiffusersAdapter, adapter_for, find_adapter
 from .hooks import HookSet, install, installed, uninstall
@@ -65,13 +68,43 @@ def clear_spec(options: MixerSpec | str | dict) -> MixerSpec:
 
 
 @dataclass
+class ImageSegment:
+    """One image's tokens in a sequence holding several (FLUX Kontext): sequence slice [start, stop)
+    among the image tokens, and its grid when they form a whole grid in row-major order."""
+
+    start: int
+    stop: int
+    grid: Grid | None
+
+
+def image_segments(positions: Tensor, image_index: Tensor) -> list[ImageSegment]:
+    """Split a sequence's image tokens into its images (runs of one image index); each one's grid
+    if its positions are a whole rectangle in row-major order (pooling needs that)."""
+    changes = (torch.nonzero(image_index[1:] != image_index[:-1]).squeeze(1) + 1).tolist()
+    bounds = [0, *changes, len(image_index)]
+    segments = []
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        part = positions[start:stop].round().long()
+        top, left = part.min(0).values.tolist()
+        rows, columns = (part.max(0).values - part.min(0).values + 1).tolist()
+        ys, xs = torch.meshgrid(torch.arange(rows) + top, torch.arange(columns) + left, indexing="ij")
+        whole = rows * columns == len(part) and torch.equal(part.cpu(), torch.stack([ys.flatten(), xs.flatten()], 1))
+        segments.append(ImageSegment(start, stop, (rows, columns) if whole else None))
+    return segments
+
+
+@dataclass
 class TokenLayout:
-    """The image-token grid of the forward call in progress; shared by one transformer's processors.
-    Under patch-parallel sampling (`ditkit.diffusers.patch_parallel`) the call holds only `strip`'s
-    rows of that grid. The strip is kept per thread, so strips simulated by threads in one process
-    (tests) each see their own."""
+    """The image tokens of the forward call in progress; shared by one transformer's processors.
+    Usually one grid in row-major order (`grid`); when the call holds more than one image (FLUX
+    Kontext's context image), also every image token's position on the model's plane
+    (`positions`) and the images (`segments`). Under patch-parallel sampling
+    (`ditkit.diffusers.patch_parallel`) the call holds only `strip`'s rows of the grid. The strip is
+    kept per thread, so strips simulated by threads in one process (tests) each see their own."""
 
     grid: Grid | None = None
+    positions: Tensor | None = None
+    segments: list[ImageSegment] = field(default_factory=list)
     strips: dict[int, Strip] = field(default_factory=dict)  # thread id -> its strip
 
     @property
@@ -85,13 +118,33 @@ class TokenLayout:
         else:
             self.strips[threading.get_ident()] = strip
 
+    def set_images(self, grid: Grid, images: tuple[Tensor, Tensor] | None) -> None:
+        """This call's grid and, for several images, their positions and image indices."""
+        self.grid = grid
+        self.positions = None if images is None else images[0]
+        self.segments = [] if images is None else image_segments(*images)
+
     def image_tokens(self) -> int:
-        """Image tokens in this call's sequences: the strip's, or the whole grid's."""
+        """Image tokens in this call's sequences: every image's, the strip's, or the whole grid's."""
+        if self.positions is not None:
+            return len(self.positions)
         strip = self.strip
         if strip is not None:
             start, stop = strip.rows
             return (stop - start) * self.grid[1]
         return self.grid[0] * self.grid[1]
+
+    def pooled(self, x: Tensor, num_global: int, weight: Tensor) -> Tensor:
+        """Pooled tokens of every image of a several-image call, concatenated (each image pooled over
+        its own grid, as one image is)."""
+        parts = []
+        for segment in self.segments:
+            if segment.grid is None:
+                raise DitkitError("CLEAR's down_factor pools whole image grids, but this call's image tokens "
+                                  f"[{segment.start}, {segment.stop}) are not one: use down_factor=0")
+            image = x[..., num_global + segment.start:num_global + segment.stop, :]
+            parts.append(pool_tokens(image, segment.grid, 0, weight))
+        return torch.cat(parts, dim=-2)
 
 
 class ClearAttnProcessor(nn.Module):
@@ -119,12 +172,27 @@ class ClearAttnProcessor(nn.Module):
             raise DitkitError("CLEAR processor got a sequence that does not match the transformer's token grid: "
                               "call the transformer itself (apply_clear hooks its forward to read the grid)")
         pool_weight = self.pool_weight if self.down_factor else None
+        if self.layout.positions is not None:
+            return self._several_images(q, k, v, num_global, strip, pool_weight)
         if strip is not None:
             return strip_local_attention(q, k, v, strip, self.radius, num_global, pool_weight, self.backend)
         extra_k = extra_v = None
         if pool_weight is not None:
             extra_k, extra_v = (pool_tokens(x, grid, num_global, pool_weight) for x in (k, v))
         return local_attention(q, k, v, grid, self.radius, num_global, extra_k, extra_v, self.backend)
+
+    def _several_images(self, q: Tensor, k: Tensor, v: Tensor, num_global: int, strip: Strip | None,
+                        pool_weight: Tensor | None) -> Tensor:
+        """A query sees the keys of every image within its disc on the position plane
+        (`positions_local_attention`) and the pooled tokens of every image."""
+        if strip is not None:
+            raise DitkitError("patch-parallel sampling cuts one image grid into strips, but this call holds "
+                              "several images (a Kontext context): sample it in one process")
+        extra_k = extra_v = None
+        if pool_weight is not None:
+            extra_k, extra_v = (self.layout.pooled(x, num_global, pool_weight) for x in (k, v))
+        return positions_local_attention(q, k, v, self.layout.positions, self.radius, num_global, extra_k, extra_v,
+                                         self.backend)
 
     def forward(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                 attention_mask: Tensor | None = None, image_rotary_emb=None, **kwargs):
@@ -233,7 +301,7 @@ def apply_clear(transformer: nn.Module, radius: float | MixerSpec | str, down_fa
         hooks.set_processor(attn, processor.to(device=ref.device, dtype=ref.dtype))
 
     def record_grid(module, args, kwargs):
-        layout.grid = adapter.grid(module, args, kwargs)
+        layout.set_images(adapter.grid(module, args, kwargs), adapter.image_positions(module, args, kwargs))
 
     hooks.pre_hook(transformer, record_grid, with_kwargs=True)
     install(transformer, CLEAR_SLOT, hooks)

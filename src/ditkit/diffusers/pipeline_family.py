@@ -9,12 +9,11 @@ PixArt all qualify without a list of class names. What the pipeline's call takes
 `__call__` signature (`image`, `mask_image`, `control_image`, `controlnet_conditioning_scale`,
 `strength`), so the options a command line gives are checked against the class itself.
 
-Two kinds of pipeline change the transformer's token sequence and are refused where that matters:
+Two kinds of pipeline change the transformer's token sequence:
   Kontext (`image` without `strength`: the image is a context, not a start): diffusers appends the
     context image's tokens after the generated image's, with position ids whose first axis is 1.
-    CLEAR's processors take [text | image grid] sequences, so CLEAR (and a student) is refused
-    there rather than run with wrong windows; patch-parallel is refused too (the strips cut the
-    grid, not the context).
+    CLEAR (and a student) runs there with its disc taken on the position plane across both images
+    (`ditkit.mixers.positions`); patch-parallel is refused (the strips cut the grid, not the context).
   ControlNet (its `__init__` holds a `controlnet`): the ControlNet's residuals are added to the
     whole token sequence of each block, so patch-parallel (one strip of rows per process) is refused.
 
@@ -91,9 +90,16 @@ def pipeline_family(folder: str | Path) -> PipelineFamily:
                           "upgrade diffusers (pip install -U diffusers)")
     parameters = frozenset(inspect.signature(cls.__call__).parameters)
     takes = frozenset(parameters & set(OPTIONS))
-    context = ("image" in takes and "strength" not in takes) or "image_reference" in parameters
+    context = takes_context_image(cls) or "image_reference" in parameters
     controlnet = "controlnet" in inspect.signature(cls.__init__).parameters
     return PipelineFamily(str(name), index, adapter, takes, controlnet, context, parameters)
+
+
+def takes_context_image(pipeline_class: type) -> bool:
+    """Its call's `image` is a context whose tokens join the sequence (Kontext), not a start image:
+    it takes an image and no strength."""
+    parameters = inspect.signature(pipeline_class.__call__).parameters
+    return "image" in parameters and "strength" not in parameters
 
 
 @dataclass(frozen=True)
@@ -159,8 +165,7 @@ def check_image_size(image, option: str, path, height: int, width: int) -> None:
                           f"resize the image, or give --height {image.size[1]} --width {image.size[0]}")
 
 
-def check_family_inputs(family: PipelineFamily, folder: Path, inputs: ImageInputs, attention_on: bool,
-                        patch: bool, chain: bool) -> None:
+def check_family_inputs(family: PipelineFamily, folder: Path, inputs: ImageInputs, patch: bool, chain: bool) -> None:
     """One-line refusals, from the class and the options alone, of what this pipeline cannot run."""
     given = inputs.given()
     for key in given:
@@ -171,10 +176,6 @@ def check_family_inputs(family: PipelineFamily, folder: Path, inputs: ImageInput
         if key not in given:
             raise DitkitError(f"{family.name} needs {OPTIONS[key]} FILE (its {key}): give the image file")
     check_controlnet_options(family, folder, inputs)
-    if family.context_image and attention_on:
-        raise DitkitError(f"{family.name} appends the context image's tokens after the image tokens and CLEAR's "
-                          "windows cover the image grid only, so CLEAR would be wrong there: run it without "
-                          "--clear / --student")
     if patch and (family.controlnet or family.context_image):
         why = "the ControlNet's residuals cover every token" if family.controlnet else \
             "the context image's tokens are not rows of the image grid"

@@ -45,12 +45,18 @@ def disc_size(radius: float) -> int:
     return sum(1 for dy in range(-h, h + 1) for dx in range(-h, h + 1) if dy * dy + dx * dx < radius * radius)
 
 
-def local_pairs(grid: Grid, radius: float) -> int:
+def local_pairs(grid: Grid, radius: float, key_grid: Grid | None = None) -> int:
     """(query, key) image-token pairs inside the disc over a whole grid, borders cut: attention work
-    of `clear` relative to the H*W * H*W pairs of full attention."""
-    H, W = grid
+    of `clear` relative to the H*W * H*W pairs of full attention. With `key_grid`, the pairs between
+    the queries of `grid` and the keys of another image on the same position plane (both from (0, 0),
+    as FLUX Kontext's context image: `ditkit.mixers.positions`)."""
+    (H, W), (Hk, Wk) = grid, key_grid or grid
     h = math.ceil(radius) - 1
-    return sum(max(0, H - abs(dy)) * max(0, W - abs(dx)) for dy in range(-h, h + 1) for dx in range(-h, h + 1)
+
+    def overlap(queries: int, keys: int, shift: int) -> int:  # q in [0, queries) with q + shift in [0, keys)
+        return max(0, min(queries, keys - shift) - max(0, -shift))
+
+    return sum(overlap(H, Hk, dy) * overlap(W, Wk, dx) for dy in range(-h, h + 1) for dx in range(-h, h + 1)
                if dy * dy + dx * dx < radius * radius)
 
 

@@ -88,7 +88,7 @@ def _block_mask(grid: Grid, radius: float, num_global: int, num_extra: int, orde
 
 
 @lru_cache(maxsize=1)
-def _compiled_flex():
+def compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention, dynamic=False)
@@ -112,7 +112,7 @@ def flex_local_attention(q: Tensor, k: Tensor, v: Tensor, grid: Grid, radius: fl
         return torch.cat(parts + ([extra] if extra is not None else []), dim=2)
 
     k_gather = k_index.clamp(min=0)
-    attention = _compiled_flex() if (q.is_cuda if compile is None else compile) else flex_attention
+    attention = compiled_flex() if (q.is_cuda if compile is None else compile) else flex_attention
     out = attention(to_flex(q, q_gather, None), to_flex(k, k_gather, extra_k), to_flex(v, k_gather, extra_v),
                     block_mask=block_mask)
     # Back to row-major: each image query appears once at a non-padding position.

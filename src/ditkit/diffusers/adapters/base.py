@@ -5,6 +5,7 @@ options, patch-parallel sampling, `ditkit generate`, distillation, memory planni
 transformer's `DiffusersAdapter` instead of branching on its class name:
 
   grid               the image-token grid of a forward call, read from the call's inputs
+  image_positions    where each image token lies, when a call holds more than one image (Kontext)
   layout             the token order of its self-attention ("text_first", "image_first", "image_only")
   attention_kind     how each attention module mixes tokens (which layers CLEAR switches)
   token_patch        latent pixels per token side (image sides are multiples of VAE factor x this)
@@ -75,6 +76,12 @@ class DiffusersAdapter(ABC):
     @abstractmethod
     def grid(self, transformer: nn.Module, args: tuple, kwargs: dict) -> Grid:
         """The image-token grid (rows, columns) of one forward call, read from its inputs."""
+
+    def image_positions(self, transformer: nn.Module, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor] | None:
+        """When a call's image tokens are more than one grid in row-major order (FLUX Kontext's
+        context image after the generated one): each token's (row, column) on the model's position
+        plane (N, 2) and its image index (N,), images contiguous in the sequence. None otherwise."""
+        return None
 
     @abstractmethod
     def default_train_grid(self, transformer: nn.Module) -> Grid:

@@ -63,15 +63,26 @@ class FluxAdapter(DiffusersAdapter):
         return (transformer.config.out_channels or transformer.config.in_channels) // 4
 
     def grid(self, transformer: nn.Module, args: tuple, kwargs: dict) -> Grid:
+        """The generated image's grid: the tokens whose first id axis is 0 (a Kontext context image's
+        tokens follow with 1 there: `image_positions`)."""
+        ids = self._image_ids(args, kwargs)
+        ids = ids[ids[:, 0] == 0]
+        return int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+
+    def image_positions(self, transformer: nn.Module, args: tuple, kwargs: dict):
+        """(rows, columns) and image index (the first id axis) of every image token, when the call
+        holds more than the generated image's grid (FluxKontextPipeline's context image)."""
+        ids = self._image_ids(args, kwargs)
+        if not bool((ids[:, 0] != 0).any()):
+            return None
+        return ids[:, 1:3], ids[:, 0]
+
+    @staticmethod
+    def _image_ids(args: tuple, kwargs: dict) -> Tensor:
         ids = kwargs.get("img_ids", args[4] if len(args) > 4 else None)
         if ids is None:
             raise DitkitError("FLUX with CLEAR needs img_ids (the image token positions) in every call")
-        ids = ids.reshape(-1, ids.shape[-1])
-        if bool((ids[:, 0] != 0).any()):  # FluxKontextPipeline's context image: tokens after the grid's
-            raise DitkitError("this FLUX call carries context-image tokens (Kontext: position ids whose first axis "
-                              "is not 0) after the image grid, which CLEAR's windows do not cover: run it without "
-                              "CLEAR")
-        return int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+        return ids.reshape(-1, ids.shape[-1])
 
     def default_train_grid(self, transformer: nn.Module) -> Grid:
         return FLUX_TRAIN_GRID  # FLUX has no size in its config

@@ -1,0 +1,65 @@
+"""CLEAR over image tokens at given positions (`ditkit.mixers.positions`): on one grid it is
+`local_attention` exactly; with several images on one plane every backend equals the dense
+definition, and a query sees the other image's tokens around its own position."""
+
+import pytest
+import torch
+
+from ditkit.errors import DitkitError
+from ditkit.mixers.clear import local_attention
+from ditkit.mixers.positions import positions_local_attention
+
+
+def grid_positions(rows: int, columns: int, top: int = 0, left: int = 0):
+    ys, xs = torch.meshgrid(torch.arange(rows) + top, torch.arange(columns) + left, indexing="ij")
+    return torch.stack([ys.flatten(), xs.flatten()], 1)
+
+
+def tensors(tokens: int, extra: int = 0):
+    q, k, v = (torch.randn(2, 3, tokens, 8) for _ in range(3))
+    pooled = (torch.randn(2, 3, extra, 8), torch.randn(2, 3, extra, 8)) if extra else (None, None)
+    return q, k, v, *pooled
+
+
+@pytest.mark.parametrize("backend", ["reference", "tiled", "flex"])
+@pytest.mark.parametrize("radius", [1, 2.5, 6])
+def test_one_grid_is_local_attention(backend, radius):
+    torch.manual_seed(0)
+    G, (H, W) = 4, (11, 19)
+    q, k, v, ek, ev = tensors(G + H * W, extra=5)
+    expected = local_attention(q, k, v, (H, W), radius, G, ek, ev, backend="reference")
+    out = positions_local_attention(q, k, v, grid_positions(H, W).float(), radius, G, ek, ev, backend=backend)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["tiled", "flex"])
+def test_several_images_equal_the_dense_definition(backend):
+    torch.manual_seed(1)
+    positions = torch.cat([grid_positions(12, 20), grid_positions(7, 9, top=3, left=2)])  # a context of its own size
+    G = 6
+    q, k, v, ek, ev = tensors(G + len(positions), extra=3)
+    expected = positions_local_attention(q, k, v, positions, 3, G, ek, ev, backend="reference")
+    out = positions_local_attention(q, k, v, positions, 3, G, ek, ev, backend=backend)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_query_sees_the_other_images_tokens_at_its_position_and_no_farther():
+    """Values are one-hot per token: the output of a query is the softmax weight it gives each key."""
+    first, second = grid_positions(5, 5), grid_positions(5, 5)
+    positions = torch.cat([first, second])
+    N = len(positions)
+    q, k = torch.zeros(1, 1, N, N), torch.zeros(1, 1, N, N)  # equal scores: weights 1 / keys seen
+    v = torch.eye(N).view(1, 1, N, N)
+    weights = positions_local_attention(q, k, v, positions, 1.5, backend="tiled")[0, 0]
+    centre = 12  # (2, 2) of the first image
+    seen = torch.nonzero(weights[centre] > 0).squeeze(1).tolist()
+    neighbours = [7, 11, 12, 13, 17, 16, 6, 8, 18]  # the 3 x 3 square around (2, 2): distance^2 <= 2 < 2.25
+    assert sorted(seen) == sorted(neighbours + [n + 25 for n in neighbours])
+
+
+def test_bad_positions_are_one_line():
+    q, k, v, _, _ = tensors(10)
+    with pytest.raises(DitkitError, match="give one position per image token"):
+        positions_local_attention(q, k, v, grid_positions(3, 3), 2, 0)
+    with pytest.raises(DitkitError, match=r"must be \(N, 2\)"):
+        positions_local_attention(q, k, v, torch.zeros(10, 3), 2, 0)
