@@ -132,14 +132,16 @@ def flux_controlnet():
     return trained_looking(FluxControlNetModel(patch_size=1, in_channels=16, **FLUX_SIZES))
 
 
-def sd3_controlnet():
-    """A tiny SD3 ControlNet (one joint block; the control image enters VAE-encoded)."""
+def sd3_controlnet(extra_conditioning_channels: int = 0, latent_channels: int = 4):
+    """A tiny SD3 ControlNet (one joint block; the control image enters VAE-encoded; an inpainting
+    ControlNet takes the control mask as `extra_conditioning_channels` = 1 more)."""
     from diffusers import SD3ControlNetModel
 
-    return trained_looking(SD3ControlNetModel(sample_size=16, patch_size=2, in_channels=4, num_layers=1,
+    return trained_looking(SD3ControlNetModel(sample_size=16, patch_size=2, in_channels=latent_channels, num_layers=1,
                                               attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
-                                              caption_projection_dim=16, pooled_projection_dim=32, out_channels=4,
-                                              pos_embed_max_size=32))
+                                              caption_projection_dim=16, pooled_projection_dim=32,
+                                              out_channels=latent_channels, pos_embed_max_size=32,
+                                              extra_conditioning_channels=extra_conditioning_channels))
 
 
 def sd3_pipeline(pipeline: str = "StableDiffusion3Pipeline", controlnet: bool = False, latent_channels: int = 4):
@@ -154,7 +156,7 @@ def sd3_pipeline(pipeline: str = "StableDiffusion3Pipeline", controlnet: bool = 
                                         out_channels=latent_channels, pos_embed_max_size=32)
     (clip, clip_tokens), (clip_2, clip_tokens_2) = clip_parts(16, True), clip_parts(16, True)
     t5, t5_tokens = t5_parts(32)
-    extra = {"controlnet": sd3_controlnet()} if controlnet else {}
+    extra = {"controlnet": sd3_controlnet(int("Inpaint" in pipeline), latent_channels)} if controlnet else {}
     return getattr(diffusers, pipeline)(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
                                         vae=tiny_vae(0.1, latent_channels),
                                         text_encoder=clip, tokenizer=clip_tokens, text_encoder_2=clip_2,

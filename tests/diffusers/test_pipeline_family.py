@@ -45,8 +45,13 @@ CASES = {
     "sd3_inpaint": (lambda: sd3_pipeline("StableDiffusion3InpaintPipeline", latent_channels=16),
                     ("image", "mask", "--strength", "0.9")),
     "sd3_controlnet": (lambda: sd3_pipeline("StableDiffusion3ControlNetPipeline", controlnet=True), ("control",)),
+    "sd3_controlnet_inpaint": (lambda: sd3_pipeline("StableDiffusion3ControlNetInpaintingPipeline", controlnet=True,
+                                                    latent_channels=16), ("control", "control_mask")),
+    "flux_kontext_inpaint": (lambda: flux_pipeline(False, "FluxKontextInpaintPipeline"),
+                             ("image", "mask", "reference", "--strength", "0.9")),
 }
-FILES = {"image": "--image", "mask": "--mask", "control": "--control-image"}
+FILES = {"image": "--image", "mask": "--mask", "control": "--control-image", "control_mask": "--control-mask",
+         "reference": "--reference"}
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +73,10 @@ def root(tmp_path_factory):
     Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(root / "control.png")
     Image.fromarray(np.where(np.arange(SIZE)[:, None] < SIZE // 2, 255, 0).repeat(SIZE, 1).astype(np.uint8)).save(
         root / "mask.png")  # repaint the top half
+    shutil.copy(root / "mask.png", root / "control_mask.png")
     Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(root / "small_mask.png")
     Image.fromarray(rng.integers(0, 256, (24, 16, 3), dtype=np.uint8)).save(root / "context.png")
+    shutil.copy(root / "context.png", root / "reference.png")  # Kontext inpainting's reference: any size
     return root
 
 
@@ -209,6 +216,12 @@ def test_bad_input_is_one_line_before_any_weight_loads(root, weightless, tmp_pat
     assert "give a mask of the image's size" in bad("flux_fill", "--image", image, "--mask", small_mask)
     assert "FluxControlPipeline needs --control-image FILE" in bad("flux_control")
     assert "needs --control-image FILE" in bad("sd3_controlnet")
+    assert "needs --control-mask FILE" in bad("sd3_controlnet_inpaint", "--control-image", control)
+    assert "give it with --control-image too" in bad("sd3_controlnet_inpaint", "--control-mask", mask)
+    assert "takes no --control-mask" in bad("sd3_controlnet", "--control-image", control, "--control-mask", mask)
+    assert "takes no --reference" in bad("flux_inpaint", "--image", image, "--mask", mask, "--reference", context)
+    assert "context image's tokens are not rows" in bad("flux_kontext_inpaint", "--image", image, "--mask", mask,
+                                                        "--clear", "radius=2", "--parallel", "patch")
     assert "holds no ControlNet: give --controlnet PATH" in bad("flux_controlnet", "--control-image", control)
     assert "needs --mask FILE" in bad("flux_inpaint", "--image", image)
     assert "FluxImg2ImgPipeline takes no --mask" in bad("flux_img2img", "--image", image, "--mask", mask)

@@ -67,6 +67,10 @@ def add_image_options(generate) -> None:
                           "image's size; binarized at half grey by the pipeline, as diffusers does)")
     generate.add_argument("--control-image", metavar="FILE", help="Control (Canny / Depth) and ControlNet "
                           "pipelines: the control picture (the request's size)")
+    generate.add_argument("--control-mask", metavar="FILE", help="SD3 ControlNet inpainting: white = repaint in "
+                          "the control image (the request's size)")
+    generate.add_argument("--reference", metavar="FILE", help="Kontext inpainting: the reference image, a context "
+                          "whose tokens join the sequence (any size)")
     generate.add_argument("--controlnet", metavar="PATH", help="ControlNet pipelines: a diffusers ControlNet model "
                           "folder, or ORG/NAME in the local Hugging Face cache (default: the pipeline folder's own)")
     generate.add_argument("--control-scale", type=float, help="ControlNet pipelines: the residuals' weight "
@@ -112,8 +116,9 @@ def checked_request(args) -> tuple[lib.Request, lib.UpscaleChain | None]:
 
 def image_inputs(args, chain: bool) -> family_lib.ImageInputs:
     """The image options of the command line (the chain's --strength is the chain's, not the call's)."""
-    return family_lib.ImageInputs(args.image, args.mask, args.control_image, None if chain else args.strength,
-                                  args.control_scale, args.controlnet, args.clear_controlnet)
+    return family_lib.ImageInputs(args.image, args.mask, args.control_image, args.control_mask, args.reference,
+                                  None if chain else args.strength, args.control_scale, args.controlnet,
+                                  args.clear_controlnet)
 
 
 def checked_image_inputs(args, chain: bool) -> dict:
@@ -161,7 +166,7 @@ def controlnet_component(args) -> dict:
 def input_settings(args, pipe) -> dict[str, str]:
     """The image inputs for the PNG's settings (files by name)."""
     values = {"image": args.image, "mask": args.mask, "control image": args.control_image,
-              "controlnet": args.controlnet, "control scale": args.control_scale}
+              "control mask": args.control_mask, "reference": args.reference, "controlnet": args.controlnet, "control scale": args.control_scale}
     if getattr(pipe, "controlnet", None) is not None:
         values["clear controlnet"] = "no" if args.clear_controlnet is False or not (args.clear or args.student) \
             else "yes"

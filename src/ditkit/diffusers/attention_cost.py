@@ -134,9 +134,8 @@ def generate_line(pipe, request: Request, attention: Attention | None) -> str | 
         text_tokens = request.embeddings["prompt_embeds"].shape[1]
     else:
         text_tokens = transformer_adapter(pipe).prompt_tokens
-    context = ()
-    image = (request.inputs or {}).get("image")
-    if image is not None and takes_context_image(type(pipe)):  # Kontext: the context's tokens at its size
-        context = ((image.size[1] // multiple, image.size[0] // multiple),)
+    inputs = request.inputs or {}
+    contexts = [inputs.get("image") if takes_context_image(type(pipe)) else None, inputs.get("image_reference")]
+    context = tuple((image.size[1] // multiple, image.size[0] // multiple) for image in contexts if image is not None)
     cost = attention_cost(pipe.transformer, grid, text_tokens, *settings, context)
     return describe(cost, *settings, request.height, request.width)

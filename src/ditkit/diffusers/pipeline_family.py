@@ -36,10 +36,13 @@ from ..errors import DitkitError
 from .adapters import ADAPTERS, DiffusersAdapter, find_adapter
 from .folders import CONFIG, model_class_name, pipeline_index, resolve_pipeline
 
-IMAGE_ARGUMENTS = ("image", "mask_image", "control_image")
+IMAGE_ARGUMENTS = ("image", "mask_image", "control_image", "control_mask", "image_reference")
 # ditkit generate's option for each call argument it fills (for messages).
 OPTIONS = {"image": "--image", "mask_image": "--mask", "control_image": "--control-image", "strength": "--strength",
-           "controlnet_conditioning_scale": "--control-scale"}
+           "controlnet_conditioning_scale": "--control-scale", "control_mask": "--control-mask",
+           "image_reference": "--reference"}
+GRAY = ("mask_image", "control_mask")  # read as grayscale
+OPTIONAL = ("image_reference",)  # a call runs without them (Kontext inpainting's reference)
 
 
 @dataclass(frozen=True)
@@ -59,9 +62,15 @@ class PipelineFamily:
         """Its call takes no image at all: the upscale chain's base and img2img form apply."""
         return not self.takes & set(IMAGE_ARGUMENTS)
 
+    @property
+    def adds_context_tokens(self) -> bool:
+        """Its call appends a context image's tokens to the image tokens (Kontext's `image`, Kontext
+        inpainting's `image_reference`)."""
+        return self.context_image or "image_reference" in self.takes
+
     def needed(self) -> list[str]:
         """The image arguments a call cannot run without (Kontext's context image is optional)."""
-        optional = {"image"} if self.context_image else set()
+        optional = {*OPTIONAL, "image"} if self.context_image else set(OPTIONAL)
         return [name for name in IMAGE_ARGUMENTS if name in self.takes and name not in optional]
 
     def has_own_controlnet(self, folder: Path) -> bool:
@@ -90,7 +99,7 @@ def pipeline_family(folder: str | Path) -> PipelineFamily:
                           "upgrade diffusers (pip install -U diffusers)")
     parameters = frozenset(inspect.signature(cls.__call__).parameters)
     takes = frozenset(parameters & set(OPTIONS))
-    context = takes_context_image(cls) or "image_reference" in parameters
+    context = takes_context_image(cls)
     controlnet = "controlnet" in inspect.signature(cls.__init__).parameters
     return PipelineFamily(str(name), index, adapter, takes, controlnet, context, parameters)
 
@@ -109,6 +118,8 @@ class ImageInputs:
     image: str | Path | None = None
     mask: str | Path | None = None
     control_image: str | Path | None = None
+    control_mask: str | Path | None = None
+    reference: str | Path | None = None
     strength: float | None = None
     control_scale: float | None = None
     controlnet: str | Path | None = None  # a ControlNet model folder, or ORG/NAME in the Hugging Face cache
@@ -122,21 +133,26 @@ class ImageInputs:
             raise DitkitError(f"--control-scale must be a finite number >= 0, got {self.control_scale}")
         if self.mask is not None and self.image is None:
             raise DitkitError("--mask marks what to repaint in an image: give the image with --image too")
+        if self.control_mask is not None and self.control_image is None:
+            raise DitkitError("--control-mask marks what to repaint in the control image: give it with "
+                              "--control-image too")
 
     def given(self) -> dict[str, object]:
         """The call arguments given, by their diffusers names."""
         values = {"image": self.image, "mask_image": self.mask, "control_image": self.control_image,
-                  "strength": self.strength, "controlnet_conditioning_scale": self.control_scale}
+                  "control_mask": self.control_mask, "image_reference": self.reference, "strength": self.strength,
+                  "controlnet_conditioning_scale": self.control_scale}
         return {key: value for key, value in values.items() if value is not None}
 
     def read(self, height: int, width: int, context: bool = False) -> dict[str, object]:
-        """The call arguments with the images opened (PIL; the mask grayscale), sizes checked: the
-        image and control image at the request's size (a `context` image at any), the mask at the image's."""
+        """The call arguments with the images opened (PIL; masks grayscale), sizes checked: the image,
+        control image and control mask at the request's size (a `context` image and the reference at
+        any), the mask at the image's."""
         arguments = self.given()
         for key in IMAGE_ARGUMENTS:
             if key in arguments:
-                arguments[key] = read_image(arguments[key], OPTIONS[key], "L" if key == "mask_image" else "RGB")
-        for key in ("image", "control_image"):
+                arguments[key] = read_image(arguments[key], OPTIONS[key], "L" if key in GRAY else "RGB")
+        for key in ("image", "control_image", "control_mask"):
             if key in arguments and not (key == "image" and context):
                 check_image_size(arguments[key], OPTIONS[key], self.given()[key], height, width)
         if "mask_image" in arguments and arguments["mask_image"].size != arguments["image"].size:
@@ -176,7 +192,7 @@ def check_family_inputs(family: PipelineFamily, folder: Path, inputs: ImageInput
         if key not in given:
             raise DitkitError(f"{family.name} needs {OPTIONS[key]} FILE (its {key}): give the image file")
     check_controlnet_options(family, folder, inputs)
-    if patch and (family.controlnet or family.context_image):
+    if patch and (family.controlnet or family.adds_context_tokens):
         why = "the ControlNet's residuals cover every token" if family.controlnet else \
             "the context image's tokens are not rows of the image grid"
         raise DitkitError(f"--parallel patch cuts the image grid into strips, and in a {family.name} {why}: run "

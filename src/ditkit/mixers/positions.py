@@ -88,8 +88,10 @@ def tiled_positions_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor
         qy, qx = ys[queries], xs[queries]
         keys = torch.nonzero((ys >= qy.min() - reach) & (ys <= qy.max() + reach)
                              & (xs >= qx.min() - reach) & (xs <= qx.max() + reach)).squeeze(1)
-        mask = torch.cat([torch.ones(len(queries), shared_k.shape[-2], dtype=torch.bool, device=q.device),
+        seen = torch.cat([torch.ones(len(queries), shared_k.shape[-2], dtype=torch.bool, device=q.device),
                           _near(positions[queries], positions[keys], radius)], dim=1)
+        # Additive and 4-D: lets PyTorch take its fused CPU kernel, not the math path (as tiled.py).
+        mask = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill(~seen, float("-inf"))[None, None]
         outputs.append(F.scaled_dot_product_attention(
             image_q.index_select(-2, queries), torch.cat([shared_k, image_k.index_select(-2, keys)], dim=-2),
             torch.cat([shared_v, image_v.index_select(-2, keys)], dim=-2), attn_mask=mask))
