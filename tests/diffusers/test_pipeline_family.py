@@ -15,6 +15,7 @@ from PIL import Image
 from diffusers_contract import check_strips_equal_the_whole
 from ditkit.checkpoint import save_weights
 from ditkit.cli.main import main
+from ditkit.diffusers import pipeline_family as family_lib
 from ditkit.diffusers import pipelines
 from ditkit.diffusers.adapters import find_adapter
 from ditkit.diffusers.clear import apply_clear, clear_is_on
@@ -66,6 +67,7 @@ def root(tmp_path_factory):
         make().save_pretrained(root / name)
     flux_pipeline(False, "FluxKontextPipeline").save_pretrained(root / "flux_kontext")
     flux_controlnet().save_pretrained(root / "flux_cn")
+    sd3_controlnet().save_pretrained(root / "sd3_cn")
     save_file({"prompt_embeds": torch.randn(1, 6, 32), "pooled_prompt_embeds": torch.randn(1, 32)},
               root / "embeds.safetensors")
     rng = np.random.default_rng(0)
@@ -142,6 +144,30 @@ def test_the_controlnet_gets_clear_unless_told_not_to(root, tmp_path, name):
     both, text = generate(root, tmp_path / "both.png", *options, "--clear", "radius=2")
     alone, _ = generate(root, tmp_path / "alone.png", *options, "--clear", "radius=2", "--no-clear-controlnet")
     assert text["clear controlnet"] == "yes" and changed(both, alone)
+
+
+@pytest.mark.parametrize("name", ["flux_controlnet", "sd3_controlnet"])
+def test_two_controlnets(root, tmp_path, name):
+    """Two ControlNets run as diffusers' Multi*ControlNetModel, each with its image and scale: the
+    second's scale changes the picture; CLEAR reaches both (a covering radius is the stock picture,
+    radius 2 changes it). (Residual sums are not compared across scales: the pipeline draws each
+    control image's latents from the VAE's distribution, and the tiny VAE's is wide.)"""
+    net, control = str(root / ("flux_cn" if name == "flux_controlnet" else "sd3_cn")), str(root / "control.png")
+    options = [*case_options(root, name, images=False), "--controlnet", net, "--controlnet", net,
+               "--control-image", control, "--control-image", control]
+
+    def two(out, first, second, *extra):
+        return generate(root, tmp_path / out, *options, "--control-scale", first, "--control-scale", second, *extra)
+
+    stock, text = two("stock.png", "0.5", "0.5")
+    assert text["controlnet"] == f"{net}, {net}" and text["control scale"] == "0.5, 0.5"
+    assert changed(stock, two("less.png", "0.5", "0")[0])
+    assert np.abs(stock - two("covering.png", "0.5", "0.5", "--clear", COVERING)[0]).max() <= 1
+    assert changed(stock, two("local.png", "0.5", "0.5", "--clear", "radius=2")[0])
+    pipe = pipelines.load_pipeline(root / name, device="cpu",
+                                   components={"controlnet": family_lib.load_controlnets((net, net))})
+    pipelines.Attention(clear="radius=2").apply_to_pipeline(pipe)
+    assert len(pipe.controlnet.nets) == 2 and all(clear_is_on(each) for each in pipe.controlnet.nets)
 
 
 def test_attention_switches_the_controlnet_with_a_students_radius(root, tmp_path):
@@ -234,6 +260,13 @@ def test_bad_input_is_one_line_before_any_weight_loads(root, weightless, tmp_pat
     assert "run it in one process" in bad("sd3_controlnet", "--control-image", control, "--clear", "radius=2",
                                           "--parallel", "patch")
     assert "takes images already" in bad("flux_fill", "--image", image, "--mask", mask, "--upscale-from", "16")
+    assert "give one --controlnet PATH per --control-image" in bad("sd3_controlnet", "--control-image", control,
+                                                                  "--control-image", control)
+    assert "take 2 --control-image files" in bad("flux_controlnet", "--controlnet", "a", "--controlnet", "b",
+                                                 "--control-image", control)
+    assert "give one for all, or one per --controlnet" in bad("sd3_controlnet", "--control-image", control,
+                                                              "--control-scale", "1", "--control-scale", "2")
+    assert "takes one --control-image" in bad("flux_control", "--control-image", control, "--control-image", control)
     assert "holds no ControlNet: drop --controlnet" in bad("flux_img2img", "--image", image, "--controlnet", "x")
     assert "not a diffusers ControlNet folder" in bad("flux_controlnet", "--control-image", control, "--controlnet",
                                                       str(root / "flux_img2img"))

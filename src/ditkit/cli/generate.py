@@ -65,16 +65,20 @@ def add_image_options(generate) -> None:
                           "request's size); Kontext: the context image (any size)")
     generate.add_argument("--mask", metavar="FILE", help="inpainting / Fill: white = repaint, black = keep (the "
                           "image's size; binarized at half grey by the pipeline, as diffusers does)")
-    generate.add_argument("--control-image", metavar="FILE", help="Control (Canny / Depth) and ControlNet "
-                          "pipelines: the control picture (the request's size)")
+    generate.add_argument("--control-image", metavar="FILE", action="append", help="Control (Canny / Depth) and "
+                          "ControlNet pipelines: the control picture (the request's size; repeat it with --controlnet "
+                          "for several ControlNets, one each, in order)")
     generate.add_argument("--control-mask", metavar="FILE", help="SD3 ControlNet inpainting: white = repaint in "
                           "the control image (the request's size)")
     generate.add_argument("--reference", metavar="FILE", help="Kontext inpainting: the reference image, a context "
                           "whose tokens join the sequence (any size)")
-    generate.add_argument("--controlnet", metavar="PATH", help="ControlNet pipelines: a diffusers ControlNet model "
-                          "folder, or ORG/NAME in the local Hugging Face cache (default: the pipeline folder's own)")
-    generate.add_argument("--control-scale", type=float, help="ControlNet pipelines: the residuals' weight "
-                          "(controlnet_conditioning_scale; default: the pipeline's)")
+    generate.add_argument("--controlnet", metavar="PATH", action="append", help="ControlNet pipelines: a diffusers "
+                          "ControlNet model folder, or ORG/NAME in the local Hugging Face cache (default: the pipeline "
+                          "folder's own); repeatable: several ControlNets add their residuals (diffusers' "
+                          "Multi*ControlNetModel), each with its --control-image")
+    generate.add_argument("--control-scale", type=float, action="append", help="ControlNet pipelines: the "
+                          "residuals' weight (controlnet_conditioning_scale; default: the pipeline's); one for every "
+                          "ControlNet, or repeated: one per --controlnet")
     generate.add_argument("--clear-controlnet", action=BooleanOptionalAction, default=None,
                           help="with --clear / --student: the ControlNet's own attention becomes CLEAR too "
                                "(default: yes; it would stay quadratic in the image tokens otherwise)")
@@ -116,9 +120,9 @@ def checked_request(args) -> tuple[lib.Request, lib.UpscaleChain | None]:
 
 def image_inputs(args, chain: bool) -> family_lib.ImageInputs:
     """The image options of the command line (the chain's --strength is the chain's, not the call's)."""
-    return family_lib.ImageInputs(args.image, args.mask, args.control_image, args.control_mask, args.reference,
-                                  None if chain else args.strength, args.control_scale, args.controlnet,
-                                  args.clear_controlnet)
+    return family_lib.ImageInputs(args.image, args.mask, tuple(args.control_image or ()), args.control_mask,
+                                  args.reference, None if chain else args.strength, tuple(args.control_scale or ()),
+                                  tuple(args.controlnet or ()), args.clear_controlnet)
 
 
 def checked_image_inputs(args, chain: bool) -> dict:
@@ -157,16 +161,23 @@ def generate_images(args, request: lib.Request, chain: lib.UpscaleChain | None, 
 
 
 def controlnet_component(args) -> dict:
-    """{"controlnet": the --controlnet model} for the pipeline's loading, or nothing."""
+    """{"controlnet": the --controlnet model(s)} for the pipeline's loading, or nothing."""
     if not args.controlnet:
         return {}
-    return {"controlnet": family_lib.load_controlnet(args.controlnet, **{lib.dtype_keyword(): lib.DTYPES[args.dtype]})}
+    dtype = {lib.dtype_keyword(): lib.DTYPES[args.dtype]}
+    return {"controlnet": family_lib.load_controlnets(tuple(args.controlnet), **dtype)}
+
+
+def joined(values: list | None) -> str | None:
+    """A repeatable option's values for the PNG's settings ("a.png, b.png"), None when not given."""
+    return ", ".join(map(str, values)) if values else None
 
 
 def input_settings(args, pipe) -> dict[str, str]:
     """The image inputs for the PNG's settings (files by name)."""
-    values = {"image": args.image, "mask": args.mask, "control image": args.control_image,
-              "control mask": args.control_mask, "reference": args.reference, "controlnet": args.controlnet, "control scale": args.control_scale}
+    values = {"image": args.image, "mask": args.mask, "control image": joined(args.control_image),
+              "control mask": args.control_mask, "reference": args.reference, "controlnet": joined(args.controlnet),
+              "control scale": joined(args.control_scale)}
     if getattr(pipe, "controlnet", None) is not None:
         values["clear controlnet"] = "no" if args.clear_controlnet is False or not (args.clear or args.student) \
             else "yes"

@@ -117,44 +117,67 @@ class ImageInputs:
 
     image: str | Path | None = None
     mask: str | Path | None = None
-    control_image: str | Path | None = None
+    control_images: tuple[str | Path, ...] = ()  # one per ControlNet (several: diffusers' Multi*ControlNetModel)
     control_mask: str | Path | None = None
     reference: str | Path | None = None
     strength: float | None = None
-    control_scale: float | None = None
-    controlnet: str | Path | None = None  # a ControlNet model folder, or ORG/NAME in the Hugging Face cache
+    control_scales: tuple[float, ...] = ()  # none (the pipeline's), one for every ControlNet, or one each
+    controlnets: tuple[str | Path, ...] = ()  # ControlNet model folders, or ORG/NAME in the Hugging Face cache
     clear_controlnet: bool | None = None  # CLEAR on the ControlNet's attention too (None: the default, yes)
 
     def __post_init__(self):
         if self.strength is not None and not 0 < self.strength <= 1:
             raise DitkitError(f"--strength must be in (0, 1] (the share of the steps run from the image), got "
                               f"{self.strength}")
-        if self.control_scale is not None and not (math.isfinite(self.control_scale) and self.control_scale >= 0):
-            raise DitkitError(f"--control-scale must be a finite number >= 0, got {self.control_scale}")
+        for scale in self.control_scales:
+            if not (math.isfinite(scale) and scale >= 0):
+                raise DitkitError(f"--control-scale must be a finite number >= 0, got {scale}")
         if self.mask is not None and self.image is None:
             raise DitkitError("--mask marks what to repaint in an image: give the image with --image too")
-        if self.control_mask is not None and self.control_image is None:
+        if self.control_mask is not None and not self.control_images:
             raise DitkitError("--control-mask marks what to repaint in the control image: give it with "
                               "--control-image too")
+        self.check_controlnet_counts()
+
+    def check_controlnet_counts(self) -> None:
+        """Several ControlNets take one control image each and one scale for all or one each."""
+        nets, images, scales = len(self.controlnets), len(self.control_images), len(self.control_scales)
+        if nets > 1 and images != nets:
+            raise DitkitError(f"{nets} --controlnet models take {nets} --control-image files (one each, in the "
+                              f"same order), got {images}")
+        if scales > 1 and scales != nets:
+            raise DitkitError(f"{scales} --control-scale values for {nets or 'one'} ControlNet(s): give one for "
+                              "all, or one per --controlnet")
+        if nets > 1 and self.control_mask is not None:
+            raise DitkitError("--control-mask takes one ControlNet (SD3 ControlNet inpainting): give one --controlnet")
 
     def given(self) -> dict[str, object]:
-        """The call arguments given, by their diffusers names."""
-        values = {"image": self.image, "mask_image": self.mask, "control_image": self.control_image,
+        """The call arguments given, by their diffusers names: one control image and scale as values,
+        several (one per ControlNet) as lists, as diffusers' Multi*ControlNetModel pipelines take them."""
+        several = len(self.controlnets) > 1
+        images = list(self.control_images) if several else (self.control_images or (None,))[0]
+        scales = self.control_scales
+        scale = (list(scales) * len(self.controlnets))[:len(self.controlnets)] if several and scales else \
+            (scales or (None,))[0]
+        values = {"image": self.image, "mask_image": self.mask, "control_image": images,
                   "control_mask": self.control_mask, "image_reference": self.reference, "strength": self.strength,
-                  "controlnet_conditioning_scale": self.control_scale}
+                  "controlnet_conditioning_scale": scale}
         return {key: value for key, value in values.items() if value is not None}
 
     def read(self, height: int, width: int, context: bool = False) -> dict[str, object]:
         """The call arguments with the images opened (PIL; masks grayscale), sizes checked: the image,
         control image and control mask at the request's size (a `context` image and the reference at
         any), the mask at the image's."""
-        arguments = self.given()
+        given = self.given()
+        arguments = dict(given)
         for key in IMAGE_ARGUMENTS:
             if key in arguments:
-                arguments[key] = read_image(arguments[key], OPTIONS[key], "L" if key in GRAY else "RGB")
-        for key in ("image", "control_image", "control_mask"):
-            if key in arguments and not (key == "image" and context):
-                check_image_size(arguments[key], OPTIONS[key], self.given()[key], height, width)
+                paths = given[key] if isinstance(given[key], list) else [given[key]]
+                images = [read_image(path, OPTIONS[key], "L" if key in GRAY else "RGB") for path in paths]
+                if key in ("image", "control_image", "control_mask") and not (key == "image" and context):
+                    for path, image in zip(paths, images, strict=True):
+                        check_image_size(image, OPTIONS[key], path, height, width)
+                arguments[key] = images if isinstance(given[key], list) else images[0]
         if "mask_image" in arguments and arguments["mask_image"].size != arguments["image"].size:
             mask, image = arguments["mask_image"].size, arguments["image"].size
             raise DitkitError(f"--mask {self.mask} is {mask[1]}x{mask[0]}, --image {self.image} is {image[1]}x"
@@ -204,15 +227,22 @@ def check_family_inputs(family: PipelineFamily, folder: Path, inputs: ImageInput
 
 def check_controlnet_options(family: PipelineFamily, folder: Path, inputs: ImageInputs) -> None:
     if not family.controlnet:
-        if inputs.controlnet is not None or inputs.clear_controlnet is not None:
+        if inputs.controlnets or inputs.clear_controlnet is not None:
             raise DitkitError(f"a {family.name} holds no ControlNet: drop --controlnet / --clear-controlnet, or "
                               "use a ControlNet pipeline (FluxControlNetPipeline, StableDiffusion3ControlNetPipeline)")
+        if len(inputs.control_images) > 1:
+            raise DitkitError(f"a {family.name} takes one --control-image (several belong to ControlNet pipelines)")
         return
-    if inputs.controlnet is None and not family.has_own_controlnet(folder):
+    if len(inputs.control_images) > 1 and len(inputs.controlnets) <= 1:
+        raise DitkitError(f"{len(inputs.control_images)} --control-image files for one ControlNet: give one "
+                          "--controlnet PATH per --control-image, in the same order")
+    if not inputs.controlnets and not family.has_own_controlnet(folder):
         raise DitkitError(f"this {family.name} folder holds no ControlNet: give --controlnet PATH (a diffusers "
                           "ControlNet folder, or ORG/NAME in the Hugging Face cache)")
-    if inputs.controlnet is not None:
-        controlnet_class(inputs.controlnet)
+    classes = {controlnet_class(name) for name in inputs.controlnets}
+    if len(classes) > 1:
+        raise DitkitError(f"the --controlnet models are of different classes ({', '.join(sorted(classes))}): give "
+                          "ControlNets of one transformer family")
 
 
 def controlnet_folder(name: str | Path) -> Path:
@@ -239,6 +269,20 @@ def load_controlnet(name: str | Path, **dtype) -> nn.Module:
 
     cls = controlnet_class(name)
     return getattr(diffusers, cls).from_pretrained(controlnet_folder(name), **dtype)
+
+
+def load_controlnets(names: tuple[str | Path, ...], **dtype) -> nn.Module:
+    """One ControlNet, or several in diffusers' Multi*ControlNetModel of their class (FluxControlNetModel ->
+    FluxMultiControlNetModel), whose residuals the pipeline adds up, each with its image and scale."""
+    import diffusers
+
+    nets = [load_controlnet(name, **dtype) for name in names]
+    if len(nets) == 1:
+        return nets[0]
+    multi = type(nets[0]).__name__.replace("ControlNetModel", "MultiControlNetModel")
+    if not hasattr(diffusers, multi):
+        raise DitkitError(f"diffusers has no {multi} to run several {type(nets[0]).__name__}s: give one --controlnet")
+    return getattr(diffusers, multi)(nets)
 
 
 def fixed_call_arguments(call_parameters, height: int, width: int) -> dict:
