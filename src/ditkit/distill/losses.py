@@ -64,7 +64,7 @@ class PairedDenoiser(nn.Module):
 @dataclass
 class LossWeights:
     """Output-heavy by default, not CLEAR's task 1 / output 0.5 / attention 0.5: in the built-in
-    distillation study (benchmarks/results/study-distillation) these weights gave students 3.2 dB
+    distillation settings study (benchmarks/results/study-distillation-settings) these weights gave students 3.2 dB
     closer to their teacher (PSNR 26.7 vs 23.5, 2 seeds) and an FID of 1.32 instead of 2.94 at the
     training size, at the same radius, lr and steps. Pass CLEAR's to reproduce the paper."""
 
