@@ -317,3 +317,47 @@ def test_controlnet_from_the_hugging_face_cache(root, tmp_path, monkeypatch):
     options[options.index(str(root / "flux_cn"))] = "org/tiny-controlnet"
     cached, text = generate(root, tmp_path / "cached.png", *options)
     assert np.array_equal(folder, cached) and text["controlnet"] == "org/tiny-controlnet"
+
+
+@pytest.mark.parametrize("name", ["flux_img2img", "flux_fill"])
+def test_image_pipelines_on_patch_parallel_strips_equal_one_process(root, name):
+    """Whole pipeline calls (VAE-encoded start image, Fill's mask channels, the scheduler's steps) on
+    two patch-parallel strips, one thread each sharing the CLEAR transformer: each strip's picture is
+    the one-process picture."""
+    import copy
+    import threading
+
+    from ditkit.diffusers.patch_parallel import patch_parallel
+    from thread_strips import on_thread_strips
+
+    pipe = pipelines.load_pipeline(root / name, device="cpu")
+    inputs = {"image": Image.open(root / "image.png").convert("RGB")}
+    if name == "flux_fill":
+        inputs["mask_image"] = Image.open(root / "mask.png").convert("L")
+    else:
+        inputs["strength"] = 0.8
+    request = pipelines.Request(SIZE, SIZE, embeddings=pipelines.read_prompt_embeddings(root / "embeds.safetensors",
+                                                                                        pipe), steps=2, inputs=inputs)
+    whole = np.asarray(pipelines.generate(pipe, request, pipelines.Attention(clear="radius=2"), progress=False)[0])
+    stock = np.asarray(pipelines.generate(pipelines.load_pipeline(root / name, device="cpu"), request,
+                                          progress=False)[0])
+    assert changed(whole.astype(int), stock.astype(int))  # the window is local: strips must exchange rows
+    mine = threading.local()
+
+    def run_strip(strip):
+        mine.strip = strip
+        own = copy.copy(pipe)  # the transformer is shared; each thread steps its own scheduler
+        own.scheduler = copy.deepcopy(pipe.scheduler)
+        return torch.from_numpy(np.asarray(pipelines.generate(own, request, progress=False)[0]).copy())
+
+    calls = []
+
+    def strip_of(grid, exchange):
+        calls.append(grid)
+        return mine.strip
+
+    with patch_parallel(pipe.transformer, "halo", strip_of=strip_of):
+        outputs = on_thread_strips((SIZE // 4, SIZE // 4), 2, "halo", run_strip)
+    assert calls == [(SIZE // 4, SIZE // 4)] * 4  # each strip's transformer ran on its strip at both steps
+    for out in outputs:
+        assert np.abs(out.numpy().astype(int) - whole.astype(int)).max() <= 1
