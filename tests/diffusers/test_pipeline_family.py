@@ -208,6 +208,12 @@ def test_kontext_with_clear_and_a_student(root, tmp_path, capsys):
     tuned, tuned_text = generate(root, tmp_path / "tuned.png", *options, "--student",
                                  student_file(tmp_path, "FluxTransformer2DModel", 32))
     assert tuned_text["student"].endswith("student-FluxTransformer2DModel") and changed(tuned, untuned)
+    pipe = pipelines.load_pipeline(root / "flux_kontext", device="cpu")  # the 24x16 px context: 6x4 tokens
+    request = pipelines.Request(SIZE, SIZE, embeddings=pipelines.read_prompt_embeddings(root / "embeds.safetensors",
+                                                                                        pipe), steps=1,
+                                inputs={"image": Image.open(root / "context.png")})
+    with pytest.raises(DitkitError, match="resize it to multiples of 16 px"):
+        pipelines.generate(pipe, request, pipelines.Attention(clear="radius=2,down_factor=4"), progress=False)
 
 
 def refusal(capsys, *argv) -> str:

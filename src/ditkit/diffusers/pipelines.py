@@ -52,12 +52,12 @@ from ..mixers import MixerSpec
 from ..mixers.clear import check_clear_options
 from ..record import DiffusersModel, RunRecord
 from .adapters import DiffusersAdapter, adapter_for
-from .clear import CLEAR_KEYS, apply_clear, clear_is_on, clear_spec
+from .clear import CLEAR_KEYS, apply_clear, clear_is_on, clear_layers, clear_spec
 from .folders import resolve_pipeline
 from .lora import base_layer_state, base_parameters
 from .official_clear import check_official, is_official_layout, official_settings, read_official
 from .patch_parallel import patch_parallel
-from .pipeline_family import fixed_call_arguments, pipeline_family
+from .pipeline_family import fixed_call_arguments, pipeline_family, takes_context_image
 from .prompts import load_prompt_embeds
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -484,6 +484,21 @@ def check_patch(pipe, patch: bool) -> None:
                           "ControlNet's residuals cover every token: run it in one process")
 
 
+def check_context_images(pipe, request: Request) -> None:
+    """CLEAR's down_factor pools each image on its own token grid, a Kontext context image's too (it
+    joins the sequence at its own size): refused in one line, before sampling, when one does not divide."""
+    layers = clear_layers(pipe.transformer)
+    down = getattr(pipe.transformer.get_submodule(layers[0]).processor, "down_factor", 0) if layers else 0
+    inputs, multiple = request.inputs or {}, size_multiple(pipe)
+    contexts = {"--image": inputs.get("image") if takes_context_image(type(pipe)) else None,
+                "--reference": inputs.get("image_reference")}
+    for option, image in contexts.items():
+        if down and image is not None and ((image.size[1] // multiple) % down or (image.size[0] // multiple) % down):
+            raise DitkitError(f"{option} is {image.size[1]}x{image.size[0]} px, a context image whose token grid "
+                              f"CLEAR's down_factor {down} does not divide: resize it to multiples of "
+                              f"{down * multiple} px, or use CLEAR without a down factor")
+
+
 @torch.no_grad()
 def generate(pipe, request: Request, attention: Attention | None = None, progress: bool = True,
              patch: bool = False) -> list:
@@ -493,6 +508,7 @@ def generate(pipe, request: Request, attention: Attention | None = None, progres
     check_patch(pipe, patch)
     if attention is not None:
         attention.apply_to_pipeline(pipe)
+    check_context_images(pipe, request)
     request = request.resolved(pipe)
     jobs = image_jobs(request)
     images = []
