@@ -256,6 +256,9 @@ def controlnet_class(name: str | Path) -> str:
     import diffusers
 
     folder = controlnet_folder(name)
+    if not folder.is_dir():
+        raise DitkitError(f"--controlnet {name} does not exist: give a diffusers ControlNet model folder, or ORG/NAME "
+                          "of one in the Hugging Face cache")
     cls = model_class_name(folder / CONFIG)
     if cls is None or "ControlNet" not in cls or not hasattr(diffusers, cls):
         raise DitkitError(f"--controlnet {name} is not a diffusers ControlNet folder (its config.json names "
