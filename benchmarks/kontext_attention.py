@@ -6,8 +6,9 @@ FluxKontextPipeline puts the context image's tokens after the generated image's,
 plane (`ditkit.mixers.positions`). For each size it times one attention call (batch 1, 4 heads of 64,
 512 text tokens, the context as large as the generated image, r = 8, no pooling) three ways: full
 attention over text + both images (what stock Kontext computes), CLEAR's tiled positions backend over
-both images, and CLEAR's grid backend over the generated image alone (what FLUX without a context
-costs with CLEAR), and checks the positions backend against the dense definition where that fits.
+both images (its work list cached per image layout, as in sampling: the warm-up call builds it), and
+CLEAR's grid backend over the generated image alone (what FLUX without a context costs with CLEAR),
+and checks the positions backend against the dense definition where that fits.
 A script, not a test: CPU seconds of this process, medians of `--repeats` calls after a warm-up.
 """
 
@@ -22,7 +23,7 @@ import torch
 from tables import write_results
 
 from ditkit.mixers.clear import local_attention
-from ditkit.mixers.positions import positions_local_attention
+from ditkit.mixers.positions import grids_positions, positions_local_attention
 
 HEADS, HEAD_DIM, TEXT, RADIUS = 4, 64, 512, 8
 PX_PER_TOKEN = 16  # FLUX: VAE /8, 2x2 packing
@@ -38,22 +39,22 @@ def cpu_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def plane(side: int) -> torch.Tensor:
-    ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-    one = torch.stack([ys.flatten(), xs.flatten()], 1)
-    return torch.cat([one, one])  # the generated image, then the context at the same positions
+def plane(side: int) -> tuple:
+    """The generated image, then the context at the same positions, as the CLEAR processors pass them."""
+    grids = ((0, 0, side, side), (0, 0, side, side))
+    return grids_positions(grids), grids
 
 
 def measure(px: int, repeats: int) -> dict:
     side = px // PX_PER_TOKEN
-    positions = plane(side)
+    positions, grids = plane(side)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, HEADS, TEXT + len(positions), HEAD_DIM, generator=g) for _ in range(3))
     single = TEXT + side * side
     with torch.no_grad():
         full = cpu_seconds(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), repeats)
-        clear = cpu_seconds(lambda: positions_local_attention(q, k, v, positions, RADIUS, TEXT, backend="tiled"),
-                            repeats)
+        clear = cpu_seconds(lambda: positions_local_attention(q, k, v, positions, RADIUS, TEXT, backend="tiled",
+                                                              grids=grids), repeats)
         alone = cpu_seconds(lambda: local_attention(q[..., :single, :], k[..., :single, :], v[..., :single, :],
                                                     (side, side), RADIUS, TEXT, backend="tiled"), repeats)
         error = float("nan")

@@ -341,17 +341,18 @@ def test_kontext_pools_each_image_on_its_own_grid(monkeypatch):
     inputs["img_ids"] = torch.cat([flux_ids((4, 4)), inputs["img_ids"][-12:]])
     seen = []
 
-    def spy(q, k, v, positions, radius, num_global, extra_k, extra_v, backend):
+    def spy(q, k, v, positions, radius, num_global, extra_k, extra_v, backend, grids):
         generated, context = k[..., TEXT:TEXT + 16, :], k[..., TEXT + 16:, :]
         weight = model.transformer_blocks[0].attn.processor.pool_weight
         expected = torch.cat([pool_tokens(generated, (4, 4), 0, weight), pool_tokens(context, (2, 6), 0, weight)], -2)
         seen.append(torch.equal(extra_k, expected))
-        return positions_local_attention(q, k, v, positions, radius, num_global, extra_k, extra_v, backend)
+        seen.append(grids == ((0, 0, 4, 4), (0, 0, 2, 6)))  # both images' places: the plans are cached
+        return positions_local_attention(q, k, v, positions, radius, num_global, extra_k, extra_v, backend, grids)
 
     apply_clear(model, radius=2, down_factor=2)
     monkeypatch.setattr(clear_module, "positions_local_attention", spy)
     model(**inputs, return_dict=False)[0].square().mean().backward()
-    assert seen == [True, True]  # both blocks
+    assert seen == [True] * 4  # both blocks
     assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith("pool_weight"))
     inputs["img_ids"][16:] = inputs["img_ids"][16:].flip(0)  # the context's tokens in another order
     with pytest.raises(DitkitError, match=r"tokens \[16, 28\) are not one: use down_factor=0"):

@@ -7,7 +7,7 @@ import torch
 
 from ditkit.errors import DitkitError
 from ditkit.mixers.clear import local_attention
-from ditkit.mixers.positions import positions_local_attention
+from ditkit.mixers.positions import grids_positions, positions_local_attention
 
 
 def grid_positions(rows: int, columns: int, top: int = 0, left: int = 0):
@@ -33,14 +33,19 @@ def test_one_grid_is_local_attention(backend, radius):
 
 
 @pytest.mark.parametrize("backend", ["tiled", "flex"])
-def test_several_images_equal_the_dense_definition(backend):
+@pytest.mark.parametrize("radius", [1, 3, 9.5])  # the tiled plan reads 0, 1 and 2 neighbouring squares each way
+def test_several_images_equal_the_dense_definition(backend, radius):
+    """Also with the image places given (`grids`): the cached work list and block mask, twice."""
     torch.manual_seed(1)
-    positions = torch.cat([grid_positions(12, 20), grid_positions(7, 9, top=3, left=2)])  # a context of its own size
+    grids = ((0, 0, 12, 20), (3, 2, 7, 9))  # a context of its own size, at an offset
+    positions = grids_positions(grids)
+    assert torch.equal(positions, torch.cat([grid_positions(12, 20), grid_positions(7, 9, top=3, left=2)]))
     G = 6
     q, k, v, ek, ev = tensors(G + len(positions), extra=3)
-    expected = positions_local_attention(q, k, v, positions, 3, G, ek, ev, backend="reference")
-    out = positions_local_attention(q, k, v, positions, 3, G, ek, ev, backend=backend)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    expected = positions_local_attention(q, k, v, positions, radius, G, ek, ev, backend="reference")
+    for places in (None, grids, grids):
+        out = positions_local_attention(q, k, v, positions, radius, G, ek, ev, backend=backend, grids=places)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_a_query_sees_the_other_images_tokens_at_its_position_and_no_farther():

@@ -38,7 +38,7 @@ from ..mixers.clear import (
     pool_tokens,
     strip_local_attention,
 )
-from ..mixers.positions import positions_local_attention
+from ..mixers.positions import ImageGrid, grids_positions, positions_local_attention
 from ..mixers.strip import Strip
 from .adapters import DiffusersAdapter, adapter_for, find_adapter
 from .hooks import HookSet, install, installed, uninstall
@@ -70,26 +70,30 @@ def clear_spec(options: MixerSpec | str | dict) -> MixerSpec:
 @dataclass
 class ImageSegment:
     """One image's tokens in a sequence holding several (FLUX Kontext): sequence slice [start, stop)
-    among the image tokens, and its grid when they form a whole grid in row-major order."""
+    among the image tokens, and where it lies when they form a whole grid in row-major order."""
 
     start: int
     stop: int
-    grid: Grid | None
+    place: ImageGrid | None  # (top, left, rows, columns)
+
+    @property
+    def grid(self) -> Grid | None:
+        return None if self.place is None else self.place[2:]
 
 
 def image_segments(positions: Tensor, image_index: Tensor) -> list[ImageSegment]:
-    """Split a sequence's image tokens into its images (runs of one image index); each one's grid
-    if its positions are a whole rectangle in row-major order (pooling needs that)."""
+    """Split a sequence's image tokens into its images (runs of one image index); each one's place
+    if its positions are a whole rectangle in row-major order (pooling and cached plans need that)."""
     changes = (torch.nonzero(image_index[1:] != image_index[:-1]).squeeze(1) + 1).tolist()
     bounds = [0, *changes, len(image_index)]
     segments = []
     for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
-        part = positions[start:stop].round().long()
+        part = positions[start:stop].round().long().cpu()
         top, left = part.min(0).values.tolist()
         rows, columns = (part.max(0).values - part.min(0).values + 1).tolist()
-        ys, xs = torch.meshgrid(torch.arange(rows) + top, torch.arange(columns) + left, indexing="ij")
-        whole = rows * columns == len(part) and torch.equal(part.cpu(), torch.stack([ys.flatten(), xs.flatten()], 1))
-        segments.append(ImageSegment(start, stop, (rows, columns) if whole else None))
+        place = (top, left, rows, columns)
+        whole = rows * columns == len(part) and torch.equal(part, grids_positions((place,)))
+        segments.append(ImageSegment(start, stop, place if whole else None))
     return segments
 
 
@@ -133,6 +137,11 @@ class TokenLayout:
             start, stop = strip.rows
             return (stop - start) * self.grid[1]
         return self.grid[0] * self.grid[1]
+
+    def grids(self) -> tuple[ImageGrid, ...] | None:
+        """Every image's place when each is a whole grid (the positions backends then cache their work)."""
+        places = tuple(segment.place for segment in self.segments)
+        return places if places and None not in places else None
 
     def pooled(self, x: Tensor, num_global: int, weight: Tensor) -> Tensor:
         """Pooled tokens of every image of a several-image call, concatenated (each image pooled over
@@ -192,7 +201,7 @@ class ClearAttnProcessor(nn.Module):
         if pool_weight is not None:
             extra_k, extra_v = (self.layout.pooled(x, num_global, pool_weight) for x in (k, v))
         return positions_local_attention(q, k, v, self.layout.positions, self.radius, num_global, extra_k, extra_v,
-                                         self.backend)
+                                         self.backend, self.layout.grids())
 
     def forward(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                 attention_mask: Tensor | None = None, image_rotary_emb=None, **kwargs):
