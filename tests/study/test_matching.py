@@ -96,13 +96,13 @@ def plan(name, kind="train", teacher=None):
 
 def test_the_report_section_reads_every_arm_against_the_first_training_arm():
     plans = {name: plan(name) for name in ("dit", "fast", "level", "slow")}
-    text = "\n".join(matching_section(ROWS, plans))
+    text = "\n".join(matching_section(ROWS, plans, 128))
     assert "## Compute to match dit" in text
     assert "- fast matches dit on FID at" in text and "- level ties dit on FID" in text
     assert "- slow does not reach dit's final FID within the budget" in text
     assert "- fast: 5 sampling GFLOPs per image (0.50 x dit's), 3.0 ms per forward (1.50 x)." in text
     assert "- slow: does not reach dit's final quality within the budget" in text
-    assert matching_section(DIT, {"dit": plans["dit"]}) == []  # nothing to match against
+    assert matching_section(DIT, {"dit": plans["dit"]}, 128) == []  # nothing to match against
 
 
 def test_a_student_is_read_against_its_teacher_and_its_untrained_self():
@@ -113,10 +113,14 @@ def test_a_student_is_read_against_its_teacher_and_its_untrained_self():
                                                      (BUDGET, 5.0 + jitter, 0.98, 30.0))]
     gaps = {gap.key: gap for gap in student_gaps(teacher + student, "student", "teacher", 32)}
     assert gaps["fid"].untrained == [40.0, 40.0] and gaps["fid"].verdict == TIE  # 5.1 +/- 0.14 vs 5.0
-    assert gaps["legibility"].verdict == BEHIND  # 98% on both seeds (no spread) vs 99%
+    assert gaps["legibility"].verdict == BEHIND  # 98% on both seeds (no spread) vs 99%, sampling error not given
+    sampled = {gap.key: gap for gap in student_gaps(teacher + student, "student", "teacher", 32, samples=128)}
+    assert sampled["legibility"].verdict == TIE  # 1 point: within 2 x sqrt(.98 x .02 / 256 + .99 x .01 / 128)
+    many = {gap.key: gap for gap in student_gaps(teacher + student, "student", "teacher", 32, samples=100_000)}
+    assert many["legibility"].verdict == BEHIND and sampled["fid"].verdict == TIE  # FID has no sampling floor
     assert gaps["psnr"].verdict == AHEAD and gaps["psnr"].teacher == []  # against the untrained student
     plans = {"teacher": plan("teacher"), "student": plan("student", "distill", "teacher")}
-    text = "\n".join(gap_section(teacher + student, plans, [1]))
+    text = "\n".join(gap_section(teacher + student, plans, [1], 128))
     assert "| student | 32 | FID | 5.00 | 40.00 ± 0.00 | 5.10 ± 0.14 | tie vs teacher |" in text
     assert "| student | 32 | PSNR dB | - | 12.10 ± 0.14 | 30.00 ± 0.00 | better vs untrained |" in text
 
@@ -128,3 +132,20 @@ def test_a_students_teacher_is_the_seed_that_taught_it():
     assert taught["fid"].teacher == [5.0] and taught["fid"].verdict == TIE
     both = {gap.key: gap for gap in student_gaps(teachers + student, "student", "teacher", 32)}
     assert both["fid"].teacher == [5.0, 9.0]
+
+
+def test_legibility_differences_within_their_sampling_error_are_ties():
+    """Every arm is scored on one sampling seed, so one digit of 128 read otherwise moves legibility by
+    0.8% on every seed alike: the seeds show no spread, the binomial error does."""
+    from ditkit.study.matching import sampling_error, verdict
+    from ditkit.study.report import METRICS, compare, spread
+
+    assert sampling_error(1.0, 0.992, 128, 256) == pytest.approx(2 * math.sqrt(0.992 * 0.008 / 256))
+    assert verdict([0.992, 0.992], [1.0], False, samples=128) == (TIE, True)  # 0.8 points < 1.1
+    assert verdict([0.977, 0.977], [1.0], False, samples=128) == (BEHIND, True)  # 2.3 points > 1.9
+    assert verdict([0.992, 0.992], [1.0], False) == (BEHIND, True)  # no samples given: the seed spread alone (0)
+    legibility = next(m for m in METRICS if m.key == "legibility")
+    point = [{"label": label, "seeds": 2, "legibility": spread(values)}
+             for label, values in (("a", [1.0, 1.0]), ("b", [0.992, 0.992]))]
+    assert "by 0.8 <= sampling error 1.1 of 128 samples: not a difference" in compare(point, legibility, 128)
+    assert "> seed spread" in compare(point, legibility, 100_000)

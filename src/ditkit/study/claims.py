@@ -5,7 +5,8 @@ typed by hand (`python benchmarks/study_claims.py` writes benchmarks/results/stu
 Each claim names the study and the arm that tests it and how: `match` reads the arm against the
 study's baseline (its first training arm, DiT) with the compute-to-match reading of `matching.py`;
 `student` reads a distilled student against its teacher at a multiple of the training size. The
-verdict: reproduces, ties or does not (a difference within the seed spread is a tie), or not
+verdict: reproduces, ties or does not (a difference within the seed spread, or for legibility within
+its sampling error, is a tie), or not
 measurable where the baseline (or teacher) itself is not yet legible (below `LEGIBLE`): then the
 samples are not digits yet and no ranking of them tests a claim.
 """
@@ -58,6 +59,7 @@ class StudyResults:
     name: str
     rows: list[dict]
     arms: dict[str, dict]  # name -> the resolved plan of study.json (kind, seeds, steps, teacher, ...)
+    samples: int | None = None  # images per evaluation (study.json's eval.num): legibility's sampling error
 
     @property
     def baseline(self) -> str | None:
@@ -77,7 +79,7 @@ def load_study(folder: str | Path) -> StudyResults | None:
     arms = {key.removeprefix("arms."): value["resolved"] for key, value in settings.items() if key.startswith("arms.")}
     with (folder / "measurements.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
-    return StudyResults(folder.name, rows, arms)
+    return StudyResults(folder.name, rows, arms, settings.get("eval", {}).get("num"))
 
 
 def legibility_of(study: StudyResults, arm: str, resolution: int) -> float | None:
@@ -95,7 +97,7 @@ def combine(verdicts: list[str], tie: str) -> str:
 def read_match(claim: Claim, study: StudyResults) -> tuple[str, str]:
     baseline, resolution = study.baseline, study.resolution(study.baseline)
     matches = [m for key in ("fid", "legibility")
-               if (m := match_arm(study.rows, claim.arm, baseline, key, resolution))]
+               if (m := match_arm(study.rows, claim.arm, baseline, key, resolution, study.samples))]
     label = next(r["label"] for r in study.rows if r["arm"] == baseline)
     result = "; ".join(m.sentence(label) for m in matches)
     # "matches at k x" needs every seed there: an arm ahead in the mean with a seed short of it is no lead.
@@ -107,7 +109,7 @@ def read_student(claim: Claim, study: StudyResults) -> tuple[str, str]:
     teacher = study.arms[claim.arm]["teacher"]
     resolution = claim.scale * study.resolution(claim.arm)
     seed = teaching_seed(study, teacher)
-    gaps = [g for g in student_gaps(study.rows, claim.arm, teacher, resolution, seed)
+    gaps = [g for g in student_gaps(study.rows, claim.arm, teacher, resolution, seed, study.samples)
             if g.key in ("fid", "legibility")]
     parts = []
     for gap in gaps:
@@ -148,7 +150,9 @@ def claims_table(results: str | Path, claims: tuple[Claim, ...] = CLAIMS) -> str
              "the study's baseline (its first training arm, DiT) with the compute-to-match reading (the training "
              "compute each arm needs to reach the baseline's final FID and legibility, interpolated linearly in "
              "log compute on its curve; k = that compute / the baseline's), or a student against its teacher. "
-             "A difference within the seed spread (the sum of the standard deviations over seeds) is a tie. A "
+             "A difference within the seed spread (the sum of the standard deviations over seeds) is a tie, and "
+             "so is a legibility difference within its sampling error (twice the standard error of a difference "
+             "of two shares of the evaluated samples: every arm is scored on one sampling seed). A "
              f"study whose baseline is below {100 * LEGIBLE:.0f}% legibility at its final point tests nothing.",
              "", "| paper | claim | study | miniature result | verdict |", "|---|---|---|---|---|"]
     for claim in claims:

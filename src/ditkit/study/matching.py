@@ -11,7 +11,11 @@ baseline's final training compute, per seed; shown as mean ± std over seeds.
 
 Ties: the arm's final mean and the baseline's differ by no more than the sum of their standard
 deviations over seeds (the rule of the report's reading): then the arm ties the baseline, and no k is
-read into the difference. With one seed the spread is unknown and the reading says so.
+read into the difference. With one seed the spread is unknown and the reading says so. Legibility is
+a share of the evaluated samples, so it also has a sampling error the seeds do not show (every arm
+is scored on the same sampling seed): a legibility difference within twice the standard error of a
+difference of two shares, 2 sqrt(p1 (1 - p1) / n1 + p2 (1 - p2) / n2) with n = samples x seeds, is a
+tie too (one digit of 128 read otherwise is 0.8%, within it).
 """
 
 from __future__ import annotations
@@ -65,14 +69,24 @@ def final_values(rows: list[dict], arm: str, key: str, resolution: int) -> list[
     return [points[-1][1] for seed in seeds if (points := curve(rows, arm, seed, key, resolution))]
 
 
-def verdict(arm: list[float], base: list[float], lower_is_better: bool) -> tuple[str, bool]:
-    """(ahead / tie / behind of the arm's mean against the baseline's, whether the seed spread is
-    known): a difference within the sum of the standard deviations is a tie. A side measured with one
-    seed (a teacher trained once) adds no spread of its own; with one seed on both the spread is unknown."""
+def sampling_error(a: float, b: float, samples_a: int, samples_b: int) -> float:
+    """Twice the standard error of the difference of two shares a and b (in [0, 1]) measured on
+    samples_a and samples_b samples."""
+    return 2 * math.sqrt(a * (1 - a) / samples_a + b * (1 - b) / samples_b)
+
+
+def verdict(arm: list[float], base: list[float], lower_is_better: bool,
+            samples: int | None = None) -> tuple[str, bool]:
+    """(ahead / tie / behind of the arm's mean against the baseline's, whether the difference's noise
+    is known): a difference within the sum of the standard deviations is a tie. A side measured with one
+    seed (a teacher trained once) adds no spread of its own; with one seed on both the spread is unknown.
+    `samples` (images per evaluation) marks the values as shares of them (legibility): a difference
+    within their `sampling_error` is a tie too, and that noise is known with any number of seeds."""
     (a, sa), (b, sb) = mean_std(arm), mean_std(base)
     stds = [std for std in (sa, sb) if std is not None]
-    known = bool(stds)
-    if a == b or (known and abs(a - b) <= sum(stds)):
+    known = bool(stds) or bool(samples)
+    floor = sampling_error(a, b, samples * len(arm), samples * len(base)) if samples else 0.0
+    if a == b or abs(a - b) <= max(sum(stds), floor):
         return TIE, known
     return (AHEAD if (a < b) == lower_is_better else BEHIND), known
 
@@ -110,7 +124,8 @@ class Match:
     def sentence(self, base_label: str) -> str:
         finals = (f"final {self.show(mean_std(self.final)[0])} vs {self.show(self.target)} for {base_label}")
         if self.verdict == TIE:
-            within = "within the seed spread" if self.spread_known else "equal means (one seed: spread unknown)"
+            noise = "the seed spread or the sampling error" if self.key == "legibility" else "the seed spread"
+            within = f"within {noise}" if self.spread_known else "equal means (one seed: spread unknown)"
             return f"{self.label} ties {base_label} on {self.title} ({finals}, {within})"
         if self.verdict == AHEAD and len(self.ratios) == self.seeds:
             return f"{self.label} matches {base_label} on {self.title} at {self.k()} x its compute ({finals})"
@@ -121,9 +136,11 @@ class Match:
         return f"{self.label} does not reach {base_label}'s final {self.title} within the budget ({finals})"
 
 
-def match_arm(rows: list[dict], arm: str, baseline: str, key: str, resolution: int) -> Match | None:
+def match_arm(rows: list[dict], arm: str, baseline: str, key: str, resolution: int,
+              samples: int | None = None) -> Match | None:
     """The compute `arm` needs to reach the baseline's final mean on `key` (fid or legibility), per seed,
-    relative to the baseline's final training compute; None where either was not measured."""
+    relative to the baseline's final training compute; None where either was not measured. `samples`:
+    images per evaluation (legibility's sampling error)."""
     lower_is_better = MATCHED[key][1]
     base_final, final = final_values(rows, baseline, key, resolution), final_values(rows, arm, key, resolution)
     if not base_final or not final:
@@ -135,7 +152,7 @@ def match_arm(rows: list[dict], arm: str, baseline: str, key: str, resolution: i
     reached = [reach for seed in seeds if (reach := compute_to_reach(curve(rows, arm, seed, key, resolution),
                                                                      target, lower_is_better))]
     label = next(r["label"] for r in rows if r["arm"] == arm)
-    outcome, known = verdict(final, base_final, lower_is_better)
+    outcome, known = verdict(final, base_final, lower_is_better, samples if key == "legibility" else None)
     return Match(arm, label, key, target, base_final, final, [r.gflops / budget for r in reached],
                  any(not r.exact for r in reached), len(seeds), outcome, known)
 
@@ -179,9 +196,10 @@ GAP_MEASURES = {"fid": True, "legibility": False, "psnr": False, "ssim": False} 
 
 
 def student_gaps(rows: list[dict], student: str, teacher: str | None, resolution: int,
-                 teacher_seed=None) -> list[Gap]:
+                 teacher_seed=None, samples: int | None = None) -> list[Gap]:
     """The student's gaps on every measure it has at `resolution`; the teacher's values are those of
-    `teacher_seed` (the seed that taught) where given, else of all its seeds."""
+    `teacher_seed` (the seed that taught) where given, else of all its seeds. `samples`: images per
+    evaluation (legibility's sampling error)."""
     teacher_rows = [r for r in rows if r["arm"] == teacher and (teacher_seed is None or r["seed"] == teacher_seed)]
     gaps = []
     for key, lower_is_better in GAP_MEASURES.items():
@@ -189,7 +207,8 @@ def student_gaps(rows: list[dict], student: str, teacher: str | None, resolution
         untrained, final = untrained_values(rows, student, key, resolution), final_values(rows, student, key,
                                                                                           resolution)
         reference = teacher_final if key in ("fid", "legibility") else untrained
-        outcome, known = verdict(final, reference, lower_is_better) if final and reference else (None, False)
+        shares = samples if key == "legibility" else None
+        outcome, known = verdict(final, reference, lower_is_better, shares) if final and reference else (None, False)
         if final:
             gaps.append(Gap(key, resolution, teacher_final, untrained, final, outcome, known))
     return gaps

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..files import atomic_path, atomic_write_text
 from .config import StudyConfig
-from .matching import AHEAD, BEHIND, MATCHED, TIE, cost_at_equal_quality, match_arm, student_gaps
+from .matching import AHEAD, BEHIND, MATCHED, TIE, cost_at_equal_quality, match_arm, sampling_error, student_gaps
 from .plan import TRAIN_PASSES, ArmPlan
 
 COLUMNS = ("arm", "label", "kind", "seed", "fraction", "step", "train_gflops", "resolution", "fid", "kid",
@@ -81,9 +81,10 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 # ---------------------------------------------------------------- the reading
 
-def compare(summaries: list[dict], metric: Metric) -> str | None:
+def compare(summaries: list[dict], metric: Metric, samples: int) -> str | None:
     """Who is ahead on `metric` among `summaries` (one point, one resolution), and whether by more
-    than the seed spread; None with fewer than two arms measured."""
+    than the seed spread (legibility: or its sampling error over `samples` images per evaluation);
+    None with fewer than two arms measured."""
     measured = [s for s in summaries if s[metric.key] is not None]
     if len(measured) < 2:
         return None
@@ -95,6 +96,11 @@ def compare(summaries: list[dict], metric: Metric) -> str | None:
         return f"{metric.title}: {best['label']} and {second['label']} tie at {a.show(metric)}"
     head = (f"{metric.title}: **{best['label']}** leads ({a.show(metric)} vs {b.show(metric)} for "
             f"{second['label']}), by {metric.show(gap)}")
+    floor = None
+    if metric.key == "legibility":
+        floor = sampling_error(a.mean, b.mean, samples * best["seeds"], samples * second["seeds"])
+        if gap <= floor:
+            return f"{head} <= sampling error {metric.show(floor)} of {samples} samples: not a difference"
     if a.std is None or b.std is None:
         return f"{head}; one seed, so the seed spread is unknown: run more seeds before reading a difference"
     limit = a.std + b.std
@@ -103,16 +109,18 @@ def compare(summaries: list[dict], metric: Metric) -> str | None:
     return f"{head} <= seed spread {metric.show(limit)}: within the seeds' noise, not a difference"
 
 
-def reading(summaries: list[dict], fractions: list[float]) -> list[str]:
+def reading(summaries: list[dict], fractions: list[float], samples: int) -> list[str]:
     lines = ["## Reading", "",
              "Computed from the table: at each point the arm with the best mean, and whether its lead exceeds "
              "the seed spread (rule: the difference of the two means > the sum of their standard deviations "
-             "over seeds).", ""]
+             "over seeds) and, for legibility, its sampling error (twice the standard error of a difference "
+             f"of two shares of {samples} samples per seed: all arms are scored on one sampling seed, so the "
+             "seeds do not show it).", ""]
     for fraction in fractions:
         for resolution in sorted({s["resolution"] for s in summaries if s["fraction"] == fraction}):
             here = [s for s in summaries if s["fraction"] == fraction and s["resolution"] == resolution]
             for metric in (m for m in METRICS if m.key in READ):
-                if (line := compare(here, metric)) is not None:
+                if (line := compare(here, metric, samples)) is not None:
                     lines.append(f"- {100 * fraction:g}% of the budget, {resolution} px, {line}.")
     return [*lines, ""]
 
@@ -124,7 +132,7 @@ def baseline_of(plans: dict[str, ArmPlan]) -> str | None:
     return next((name for name, plan in plans.items() if plan.kind == "train"), None)
 
 
-def matching_section(rows: list[dict], plans: dict[str, ArmPlan]) -> list[str]:
+def matching_section(rows: list[dict], plans: dict[str, ArmPlan], samples: int) -> list[str]:
     baseline = baseline_of(plans)
     others = [p for p in plans.values() if p.kind == "train" and p.name != baseline
               and p.resolution == plans[baseline].resolution]
@@ -137,12 +145,13 @@ def matching_section(rows: list[dict], plans: dict[str, ArmPlan]) -> list[str]:
              "seed's curve is interpolated linearly in log training compute between the two evaluations around "
              "the first crossing; `<=` where its first evaluation already reaches it (an upper bound). k is the "
              "mean ± std over seeds. An arm whose final mean is within the seed spread of the baseline's (the "
-             "difference <= the sum of the standard deviations) ties it: no k is read into that difference.", "",
+             "difference <= the sum of the standard deviations; for legibility also within its sampling error, "
+             "as in the reading) ties it: no k is read into that difference.", "",
              f"| arm | measure | its final | {base.label}'s final | k (x {base.label}'s compute) | reading |",
              "|---|---|---|---|---|---|"]
     sentences, costs = [], []
     for plan in others:
-        matches = [m for key in MATCHED if (m := match_arm(rows, plan.name, baseline, key, resolution))]
+        matches = [m for key in MATCHED if (m := match_arm(rows, plan.name, baseline, key, resolution, samples))]
         for m in matches:
             mine, theirs = (statistics.fmean(values) for values in (m.final, m.base_final))
             lines.append(f"| {m.label} | {m.title} | {m.show(mine)} | {m.show(theirs)} | {m.k()} | {m.verdict} |")
@@ -169,7 +178,7 @@ def cost_line(plan: ArmPlan, base: ArmPlan, cost: dict) -> str:
 
 # ---------------------------------------------------------------- students against teachers
 
-def gap_section(rows: list[dict], plans: dict[str, ArmPlan], scales: list[int]) -> list[str]:
+def gap_section(rows: list[dict], plans: dict[str, ArmPlan], scales: list[int], samples: int) -> list[str]:
     students = [p for p in plans.values() if p.kind == "distill"]
     if not students:
         return []
@@ -179,14 +188,14 @@ def gap_section(rows: list[dict], plans: dict[str, ArmPlan], scales: list[int]) 
              "(step 0: the teacher with CLEAR attention swapped in, nothing trained), where eval.at lists 0. "
              "Mean ± std over seeds (the teacher: the seed that taught); the verdict is the final student's, a "
              "difference within the seed spread a tie (a teacher trained once has no spread of its own: the "
-             "student's alone counts).", "",
+             "student's alone counts), and for legibility one within its sampling error too.", "",
              "| student | px | measure | teacher | untrained student | student | verdict |",
              "|---|---|---|---|---|---|---|"]
     for plan in students:
         teacher = plan.teacher if plan.teacher in plans else None
         seed = plans[teacher].seeds[0] if teacher else None  # the seed whose checkpoint taught
         for scale in scales:
-            for gap in student_gaps(rows, plan.name, teacher, scale * plan.resolution, seed):
+            for gap in student_gaps(rows, plan.name, teacher, scale * plan.resolution, seed, samples):
                 metric = metric_named(gap.key)
                 cells = [shown(values, metric) for values in (gap.teacher, gap.untrained, gap.final)]
                 verdict = {AHEAD: "better", TIE: "tie", BEHIND: "worse", None: "-"}[gap.verdict]
@@ -309,8 +318,9 @@ def write_report(folder: str | Path, study: StudyConfig, plans: dict[str, ArmPla
     plot_panels([s for s in summaries if s["fraction"] == fractions[-1]], folder / "quality-vs-sampling-cost.png",
                 "sampling_gflops", f"sampling GFLOPs per image (at {100 * fractions[-1]:g}% of the budget)", True)
     lines = [f"# {study.title}", "", *settings_section(study), *compute_table(plans),
-             *point_tables(summaries, fractions), *reading(summaries, fractions), *matching_section(rows, plans),
-             *gap_section(rows, plans, study.eval.scales),
+             *point_tables(summaries, fractions), *reading(summaries, fractions, study.eval.num),
+             *matching_section(rows, plans, study.eval.num),
+             *gap_section(rows, plans, study.eval.scales, study.eval.num),
              "## Plots", "", "![quality vs training compute](quality-vs-train-compute.png)", "",
              "![quality vs sampling cost](quality-vs-sampling-cost.png)", "",
              "Every measurement: [measurements.csv](measurements.csv).", ""]
