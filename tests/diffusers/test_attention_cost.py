@@ -76,6 +76,20 @@ def test_flux_cost_counts_every_layer_and_full_attention_agrees_with_flop_counte
     assert by_op["aten.bmm"] == inputs["hidden_states"].shape[0] * cost.full  # per sample: a batch of two
 
 
+def test_controlnets_count_with_clear_or_at_full_cost():
+    """A ControlNet's layers (one double- and one single-stream here, width 32 like the transformer's)
+    add their pairs: CLEAR's when they get CLEAR, full attention's on both sides when kept full."""
+    from tiny_diffusers import flux_controlnet
+
+    grid = (6, 4)
+    model, net = tiny_flux(grid)[0], flux_controlnet()
+    alone = attention_cost(model, grid, TEXT, radius=2)
+    both = attention_cost(model, grid, TEXT, radius=2, controlnets=(net, net))
+    assert both.full == 3 * alone.full and both.clear == 3 * alone.clear
+    kept = attention_cost(model, grid, TEXT, radius=2, controlnets=(net,), clear_controlnets=False)
+    assert kept.full == 2 * alone.full and kept.clear == alone.clear + alone.full
+
+
 def test_self_attention_layers_have_no_text_tokens():
     """PixArt's CLEAR layers attend over image tokens only (the prompt comes in through cross-attention)."""
     grid = (4, 4)

@@ -134,15 +134,18 @@ def test_stock_equals_covering_clear_and_a_small_window_or_a_student_changes_it(
 
 
 @pytest.mark.parametrize("name", ["flux_controlnet", "sd3_controlnet"])
-def test_the_controlnet_gets_clear_unless_told_not_to(root, tmp_path, name):
+def test_the_controlnet_gets_clear_unless_told_not_to(root, tmp_path, name, capsys):
     """With a covering radius both choices are the stock picture; with radius 2 the ControlNet's own
     CLEAR changes its residuals, so the two choices differ."""
     options = case_options(root, name)
     stock, _ = generate(root, tmp_path / "stock.png", *options)
     kept, text = generate(root, tmp_path / "kept.png", *options, "--clear", COVERING, "--no-clear-controlnet")
     assert np.abs(stock - kept).max() <= 1 and text["clear controlnet"] == "no"
+    capsys.readouterr()
     both, text = generate(root, tmp_path / "both.png", *options, "--clear", "radius=2")
+    assert "TFLOPs per call of the transformer and its ControlNet)" in capsys.readouterr().out
     alone, _ = generate(root, tmp_path / "alone.png", *options, "--clear", "radius=2", "--no-clear-controlnet")
+    assert "(the ControlNet's attention kept full)" in capsys.readouterr().out
     assert text["clear controlnet"] == "yes" and changed(both, alone)
 
 

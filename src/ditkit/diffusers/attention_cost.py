@@ -10,7 +10,9 @@ multiply-add is 2 FLOPs). With G text tokens in the layer's sequence (FLUX, SD3 
 none in PixArt's self-attention) and N = H x W image tokens, full attention scores (G + N)^2 pairs.
 CLEAR scores text queries against every token, image queries against the text, the image keys
 inside their disc (`local_pairs`, borders cut) and, with a down factor f, the (H/f)(W/f) pooled
-tokens. A Kontext context image's tokens count as image tokens of their own grid, seen across
+tokens. A pipeline's ControlNets count too (their attention runs over the same tokens each step:
+CLEAR's cost when they get CLEAR, full attention's on both sides with `--no-clear-controlnet`).
+A Kontext context image's tokens count as image tokens of their own grid, seen across
 images through the disc (`local_pairs` between the two grids). The projections, norms and MLPs cost
 the same both ways and are left out.
 
@@ -27,6 +29,7 @@ from torch import nn
 from ..errors import DitkitError
 from ..mixers.base import Grid
 from ..mixers.clear import local_pairs
+from .adapters import find_adapter
 from .clear import self_attention_layers
 from .pipeline_family import takes_context_image
 from .pipelines import (
@@ -75,29 +78,38 @@ class AttentionCost:
 
 
 def attention_cost(transformer: nn.Module, grid: Grid, text_tokens: int, radius: float,
-                   down_factor: int = 0, context: tuple[Grid, ...] = ()) -> AttentionCost:
+                   down_factor: int = 0, context: tuple[Grid, ...] = (), controlnets: tuple[nn.Module, ...] = (),
+                   clear_controlnets: bool = True) -> AttentionCost:
     """Full vs CLEAR attention FLOPs of one call of `transformer` (a meta-device build counts the
-    same) on an image-token `grid` with `text_tokens` prompt tokens (and `context` images' grids)."""
+    same) on an image-token `grid` with `text_tokens` prompt tokens (and `context` images' grids).
+    `controlnets` run beside it over the same tokens (served by its adapter): with CLEAR when
+    `clear_controlnets`, else at full attention's cost on both sides of the count."""
     layers = self_attention_layers(transformer)
     if not layers:
         raise DitkitError(f"{type(transformer).__name__} has no attention layer CLEAR switches: count a FLUX, SD3 "
                           "or PixArt transformer")
+    adapter = find_adapter(transformer)
+    switched = [(attn, kind, True) for _, attn, kind in layers]
+    for net in controlnets:
+        switched += [(attn, kind, clear_controlnets) for _, attn, kind in adapter.self_attention_layers(net)]
     full = clear = 0
-    for _, attn, kind in layers:
+    for attn, kind, local in switched:
         text = text_tokens if kind in TEXT_KINDS else 0
         width = attn.inner_dim
         full += 4 * width * layer_pairs(grid, text, context=context)
-        clear += 4 * width * layer_pairs(grid, text, radius, down_factor, context)
+        clear += 4 * width * (layer_pairs(grid, text, radius, down_factor, context) if local
+                              else layer_pairs(grid, text, context=context))
     return AttentionCost(full, clear)
 
 
-def describe(cost: AttentionCost, radius: float, down_factor: int, height: int, width: int) -> str:
+def describe(cost: AttentionCost, radius: float, down_factor: int, height: int, width: int,
+             call: str = "transformer call") -> str:
     """One line: `attention: CLEAR radius 8, down factor 4 at 4096x4096: 8.0% of full attention's FLOPs
     (12.5x fewer; 244 of 3055 TFLOPs per transformer call)`."""
     down = f", down factor {down_factor}" if down_factor else ""
     return (f"attention: CLEAR radius {radius:g}{down} at {height}x{width}: {100 * cost.fraction:.1f}% of full "
             f"attention's FLOPs ({cost.factor:.1f}x fewer; {tera(cost.clear)} of {tera(cost.full)} TFLOPs per "
-            "transformer call)")
+            f"{call})")
 
 
 def tera(flops: int) -> str:
@@ -137,5 +149,10 @@ def generate_line(pipe, request: Request, attention: Attention | None) -> str | 
     inputs = request.inputs or {}
     contexts = [inputs.get("image") if takes_context_image(type(pipe)) else None, inputs.get("image_reference")]
     context = tuple((image.size[1] // multiple, image.size[0] // multiple) for image in contexts if image is not None)
-    cost = attention_cost(pipe.transformer, grid, text_tokens, *settings, context)
-    return describe(cost, *settings, request.height, request.width)
+    controlnet = getattr(pipe, "controlnet", None)
+    nets = tuple(getattr(controlnet, "nets", None) or ([controlnet] if controlnet is not None else []))
+    cost = attention_cost(pipe.transformer, grid, text_tokens, *settings, context, nets, attention.controlnet)
+    call = "transformer call" if not nets else \
+        f"call of the transformer and its ControlNet{'s' if len(nets) > 1 else ''}" + \
+        ("" if attention.controlnet else " (the ControlNet's attention kept full)")
+    return describe(cost, *settings, request.height, request.width, call)
