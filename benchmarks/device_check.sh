@@ -8,9 +8,10 @@
 # The device machine has torch and Triton but not diffusers, so only what needs neither runs here:
 # the CLEAR attention kernels (compiled flex in tile and row order, tiled, full SDPA) at FLUX's
 # token grids for 1K-8K px (sides 64-512, FLUX.1's 24 heads of 128, bf16), and the CUDA-only tests
-# (flex backward, query-row bands). Multi-process NCCL (patch-parallel, FSDP2) needs a machine of
-# several GPUs; these machines have one. Each step runs under its own timeout and the script goes
-# on after a failure, so one call returns everything it could measure.
+# (flex backward, query-row bands, compiled flex over several images: the Kontext path). Multi-process
+# NCCL (patch-parallel, FSDP2) needs a machine of several GPUs; these machines have one. Each step runs
+# under its own timeout and the script goes on after a failure, so one call returns everything it
+# could measure.
 set -u
 OUT="${OUT:-device-check}"
 DEVICE="${DEVICE:-cuda}"
@@ -35,7 +36,7 @@ print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else '
 print({name: importlib.util.find_spec(name) is not None
        for name in ('triton', 'pytest', 'diffusers', 'accelerate', 'safetensors', 'matplotlib')})"
 
-step cuda-tests 240 python -m pytest -q -rs -p no:cacheprovider tests/mixers/test_clear.py \
+step cuda-tests 300 python -m pytest -q -rs -p no:cacheprovider tests/mixers/test_clear.py tests/mixers/test_positions.py \
     tests/mixers/test_query_rows.py
 
 # shellcheck disable=SC2086  # the lists are meant to split into arguments

@@ -68,3 +68,18 @@ def test_bad_positions_are_one_line():
         positions_local_attention(q, k, v, grid_positions(3, 3), 2, 0)
     with pytest.raises(DitkitError, match=r"must be \(N, 2\)"):
         positions_local_attention(q, k, v, torch.zeros(10, 3), 2, 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled flex needs CUDA")
+def test_compiled_flex_on_cuda_equals_the_dense_definition_forward_and_backward():
+    torch.manual_seed(2)
+    grids = ((0, 0, 24, 40), (0, 0, 16, 24))  # Kontext-like: both images from (0, 0)
+    positions = grids_positions(grids, "cuda")
+    q, k, v, ek, ev = (t.cuda().requires_grad_() for t in tensors(8 + len(positions), extra=4))
+    inputs = [q, k, v, ek, ev]
+    expected = positions_local_attention(q, k, v, positions, 5, 8, ek, ev, backend="reference")
+    got = positions_local_attention(q, k, v, positions, 5, 8, ek, ev, backend="flex", grids=grids)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    grad = torch.randn_like(expected)
+    for a, b in zip(torch.autograd.grad(expected, inputs, grad), torch.autograd.grad(got, inputs, grad), strict=True):
+        torch.testing.assert_close(b, a, atol=1e-3, rtol=1e-3)
