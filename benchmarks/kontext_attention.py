@@ -15,28 +15,16 @@ A script, not a test: CPU seconds of this process, medians of `--repeats` calls 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
-from tables import write_results
+from tables import cpu_seconds, write_results
 
 from ditkit.mixers.clear import local_attention
 from ditkit.mixers.positions import grids_positions, positions_local_attention
 
 HEADS, HEAD_DIM, TEXT, RADIUS = 4, 64, 512, 8
 PX_PER_TOKEN = 16  # FLUX: VAE /8, 2x2 packing
-
-
-def cpu_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.process_time()
-        fn()
-        times.append(time.process_time() - start)
-    return statistics.median(times)
 
 
 def plane(side: int) -> tuple:

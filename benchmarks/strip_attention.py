@@ -15,11 +15,10 @@ work) is steadier than the wall time on shared cores.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from tables import cpu_seconds
 
 from ditkit.distributed import strip_bounds
 from ditkit.metrics.bench import write_csv
@@ -33,17 +32,6 @@ CASES = [  # (label, token grid, radius, strips)
     ("FLUX 8K rows (512 x 64), 8 strips, r=16", (512, 64), 16, 8),
 ]
 HEADS, HEAD_DIM, TEXT = 4, 64, 64
-
-
-def cpu_seconds(fn, repeats: int) -> float:
-    """Median CPU seconds of `repeats` calls after a warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.process_time()
-        fn()
-        times.append(time.process_time() - start)
-    return statistics.median(times)
 
 
 def measure(label: str, grid: tuple[int, int], radius: float, strips: int, repeats: int) -> dict:

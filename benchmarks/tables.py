@@ -1,7 +1,10 @@
-"""Markdown rows shared by the step-cost benchmarks (upscale.py, flux.py)."""
+"""Helpers shared by the benchmark scripts: markdown rows of the step-cost benchmarks (upscale.py,
+flux.py), writing a table with its CSV, and CPU timing."""
 
 from __future__ import annotations
 
+import statistics
+import time
 from pathlib import Path
 
 from ditkit.metrics.bench import write_csv
@@ -27,3 +30,15 @@ def write_results(table: str, rows: list[dict], folder: str | Path, name: str) -
     (out / f"{name}.md").write_text(table)
     write_csv(rows, out / f"{name}.csv")
     print(f"wrote {out / name}.md and .csv")
+
+
+def cpu_seconds(fn, repeats: int) -> float:
+    """Median CPU seconds (this process's work, steadier than wall time on shared cores) of `repeats`
+    calls after a warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        fn()
+        times.append(time.process_time() - start)
+    return statistics.median(times)

@@ -31,7 +31,7 @@ from ..mixers.base import Grid
 from ..mixers.clear import local_pairs
 from .adapters import find_adapter
 from .clear import self_attention_layers
-from .pipeline_family import takes_context_image
+from .pipeline_family import context_images
 from .pipelines import (
     Attention,
     Request,
@@ -95,10 +95,10 @@ def attention_cost(transformer: nn.Module, grid: Grid, text_tokens: int, radius:
     full = clear = 0
     for attn, kind, local in switched:
         text = text_tokens if kind in TEXT_KINDS else 0
-        width = attn.inner_dim
-        full += 4 * width * layer_pairs(grid, text, context=context)
-        clear += 4 * width * (layer_pairs(grid, text, radius, down_factor, context) if local
-                              else layer_pairs(grid, text, context=context))
+        per_pair = 4 * attn.inner_dim
+        full_pairs = layer_pairs(grid, text, context=context)
+        full += per_pair * full_pairs
+        clear += per_pair * (layer_pairs(grid, text, radius, down_factor, context) if local else full_pairs)
     return AttentionCost(full, clear)
 
 
@@ -146,9 +146,8 @@ def generate_line(pipe, request: Request, attention: Attention | None) -> str | 
         text_tokens = request.embeddings["prompt_embeds"].shape[1]
     else:
         text_tokens = transformer_adapter(pipe).prompt_tokens
-    inputs = request.inputs or {}
-    contexts = [inputs.get("image") if takes_context_image(type(pipe)) else None, inputs.get("image_reference")]
-    context = tuple((image.size[1] // multiple, image.size[0] // multiple) for image in contexts if image is not None)
+    contexts = context_images(type(pipe), request.inputs or {}).values()
+    context = tuple((image.size[1] // multiple, image.size[0] // multiple) for image in contexts)
     controlnet = getattr(pipe, "controlnet", None)
     nets = tuple(getattr(controlnet, "nets", None) or ([controlnet] if controlnet is not None else []))
     cost = attention_cost(pipe.transformer, grid, text_tokens, *settings, context, nets, attention.controlnet)

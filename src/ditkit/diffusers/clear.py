@@ -125,8 +125,9 @@ class TokenLayout:
     def set_images(self, grid: Grid, images: tuple[Tensor, Tensor] | None) -> None:
         """This call's grid and, for several images, their positions and image indices."""
         self.grid = grid
-        self.positions = None if images is None else images[0]
-        self.segments = [] if images is None else image_segments(*images)
+        # Integer positions once per call, not in each layer (the ids come as floats).
+        self.positions = None if images is None else images[0].round().long()
+        self.segments = [] if images is None else image_segments(self.positions, images[1])
 
     def image_tokens(self) -> int:
         """Image tokens in this call's sequences: every image's, the strip's, or the whole grid's."""

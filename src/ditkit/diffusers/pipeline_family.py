@@ -111,6 +111,14 @@ def takes_context_image(pipeline_class: type) -> bool:
     return "image" in parameters and "strength" not in parameters
 
 
+def context_images(pipeline_class: type, inputs: dict) -> dict[str, object]:
+    """The images of a call's arguments whose tokens join the sequence after the generated image's, by
+    option: Kontext's `--image`, Kontext inpainting's `--reference`."""
+    found = {"--image": inputs.get("image") if takes_context_image(pipeline_class) else None,
+             "--reference": inputs.get("image_reference")}
+    return {option: image for option, image in found.items() if image is not None}
+
+
 @dataclass(frozen=True)
 class ImageInputs:
     """The image inputs of a command line: file paths and numbers (`read` opens and checks them)."""
@@ -157,8 +165,10 @@ class ImageInputs:
         several = len(self.controlnets) > 1
         images = list(self.control_images) if several else (self.control_images or (None,))[0]
         scales = self.control_scales
-        scale = (list(scales) * len(self.controlnets))[:len(self.controlnets)] if several and scales else \
-            (scales or (None,))[0]
+        if several and scales:  # one for all, or one each (check_controlnet_counts)
+            scale = list(scales) if len(scales) > 1 else [scales[0]] * len(self.controlnets)
+        else:
+            scale = (scales or (None,))[0]
         values = {"image": self.image, "mask_image": self.mask, "control_image": images,
                   "control_mask": self.control_mask, "image_reference": self.reference, "strength": self.strength,
                   "controlnet_conditioning_scale": scale}

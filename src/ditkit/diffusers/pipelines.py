@@ -57,7 +57,7 @@ from .folders import resolve_pipeline
 from .lora import base_layer_state, base_parameters
 from .official_clear import check_official, is_official_layout, official_settings, read_official
 from .patch_parallel import patch_parallel
-from .pipeline_family import fixed_call_arguments, pipeline_family, takes_context_image
+from .pipeline_family import context_images, fixed_call_arguments, pipeline_family
 from .prompts import load_prompt_embeds
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -489,11 +489,9 @@ def check_context_images(pipe, request: Request) -> None:
     joins the sequence at its own size): refused in one line, before sampling, when one does not divide."""
     layers = clear_layers(pipe.transformer)
     down = getattr(pipe.transformer.get_submodule(layers[0]).processor, "down_factor", 0) if layers else 0
-    inputs, multiple = request.inputs or {}, size_multiple(pipe)
-    contexts = {"--image": inputs.get("image") if takes_context_image(type(pipe)) else None,
-                "--reference": inputs.get("image_reference")}
-    for option, image in contexts.items():
-        if down and image is not None and ((image.size[1] // multiple) % down or (image.size[0] // multiple) % down):
+    multiple = size_multiple(pipe)
+    for option, image in context_images(type(pipe), request.inputs or {}).items():
+        if down and ((image.size[1] // multiple) % down or (image.size[0] // multiple) % down):
             raise DitkitError(f"{option} is {image.size[1]}x{image.size[0]} px, a context image whose token grid "
                               f"CLEAR's down_factor {down} does not divide: resize it to multiples of "
                               f"{down * multiple} px, or use CLEAR without a down factor")

@@ -206,7 +206,9 @@ def positions_local_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor
     sequence order: `positions` is then `grids_positions(grids)`), lets the tiled and flex backends
     reuse their work list and block mask across calls (every layer and step of a sampling run)."""
     check_positions(positions, num_global, q, k)
-    positions = positions.round().long().to(q.device)
+    if positions.dtype != torch.long:
+        positions = positions.round().long()
+    positions = positions.to(q.device)  # a no-op when the caller holds them there (the CLEAR processors)
     if backend == "auto":
         backend = "flex" if q.is_cuda else ("reference" if k.shape[-2] <= 1024 else "tiled")
     if backend == "reference":
