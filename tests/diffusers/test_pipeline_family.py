@@ -277,6 +277,9 @@ def test_bad_input_is_one_line_before_any_weight_loads(root, weightless, tmp_pat
                                                               "--control-scale", "1", "--control-scale", "2")
     assert "--controlnet /nonexistent does not exist" in bad("flux_controlnet", "--controlnet", "/nonexistent",
                                                              "--control-image", control)
+    assert "would replace the --image input" in bad("flux_img2img", "--image", image, "--out", image)
+    assert "would replace the --control-image input" in bad("sd3_controlnet", "--control-image", control,
+                                                            "--out", control)
     assert "takes one --control-image" in bad("flux_control", "--control-image", control, "--control-image", control)
     assert "holds no ControlNet: drop --controlnet" in bad("flux_img2img", "--image", image, "--controlnet", "x")
     assert "not a diffusers ControlNet folder" in bad("flux_controlnet", "--control-image", control, "--controlnet",

@@ -187,6 +187,22 @@ def check_output_file(path: str | Path, image: bool = False) -> Path:
     return path
 
 
+def check_not_an_input(out: str | Path, inputs: dict[str, object]) -> None:
+    """Refuse an output that would replace one of the command's own input files (`inputs`: option ->
+    a path, a list of paths or None), before any work: `out` itself, or one of the numbered files
+    (out-0.png, out-1.png, ...) written when it makes several."""
+    out = Path(out).resolve()
+    numbered = re.compile(rf"{re.escape(out.stem)}-\d+{re.escape(out.suffix)}")
+    for option, value in inputs.items():
+        for given in value if isinstance(value, list | tuple) else [value]:
+            if given is None:
+                continue
+            path = Path(str(given).rpartition(":")[0] if option == "--lora" and ":" in str(given) else given)
+            path = path.resolve()
+            if path == out or (path.parent == out.parent and numbered.fullmatch(path.name)):
+                raise DitkitError(f"--out {out} would replace the {option} input {given}: choose another file name")
+
+
 def _is_kind(path: Path, image: bool) -> bool:
     """Whether the existing file `path` is what an output of that name holds: an image PIL reads,
     or (other outputs: ditkit writes JSON) a JSON document."""

@@ -14,7 +14,7 @@ from ..diffusers.folders import resolve_pipeline
 from ..diffusers.lora import check_loras, load_loras, lora_settings
 from ..distributed.launch import sampling_session
 from ..errors import DitkitError
-from .args import COMMANDS, SharedFlags, check_output_file, parse_size
+from .args import COMMANDS, SharedFlags, check_not_an_input, check_output_file, parse_size
 
 
 def add_parser(sub, shared: SharedFlags) -> None:
@@ -108,6 +108,10 @@ def checked_request(args) -> tuple[lib.Request, lib.UpscaleChain | None]:
         raise DitkitError(f"--out {args.out}: generate writes PNG files (its settings ride in PNG text chunks): "
                           "give a name ending in .png")
     check_output_file(args.out, image=True)
+    check_not_an_input(args.out, {"--image": args.image, "--mask": args.mask, "--control-image": args.control_image,
+                                  "--control-mask": args.control_mask, "--reference": args.reference,
+                                  "--prompt-embeds": args.prompt_embeds, "--student": args.student,
+                                  "--lora": args.lora})
     request = lib.Request(height=args.height, width=args.width, prompt=args.prompt, steps=args.steps,
                           guidance=args.guidance, seed=args.seed, num=args.num)
     chain = None
